@@ -1,0 +1,11 @@
+//! Privacy building blocks shared by the Covey server and client.
+//!
+//! This crate has no Covey dependencies so that everything about what
+//! leaves a device, and what an auditor may learn, is reviewable in one place.
+#![forbid(unsafe_code)]
+
+mod clip;
+mod pseudonym;
+
+pub use clip::{ClipNorm, InvalidClipNorm, clip_l2, l2_norm};
+pub use pseudonym::{Pseudonym, PseudonymKey, PseudonymKeyError};

@@ -1,0 +1,34 @@
+//! Covey's wire format and round protocol, with no I/O.
+//!
+//! Everything here is plain Rust driven by values: frames are parsed from
+//! byte slices, and the round state machine takes events (a client checked
+//! in, an update arrived, time passed) and returns actions. The drivers in
+//! `covey-server` and `covey-client` turn sockets and timers into events and
+//! actions into I/O, so all the deciding is testable in memory.
+#![forbid(unsafe_code)]
+
+pub mod encoding;
+pub mod frame;
+pub mod ids;
+pub mod message;
+pub mod model;
+pub mod round;
+pub mod tensor;
+
+/// ALPN protocol id; a peer that does not offer it fails the TLS handshake.
+pub const ALPN: &[u8] = b"covey/1";
+
+/// Version of the message set carried over `covey/1`. `Hello` and `Welcome`
+/// keep their layout across versions so any two peers can refuse each other
+/// clearly.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The DNS name the server certificate carries and clients verify; an
+/// enrollment-internal name, so certificates never embed an address.
+pub const SERVER_NAME: &str = "covey-server";
+
+pub use encoding::UpdateEncoding;
+pub use frame::{Frame, FrameError, FrameLimits};
+pub use ids::{ModelVersion, RoundId};
+pub use message::Message;
+pub use model::ModelSpec;

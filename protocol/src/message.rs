@@ -1,0 +1,181 @@
+//! Control messages. They are small; tensors travel separately as chunk
+//! frames (see [`crate::tensor`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ModelVersion, RoundId, UpdateEncoding, model::ModelSpec};
+
+/// Every control message of `covey/1`.
+///
+/// Exchanges, each on its own bidirectional stream opened by the client:
+/// - `Hello` → `Welcome` (or `Error` and a closed connection);
+/// - `CheckIn` → `Task` followed by the model's chunk frames, or `RunFinished`;
+/// - `Update` followed by the update's chunk frames → `UpdateReceipt`.
+///
+/// `Hello` and `Welcome` must stay the first two variants with their current
+/// fields so that any two versions can refuse each other clearly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    CheckIn,
+    Task(Task),
+    RunFinished { final_version: ModelVersion },
+    Update(UpdateHeader),
+    UpdateReceipt(UpdateReceipt),
+    Error(ErrorReport),
+}
+
+impl Message {
+    /// A short name for logs and errors; never includes payload values.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "Hello",
+            Self::Welcome(_) => "Welcome",
+            Self::CheckIn => "CheckIn",
+            Self::Task(_) => "Task",
+            Self::RunFinished { .. } => "RunFinished",
+            Self::Update(_) => "Update",
+            Self::UpdateReceipt(_) => "UpdateReceipt",
+            Self::Error(_) => "Error",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u16,
+    pub software: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol: u16,
+    pub software: String,
+}
+
+/// Local training hyperparameters sent with each task.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hyperparameters {
+    pub epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f32,
+    /// FedProx proximal term; 0 is plain FedAvg local SGD.
+    pub proximal_mu: f32,
+}
+
+/// What a selected client must do this round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub round: RoundId,
+    pub base_version: ModelVersion,
+    pub spec: ModelSpec,
+    pub hyper: Hyperparameters,
+    pub update_encoding: UpdateEncoding,
+    /// Values per chunk frame, for the model sent now and the update sent back.
+    pub chunk_len: u32,
+    /// Time the client has, from receiving the task, to deliver its update.
+    pub deadline_ms: u64,
+    /// Seed for the client's local shuffling, so runs can be reproduced.
+    pub seed: u64,
+}
+
+/// Metrics a client reports on its own local data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LocalMetrics {
+    pub loss: f32,
+    pub accuracy: f32,
+}
+
+/// Announces an update; its chunk frames follow on the same stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpdateHeader {
+    pub round: RoundId,
+    pub base_version: ModelVersion,
+    pub encoding: UpdateEncoding,
+    pub param_count: u64,
+    pub num_examples: u64,
+    pub metrics: LocalMetrics,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateReceipt {
+    Accepted,
+    Rejected(RejectReason),
+}
+
+/// Why an update was not aggregated. Counted and reported by reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// The update names a round that is not the one in progress.
+    WrongRound,
+    /// The round closed (quorum reached or deadline passed) first.
+    RoundClosed,
+    /// The client was not selected for this round.
+    NotSelected,
+    /// The client already sent an update this round.
+    Duplicate,
+    /// Encoding, length or parameter count differs from the task.
+    ShapeMismatch,
+    /// NaN or infinity in the update.
+    NonFinite,
+    /// A zero example count would divide by zero or carry no weight.
+    NoExamples,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WrongRound => "wrong round",
+            Self::RoundClosed => "round closed",
+            Self::NotSelected => "not selected",
+            Self::Duplicate => "duplicate update",
+            Self::ShapeMismatch => "shape mismatch",
+            Self::NonFinite => "non-finite values",
+            Self::NoExamples => "no examples",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error sent before the sender closes the stream or connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReport {
+    pub code: CloseCode,
+    pub detail: String,
+}
+
+/// Application close codes for QUIC connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u32)]
+pub enum CloseCode {
+    Done = 0,
+    IncompatibleVersion = 1,
+    MalformedFrame = 2,
+    FrameTooLarge = 3,
+    ProtocolViolation = 4,
+    ShapeMismatch = 5,
+    ServerShutdown = 6,
+    Internal = 7,
+}
+
+impl CloseCode {
+    pub fn from_u64(code: u64) -> Option<Self> {
+        Some(match code {
+            0 => Self::Done,
+            1 => Self::IncompatibleVersion,
+            2 => Self::MalformedFrame,
+            3 => Self::FrameTooLarge,
+            4 => Self::ProtocolViolation,
+            5 => Self::ShapeMismatch,
+            6 => Self::ServerShutdown,
+            7 => Self::Internal,
+            _ => return None,
+        })
+    }
+}

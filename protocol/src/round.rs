@@ -1,0 +1,751 @@
+//! The synchronous round, as the server sees it: a sans-IO state machine.
+//!
+//! ```text
+//! Waiting ─pool ≥ min_clients─▶ Collecting ─target reached, or deadline with quorum─▶ Committing ─done─▶ Waiting | Finished
+//!                                   └─deadline or every member gone, below quorum─▶ (Abort) Waiting
+//! ```
+//! Time is an input (`now`), never read. The driver reports what happened
+//! (check-ins, updates, disconnects, ticks, a finished commit) and carries
+//! out the returned [`Action`]s. Secure-aggregation phases and buffered
+//! asynchronous rounds extend this machine: both are new phases between
+//! `Collecting` and `Committing`, or a sibling machine with the same events.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use rand::{SeedableRng, seq::SliceRandom};
+use rand_chacha::ChaCha8Rng;
+
+use crate::{ModelVersion, RoundId, message::RejectReason};
+
+/// When rounds start and when they end.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundConfig {
+    /// Checked-in clients needed before a round starts.
+    pub min_clients: usize,
+    /// Updates wanted per round; the round closes early once it has them.
+    pub clients_per_round: usize,
+    /// Extra fraction selected to absorb stragglers (0.2 selects 20% more).
+    pub over_selection: f64,
+    /// Fewest accepted updates a round may commit with.
+    pub quorum: usize,
+    /// Time from the start of a round to its deadline.
+    pub round_timeout: Duration,
+    /// The run ends once this version is committed.
+    pub target_version: ModelVersion,
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("clients_per_round must be at least 1")]
+    NoClients,
+    #[error("quorum must be between 1 and clients_per_round ({clients_per_round}), got {quorum}")]
+    BadQuorum {
+        quorum: usize,
+        clients_per_round: usize,
+    },
+    #[error("min_clients ({min_clients}) must be at least the quorum ({quorum})")]
+    PoolBelowQuorum { min_clients: usize, quorum: usize },
+    #[error("over_selection must be a finite fraction in [0, 10], got {0}")]
+    BadOverSelection(f64),
+    #[error("round_timeout must be positive")]
+    NoTimeout,
+}
+
+impl RoundConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.clients_per_round == 0 {
+            return Err(ConfigError::NoClients);
+        }
+        if self.quorum == 0 || self.quorum > self.clients_per_round {
+            return Err(ConfigError::BadQuorum {
+                quorum: self.quorum,
+                clients_per_round: self.clients_per_round,
+            });
+        }
+        if self.min_clients < self.quorum {
+            return Err(ConfigError::PoolBelowQuorum {
+                min_clients: self.min_clients,
+                quorum: self.quorum,
+            });
+        }
+        if !(self.over_selection.is_finite() && (0.0..=10.0).contains(&self.over_selection)) {
+            return Err(ConfigError::BadOverSelection(self.over_selection));
+        }
+        if self.round_timeout.is_zero() {
+            return Err(ConfigError::NoTimeout);
+        }
+        Ok(())
+    }
+
+    /// How many to select from a pool of `available`.
+    fn cohort_size(&self, available: usize) -> usize {
+        let wanted = (self.clients_per_round as f64 * (1.0 + self.over_selection)).ceil() as usize;
+        wanted.min(available)
+    }
+}
+
+/// Why a round ended without a new model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AbortReason {
+    /// The deadline passed with fewer accepted updates than the quorum.
+    DeadlineBelowQuorum,
+    /// Every selected client finished or dropped, short of the quorum.
+    QuorumUnreachable,
+    /// Storing the new version failed; the round is retried.
+    CommitFailed,
+}
+
+impl AbortReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DeadlineBelowQuorum => "deadline passed below quorum",
+            Self::QuorumUnreachable => "too many selected clients dropped out",
+            Self::CommitFailed => "commit failed",
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action<C> {
+    /// Send the task of `round` (training on `base`) to each of `cohort`.
+    StartRound {
+        round: RoundId,
+        base: ModelVersion,
+        cohort: Vec<C>,
+        deadline: Instant,
+    },
+    /// Aggregate the accepted updates of `round` and store `new_version`,
+    /// then report back with [`Coordinator::commit_done`] or
+    /// [`Coordinator::commit_failed`].
+    Commit {
+        round: RoundId,
+        base: ModelVersion,
+        new_version: ModelVersion,
+        stats: RoundStats,
+    },
+    /// Discard whatever was aggregated for `round`.
+    Abort {
+        round: RoundId,
+        reason: AbortReason,
+        stats: RoundStats,
+    },
+    /// The target version is committed: tell every waiting client.
+    Finished { version: ModelVersion },
+}
+
+/// Cohort accounting for one round, for records and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoundStats {
+    pub selected: usize,
+    pub accepted: usize,
+    pub dropped: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Member {
+    Training,
+    Uploading,
+    Submitted,
+    Dropped,
+}
+
+#[derive(Debug)]
+struct ActiveRound<C> {
+    id: RoundId,
+    base: ModelVersion,
+    deadline: Instant,
+    members: BTreeMap<C, Member>,
+}
+
+impl<C> ActiveRound<C> {
+    fn stats(&self) -> RoundStats {
+        let count = |m: Member| self.members.values().filter(|&&v| v == m).count();
+        RoundStats {
+            selected: self.members.len(),
+            accepted: count(Member::Submitted),
+            dropped: count(Member::Dropped),
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.members
+            .values()
+            .any(|m| matches!(m, Member::Training | Member::Uploading))
+    }
+}
+
+#[derive(Debug)]
+enum Phase<C> {
+    Waiting,
+    Collecting(ActiveRound<C>),
+    Committing { round: RoundId },
+    Finished,
+}
+
+/// The server's round state machine, generic over the client key (a
+/// pseudonym in production) so tests can use small integers.
+#[derive(Debug)]
+pub struct Coordinator<C> {
+    config: RoundConfig,
+    version: ModelVersion,
+    next_round: RoundId,
+    pool: BTreeSet<C>,
+    phase: Phase<C>,
+    rng: ChaCha8Rng,
+}
+
+impl<C: Copy + Ord> Coordinator<C> {
+    /// Starts from the last committed `version`; `next_round` must be larger
+    /// than any round id used before, so ids are never reused.
+    pub fn new(
+        config: RoundConfig,
+        version: ModelVersion,
+        next_round: RoundId,
+        seed: u64,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let phase = if version >= config.target_version {
+            Phase::Finished
+        } else {
+            Phase::Waiting
+        };
+        Ok(Self {
+            config,
+            version,
+            next_round,
+            pool: BTreeSet::new(),
+            phase,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        })
+    }
+
+    pub fn version(&self) -> ModelVersion {
+        self.version
+    }
+
+    /// The round being collected, if any.
+    pub fn current_round(&self) -> Option<RoundId> {
+        match &self.phase {
+            Phase::Collecting(r) => Some(r.id),
+            _ => None,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// Clients waiting for a task.
+    pub fn pool_len(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// The client is connected and ready for a task.
+    pub fn check_in(&mut self, client: C, now: Instant) -> Vec<Action<C>> {
+        if let Phase::Finished = self.phase {
+            return vec![Action::Finished {
+                version: self.version,
+            }];
+        }
+        if let Phase::Collecting(round) = &mut self.phase
+            && let Some(m) = round.members.get_mut(&client)
+        {
+            // Checking in again means it lost or gave up its task.
+            if matches!(m, Member::Training | Member::Uploading) {
+                *m = Member::Dropped;
+            }
+        }
+        self.pool.insert(client);
+        let actions = self.check_round_end();
+        self.then_start(actions, now)
+    }
+
+    /// The client is gone (connection closed or timed out).
+    pub fn disconnected(&mut self, client: C, now: Instant) -> Vec<Action<C>> {
+        self.pool.remove(&client);
+        if let Phase::Collecting(round) = &mut self.phase
+            && let Some(m) = round.members.get_mut(&client)
+            && matches!(m, Member::Training | Member::Uploading)
+        {
+            *m = Member::Dropped;
+        }
+        let actions = self.check_round_end();
+        self.then_start(actions, now)
+    }
+
+    /// A client announced an update for `round`: may the driver read it?
+    pub fn begin_update(&mut self, client: C, round: RoundId) -> Result<(), RejectReason> {
+        let Phase::Collecting(active) = &mut self.phase else {
+            return Err(if round < self.next_round {
+                RejectReason::RoundClosed
+            } else {
+                RejectReason::WrongRound
+            });
+        };
+        if round != active.id {
+            return Err(if round < active.id {
+                RejectReason::RoundClosed
+            } else {
+                RejectReason::WrongRound
+            });
+        }
+        match active.members.get_mut(&client) {
+            None | Some(Member::Dropped) => Err(RejectReason::NotSelected),
+            Some(Member::Submitted | Member::Uploading) => Err(RejectReason::Duplicate),
+            Some(m @ Member::Training) => {
+                *m = Member::Uploading;
+                Ok(())
+            }
+        }
+    }
+
+    /// The update the driver read after [`Self::begin_update`] is valid.
+    ///
+    /// On `Ok` the driver must fold the update into the round's aggregate
+    /// *before* carrying out the returned actions (which may commit).
+    pub fn accept_update(
+        &mut self,
+        client: C,
+        round: RoundId,
+        now: Instant,
+    ) -> Result<Vec<Action<C>>, RejectReason> {
+        let Phase::Collecting(active) = &mut self.phase else {
+            return Err(RejectReason::RoundClosed);
+        };
+        if active.id != round {
+            return Err(RejectReason::RoundClosed);
+        }
+        match active.members.get_mut(&client) {
+            Some(m @ Member::Uploading) => *m = Member::Submitted,
+            _ => return Err(RejectReason::NotSelected),
+        }
+        let actions = if active.stats().accepted >= self.config.clients_per_round {
+            self.close(true, AbortReason::QuorumUnreachable)
+        } else {
+            self.check_round_end()
+        };
+        Ok(self.then_start(actions, now))
+    }
+
+    /// The update the driver read was invalid or broke off: the client
+    /// counts as dropped for this round.
+    pub fn reject_update(&mut self, client: C, round: RoundId, now: Instant) -> Vec<Action<C>> {
+        if let Phase::Collecting(active) = &mut self.phase
+            && active.id == round
+            && let Some(m @ Member::Uploading) = active.members.get_mut(&client)
+        {
+            *m = Member::Dropped;
+        }
+        let actions = self.check_round_end();
+        self.then_start(actions, now)
+    }
+
+    /// Time passed; closes a round whose deadline is over.
+    pub fn tick(&mut self, now: Instant) -> Vec<Action<C>> {
+        match &self.phase {
+            Phase::Collecting(active) if now >= active.deadline => {
+                let quorum = active.stats().accepted >= self.config.quorum;
+                let actions = self.close(quorum, AbortReason::DeadlineBelowQuorum);
+                self.then_start(actions, now)
+            }
+            Phase::Waiting => self.start_if_ready(now),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The next deadline the driver should tick at, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Collecting(active) => Some(active.deadline),
+            _ => None,
+        }
+    }
+
+    /// The driver stored `version` for `round`.
+    pub fn commit_done(
+        &mut self,
+        round: RoundId,
+        version: ModelVersion,
+        now: Instant,
+    ) -> Vec<Action<C>> {
+        if !matches!(self.phase, Phase::Committing { round: r } if r == round) {
+            return Vec::new();
+        }
+        self.version = version;
+        if version >= self.config.target_version {
+            self.phase = Phase::Finished;
+            return vec![Action::Finished { version }];
+        }
+        self.phase = Phase::Waiting;
+        self.start_if_ready(now)
+    }
+
+    /// Storing failed; nothing changed, and the round will be retried.
+    pub fn commit_failed(&mut self, round: RoundId, now: Instant) -> Vec<Action<C>> {
+        if !matches!(self.phase, Phase::Committing { round: r } if r == round) {
+            return Vec::new();
+        }
+        self.phase = Phase::Waiting;
+        self.start_if_ready(now)
+    }
+
+    /// Starts a round when enough clients wait; `now` sets its deadline.
+    pub fn start_if_ready(&mut self, now: Instant) -> Vec<Action<C>> {
+        if !matches!(self.phase, Phase::Waiting) || self.pool.len() < self.config.min_clients {
+            return Vec::new();
+        }
+        let mut candidates: Vec<C> = self.pool.iter().copied().collect();
+        candidates.shuffle(&mut self.rng);
+        candidates.truncate(self.config.cohort_size(candidates.len()));
+        candidates.sort();
+        for c in &candidates {
+            self.pool.remove(c);
+        }
+        let id = self.next_round;
+        self.next_round = id.next();
+        let deadline = now + self.config.round_timeout;
+        self.phase = Phase::Collecting(ActiveRound {
+            id,
+            base: self.version,
+            deadline,
+            members: candidates.iter().map(|&c| (c, Member::Training)).collect(),
+        });
+        vec![Action::StartRound {
+            round: id,
+            base: self.version,
+            cohort: candidates,
+            deadline,
+        }]
+    }
+
+    /// After an event: a machine left waiting starts the next round if it can.
+    fn then_start(&mut self, mut actions: Vec<Action<C>>, now: Instant) -> Vec<Action<C>> {
+        actions.extend(self.start_if_ready(now));
+        actions
+    }
+
+    /// Ends a round whose members are all done.
+    fn check_round_end(&mut self) -> Vec<Action<C>> {
+        match &self.phase {
+            Phase::Collecting(active) if !active.pending() => {
+                let quorum = active.stats().accepted >= self.config.quorum;
+                self.close(quorum, AbortReason::QuorumUnreachable)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn close(&mut self, commit: bool, reason: AbortReason) -> Vec<Action<C>> {
+        let Phase::Collecting(active) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
+            return Vec::new();
+        };
+        let stats = active.stats();
+        if commit {
+            self.phase = Phase::Committing { round: active.id };
+            vec![Action::Commit {
+                round: active.id,
+                base: active.base,
+                new_version: active.base.next(),
+                stats,
+            }]
+        } else {
+            vec![Action::Abort {
+                round: active.id,
+                reason,
+                stats,
+            }]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(n: usize, quorum: usize, rounds: u64) -> RoundConfig {
+        RoundConfig {
+            min_clients: n,
+            clients_per_round: n,
+            over_selection: 0.0,
+            quorum,
+            round_timeout: Duration::from_secs(60),
+            target_version: ModelVersion(rounds),
+        }
+    }
+
+    fn start(c: &mut Coordinator<u32>, clients: &[u32], now: Instant) -> (RoundId, Vec<u32>) {
+        let mut actions = Vec::new();
+        for &k in clients {
+            actions.extend(c.check_in(k, now));
+        }
+        match actions.as_slice() {
+            [Action::StartRound { round, cohort, .. }] => (*round, cohort.clone()),
+            other => panic!("expected one StartRound, got {other:?}"),
+        }
+    }
+
+    fn submit(c: &mut Coordinator<u32>, k: u32, round: RoundId, now: Instant) -> Vec<Action<u32>> {
+        c.begin_update(k, round).unwrap();
+        c.accept_update(k, round, now).unwrap()
+    }
+
+    #[test]
+    fn a_full_round_commits_and_the_run_finishes() {
+        let now = Instant::now();
+        let mut c = Coordinator::new(config(3, 2, 2), ModelVersion(0), RoundId(1), 7).unwrap();
+        let (round, cohort) = start(&mut c, &[1, 2, 3], now);
+        assert_eq!((round, cohort.len()), (RoundId(1), 3));
+        assert!(submit(&mut c, 1, round, now).is_empty());
+        assert!(submit(&mut c, 2, round, now).is_empty());
+        let actions = submit(&mut c, 3, round, now);
+        assert_eq!(
+            actions,
+            vec![Action::Commit {
+                round,
+                base: ModelVersion(0),
+                new_version: ModelVersion(1),
+                stats: RoundStats {
+                    selected: 3,
+                    accepted: 3,
+                    dropped: 0
+                },
+            }]
+        );
+        // Check-ins during the commit wait for it.
+        for k in [1, 2, 3] {
+            assert!(c.check_in(k, now).is_empty());
+        }
+        let actions = c.commit_done(round, ModelVersion(1), now);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::StartRound {
+                round: RoundId(2),
+                base: ModelVersion(1),
+                ..
+            }]
+        ));
+        for k in [1, 2, 3] {
+            submit(&mut c, k, RoundId(2), now);
+        }
+        assert_eq!(
+            c.commit_done(RoundId(2), ModelVersion(2), now),
+            vec![Action::Finished {
+                version: ModelVersion(2)
+            }]
+        );
+        assert!(c.is_finished());
+        assert_eq!(
+            c.check_in(9, now),
+            vec![Action::Finished {
+                version: ModelVersion(2)
+            }]
+        );
+    }
+
+    #[test]
+    fn deadline_commits_with_quorum_and_aborts_without() {
+        let now = Instant::now();
+        let late = now + Duration::from_secs(61);
+        let mut c = Coordinator::new(config(3, 2, 5), ModelVersion(0), RoundId(1), 1).unwrap();
+        let (round, _) = start(&mut c, &[1, 2, 3], now);
+        submit(&mut c, 1, round, now);
+        assert!(c.tick(now + Duration::from_secs(59)).is_empty());
+        let actions = c.tick(late);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Abort {
+                reason: AbortReason::DeadlineBelowQuorum,
+                stats: RoundStats { accepted: 1, .. },
+                ..
+            }]
+        ));
+
+        // The retry is a new round id on the same base version.
+        let (retry, _) = start(&mut c, &[1, 2, 3], late);
+        assert_eq!(retry, RoundId(2));
+        submit(&mut c, 1, retry, late);
+        submit(&mut c, 2, retry, late);
+        let actions = c.tick(late + Duration::from_secs(61));
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Commit {
+                new_version: ModelVersion(1),
+                stats: RoundStats { accepted: 2, .. },
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn dropouts_end_the_round_early_either_way() {
+        let now = Instant::now();
+        let mut c = Coordinator::new(config(3, 2, 5), ModelVersion(0), RoundId(1), 1).unwrap();
+        let (round, _) = start(&mut c, &[1, 2, 3], now);
+        submit(&mut c, 1, round, now);
+        assert!(c.disconnected(2, now).is_empty());
+        c.begin_update(3, round).unwrap();
+        let actions = c.reject_update(3, round, now);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Abort {
+                reason: AbortReason::QuorumUnreachable,
+                stats: RoundStats {
+                    selected: 3,
+                    accepted: 1,
+                    dropped: 2
+                },
+                ..
+            }]
+        ));
+
+        let (round, _) = start(&mut c, &[1, 2, 3], now);
+        submit(&mut c, 1, round, now);
+        submit(&mut c, 2, round, now);
+        let actions = c.disconnected(3, now);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Commit {
+                stats: RoundStats {
+                    accepted: 2,
+                    dropped: 1,
+                    ..
+                },
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn updates_are_refused_for_wrong_rounds_strangers_and_repeats() {
+        let now = Instant::now();
+        let mut cfg = config(2, 1, 5);
+        cfg.clients_per_round = 2;
+        let mut c = Coordinator::new(cfg, ModelVersion(0), RoundId(10), 1).unwrap();
+        assert_eq!(
+            c.begin_update(1, RoundId(10)),
+            Err(RejectReason::WrongRound)
+        );
+        assert_eq!(
+            c.begin_update(1, RoundId(3)),
+            Err(RejectReason::RoundClosed)
+        );
+        let (round, _) = start(&mut c, &[1, 2], now);
+        assert!(c.check_in(3, now).is_empty());
+        assert_eq!(c.begin_update(3, round), Err(RejectReason::NotSelected));
+        assert_eq!(
+            c.begin_update(1, RoundId(11)),
+            Err(RejectReason::WrongRound)
+        );
+        assert_eq!(
+            c.begin_update(1, RoundId(9)),
+            Err(RejectReason::RoundClosed)
+        );
+        c.begin_update(1, round).unwrap();
+        assert_eq!(c.begin_update(1, round), Err(RejectReason::Duplicate));
+        c.accept_update(1, round, now).unwrap();
+        assert_eq!(c.begin_update(1, round), Err(RejectReason::Duplicate));
+        assert_eq!(
+            c.accept_update(2, round, now),
+            Err(RejectReason::NotSelected)
+        );
+    }
+
+    #[test]
+    fn over_selection_picks_extra_and_closes_at_the_target() {
+        let now = Instant::now();
+        let mut cfg = config(2, 2, 5);
+        cfg.min_clients = 3;
+        cfg.over_selection = 0.5;
+        let mut c = Coordinator::new(cfg, ModelVersion(0), RoundId(1), 1).unwrap();
+        let (round, cohort) = start(&mut c, &[1, 2, 3, 4], now);
+        assert_eq!(cohort.len(), 3);
+        assert_eq!(c.pool_len(), 1);
+        submit(&mut c, cohort[0], round, now);
+        let actions = submit(&mut c, cohort[1], round, now);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Commit {
+                stats: RoundStats {
+                    selected: 3,
+                    accepted: 2,
+                    dropped: 0
+                },
+                ..
+            }]
+        ));
+        // The straggler is told the round closed.
+        assert_eq!(
+            c.begin_update(cohort[2], round),
+            Err(RejectReason::RoundClosed)
+        );
+    }
+
+    #[test]
+    fn a_failed_commit_retries_the_round_on_the_same_version() {
+        let now = Instant::now();
+        let mut c = Coordinator::new(config(1, 1, 5), ModelVersion(3), RoundId(8), 1).unwrap();
+        let (round, _) = start(&mut c, &[1], now);
+        submit(&mut c, 1, round, now);
+        assert!(c.commit_failed(round, now).is_empty());
+        assert_eq!(c.version(), ModelVersion(3));
+        let (retry, _) = start(&mut c, &[1], now);
+        assert_eq!(retry, RoundId(9));
+    }
+
+    #[test]
+    fn re_checking_in_mid_round_counts_as_a_drop() {
+        let now = Instant::now();
+        let mut c = Coordinator::new(config(2, 1, 5), ModelVersion(0), RoundId(1), 1).unwrap();
+        let (round, _) = start(&mut c, &[1, 2], now);
+        submit(&mut c, 1, round, now);
+        let actions = c.check_in(2, now);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Commit {
+                stats: RoundStats {
+                    accepted: 1,
+                    dropped: 1,
+                    ..
+                },
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn bad_configs_are_named() {
+        let mut cfg = config(3, 4, 1);
+        assert_eq!(
+            cfg.validate(),
+            Err(ConfigError::BadQuorum {
+                quorum: 4,
+                clients_per_round: 3
+            })
+        );
+        cfg.quorum = 2;
+        cfg.min_clients = 1;
+        assert_eq!(
+            cfg.validate(),
+            Err(ConfigError::PoolBelowQuorum {
+                min_clients: 1,
+                quorum: 2
+            })
+        );
+        cfg.min_clients = 3;
+        cfg.over_selection = f64::NAN;
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::BadOverSelection(_))
+        ));
+    }
+
+    #[test]
+    fn a_run_already_at_its_target_is_finished() {
+        let c = Coordinator::<u32>::new(config(1, 1, 3), ModelVersion(3), RoundId(4), 0).unwrap();
+        assert!(c.is_finished());
+    }
+}
