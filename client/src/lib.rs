@@ -1,1 +1,10 @@
+//! covey-client: trains on local data and sends updates over QUIC.
+#![forbid(unsafe_code)]
 
+pub mod data;
+pub mod partition;
+pub mod session;
+pub mod trainer;
+
+pub use session::{ClientOptions, ClientSummary, SessionError, run};
+pub use trainer::{CandleTrainer, TrainOutput, Trainer};

@@ -9,7 +9,10 @@
 
 pub mod encoding;
 pub mod frame;
+pub mod identity;
 pub mod ids;
+#[cfg(feature = "io")]
+pub mod io;
 pub mod message;
 pub mod model;
 pub mod round;

@@ -34,6 +34,23 @@ impl ChunkPlan {
         start..(start + self.chunk_len).min(self.total)
     }
 
+    /// Bytes the whole vector takes on the wire in `encoding`, headers included.
+    pub fn wire_bytes(&self, encoding: UpdateEncoding) -> u64 {
+        let per_chunk = (frame::HEADER_LEN + 4) as u64;
+        let int8_scales = if encoding == UpdateEncoding::Int8 {
+            4
+        } else {
+            0
+        };
+        let values = encoding.encoded_len(self.total) as u64
+            - if encoding == UpdateEncoding::Int8 {
+                4
+            } else {
+                0
+            };
+        self.chunks() as u64 * (per_chunk + int8_scales) + values
+    }
+
     /// Largest chunk frame body this plan produces in `encoding`.
     pub fn max_frame_body(&self, encoding: UpdateEncoding) -> usize {
         1 + 4 + encoding.encoded_len(self.chunk_len.min(self.total))
@@ -152,6 +169,7 @@ mod tests {
                 asm.push(index, &payload).unwrap();
             }
             prop_assert_eq!(at, wire.len());
+            prop_assert_eq!(plan.wire_bytes(UpdateEncoding::F32), wire.len() as u64);
             prop_assert_eq!(asm.finish().unwrap(), values);
         }
     }

@@ -1,1 +1,15 @@
+//! covey-server: enrollment CA, rounds over QUIC, aggregation, state in sled.
+#![forbid(unsafe_code)]
 
+pub mod aggregate;
+pub mod config;
+pub mod dir;
+pub mod export;
+pub mod pki;
+pub mod serve;
+pub mod status;
+pub mod store;
+
+pub use config::ServerConfig;
+pub use dir::StateDir;
+pub use serve::{RunSummary, Server};

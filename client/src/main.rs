@@ -1,0 +1,91 @@
+//! The `covey-client` command line.
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use covey_client::{
+    CandleTrainer, ClientOptions,
+    data::{DataView, Mnist},
+    trainer::select_device,
+};
+use covey_protocol::identity::IdentityBundle;
+
+#[derive(Parser)]
+#[command(
+    name = "covey-client",
+    version,
+    about = "Covey federated learning client"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join the federation: check in, train on local data, send updates, repeat.
+    Run {
+        /// Identity bundle from `covey-server enroll`.
+        #[arg(long)]
+        identity: PathBuf,
+        /// Directory with this device's train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz].
+        #[arg(long)]
+        data: PathBuf,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Dial this address instead of the one in the bundle.
+        #[arg(long)]
+        server: Option<SocketAddr>,
+        /// Give up after this many seconds without reaching the server.
+        #[arg(long)]
+        give_up_after: Option<u64>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COVEY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,quinn_proto=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run {
+            identity,
+            data,
+            device,
+            server,
+            give_up_after,
+        } => {
+            let identity = IdentityBundle::load(&identity)?;
+            let device = select_device(&device)?;
+            let dataset = Mnist::load(&data, "train")
+                .with_context(|| format!("loading local data from {}", data.display()))?;
+            tracing::info!(examples = dataset.len(), ?device, "local data loaded");
+            let trainer =
+                CandleTrainer::new(&DataView::all(Arc::new(dataset)), &device)?.with_progress(true);
+            let options = ClientOptions {
+                server_addr: server,
+                give_up_after: give_up_after.map(Duration::from_secs),
+                ..ClientOptions::default()
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let summary =
+                runtime.block_on(covey_client::run(&identity, Box::new(trainer), options))?;
+            println!(
+                "done: trained {} rounds, {} updates accepted, final global version {}",
+                summary.rounds_trained,
+                summary.updates_accepted,
+                summary
+                    .final_version
+                    .map(|v| v.0.to_string())
+                    .unwrap_or_else(|| "unknown".into())
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Frames over async byte streams: the one place where protocol bytes meet
+//! I/O. The drivers in server and client both use these.
+
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::{
+    UpdateEncoding,
+    frame::{self, Frame, FrameError, FrameLimits, HEADER_LEN},
+    message::Message,
+    tensor::{AssembleError, Assembler, ChunkPlan, encode_chunk},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("stream I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("tensor: {0}")]
+    Tensor(#[from] AssembleError),
+    #[error("stream ended before a whole frame arrived")]
+    Truncated,
+    #[error("expected {expected}, got {got}")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+}
+
+impl StreamError {
+    /// Whether the peer, rather than the transport, is at fault.
+    pub fn is_protocol_violation(&self) -> bool {
+        !matches!(self, Self::Io(_))
+    }
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limits: FrameLimits,
+) -> Result<Option<Frame>, StreamError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut filled = 0;
+    while filled < HEADER_LEN {
+        let n = reader.read(&mut header[filled..]).await?;
+        if n == 0 {
+            return if filled == 0 {
+                Ok(None)
+            } else {
+                Err(StreamError::Truncated)
+            };
+        }
+        filled += n;
+    }
+    let header = frame::parse_header(header, limits)?;
+    let mut body = vec![0u8; header.body_len];
+    reader.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            StreamError::Truncated
+        } else {
+            StreamError::Io(e)
+        }
+    })?;
+    Ok(Some(frame::parse_body(header, body)?))
+}
+
+/// Reads one frame that must be a message.
+pub async fn read_message<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limits: FrameLimits,
+) -> Result<Message, StreamError> {
+    match read_frame(reader, limits).await? {
+        Some(Frame::Message(m)) => Ok(m),
+        Some(Frame::Chunk { .. }) => Err(StreamError::Unexpected {
+            expected: "a message",
+            got: "a tensor chunk",
+        }),
+        None => Err(StreamError::Truncated),
+    }
+}
+
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: &Message,
+) -> Result<u64, StreamError> {
+    let mut buf = Vec::new();
+    frame::encode_message(message, &mut buf);
+    writer.write_all(&buf).await?;
+    Ok(buf.len() as u64)
+}
+
+/// Streams `values` as chunk frames; returns the bytes written.
+pub async fn write_tensor<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    values: &[f32],
+    plan: ChunkPlan,
+    encoding: UpdateEncoding,
+    rng: &mut impl Rng,
+) -> Result<u64, StreamError> {
+    let mut buf = Vec::with_capacity(plan.max_frame_body(encoding) + HEADER_LEN);
+    let mut total = 0;
+    for index in 0..plan.chunks() {
+        buf.clear();
+        encode_chunk(values, plan, index, encoding, rng, &mut buf);
+        writer.write_all(&buf).await?;
+        total += buf.len() as u64;
+    }
+    Ok(total)
+}
+
+/// Reads the chunk frames of one tensor vector, checking each as it lands.
+pub async fn read_tensor<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    plan: ChunkPlan,
+    encoding: UpdateEncoding,
+    limits: FrameLimits,
+) -> Result<Vec<f32>, StreamError> {
+    let mut assembler = Assembler::new(plan, encoding);
+    while !assembler.is_complete() {
+        match read_frame(reader, limits).await? {
+            Some(Frame::Chunk { index, payload }) => {
+                assembler.push(index, &payload)?;
+            }
+            Some(Frame::Message(m)) => {
+                return Err(StreamError::Unexpected {
+                    expected: "a tensor chunk",
+                    got: m.kind(),
+                });
+            }
+            None => return Err(StreamError::Truncated),
+        }
+    }
+    // Complete by the loop condition.
+    assembler.finish().ok_or(StreamError::Truncated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    #[tokio::test]
+    async fn messages_and_tensors_cross_a_stream() {
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
+        let plan = ChunkPlan::new(values.len(), 64);
+        let mut wire = Vec::new();
+        write_message(&mut wire, &Message::CheckIn).await.unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        write_tensor(&mut wire, &values, plan, UpdateEncoding::F32, &mut rng)
+            .await
+            .unwrap();
+        let mut reader = wire.as_slice();
+        let limits = FrameLimits::default();
+        assert_eq!(
+            read_message(&mut reader, limits).await.unwrap(),
+            Message::CheckIn
+        );
+        let back = read_tensor(&mut reader, plan, UpdateEncoding::F32, limits)
+            .await
+            .unwrap();
+        assert_eq!(back, values);
+        assert!(read_frame(&mut reader, limits).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn truncation_and_misplaced_frames_are_errors() {
+        let mut wire = Vec::new();
+        write_message(&mut wire, &Message::CheckIn).await.unwrap();
+        let cut = &wire[..wire.len() - 1];
+        let err = read_message(&mut &cut[..], FrameLimits::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StreamError::Truncated));
+
+        let plan = ChunkPlan::new(10, 4);
+        let err = read_tensor(
+            &mut wire.as_slice(),
+            plan,
+            UpdateEncoding::F32,
+            FrameLimits::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.to_string(), "expected a tensor chunk, got CheckIn");
+    }
+}

@@ -1,0 +1,411 @@
+//! The operator's config file: TOML, every setting documented in the file
+//! `init` writes.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use covey_protocol::{
+    ModelVersion, UpdateEncoding,
+    message::Hyperparameters,
+    model::{Architecture, ModelSpec},
+    round::RoundConfig,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::OptimizerKind;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub server: Network,
+    pub model: Model,
+    pub rounds: Rounds,
+    pub training: Training,
+    pub aggregation: Aggregation,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    pub listen: SocketAddr,
+    pub public_addr: String,
+    pub max_frame_bytes: usize,
+    pub max_concurrent_uploads: usize,
+    pub idle_timeout_secs: u64,
+    pub keep_alive_secs: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    pub architecture: String,
+    pub init_seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rounds {
+    pub rounds: u64,
+    pub min_clients: usize,
+    pub clients_per_round: usize,
+    pub over_selection: f64,
+    pub quorum: usize,
+    pub round_timeout_secs: f64,
+    pub selection_seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Training {
+    pub epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f32,
+    pub proximal_mu: f32,
+    pub update_encoding: String,
+    pub chunk_len: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Aggregation {
+    pub optimizer: String,
+    pub server_learning_rate: f32,
+    pub momentum: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub tau: f32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config setting {setting}: {problem}")]
+    Invalid {
+        setting: &'static str,
+        problem: String,
+    },
+}
+
+fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        problem: problem.into(),
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            server: Network {
+                listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+                public_addr: "127.0.0.1:7443".into(),
+                max_frame_bytes: 4 << 20,
+                max_concurrent_uploads: 8,
+                idle_timeout_secs: 30,
+                keep_alive_secs: 5,
+            },
+            model: Model {
+                architecture: "2nn".into(),
+                init_seed: 0,
+            },
+            rounds: Rounds {
+                rounds: 10,
+                min_clients: 2,
+                clients_per_round: 2,
+                over_selection: 0.0,
+                quorum: 2,
+                round_timeout_secs: 600.0,
+                selection_seed: 0,
+            },
+            training: Training {
+                epochs: 1,
+                batch_size: 10,
+                learning_rate: 0.05,
+                proximal_mu: 0.0,
+                update_encoding: "f32".into(),
+                chunk_len: 1 << 18,
+            },
+            aggregation: Aggregation {
+                optimizer: "fedavg".into(),
+                server_learning_rate: 1.0,
+                momentum: 0.9,
+                beta1: 0.9,
+                beta2: 0.99,
+                tau: 1e-3,
+            },
+        }
+    }
+}
+
+/// The settings, checked and typed, that the rest of the server uses.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub spec: ModelSpec,
+    pub round: RoundConfig,
+    pub hyper: Hyperparameters,
+    pub encoding: UpdateEncoding,
+    pub optimizer: OptimizerKind,
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })?;
+        config.settings()?;
+        Ok(config)
+    }
+
+    /// Checks every setting and returns the typed form.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let architecture: Architecture = self
+            .model
+            .architecture
+            .parse()
+            .map_err(|e: String| invalid("model.architecture", e))?;
+        let encoding: UpdateEncoding = self
+            .training
+            .update_encoding
+            .parse()
+            .map_err(|e: String| invalid("training.update_encoding", e))?;
+        let r = &self.rounds;
+        if r.rounds == 0 {
+            return Err(invalid("rounds.rounds", "must be at least 1"));
+        }
+        if !(r.round_timeout_secs.is_finite() && r.round_timeout_secs > 0.0) {
+            return Err(invalid(
+                "rounds.round_timeout_secs",
+                "must be a positive number",
+            ));
+        }
+        let round = RoundConfig {
+            min_clients: r.min_clients,
+            clients_per_round: r.clients_per_round,
+            over_selection: r.over_selection,
+            quorum: r.quorum,
+            round_timeout: Duration::from_secs_f64(r.round_timeout_secs),
+            target_version: ModelVersion(r.rounds),
+        };
+        round
+            .validate()
+            .map_err(|e| invalid("rounds", e.to_string()))?;
+        let t = &self.training;
+        if t.epochs == 0 || t.batch_size == 0 {
+            return Err(invalid(
+                "training",
+                "epochs and batch_size must be at least 1",
+            ));
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate >= 0.0) {
+            return Err(invalid(
+                "training.learning_rate",
+                "must be finite and non-negative",
+            ));
+        }
+        if !(t.proximal_mu.is_finite() && t.proximal_mu >= 0.0) {
+            return Err(invalid(
+                "training.proximal_mu",
+                "must be finite and non-negative",
+            ));
+        }
+        if t.chunk_len == 0 {
+            return Err(invalid("training.chunk_len", "must be at least 1"));
+        }
+        let n = &self.server;
+        let largest_chunk = 1 + 4 + UpdateEncoding::F32.encoded_len(t.chunk_len as usize);
+        if n.max_frame_bytes < largest_chunk {
+            return Err(invalid(
+                "server.max_frame_bytes",
+                format!(
+                    "{} cannot hold a chunk of {} f32 values ({largest_chunk} bytes)",
+                    n.max_frame_bytes, t.chunk_len
+                ),
+            ));
+        }
+        if n.max_concurrent_uploads == 0 {
+            return Err(invalid(
+                "server.max_concurrent_uploads",
+                "must be at least 1",
+            ));
+        }
+        if n.idle_timeout_secs == 0 || n.keep_alive_secs >= n.idle_timeout_secs {
+            return Err(invalid(
+                "server.keep_alive_secs",
+                "must be below a non-zero idle_timeout_secs",
+            ));
+        }
+        let optimizer =
+            OptimizerKind::from_config(&self.aggregation).map_err(|e| invalid("aggregation", e))?;
+        Ok(Settings {
+            spec: ModelSpec::mnist(architecture),
+            round,
+            hyper: Hyperparameters {
+                epochs: t.epochs,
+                batch_size: t.batch_size,
+                learning_rate: t.learning_rate,
+                proximal_mu: t.proximal_mu,
+            },
+            encoding,
+            optimizer,
+        })
+    }
+
+    /// The config as `init` writes it: every setting with its explanation.
+    pub fn to_documented_toml(&self) -> String {
+        let n = &self.server;
+        let m = &self.model;
+        let r = &self.rounds;
+        let t = &self.training;
+        let a = &self.aggregation;
+        format!(
+            r#"# covey-server configuration. Edit, then restart `covey-server run`.
+# Unknown keys are refused, so a typo cannot silently fall back to a default.
+
+[server]
+# UDP address the QUIC endpoint listens on.
+listen = "{listen}"
+# Address written into enrollment bundles: what devices dial to reach this server.
+public_addr = "{public_addr}"
+# Largest frame accepted from a peer, in bytes; larger frames close the connection.
+max_frame_bytes = {max_frame_bytes}
+# Updates decoded at once. Each holds one model-sized buffer, so this bounds memory.
+max_concurrent_uploads = {max_concurrent_uploads}
+# A connection silent for this long is closed (QUIC idle timeout), in seconds.
+idle_timeout_secs = {idle_timeout_secs}
+# Keep-alive interval, in seconds; must be below idle_timeout_secs.
+keep_alive_secs = {keep_alive_secs}
+
+[model]
+# Architecture of the global model: logreg, 2nn (784-200-200-10) or cnn (McMahan et al. 2017).
+architecture = "{architecture}"
+# Seed of the initial weights (version 0).
+init_seed = {init_seed}
+
+[rounds]
+# The run ends once this many rounds have committed (global version = rounds).
+rounds = {rounds}
+# Checked-in clients needed before a round starts.
+min_clients = {min_clients}
+# Updates wanted per round; the round closes as soon as it has them.
+clients_per_round = {clients_per_round}
+# Extra fraction of clients selected to absorb stragglers (0.2 = 20% more).
+over_selection = {over_selection:?}
+# Fewest accepted updates a round may commit with at its deadline.
+quorum = {quorum}
+# Seconds from the start of a round to its deadline.
+round_timeout_secs = {round_timeout_secs:?}
+# Seed of client selection, for reproducible runs.
+selection_seed = {selection_seed}
+
+[training]
+# Local epochs per round (E).
+epochs = {epochs}
+# Local minibatch size (B).
+batch_size = {batch_size}
+# Local SGD learning rate (eta).
+learning_rate = {learning_rate:?}
+# FedProx proximal term mu; 0 is plain FedAvg.
+proximal_mu = {proximal_mu:?}
+# How clients encode updates: f32, f16, bf16 or int8 (per-chunk scale, stochastic rounding).
+update_encoding = "{update_encoding}"
+# Values per chunk frame for models and updates.
+chunk_len = {chunk_len}
+
+[aggregation]
+# Server optimizer: fedavg, fedavgm, fedadam or fedyogi (Reddi et al. 2021).
+optimizer = "{optimizer}"
+# Server learning rate applied to the averaged update (1.0 with fedavg is plain FedAvg).
+server_learning_rate = {server_learning_rate:?}
+# FedAvgM momentum.
+momentum = {momentum:?}
+# FedAdam/FedYogi first- and second-moment decay.
+beta1 = {beta1:?}
+beta2 = {beta2:?}
+# FedAdam/FedYogi adaptivity (epsilon in the denominator).
+tau = {tau:?}
+"#,
+            listen = n.listen,
+            public_addr = n.public_addr,
+            max_frame_bytes = n.max_frame_bytes,
+            max_concurrent_uploads = n.max_concurrent_uploads,
+            idle_timeout_secs = n.idle_timeout_secs,
+            keep_alive_secs = n.keep_alive_secs,
+            architecture = m.architecture,
+            init_seed = m.init_seed,
+            rounds = r.rounds,
+            min_clients = r.min_clients,
+            clients_per_round = r.clients_per_round,
+            over_selection = r.over_selection,
+            quorum = r.quorum,
+            round_timeout_secs = r.round_timeout_secs,
+            selection_seed = r.selection_seed,
+            epochs = t.epochs,
+            batch_size = t.batch_size,
+            learning_rate = t.learning_rate,
+            proximal_mu = t.proximal_mu,
+            update_encoding = t.update_encoding,
+            chunk_len = t.chunk_len,
+            optimizer = a.optimizer,
+            server_learning_rate = a.server_learning_rate,
+            momentum = a.momentum,
+            beta1 = a.beta1,
+            beta2 = a.beta2,
+            tau = a.tau,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_file_parses_back_to_the_same_config() {
+        let mut c = ServerConfig::default();
+        c.rounds.over_selection = 0.25;
+        c.aggregation.optimizer = "fedyogi".into();
+        let text = c.to_documented_toml();
+        let back: ServerConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+        back.settings().unwrap();
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting() {
+        let mut c = ServerConfig::default();
+        c.training.update_encoding = "fp4".into();
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("training.update_encoding"), "{err}");
+
+        let mut c = ServerConfig::default();
+        c.rounds.quorum = 5;
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("quorum"), "{err}");
+
+        let mut c = ServerConfig::default();
+        c.server.max_frame_bytes = 1000;
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("max_frame_bytes"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = ServerConfig::default()
+            .to_documented_toml()
+            .replace("quorum =", "quorom =");
+        assert!(toml::from_str::<ServerConfig>(&text).is_err());
+    }
+}

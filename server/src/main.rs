@@ -1,0 +1,208 @@
+//! The `covey-server` command line.
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use covey_protocol::ModelVersion;
+use covey_server::{
+    Server, ServerConfig, StateDir,
+    status::{self, Report},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "covey-server",
+    version,
+    about = "Covey federated learning server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a state directory: CA, server certificate, database, config.toml.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+        /// Address devices dial (written into enrollment bundles); defaults to --listen.
+        #[arg(long)]
+        public_addr: Option<String>,
+        /// Model architecture: logreg, 2nn or cnn.
+        #[arg(long, default_value = "2nn")]
+        model: String,
+        /// Rounds in the run.
+        #[arg(long, default_value_t = 10)]
+        rounds: u64,
+        /// Updates wanted per round (also the minimum pool and the quorum).
+        #[arg(long, default_value_t = 2)]
+        clients_per_round: usize,
+    },
+    /// Issue a client identity bundle (key, certificate, CA, server address).
+    Enroll {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+    },
+    /// Revoke a client; it is refused at the TLS handshake from then on.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Serve rounds over QUIC until the configured number has committed.
+    Run {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Print the run summary as JSON on exit.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write global model version V as safetensors.
+    Export {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        version: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show rounds, the current version and the enrolled clients.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COVEY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,quinn_proto=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Init {
+            dir,
+            listen,
+            public_addr,
+            model,
+            rounds,
+            clients_per_round,
+        } => {
+            let mut config = ServerConfig::default();
+            config.server.listen = listen;
+            config.server.public_addr = public_addr.unwrap_or_else(|| listen.to_string());
+            config.model.architecture = model;
+            config.rounds.rounds = rounds;
+            config.rounds.clients_per_round = clients_per_round;
+            config.rounds.min_clients = clients_per_round;
+            config.rounds.quorum = clients_per_round;
+            let state = StateDir::new(&dir);
+            state.init(&config)?;
+            println!(
+                "initialised {}: edit {} to change settings, then `covey-server enroll`",
+                dir.display(),
+                state.config_path().display()
+            );
+        }
+        Command::Enroll {
+            dir,
+            name,
+            out,
+            days,
+        } => {
+            if days == 0 {
+                bail!("--days must be at least 1");
+            }
+            let state = StateDir::new(&dir);
+            let store = state.open_store()?;
+            let bundle = state.enroll(&store, &name, Duration::from_secs(days * 86_400), None)?;
+            write_secret(&out, bundle.to_toml().as_bytes())?;
+            println!("enrolled '{name}': identity written to {}", out.display());
+        }
+        Command::Revoke { dir, name } => {
+            let state = StateDir::new(&dir);
+            let store = state.open_store()?;
+            let n = state.revoke(&store, &name)?;
+            println!("revoked {n} certificate(s) of '{name}'");
+        }
+        Command::Run { dir, json } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let summary = runtime.block_on(async {
+                let server = Server::open(&StateDir::new(&dir))?;
+                let addr = server.local_addr()?;
+                tracing::info!(%addr, "listening");
+                tokio::select! {
+                    s = server.run() => Ok::<_, anyhow::Error>(Some(s?)),
+                    _ = tokio::signal::ctrl_c() => Ok(None),
+                }
+            })?;
+            match summary {
+                Some(s) if json => println!("{}", serde_json::to_string(&s)?),
+                Some(s) => println!(
+                    "run finished at version {}: {} rounds committed, {} aborted, {} bytes up, {} bytes down",
+                    s.final_version, s.rounds_committed, s.rounds_aborted, s.bytes_up, s.bytes_down
+                ),
+                None => println!("interrupted; state is saved, `covey-server run` resumes"),
+            }
+        }
+        Command::Export { dir, version, out } => {
+            let state = StateDir::new(&dir);
+            let store = state.open_store()?;
+            let model = store.model(ModelVersion(version))?;
+            covey_server::export::write_safetensors(&model, &out)?;
+            println!("wrote version {version} to {}", out.display());
+        }
+        Command::Status { dir, json } => {
+            let state = StateDir::new(&dir);
+            let report = match state.open_store() {
+                Ok(store) => Report::from_store(&store, true)?,
+                Err(open_err) => {
+                    // A running server holds the database: fall back to its snapshot.
+                    let snapshot =
+                        status::read_snapshot(&state.status_path()).map_err(|_| open_err)?;
+                    eprintln!("(the server is running: showing its latest snapshot)");
+                    snapshot
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render_text());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_secret(path: &std::path::Path, contents: &[u8]) -> Result<()> {
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", path.display()))?;
+    }
+    Ok(())
+}

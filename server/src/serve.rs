@@ -1,0 +1,959 @@
+//! The QUIC driver: moves bytes between connections and the round state
+//! machine, and carries out its actions (send tasks, aggregate, commit).
+//!
+//! One task, the hub, owns the state machine, the running aggregate and the
+//! store; connection tasks talk to it over a channel. Nothing here decides
+//! *whether* a round starts or ends: `covey_protocol::round` does.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use covey_privacy::{Pseudonym, PseudonymKey};
+use covey_protocol::{
+    ModelVersion, PROTOCOL_VERSION, RoundId, UpdateEncoding,
+    frame::{FrameError, FrameLimits},
+    io::{StreamError, read_message, read_tensor, write_message, write_tensor},
+    message::{
+        CloseCode, ErrorReport, Message, RejectReason, Task, UpdateHeader, UpdateReceipt, Welcome,
+    },
+    round::{Action, Coordinator},
+    tensor::{AssembleError, ChunkPlan},
+};
+use quinn::{VarInt, crypto::rustls::QuicServerConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rustls::pki_types::CertificateDer;
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::{
+    aggregate::{OptimizerState, WeightedSum},
+    config::Settings,
+    dir::{DirError, StateDir},
+    pki::{self, Admitted},
+    status,
+    store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error(
+        "the database was created for a {stored:?} model but config.toml asks for {configured:?}"
+    )]
+    SpecChanged {
+        stored: covey_protocol::model::Architecture,
+        configured: covey_protocol::model::Architecture,
+    },
+    #[error("storing state failed, stopping so nothing is lost: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// What a finished run did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunSummary {
+    pub final_version: u64,
+    pub rounds_committed: u64,
+    pub rounds_aborted: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// What a check-in waits for.
+enum Assignment {
+    Task(Arc<TaskPackage>),
+    Finished(ModelVersion),
+}
+
+struct TaskPackage {
+    task: Task,
+    model: Arc<Vec<f32>>,
+}
+
+struct Received {
+    values: Vec<f32>,
+    num_examples: u64,
+    loss: f32,
+}
+
+enum Event {
+    CheckIn {
+        client: Pseudonym,
+        conn: u64,
+        reply: oneshot::Sender<Assignment>,
+    },
+    BeginUpdate {
+        client: Pseudonym,
+        header: UpdateHeader,
+        reply: oneshot::Sender<Result<ChunkPlan, RejectReason>>,
+    },
+    FinishUpdate {
+        client: Pseudonym,
+        round: RoundId,
+        result: Result<Received, RejectReason>,
+        reply: oneshot::Sender<UpdateReceipt>,
+    },
+    Connected {
+        client: Pseudonym,
+        conn: u64,
+    },
+    Disconnected {
+        client: Pseudonym,
+        conn: u64,
+    },
+}
+
+/// What every connection task needs.
+struct Shared {
+    events: mpsc::Sender<Event>,
+    limits: FrameLimits,
+    uploads: Semaphore,
+    key: Arc<PseudonymKey>,
+    next_conn: AtomicU64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+}
+
+/// A bound, ready server. `run` drives it until the run finishes.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    hub: Hub,
+    events: mpsc::Receiver<Event>,
+}
+
+impl Server {
+    pub fn open(dir: &StateDir) -> Result<Self, ServeError> {
+        let config = dir.config()?;
+        let settings = config.settings().map_err(DirError::from)?;
+        let store = dir.open_store()?;
+        let stored_spec = store.spec()?;
+        if stored_spec != settings.spec {
+            return Err(ServeError::SpecChanged {
+                stored: stored_spec.architecture,
+                configured: settings.spec.architecture,
+            });
+        }
+        let abandoned = store.recover()?;
+        if abandoned > 0 {
+            warn!(
+                abandoned,
+                "rounds were in flight when the server last stopped; they will be retried"
+            );
+        }
+        let key = Arc::new(
+            PseudonymKey::from_bytes(&store.pseudonym_key()?)
+                .map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))?,
+        );
+        let now_unix = time::OffsetDateTime::now_utc().unix_timestamp();
+        let admitted = Arc::new(Admitted::new(
+            store
+                .enrollments()?
+                .into_iter()
+                .filter(|e| e.revoked_unix.is_none() && e.not_after_unix > now_unix)
+                .map(|e| e.pseudonym),
+        ));
+        let tls = pki::server_tls_config(
+            &dir.ca_cert_pem()?,
+            &dir.server_identity()?,
+            admitted,
+            key.clone(),
+        )
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+        let crypto = QuicServerConfig::try_from(tls).map_err(|e| ServeError::Tls(e.to_string()))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(
+                Duration::from_secs(config.server.idle_timeout_secs)
+                    .try_into()
+                    .map_err(|_| ServeError::Tls("idle timeout out of range".into()))?,
+            ))
+            .max_concurrent_bidi_streams(8u32.into())
+            .max_concurrent_uni_streams(0u32.into());
+        server_config.transport_config(Arc::new(transport));
+        let addr = config.server.listen;
+        let endpoint = quinn::Endpoint::server(server_config, addr)
+            .map_err(|source| ServeError::Bind { addr, source })?;
+
+        let version = store.current_version()?;
+        let model = store.model(version)?.weights;
+        let machine = Coordinator::new(
+            settings.round.clone(),
+            version,
+            store.next_round()?,
+            config.rounds.selection_seed ^ version.0,
+        )
+        .map_err(|e| {
+            DirError::from(crate::config::ConfigError::Invalid {
+                setting: "rounds",
+                problem: e.to_string(),
+            })
+        })?;
+        let (tx, rx) = mpsc::channel(1024);
+        let shared = Arc::new(Shared {
+            events: tx,
+            limits: FrameLimits {
+                max_frame: config.server.max_frame_bytes,
+            },
+            uploads: Semaphore::new(config.server.max_concurrent_uploads),
+            key,
+            next_conn: AtomicU64::new(1),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+        });
+        let hub = Hub {
+            machine,
+            optimizer_state: store.optimizer_state()?,
+            store: Arc::new(store),
+            settings,
+            chunk_len: config.training.chunk_len,
+            model: Arc::new(model),
+            waiters: HashMap::new(),
+            live: HashMap::new(),
+            round: None,
+            finished: None,
+            rng: ChaCha8Rng::seed_from_u64(config.rounds.selection_seed.wrapping_add(version.0)),
+            summary: RunSummary::default(),
+            status_path: dir.status_path(),
+        };
+        Ok(Self {
+            endpoint,
+            shared,
+            hub,
+            events: rx,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until the run reaches its target version.
+    pub async fn run(self) -> Result<RunSummary, ServeError> {
+        let Self {
+            endpoint,
+            shared,
+            hub,
+            events,
+        } = self;
+        info!(
+            version = %hub.machine.version(),
+            "serving; waiting for clients"
+        );
+        hub.write_status();
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        let result = hub.run(events, shared.clone()).await;
+        accept.abort();
+        endpoint.close(VarInt::from_u32(CloseCode::Done as u32), b"run finished");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        let mut summary = result?;
+        summary.bytes_up = shared.bytes_up.load(Ordering::Relaxed);
+        summary.bytes_down = shared.bytes_down.load(Ordering::Relaxed);
+        Ok(summary)
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // No address in the log: the refusal reason is enough.
+                    info!("handshake refused: {e}");
+                    return;
+                }
+            };
+            let Some(client) = peer_pseudonym(&conn, &shared.key) else {
+                close(&conn, CloseCode::ProtocolViolation, "no client certificate");
+                return;
+            };
+            let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+            let span = info_span!("client", client = %client);
+            serve_connection(conn, client, id, shared)
+                .instrument(span)
+                .await;
+        });
+    }
+}
+
+fn peer_pseudonym(conn: &quinn::Connection, key: &PseudonymKey) -> Option<Pseudonym> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| key.pseudonym_of(c))
+}
+
+fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
+    conn.close(VarInt::from_u32(code as u32), reason.as_bytes());
+}
+
+/// A reason to close one client's connection.
+#[derive(Debug)]
+struct PeerFault {
+    code: CloseCode,
+    reason: String,
+}
+
+impl PeerFault {
+    fn new(code: CloseCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+fn stream_fault(e: &StreamError) -> Option<PeerFault> {
+    let code = match e {
+        StreamError::Io(_) => return None,
+        StreamError::Frame(FrameError::TooLarge { .. }) => CloseCode::FrameTooLarge,
+        StreamError::Frame(_) | StreamError::Truncated => CloseCode::MalformedFrame,
+        StreamError::Unexpected { .. } => CloseCode::ProtocolViolation,
+        StreamError::Tensor(_) => CloseCode::ShapeMismatch,
+    };
+    Some(PeerFault::new(code, e.to_string()))
+}
+
+async fn serve_connection(
+    conn: quinn::Connection,
+    client: Pseudonym,
+    id: u64,
+    shared: Arc<Shared>,
+) {
+    match handshake(&conn, &shared).await {
+        Ok(()) => {}
+        Err(Some(fault)) => {
+            warn!(code = ?fault.code, "closing connection: {}", fault.reason);
+            close(&conn, fault.code, &fault.reason);
+            return;
+        }
+        Err(None) => return,
+    }
+    debug!("connected");
+    let _ = shared
+        .events
+        .send(Event::Connected { client, conn: id })
+        .await;
+    let mut streams = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = conn.accept_bi() => {
+                let Ok((send, recv)) = accepted else { break };
+                let (conn2, shared2) = (conn.clone(), shared.clone());
+                streams.spawn(async move {
+                    if let Err(fault) = serve_stream(&conn2, send, recv, client, id, &shared2).await {
+                        warn!(code = ?fault.code, "closing connection: {}", fault.reason);
+                        close(&conn2, fault.code, &fault.reason);
+                    }
+                }.in_current_span());
+            }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+    streams.shutdown().await;
+    debug!("disconnected");
+    let _ = shared
+        .events
+        .send(Event::Disconnected { client, conn: id })
+        .await;
+}
+
+/// The first stream: `Hello` → `Welcome`, or a clear refusal.
+async fn handshake(conn: &quinn::Connection, shared: &Shared) -> Result<(), Option<PeerFault>> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|_| None)?;
+    let hello = match read_message(&mut recv, shared.limits).await {
+        Ok(Message::Hello(h)) => h,
+        Ok(other) => {
+            return Err(Some(PeerFault::new(
+                CloseCode::ProtocolViolation,
+                format!("expected Hello, got {}", other.kind()),
+            )));
+        }
+        Err(e) => return Err(stream_fault(&e)),
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        let detail = format!(
+            "incompatible protocol: this server speaks version {PROTOCOL_VERSION}, the client version {}",
+            hello.protocol
+        );
+        let _ = write_message(
+            &mut send,
+            &Message::Error(ErrorReport {
+                code: CloseCode::IncompatibleVersion,
+                detail: detail.clone(),
+            }),
+        )
+        .await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        return Err(Some(PeerFault::new(CloseCode::IncompatibleVersion, detail)));
+    }
+    let welcome = Message::Welcome(Welcome {
+        protocol: PROTOCOL_VERSION,
+        software: format!("covey-server {}", env!("CARGO_PKG_VERSION")),
+    });
+    write_message(&mut send, &welcome).await.map_err(|_| None)?;
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn ask<T>(shared: &Shared, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    shared.events.send(make(tx)).await.ok()?;
+    rx.await.ok()
+}
+
+async fn serve_stream(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    client: Pseudonym,
+    conn_id: u64,
+    shared: &Shared,
+) -> Result<(), PeerFault> {
+    let first = match read_message(&mut recv, shared.limits).await {
+        Ok(m) => m,
+        Err(e) => return stream_fault(&e).map_or(Ok(()), Err),
+    };
+    match first {
+        Message::CheckIn => {
+            let waiting = ask(shared, |reply| Event::CheckIn {
+                client,
+                conn: conn_id,
+                reply,
+            });
+            let assignment = tokio::select! {
+                a = waiting => a,
+                _ = conn.closed() => None,
+            };
+            match assignment {
+                Some(Assignment::Task(pkg)) => {
+                    let plan = ChunkPlan::new(pkg.model.len(), pkg.task.chunk_len);
+                    // Models go out as f32, which draws no randomness.
+                    let mut rng = ChaCha8Rng::seed_from_u64(0);
+                    let sent = async {
+                        let mut n =
+                            write_message(&mut send, &Message::Task(pkg.task.clone())).await?;
+                        n += write_tensor(
+                            &mut send,
+                            &pkg.model,
+                            plan,
+                            UpdateEncoding::F32,
+                            &mut rng,
+                        )
+                        .await?;
+                        Ok::<u64, StreamError>(n)
+                    }
+                    .await;
+                    if let Ok(n) = sent {
+                        shared.bytes_down.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+                Some(Assignment::Finished(version)) => {
+                    let _ = write_message(
+                        &mut send,
+                        &Message::RunFinished {
+                            final_version: version,
+                        },
+                    )
+                    .await;
+                }
+                None => {}
+            }
+            let _ = send.finish();
+            Ok(())
+        }
+        Message::Update(header) => {
+            let round = header.round;
+            let num_examples = header.num_examples;
+            let loss = header.metrics.loss;
+            let encoding = header.encoding;
+            let Some(decision) = ask(shared, |reply| Event::BeginUpdate {
+                client,
+                header,
+                reply,
+            })
+            .await
+            else {
+                return Ok(());
+            };
+            let plan = match decision {
+                Ok(plan) => plan,
+                Err(RejectReason::ShapeMismatch) => {
+                    return Err(PeerFault::new(
+                        CloseCode::ShapeMismatch,
+                        "update header does not match the task's model or encoding",
+                    ));
+                }
+                Err(reason) => {
+                    let _ = recv.stop(VarInt::from_u32(0));
+                    let _ = write_message(
+                        &mut send,
+                        &Message::UpdateReceipt(UpdateReceipt::Rejected(reason)),
+                    )
+                    .await;
+                    let _ = send.finish();
+                    return Ok(());
+                }
+            };
+            // Bounds how many model-sized buffers exist at once.
+            let permit = shared.uploads.acquire().await;
+            let limits = FrameLimits {
+                max_frame: shared.limits.max_frame,
+            };
+            let read = read_tensor(&mut recv, plan, encoding, limits).await;
+            drop(permit);
+            let (result, fault) = match read {
+                Ok(values) => {
+                    shared
+                        .bytes_up
+                        .fetch_add(plan.wire_bytes(encoding), Ordering::Relaxed);
+                    (
+                        Ok(Received {
+                            values,
+                            num_examples,
+                            loss,
+                        }),
+                        None,
+                    )
+                }
+                Err(StreamError::Tensor(AssembleError::NonFinite { index })) => {
+                    warn!(chunk = index, "rejected an update with non-finite values");
+                    let _ = recv.stop(VarInt::from_u32(0));
+                    (Err(RejectReason::NonFinite), None)
+                }
+                Err(e) => (Err(RejectReason::ShapeMismatch), stream_fault(&e)),
+            };
+            let receipt = ask(shared, |reply| Event::FinishUpdate {
+                client,
+                round,
+                result,
+                reply,
+            })
+            .await;
+            if let Some(fault) = fault {
+                return Err(fault);
+            }
+            if let Some(receipt) = receipt {
+                let _ = write_message(&mut send, &Message::UpdateReceipt(receipt)).await;
+            }
+            let _ = send.finish();
+            Ok(())
+        }
+        other => Err(PeerFault::new(
+            CloseCode::ProtocolViolation,
+            format!("unexpected {} at the start of a stream", other.kind()),
+        )),
+    }
+}
+
+struct RoundInProgress {
+    record: RoundRecord,
+    task: Arc<TaskPackage>,
+    sum: WeightedSum,
+    loss_weighted: f64,
+    examples: f64,
+    bytes_up_start: u64,
+    bytes_down_start: u64,
+}
+
+/// Owns the state machine and everything a commit touches.
+struct Hub {
+    machine: Coordinator<Pseudonym>,
+    store: Arc<Store>,
+    settings: Settings,
+    chunk_len: u32,
+    model: Arc<Vec<f32>>,
+    optimizer_state: OptimizerState,
+    waiters: HashMap<Pseudonym, (u64, oneshot::Sender<Assignment>)>,
+    /// The latest connection of each connected client.
+    live: HashMap<Pseudonym, u64>,
+    round: Option<RoundInProgress>,
+    finished: Option<Instant>,
+    rng: ChaCha8Rng,
+    summary: RunSummary,
+    status_path: std::path::PathBuf,
+}
+
+/// How long a finished run waits for clients to hear that it finished.
+const FINISH_GRACE: Duration = Duration::from_secs(3);
+
+impl Hub {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        shared: Arc<Shared>,
+    ) -> Result<RunSummary, ServeError> {
+        if self.machine.is_finished() {
+            self.finished = Some(Instant::now());
+        }
+        loop {
+            if let Some(at) = self.finished
+                && (self.live.is_empty() || at.elapsed() >= FINISH_GRACE)
+            {
+                break;
+            }
+            let wake = self
+                .machine
+                .next_deadline()
+                .or(self.finished.map(|at| at + FINISH_GRACE))
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else { break };
+                    self.handle(event, &shared).await?;
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    let actions = self.machine.tick(Instant::now());
+                    self.execute(actions, &shared).await?;
+                }
+            }
+        }
+        self.summary.final_version = self.machine.version().0;
+        info!(version = %self.machine.version(), "run finished");
+        Ok(self.summary)
+    }
+
+    async fn handle(&mut self, event: Event, shared: &Shared) -> Result<(), ServeError> {
+        let now = Instant::now();
+        match event {
+            Event::Connected { client, conn } => {
+                self.live.insert(client, conn);
+            }
+            Event::CheckIn {
+                client,
+                conn,
+                reply,
+            } => {
+                self.live.insert(client, conn);
+                self.waiters.insert(client, (conn, reply));
+                let actions = self.machine.check_in(client, now);
+                self.execute(actions, shared).await?;
+            }
+            Event::Disconnected { client, conn } => {
+                if self.live.get(&client) == Some(&conn) {
+                    self.live.remove(&client);
+                    self.waiters.remove(&client);
+                    let actions = self.machine.disconnected(client, now);
+                    self.execute(actions, shared).await?;
+                }
+            }
+            Event::BeginUpdate {
+                client,
+                header,
+                reply,
+            } => {
+                let (decision, actions) = self.begin_update(client, &header, now);
+                let _ = reply.send(decision);
+                self.execute(actions, shared).await?;
+            }
+            Event::FinishUpdate {
+                client,
+                round,
+                result,
+                reply,
+            } => {
+                let receipt = self
+                    .finish_update(client, round, result, shared, now)
+                    .await?;
+                let _ = reply.send(receipt);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides whether to read an announced update; a refusal may end the
+    /// round, so the machine's actions come back too.
+    fn begin_update(
+        &mut self,
+        client: Pseudonym,
+        header: &UpdateHeader,
+        now: Instant,
+    ) -> (Result<ChunkPlan, RejectReason>, Vec<Action<Pseudonym>>) {
+        if let Err(reason) = self.machine.begin_update(client, header.round) {
+            return (Err(reason), Vec::new());
+        }
+        let Some(round) = &self.round else {
+            return (Err(RejectReason::RoundClosed), Vec::new());
+        };
+        let spec = &round.task.task.spec;
+        let reason = if header.param_count != spec.param_count() as u64
+            || header.encoding != self.settings.encoding
+            || header.base_version != round.record.base
+        {
+            RejectReason::ShapeMismatch
+        } else if header.num_examples == 0 {
+            RejectReason::NoExamples
+        } else {
+            return (
+                Ok(ChunkPlan::new(spec.param_count(), self.chunk_len)),
+                Vec::new(),
+            );
+        };
+        warn!(client = %client, "rejected update: {reason}");
+        let actions = self.machine.reject_update(client, header.round, now);
+        (Err(reason), actions)
+    }
+
+    async fn finish_update(
+        &mut self,
+        client: Pseudonym,
+        round_id: RoundId,
+        result: Result<Received, RejectReason>,
+        shared: &Shared,
+        now: Instant,
+    ) -> Result<UpdateReceipt, ServeError> {
+        match result {
+            Ok(update) => {
+                let expected = self.model.len();
+                if update.values.len() != expected {
+                    let actions = self.machine.reject_update(client, round_id, now);
+                    self.execute(actions, shared).await?;
+                    return Ok(UpdateReceipt::Rejected(RejectReason::ShapeMismatch));
+                }
+                match self.machine.accept_update(client, round_id, now) {
+                    Ok(actions) => {
+                        if let Some(round) = &mut self.round {
+                            let weight = update.num_examples as f64;
+                            // Length and weight were checked above.
+                            let _ = round.sum.fold(&update.values, weight);
+                            if update.loss.is_finite() {
+                                round.loss_weighted += f64::from(update.loss) * weight;
+                                round.examples += weight;
+                            }
+                        }
+                        debug!(client = %client, "update accepted");
+                        self.execute(actions, shared).await?;
+                        Ok(UpdateReceipt::Accepted)
+                    }
+                    Err(reason) => Ok(UpdateReceipt::Rejected(reason)),
+                }
+            }
+            Err(reason) => {
+                warn!(client = %client, "rejected update: {reason}");
+                let actions = self.machine.reject_update(client, round_id, now);
+                self.execute(actions, shared).await?;
+                Ok(UpdateReceipt::Rejected(reason))
+            }
+        }
+    }
+
+    async fn execute(
+        &mut self,
+        actions: Vec<Action<Pseudonym>>,
+        shared: &Shared,
+    ) -> Result<(), ServeError> {
+        let mut queue: VecDeque<_> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            let now = Instant::now();
+            match action {
+                Action::StartRound {
+                    round,
+                    base,
+                    cohort,
+                    deadline,
+                } => {
+                    let task = Task {
+                        round,
+                        base_version: base,
+                        spec: self.settings.spec,
+                        hyper: self.settings.hyper,
+                        update_encoding: self.settings.encoding,
+                        chunk_len: self.chunk_len,
+                        deadline_ms: deadline.saturating_duration_since(now).as_millis() as u64,
+                        seed: self.rng.random(),
+                    };
+                    let record = RoundRecord {
+                        round,
+                        base,
+                        outcome: RoundOutcome::InFlight,
+                        selected: cohort.len(),
+                        accepted: 0,
+                        dropped: 0,
+                        started_unix_ms: unix_ms_now(),
+                        ended_unix_ms: None,
+                        mean_client_loss: None,
+                        bytes_up: 0,
+                        bytes_down: 0,
+                    };
+                    self.store.begin_round(&record)?;
+                    info!(round = %round, base = %base, cohort = cohort.len(), "round started");
+                    let package = Arc::new(TaskPackage {
+                        task,
+                        model: self.model.clone(),
+                    });
+                    self.round = Some(RoundInProgress {
+                        record,
+                        task: package.clone(),
+                        sum: WeightedSum::new(self.model.len()),
+                        loss_weighted: 0.0,
+                        examples: 0.0,
+                        bytes_up_start: shared.bytes_up.load(Ordering::Relaxed),
+                        bytes_down_start: shared.bytes_down.load(Ordering::Relaxed),
+                    });
+                    for client in cohort {
+                        let sent = self
+                            .waiters
+                            .remove(&client)
+                            .map(|(_, tx)| tx.send(Assignment::Task(package.clone())).is_ok())
+                            .unwrap_or(false);
+                        if !sent {
+                            queue.extend(self.machine.disconnected(client, now));
+                        }
+                    }
+                    self.write_status();
+                }
+                Action::Commit {
+                    round,
+                    base,
+                    new_version,
+                    stats,
+                } => {
+                    let Some(progress) = self.round.take() else {
+                        queue.extend(self.machine.commit_failed(round, now));
+                        continue;
+                    };
+                    let mut record = progress.record;
+                    record.accepted = stats.accepted;
+                    record.dropped = stats.dropped;
+                    record.selected = stats.selected;
+                    record.ended_unix_ms = Some(unix_ms_now());
+                    record.mean_client_loss = (progress.examples > 0.0)
+                        .then(|| (progress.loss_weighted / progress.examples) as f32);
+                    record.bytes_up =
+                        shared.bytes_up.load(Ordering::Relaxed) - progress.bytes_up_start;
+                    record.bytes_down =
+                        shared.bytes_down.load(Ordering::Relaxed) - progress.bytes_down_start;
+                    record.outcome = RoundOutcome::Committed {
+                        version: new_version,
+                    };
+                    let committed = self.commit(progress.sum, &record, new_version, round).await;
+                    match committed {
+                        Ok(()) => {
+                            self.summary.rounds_committed += 1;
+                            info!(
+                                round = %round,
+                                version = %new_version,
+                                base = %base,
+                                accepted = stats.accepted,
+                                dropped = stats.dropped,
+                                "round committed"
+                            );
+                            queue.extend(self.machine.commit_done(round, new_version, now));
+                        }
+                        Err(e) => {
+                            error!(round = %round, "commit failed, round will be retried: {e}");
+                            record.outcome = RoundOutcome::Aborted {
+                                reason: format!("commit failed: {e}"),
+                            };
+                            self.summary.rounds_aborted += 1;
+                            self.store.put_round(&record)?;
+                            queue.extend(self.machine.commit_failed(round, now));
+                        }
+                    }
+                    self.write_status();
+                }
+                Action::Abort {
+                    round,
+                    reason,
+                    stats,
+                } => {
+                    if let Some(progress) = self.round.take() {
+                        let mut record = progress.record;
+                        record.outcome = RoundOutcome::Aborted {
+                            reason: reason.as_str().to_owned(),
+                        };
+                        record.accepted = stats.accepted;
+                        record.dropped = stats.dropped;
+                        record.ended_unix_ms = Some(unix_ms_now());
+                        self.store.put_round(&record)?;
+                    }
+                    self.summary.rounds_aborted += 1;
+                    warn!(
+                        round = %round,
+                        accepted = stats.accepted,
+                        selected = stats.selected,
+                        "round aborted: {}",
+                        reason.as_str()
+                    );
+                    self.write_status();
+                }
+                Action::Finished { version } => {
+                    self.finished.get_or_insert(now);
+                    for (_, (_, tx)) in self.waiters.drain() {
+                        let _ = tx.send(Assignment::Finished(version));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the round's mean update and stores the new version.
+    async fn commit(
+        &mut self,
+        sum: WeightedSum,
+        record: &RoundRecord,
+        version: ModelVersion,
+        round: RoundId,
+    ) -> Result<(), crate::store::StoreError> {
+        let mean = sum
+            .mean()
+            .map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))?;
+        let mut weights = self.model.as_ref().clone();
+        let mut state = self.optimizer_state.clone();
+        self.settings
+            .optimizer
+            .apply(&mut state, &mut weights, &mean);
+        let model = StoredModel {
+            header: ModelHeader {
+                version,
+                spec: self.settings.spec,
+                round: Some(round),
+                created_unix_ms: unix_ms_now(),
+            },
+            weights,
+        };
+        let store = self.store.clone();
+        let record = record.clone();
+        let (model, state) = tokio::task::spawn_blocking(move || {
+            store.commit_round(&model, &record, &state)?;
+            Ok::<_, crate::store::StoreError>((model, state))
+        })
+        .await
+        .map_err(|e| crate::store::StoreError::Corrupt(format!("commit task: {e}")))??;
+        self.model = Arc::new(model.weights);
+        self.optimizer_state = state;
+        Ok(())
+    }
+
+    /// A snapshot for `covey-server status` while the database is locked.
+    fn write_status(&self) {
+        match status::Report::from_store(&self.store, false) {
+            Ok(report) => {
+                if let Err(e) = status::write_snapshot(&self.status_path, &report) {
+                    warn!("cannot write status snapshot: {e}");
+                }
+            }
+            Err(e) => warn!("cannot build status snapshot: {e}"),
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! `covey-server status`: rounds, versions and enrolled clients.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{RoundOutcome, Store, StoreError};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub current_version: u64,
+    pub architecture: String,
+    pub parameters: usize,
+    pub stored_versions: Vec<u64>,
+    pub rounds: Vec<RoundLine>,
+    pub clients: Vec<ClientLine>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundLine {
+    pub round: u64,
+    pub base_version: u64,
+    pub outcome: String,
+    pub committed_version: Option<u64>,
+    pub selected: usize,
+    pub accepted: usize,
+    pub dropped: usize,
+    pub seconds: Option<f64>,
+    pub mean_client_loss: Option<f32>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientLine {
+    pub pseudonym: String,
+    /// Only when read from the database by the operator; snapshots on disk
+    /// carry pseudonyms alone.
+    pub name: Option<String>,
+    pub state: String,
+    pub expires_unix: i64,
+}
+
+impl Report {
+    pub fn from_store(store: &Store, with_names: bool) -> Result<Self, StoreError> {
+        let spec = store.spec()?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        Ok(Self {
+            current_version: store.current_version()?.0,
+            architecture: spec.architecture.to_string(),
+            parameters: spec.param_count(),
+            stored_versions: store.versions()?.into_iter().map(|v| v.0).collect(),
+            rounds: store
+                .rounds()?
+                .into_iter()
+                .map(|r| {
+                    let (outcome, committed_version) = match &r.outcome {
+                        RoundOutcome::InFlight => ("in flight".to_owned(), None),
+                        RoundOutcome::Committed { version } => {
+                            ("committed".to_owned(), Some(version.0))
+                        }
+                        RoundOutcome::Aborted { reason } => (format!("aborted: {reason}"), None),
+                        RoundOutcome::Abandoned => ("abandoned (server stopped)".to_owned(), None),
+                    };
+                    RoundLine {
+                        round: r.round.0,
+                        base_version: r.base.0,
+                        outcome,
+                        committed_version,
+                        selected: r.selected,
+                        accepted: r.accepted,
+                        dropped: r.dropped,
+                        seconds: r
+                            .ended_unix_ms
+                            .map(|end| end.saturating_sub(r.started_unix_ms) as f64 / 1000.0),
+                        mean_client_loss: r.mean_client_loss,
+                        bytes_up: r.bytes_up,
+                        bytes_down: r.bytes_down,
+                    }
+                })
+                .collect(),
+            clients: store
+                .enrollments()?
+                .into_iter()
+                .map(|e| ClientLine {
+                    pseudonym: e.pseudonym.to_string(),
+                    name: with_names.then(|| e.name.clone()),
+                    state: if e.revoked_unix.is_some() {
+                        "revoked".into()
+                    } else if e.not_after_unix <= now {
+                        "expired".into()
+                    } else {
+                        "active".into()
+                    },
+                    expires_unix: e.not_after_unix,
+                })
+                .collect(),
+        })
+    }
+
+    pub fn render_text(&self) -> String {
+        let mut out = format!(
+            "model: {} ({} parameters)\ncurrent version: {}\nstored versions: {}\n\nrounds:\n",
+            self.architecture,
+            self.parameters,
+            self.current_version,
+            self.stored_versions.len()
+        );
+        if self.rounds.is_empty() {
+            out.push_str("  (none yet)\n");
+        }
+        for r in &self.rounds {
+            out.push_str(&format!(
+                "  round {:>4}  base v{:<4} {:<28} selected {:>3}  accepted {:>3}  dropped {:>3}{}{}\n",
+                r.round,
+                r.base_version,
+                match r.committed_version {
+                    Some(v) => format!("committed v{v}"),
+                    None => r.outcome.clone(),
+                },
+                r.selected,
+                r.accepted,
+                r.dropped,
+                r.seconds.map(|s| format!("  {s:.1}s")).unwrap_or_default(),
+                r.mean_client_loss
+                    .map(|l| format!("  client loss {l:.4}"))
+                    .unwrap_or_default(),
+            ));
+        }
+        out.push_str("\nclients:\n");
+        if self.clients.is_empty() {
+            out.push_str("  (none enrolled)\n");
+        }
+        for c in &self.clients {
+            out.push_str(&format!(
+                "  {}  {:<8} {}\n",
+                c.pseudonym,
+                c.state,
+                c.name.as_deref().unwrap_or("")
+            ));
+        }
+        out
+    }
+}
+
+/// Writes `report` atomically (temporary file, then rename).
+pub fn write_snapshot(path: &Path, report: &Report) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(report).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+pub fn read_snapshot(path: &Path) -> std::io::Result<Report> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}

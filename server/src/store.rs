@@ -1,0 +1,517 @@
+//! The server's durable state in sled.
+//!
+//! Trees: `models` (version → header + f32 bytes), `rounds` (round id →
+//! record), `registry` (pseudonym → enrollment), `meta` (current version,
+//! next round id, optimizer moments, secrets). A commit writes the new
+//! version, its round record, the optimizer state and the current-version
+//! pointer in one transaction and then flushes, so a crash at any point
+//! leaves either the old state or the new one.
+
+use std::path::Path;
+
+use covey_privacy::Pseudonym;
+use covey_protocol::{ModelVersion, RoundId, model::ModelSpec};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use sled::{
+    Transactional,
+    transaction::{ConflictableTransactionError, TransactionError},
+};
+
+use crate::aggregate::OptimizerState;
+
+const CURRENT_VERSION: &[u8] = b"current_version";
+const NEXT_ROUND: &[u8] = b"next_round";
+const OPTIMIZER: &[u8] = b"optimizer";
+const PSEUDONYM_KEY: &[u8] = b"pseudonym_key";
+const SPEC: &[u8] = b"spec";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot open the state database at {path}: {source} (is a covey-server already running on this directory?)"
+    )]
+    Open { path: String, source: sled::Error },
+    #[error("state database: {0}")]
+    Db(#[from] sled::Error),
+    #[error("state database is corrupt: {0}")]
+    Corrupt(String),
+    #[error("model version {0} is not stored")]
+    NoSuchVersion(u64),
+    #[error("the state directory is not initialised (missing {0}); run `covey-server init` first")]
+    NotInitialised(&'static str),
+}
+
+impl From<TransactionError<()>> for StoreError {
+    fn from(e: TransactionError<()>) -> Self {
+        match e {
+            TransactionError::Storage(e) => Self::Db(e),
+            TransactionError::Abort(()) => Self::Corrupt("transaction aborted".into()),
+        }
+    }
+}
+
+/// Metadata stored in front of a model's weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelHeader {
+    pub version: ModelVersion,
+    pub spec: ModelSpec,
+    /// The round that produced it; `None` for the initial model.
+    pub round: Option<RoundId>,
+    pub created_unix_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredModel {
+    pub header: ModelHeader,
+    pub weights: Vec<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RoundOutcome {
+    InFlight,
+    Committed {
+        version: ModelVersion,
+    },
+    Aborted {
+        reason: String,
+    },
+    /// The server stopped while the round was in flight; it was retried.
+    Abandoned,
+}
+
+/// What the server keeps about a round: aggregates only, never anything
+/// about an individual client's update.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: RoundId,
+    pub base: ModelVersion,
+    pub outcome: RoundOutcome,
+    pub selected: usize,
+    pub accepted: usize,
+    pub dropped: usize,
+    pub started_unix_ms: u64,
+    pub ended_unix_ms: Option<u64>,
+    /// Example-weighted mean of the clients' local training loss.
+    pub mean_client_loss: Option<f32>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub name: String,
+    pub pseudonym: Pseudonym,
+    pub enrolled_unix: i64,
+    pub not_after_unix: i64,
+    pub revoked_unix: Option<i64>,
+}
+
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain data structures always serialize.
+    postcard::to_stdvec(value).expect("record serialization is infallible")
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn encode_model(model: &StoredModel) -> Vec<u8> {
+    let header = encode(&model.header);
+    let mut out = Vec::with_capacity(4 + header.len() + 4 * model.weights.len());
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    for w in &model.weights {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
+fn decode_model(bytes: &[u8]) -> Result<StoredModel, StoreError> {
+    let corrupt = |d: &str| StoreError::Corrupt(format!("model record: {d}"));
+    let len_bytes: [u8; 4] = bytes
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| corrupt("truncated header length"))?;
+    let header_len = u32::from_le_bytes(len_bytes) as usize;
+    let header_bytes = bytes
+        .get(4..4 + header_len)
+        .ok_or_else(|| corrupt("truncated header"))?;
+    let header: ModelHeader = decode(header_bytes, "model header")?;
+    let body = &bytes[4 + header_len..];
+    let expected = header.spec.param_count();
+    if body.len() != 4 * expected {
+        return Err(corrupt(&format!(
+            "{} weight bytes for {expected} parameters",
+            body.len()
+        )));
+    }
+    let weights = body
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(StoredModel { header, weights })
+}
+
+pub struct Store {
+    db: sled::Db,
+    models: sled::Tree,
+    rounds: sled::Tree,
+    registry: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Self {
+            models: db.open_tree("models")?,
+            rounds: db.open_tree("rounds")?,
+            registry: db.open_tree("registry")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Writes the initial state: version 0 and the pseudonym secret.
+    pub fn initialise(
+        &self,
+        spec: ModelSpec,
+        weights: Vec<f32>,
+        pseudonym_key: &[u8],
+    ) -> Result<(), StoreError> {
+        let model = StoredModel {
+            header: ModelHeader {
+                version: ModelVersion::INITIAL,
+                spec,
+                round: None,
+                created_unix_ms: unix_ms_now(),
+            },
+            weights,
+        };
+        let encoded = encode_model(&model);
+        (&self.models, &self.meta).transaction(|(models, meta)| {
+            models.insert(&0u64.to_be_bytes(), encoded.as_slice())?;
+            meta.insert(CURRENT_VERSION, &0u64.to_be_bytes())?;
+            meta.insert(NEXT_ROUND, &1u64.to_be_bytes())?;
+            meta.insert(PSEUDONYM_KEY, pseudonym_key)?;
+            meta.insert(SPEC, encode(&spec))?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        })?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn meta_u64(&self, key: &'static [u8]) -> Result<u64, StoreError> {
+        let bytes = self
+            .meta
+            .get(key)?
+            .ok_or(StoreError::NotInitialised("meta record"))?;
+        let arr: [u8; 8] = bytes
+            .as_ref()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("meta {}", String::from_utf8_lossy(key))))?;
+        Ok(u64::from_be_bytes(arr))
+    }
+
+    pub fn current_version(&self) -> Result<ModelVersion, StoreError> {
+        self.meta_u64(CURRENT_VERSION).map(ModelVersion)
+    }
+
+    pub fn next_round(&self) -> Result<RoundId, StoreError> {
+        self.meta_u64(NEXT_ROUND).map(RoundId)
+    }
+
+    pub fn spec(&self) -> Result<ModelSpec, StoreError> {
+        let bytes = self
+            .meta
+            .get(SPEC)?
+            .ok_or(StoreError::NotInitialised("model spec"))?;
+        decode(&bytes, "model spec")
+    }
+
+    pub fn pseudonym_key(&self) -> Result<Vec<u8>, StoreError> {
+        Ok(self
+            .meta
+            .get(PSEUDONYM_KEY)?
+            .ok_or(StoreError::NotInitialised("pseudonym key"))?
+            .to_vec())
+    }
+
+    pub fn optimizer_state(&self) -> Result<OptimizerState, StoreError> {
+        match self.meta.get(OPTIMIZER)? {
+            Some(bytes) => decode(&bytes, "optimizer state"),
+            None => Ok(OptimizerState::default()),
+        }
+    }
+
+    pub fn model(&self, version: ModelVersion) -> Result<StoredModel, StoreError> {
+        let bytes = self
+            .models
+            .get(version.0.to_be_bytes())?
+            .ok_or(StoreError::NoSuchVersion(version.0))?;
+        let model = decode_model(&bytes)?;
+        if model.header.version != version {
+            return Err(StoreError::Corrupt(format!(
+                "record for {version} holds {}",
+                model.header.version
+            )));
+        }
+        Ok(model)
+    }
+
+    pub fn versions(&self) -> Result<Vec<ModelVersion>, StoreError> {
+        self.models
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k?;
+                let arr: [u8; 8] = k
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("model key".into()))?;
+                Ok(ModelVersion(u64::from_be_bytes(arr)))
+            })
+            .collect()
+    }
+
+    /// Records the start of a round and reserves its id, durably, before
+    /// any task is sent.
+    pub fn begin_round(&self, record: &RoundRecord) -> Result<(), StoreError> {
+        let value = encode(record);
+        let next = record.round.next().0.to_be_bytes();
+        (&self.rounds, &self.meta).transaction(|(rounds, meta)| {
+            rounds.insert(&record.round.0.to_be_bytes(), value.as_slice())?;
+            meta.insert(NEXT_ROUND, &next)?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        })?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Stores a new version, its round record and the optimizer moments in
+    /// one transaction.
+    pub fn commit_round(
+        &self,
+        model: &StoredModel,
+        record: &RoundRecord,
+        optimizer: &OptimizerState,
+    ) -> Result<(), StoreError> {
+        let version = model.header.version;
+        if version != self.current_version()?.next() {
+            return Err(StoreError::Corrupt(format!(
+                "commit of {version} does not follow {}",
+                self.current_version()?
+            )));
+        }
+        let model_bytes = encode_model(model);
+        let record_bytes = encode(record);
+        let optimizer_bytes = encode(optimizer);
+        (&self.models, &self.rounds, &self.meta).transaction(|(models, rounds, meta)| {
+            models.insert(&version.0.to_be_bytes(), model_bytes.as_slice())?;
+            rounds.insert(&record.round.0.to_be_bytes(), record_bytes.as_slice())?;
+            meta.insert(OPTIMIZER, optimizer_bytes.as_slice())?;
+            meta.insert(CURRENT_VERSION, &version.0.to_be_bytes())?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        })?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Updates a round record that commits nothing (an abort).
+    pub fn put_round(&self, record: &RoundRecord) -> Result<(), StoreError> {
+        self.rounds
+            .insert(record.round.0.to_be_bytes(), encode(record))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn rounds(&self) -> Result<Vec<RoundRecord>, StoreError> {
+        self.rounds
+            .iter()
+            .values()
+            .map(|v| decode(&v?, "round record"))
+            .collect()
+    }
+
+    /// Marks rounds left in flight by a crash as abandoned; returns how many.
+    pub fn recover(&self) -> Result<usize, StoreError> {
+        let mut abandoned = 0;
+        for mut record in self.rounds()? {
+            if record.outcome == RoundOutcome::InFlight {
+                record.outcome = RoundOutcome::Abandoned;
+                record.ended_unix_ms = None;
+                self.put_round(&record)?;
+                abandoned += 1;
+            }
+        }
+        Ok(abandoned)
+    }
+
+    pub fn enroll(&self, e: &Enrollment) -> Result<(), StoreError> {
+        self.registry.insert(e.pseudonym.as_bytes(), encode(e))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn enrollments(&self) -> Result<Vec<Enrollment>, StoreError> {
+        self.registry
+            .iter()
+            .values()
+            .map(|v| decode(&v?, "enrollment"))
+            .collect()
+    }
+
+    /// Revokes every active certificate enrolled under `name`; returns how
+    /// many were revoked.
+    pub fn revoke(&self, name: &str, now_unix: i64) -> Result<usize, StoreError> {
+        let mut count = 0;
+        for mut e in self.enrollments()? {
+            if e.name == name && e.revoked_unix.is_none() {
+                e.revoked_unix = Some(now_unix);
+                self.registry.insert(e.pseudonym.as_bytes(), encode(&e))?;
+                count += 1;
+            }
+        }
+        self.db.flush()?;
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use covey_protocol::model::Architecture;
+
+    fn record(round: u64, outcome: RoundOutcome) -> RoundRecord {
+        RoundRecord {
+            round: RoundId(round),
+            base: ModelVersion(round - 1),
+            outcome,
+            selected: 3,
+            accepted: 3,
+            dropped: 0,
+            started_unix_ms: 1,
+            ended_unix_ms: None,
+            mean_client_loss: None,
+            bytes_up: 0,
+            bytes_down: 0,
+        }
+    }
+
+    #[test]
+    fn versions_commit_in_order_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::mnist(Architecture::LogReg);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .initialise(spec, spec.initial_weights(0), &[9; 32])
+                .unwrap();
+            store
+                .begin_round(&record(1, RoundOutcome::InFlight))
+                .unwrap();
+            let model = StoredModel {
+                header: ModelHeader {
+                    version: ModelVersion(1),
+                    spec,
+                    round: Some(RoundId(1)),
+                    created_unix_ms: 5,
+                },
+                weights: vec![0.5; spec.param_count()],
+            };
+            let state = OptimizerState {
+                m: vec![1.0],
+                v: vec![],
+            };
+            store
+                .commit_round(
+                    &model,
+                    &record(
+                        1,
+                        RoundOutcome::Committed {
+                            version: ModelVersion(1),
+                        },
+                    ),
+                    &state,
+                )
+                .unwrap();
+            // Committing the same version twice is refused.
+            assert!(
+                store
+                    .commit_round(&model, &record(1, RoundOutcome::InFlight), &state)
+                    .is_err()
+            );
+            store
+                .begin_round(&record(2, RoundOutcome::InFlight))
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.current_version().unwrap(), ModelVersion(1));
+        assert_eq!(store.next_round().unwrap(), RoundId(3));
+        assert_eq!(store.model(ModelVersion(1)).unwrap().weights[0], 0.5);
+        assert_eq!(store.optimizer_state().unwrap().m, vec![1.0]);
+        assert_eq!(
+            store.versions().unwrap(),
+            vec![ModelVersion(0), ModelVersion(1)]
+        );
+        assert_eq!(store.recover().unwrap(), 1);
+        assert_eq!(store.rounds().unwrap()[1].outcome, RoundOutcome::Abandoned);
+        assert!(matches!(
+            store.model(ModelVersion(7)),
+            Err(StoreError::NoSuchVersion(7))
+        ));
+    }
+
+    #[test]
+    fn corrupt_model_records_are_named() {
+        assert!(
+            decode_model(&[1, 2])
+                .unwrap_err()
+                .to_string()
+                .contains("truncated header length")
+        );
+        let spec = ModelSpec::mnist(Architecture::LogReg);
+        let mut bytes = encode_model(&StoredModel {
+            header: ModelHeader {
+                version: ModelVersion(0),
+                spec,
+                round: None,
+                created_unix_ms: 0,
+            },
+            weights: vec![0.0; spec.param_count()],
+        });
+        bytes.pop();
+        assert!(
+            decode_model(&bytes)
+                .unwrap_err()
+                .to_string()
+                .contains("weight bytes")
+        );
+    }
+
+    #[test]
+    fn an_uninitialised_directory_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(
+            store
+                .current_version()
+                .unwrap_err()
+                .to_string()
+                .contains("covey-server init")
+        );
+    }
+}
