@@ -6,5 +6,6 @@ pub mod partition;
 pub mod session;
 pub mod trainer;
 
+pub use candle_core::Device;
 pub use session::{ClientOptions, ClientSummary, SessionError, run};
 pub use trainer::{CandleTrainer, TrainOutput, Trainer};

@@ -59,6 +59,8 @@ pub struct ClientOptions {
     pub max_backoff: Duration,
     /// Stop retrying after this long without a working connection.
     pub give_up_after: Option<Duration>,
+    /// A connection silent this long is dead; keep-alives go at a third of it.
+    pub idle_timeout: Duration,
     /// The protocol version announced in `Hello`; only compatibility tests
     /// change it.
     pub protocol_version: u16,
@@ -71,6 +73,7 @@ impl Default for ClientOptions {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
             give_up_after: None,
+            idle_timeout: Duration::from_secs(30),
             protocol_version: PROTOCOL_VERSION,
         }
     }
@@ -89,7 +92,10 @@ pub struct ClientSummary {
 
 /// TLS 1.3 with the enrollment CA as the only root and the device
 /// certificate for client auth.
-pub fn client_config(identity: &IdentityBundle) -> Result<quinn::ClientConfig, SessionError> {
+pub fn client_config(
+    identity: &IdentityBundle,
+    idle_timeout: Duration,
+) -> Result<quinn::ClientConfig, SessionError> {
     let bad =
         |what: &str, e: &dyn std::fmt::Display| SessionError::Identity(format!("{what}: {e}"));
     let ca = CertificateDer::from_pem_slice(identity.ca_cert_pem.as_bytes())
@@ -111,8 +117,10 @@ pub fn client_config(identity: &IdentityBundle) -> Result<quinn::ClientConfig, S
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| bad("QUIC", &e))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(5)));
-    transport.max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+    transport.keep_alive_interval(Some(idle_timeout / 3));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle_timeout).map_err(|e| bad("idle timeout", &e))?,
+    ));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -177,7 +185,7 @@ pub async fn run(
     trainer: Box<dyn Trainer>,
     options: ClientOptions,
 ) -> Result<ClientSummary, SessionError> {
-    let config = client_config(identity)?;
+    let config = client_config(identity, options.idle_timeout)?;
     let addr = match options.server_addr {
         Some(a) => a,
         None => tokio::net::lookup_host(&identity.server_addr)

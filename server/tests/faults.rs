@@ -1,0 +1,179 @@
+//! Malformed, oversized and wrong-shaped input closes only the sender's
+//! connection, with a reason, while the round completes with the others.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use covey_protocol::{
+    UpdateEncoding,
+    frame::FrameLimits,
+    io::{read_message, read_tensor, write_message},
+    message::{CloseCode, LocalMetrics, Message, UpdateHeader},
+    tensor::ChunkPlan,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_and_bad_shapes_lose_only_their_sender() {
+    let tmp = tempfile::tempdir().unwrap();
+    // One round: once the bad client is gone, a second would wait for a
+    // third check-in forever (min_clients = 3), as it should.
+    let mut cfg = config("logreg", 1, 3);
+    cfg.rounds.quorum = 2;
+    cfg.server.max_frame_bytes = 1 << 20;
+    cfg.training.chunk_len = 4096;
+    let state = init(tmp.path(), &cfg);
+    let bundles = enroll(&state, &["a", "b", "shape", "garbage", "huge"]);
+    let (addr, server) = start(&state);
+
+    // Malformed: a message frame whose body is not a message.
+    let garbage = raw_connection(&bundles[3], addr).await;
+    let (mut send, _recv) = garbage.open_bi().await.unwrap();
+    send.write_all(&[4, 0, 0, 0, 1, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    let (code, reason) = close_of(&garbage).await;
+    assert_eq!(code, CloseCode::MalformedFrame as u64);
+    assert!(reason.contains("undecodable message"), "{reason}");
+
+    // Oversized: a header announcing 64 MiB against a 1 MiB limit.
+    let huge = raw_connection(&bundles[4], addr).await;
+    let (mut send, _recv) = huge.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 4, 1]).await.unwrap();
+    let (code, reason) = close_of(&huge).await;
+    assert_eq!(code, CloseCode::FrameTooLarge as u64);
+    assert_eq!(
+        reason,
+        "frame of 67108864 bytes exceeds the 1048576 byte limit"
+    );
+
+    // Wrong shape: checks in, gets selected, announces the wrong size.
+    let shape = raw_connection(&bundles[2], addr).await;
+    let wrong_shape = tokio::spawn(async move {
+        let (mut send, mut recv) = shape.open_bi().await.unwrap();
+        write_message(&mut send, &Message::CheckIn).await.unwrap();
+        send.finish().unwrap();
+        let Message::Task(task) = read_message(&mut recv, FrameLimits::default())
+            .await
+            .unwrap()
+        else {
+            panic!("expected a task");
+        };
+        let plan = ChunkPlan::new(task.spec.param_count(), task.chunk_len);
+        read_tensor(
+            &mut recv,
+            plan,
+            UpdateEncoding::F32,
+            FrameLimits { max_frame: 8 << 20 },
+        )
+        .await
+        .unwrap();
+        let (mut send, _recv) = shape.open_bi().await.unwrap();
+        let header = UpdateHeader {
+            round: task.round,
+            base_version: task.base_version,
+            encoding: task.update_encoding,
+            param_count: 10,
+            num_examples: 5,
+            metrics: LocalMetrics::default(),
+        };
+        write_message(&mut send, &Message::Update(header))
+            .await
+            .unwrap();
+        close_of(&shape).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let honest = spawn_scripted(&bundles[..2], addr, Duration::from_millis(50));
+
+    let (code, reason) = wrong_shape.await.unwrap();
+    assert_eq!(code, CloseCode::ShapeMismatch as u64);
+    assert!(reason.contains("does not match the task"), "{reason}");
+
+    let summary = server.await.unwrap();
+    assert_eq!(summary.final_version, 1);
+    for c in honest {
+        assert_eq!(c.await.unwrap().updates_accepted, 1);
+    }
+    let store = state.open_store().unwrap();
+    let first = &store.rounds().unwrap()[0];
+    assert_eq!((first.selected, first.accepted, first.dropped), (3, 2, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nan_update_is_rejected_with_a_reason_and_never_aggregated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config("logreg", 1, 2);
+    cfg.rounds.quorum = 1;
+    let state = init(tmp.path(), &cfg);
+    let bundles = enroll(&state, &["a", "nan"]);
+    let (addr, server) = start(&state);
+    let conn = raw_connection(&bundles[1], addr).await;
+    let bad = tokio::spawn(async move {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        write_message(&mut send, &Message::CheckIn).await.unwrap();
+        send.finish().unwrap();
+        let Message::Task(task) = read_message(&mut recv, FrameLimits::default())
+            .await
+            .unwrap()
+        else {
+            panic!("expected a task");
+        };
+        let n = task.spec.param_count();
+        let plan = ChunkPlan::new(n, task.chunk_len);
+        read_tensor(
+            &mut recv,
+            plan,
+            UpdateEncoding::F32,
+            FrameLimits { max_frame: 8 << 20 },
+        )
+        .await
+        .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let header = UpdateHeader {
+            round: task.round,
+            base_version: task.base_version,
+            encoding: UpdateEncoding::F32,
+            param_count: n as u64,
+            num_examples: 1_000_000,
+            metrics: LocalMetrics::default(),
+        };
+        write_message(&mut send, &Message::Update(header))
+            .await
+            .unwrap();
+        let mut values = vec![0.0f32; n];
+        values[5] = f32::NAN;
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        let _ = covey_protocol::io::write_tensor(
+            &mut send,
+            &values,
+            plan,
+            UpdateEncoding::F32,
+            &mut rng,
+        )
+        .await;
+        read_message(&mut recv, FrameLimits::default())
+            .await
+            .unwrap()
+    });
+    let honest = spawn_scripted(&bundles[..1], addr, std::time::Duration::from_millis(200));
+    let receipt = bad.await.unwrap();
+    assert_eq!(
+        receipt,
+        Message::UpdateReceipt(covey_protocol::message::UpdateReceipt::Rejected(
+            covey_protocol::message::RejectReason::NonFinite
+        ))
+    );
+    assert_eq!(server.await.unwrap().final_version, 1);
+    honest.into_iter().next().unwrap().await.unwrap();
+    let store = state.open_store().unwrap();
+    let w0 = store
+        .model(covey_protocol::ModelVersion(0))
+        .unwrap()
+        .weights;
+    let w1 = store
+        .model(covey_protocol::ModelVersion(1))
+        .unwrap()
+        .weights;
+    assert_close(&w1, &expected_model(&w0, &[0], 1), 1e-6);
+}

@@ -1,0 +1,120 @@
+//! Mutual TLS is the only way in, and incompatible peers are refused clearly.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::*;
+use covey_client::{ClientOptions, SessionError};
+use covey_protocol::{ALPN, ModelVersion};
+
+/// A client config that offers no certificate at all.
+fn anonymous_config(ca_pem: &str) -> quinn::ClientConfig {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_revoked_and_anonymous_clients_are_refused_while_the_round_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = init(&tmp.path().join("server"), &config("logreg", 2, 2));
+    let honest = enroll(&state, &["a", "b"]);
+    let revoked = enroll(&state, &["gone"]).remove(0);
+    state.revoke(&state.open_store().unwrap(), "gone").unwrap();
+    // Same software, other CA.
+    let other = init(&tmp.path().join("other"), &config("logreg", 2, 2));
+    let stranger = enroll(&other, &["a"]).remove(0);
+
+    let (addr, server) = start(&state);
+    let clients = spawn_scripted(&honest, addr, Duration::from_millis(100));
+
+    for bundle in [stranger, revoked] {
+        let trainer = Box::new(ScriptedTrainer {
+            id: 9,
+            pause: Duration::ZERO,
+        });
+        let err = covey_client::run(&bundle, trainer, options(addr))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SessionError::Refused(_)),
+            "expected a refusal, got {err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("refused this client at the TLS handshake")
+        );
+    }
+
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(anonymous_config(&state.ca_cert_pem().unwrap()));
+    let outcome = async {
+        let conn = endpoint
+            .connect(addr, covey_protocol::SERVER_NAME)
+            .unwrap()
+            .await?;
+        let (_send, mut recv) = conn.open_bi().await?;
+        let mut buf = [0u8; 1];
+        recv.read(&mut buf).await.map_err(|e| match e {
+            quinn::ReadError::ConnectionLost(c) => c,
+            other => panic!("unexpected {other}"),
+        })?;
+        Ok::<_, quinn::ConnectionError>(())
+    }
+    .await;
+    let err = outcome.expect_err("an anonymous client got in");
+    assert!(
+        err.to_string().contains("certificate"),
+        "anonymous refusal: {err}"
+    );
+
+    assert_eq!(server.await.unwrap().final_version, 2);
+    for c in clients {
+        assert_eq!(c.await.unwrap().final_version, Some(ModelVersion(2)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incompatible_protocol_version_is_refused_on_both_sides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = init(tmp.path(), &config("logreg", 1, 1));
+    let bundles = enroll(&state, &["new", "ok"]);
+    let (addr, server) = start(&state);
+    let options = ClientOptions {
+        protocol_version: 99,
+        ..options(addr)
+    };
+    let trainer = Box::new(ScriptedTrainer {
+        id: 0,
+        pause: Duration::ZERO,
+    });
+    let err = covey_client::run(&bundles[0], trainer, options)
+        .await
+        .unwrap_err();
+    match err {
+        SessionError::Incompatible(detail) => {
+            assert!(
+                detail.contains("server speaks version 1, the client version 99"),
+                "{detail}"
+            );
+        }
+        other => panic!("expected Incompatible, got {other}"),
+    }
+    // The server keeps serving compatible clients.
+    let ok = spawn_scripted(&bundles[1..], addr, Duration::ZERO);
+    assert_eq!(server.await.unwrap().final_version, 1);
+    ok.into_iter().next().unwrap().await.unwrap();
+}
