@@ -12,4 +12,4 @@ pub mod store;
 
 pub use config::ServerConfig;
 pub use dir::StateDir;
-pub use serve::{RunSummary, Server};
+pub use serve::{CommitNotice, RunSummary, Server, Stopper};

@@ -73,6 +73,35 @@ pub struct RunSummary {
     pub rounds_aborted: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Peak resident memory of this process (Linux only).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// VmHWM from /proc/self/status: the process's peak resident set.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Sent to subscribers after each durable commit.
+#[derive(Clone, Debug)]
+pub struct CommitNotice {
+    pub record: RoundRecord,
+    pub version: ModelVersion,
+    pub weights: Arc<Vec<f32>>,
+}
+
+/// Asks a running server to finish its run now: the round in flight is
+/// discarded, clients are told the run is over.
+#[derive(Clone)]
+pub struct Stopper(mpsc::Sender<Event>);
+
+impl Stopper {
+    pub async fn stop(&self) {
+        let _ = self.0.send(Event::Stop).await;
+    }
 }
 
 /// What a check-in waits for.
@@ -117,6 +146,7 @@ enum Event {
         client: Pseudonym,
         conn: u64,
     },
+    Stop,
 }
 
 /// What every connection task needs.
@@ -232,6 +262,7 @@ impl Server {
             rng: ChaCha8Rng::seed_from_u64(config.rounds.selection_seed.wrapping_add(version.0)),
             summary: RunSummary::default(),
             status_path: dir.status_path(),
+            commits: tokio::sync::broadcast::channel(16).0,
         };
         Ok(Self {
             endpoint,
@@ -243,6 +274,15 @@ impl Server {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Commits as they happen; a slow subscriber misses old notices.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CommitNotice> {
+        self.hub.commits.subscribe()
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.shared.events.clone())
     }
 
     /// Serves until the run reaches its target version.
@@ -266,6 +306,7 @@ impl Server {
         let mut summary = result?;
         summary.bytes_up = shared.bytes_up.load(Ordering::Relaxed);
         summary.bytes_down = shared.bytes_down.load(Ordering::Relaxed);
+        summary.peak_rss_bytes = peak_rss_bytes();
         Ok(summary)
     }
 }
@@ -591,6 +632,7 @@ struct Hub {
     rng: ChaCha8Rng,
     summary: RunSummary,
     status_path: std::path::PathBuf,
+    commits: tokio::sync::broadcast::Sender<CommitNotice>,
 }
 
 /// How long a finished run waits for clients to hear that it finished.
@@ -622,6 +664,9 @@ impl Hub {
                     self.handle(event, &shared).await?;
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {
+                    if self.finished.is_some() {
+                        continue;
+                    }
                     let actions = self.machine.tick(Instant::now());
                     self.execute(actions, &shared).await?;
                 }
@@ -638,12 +683,31 @@ impl Hub {
             Event::Connected { client, conn } => {
                 self.live.insert(client, conn);
             }
+            Event::Stop => {
+                if let Some(progress) = self.round.take() {
+                    let mut record = progress.record;
+                    record.outcome = RoundOutcome::Aborted {
+                        reason: "run stopped".into(),
+                    };
+                    record.ended_unix_ms = Some(unix_ms_now());
+                    self.store.put_round(&record)?;
+                }
+                info!("stopping the run on request");
+                let version = self.machine.version();
+                self.execute(vec![Action::Finished { version }], shared)
+                    .await?;
+                self.write_status();
+            }
             Event::CheckIn {
                 client,
                 conn,
                 reply,
             } => {
                 self.live.insert(client, conn);
+                if self.finished.is_some() {
+                    let _ = reply.send(Assignment::Finished(self.machine.version()));
+                    return Ok(());
+                }
                 self.waiters.insert(client, (conn, reply));
                 let actions = self.machine.check_in(client, now);
                 self.execute(actions, shared).await?;
@@ -661,6 +725,10 @@ impl Hub {
                 header,
                 reply,
             } => {
+                if self.finished.is_some() {
+                    let _ = reply.send(Err(RejectReason::RoundClosed));
+                    return Ok(());
+                }
                 let (decision, actions) = self.begin_update(client, &header, now);
                 let _ = reply.send(decision);
                 self.execute(actions, shared).await?;
@@ -857,6 +925,11 @@ impl Hub {
                                 dropped = stats.dropped,
                                 "round committed"
                             );
+                            let _ = self.commits.send(CommitNotice {
+                                record: record.clone(),
+                                version: new_version,
+                                weights: self.model.clone(),
+                            });
                             queue.extend(self.machine.commit_done(round, new_version, now));
                         }
                         Err(e) => {

@@ -1,0 +1,147 @@
+//! One round on loopback with many clients and CNN-sized synthetic updates
+//! (no training): wall time, bytes moved and the server's peak memory, for
+//! each update encoding. The server runs as its own `covey-server` process
+//! so its memory is measured alone.
+//!
+//! `cargo build --release -p covey-server -p covey-examples &&
+//!  target/release/covey-bench-round --clients 100`
+#![forbid(unsafe_code)]
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use covey_client::{ClientOptions, TrainOutput, Trainer, trainer::TrainError};
+use covey_protocol::{
+    UpdateEncoding,
+    message::{LocalMetrics, Task},
+};
+use covey_server::{ServerConfig, StateDir};
+use rand::{Rng, SeedableRng};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// Encodings to measure (comma-separated).
+    #[arg(long, default_value = "f32,f16,bf16,int8", value_delimiter = ',')]
+    encodings: Vec<UpdateEncoding>,
+    /// The covey-server binary (defaults to the one beside this binary).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+}
+
+/// Random updates of the task's size: the bench measures transport and
+/// aggregation, not training.
+struct Synthetic(u64);
+
+impl Trainer for Synthetic {
+    fn train(&mut self, task: &Task, global: &[f32]) -> Result<TrainOutput, TrainError> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.0 ^ task.round.0);
+        Ok(TrainOutput {
+            delta: (0..global.len())
+                .map(|_| rng.random_range(-1e-3..1e-3))
+                .collect(),
+            num_examples: 600,
+            metrics: LocalMetrics::default(),
+        })
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let server_bin = match args.server_bin {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("covey-server"),
+    };
+    if !server_bin.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p covey-server`",
+            server_bin.display()
+        );
+    }
+    println!(
+        "| encoding | clients | round wall time (s) | bytes up | bytes down | server peak RSS (MiB) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let runtime = tokio::runtime::Runtime::new()?;
+    for encoding in args.encodings {
+        let tmp = tempfile::tempdir()?;
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut config = ServerConfig::default();
+        config.server.listen = format!("127.0.0.1:{port}").parse()?;
+        config.server.public_addr = config.server.listen.to_string();
+        config.model.architecture = "cnn".into();
+        config.rounds.rounds = 1;
+        config.rounds.clients_per_round = args.clients;
+        config.rounds.min_clients = args.clients;
+        config.rounds.quorum = args.clients;
+        config.training.update_encoding = encoding.to_string();
+        let state = StateDir::new(tmp.path());
+        state.init(&config)?;
+        let store = state.open_store()?;
+        let identities = (0..args.clients)
+            .map(|i| {
+                state.enroll(
+                    &store,
+                    &format!("bench-{i}"),
+                    Duration::from_secs(3600),
+                    None,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(store);
+        let server = Command::new(&server_bin)
+            .args(["run", "--json", "--dir"])
+            .arg(tmp.path())
+            .env("COVEY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting covey-server")?;
+        let addr = config.server.listen;
+        let started = Instant::now();
+        runtime.block_on(async {
+            let tasks: Vec<_> = identities
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    let options = ClientOptions {
+                        server_addr: Some(addr),
+                        initial_backoff: Duration::from_millis(50),
+                        give_up_after: Some(Duration::from_secs(300)),
+                        ..ClientOptions::default()
+                    };
+                    tokio::spawn(async move {
+                        covey_client::run(&id, Box::new(Synthetic(i as u64)), options).await
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await??;
+            }
+            Ok::<_, anyhow::Error>(())
+        })?;
+        let out = server.wait_with_output()?;
+        let wall = started.elapsed();
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("server output: {}", String::from_utf8_lossy(&out.stdout)))?;
+        let report = covey_server::status::Report::from_store(&state.open_store()?, false)?;
+        let round = report.rounds.first().context("no round recorded")?;
+        println!(
+            "| {encoding} | {} | {:.2} (process {:.2}) | {} | {} | {:.0} |",
+            args.clients,
+            round.seconds.unwrap_or(f64::NAN),
+            wall.as_secs_f64(),
+            summary["bytes_up"],
+            summary["bytes_down"],
+            summary["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / (1 << 20) as f64,
+        );
+    }
+    Ok(())
+}

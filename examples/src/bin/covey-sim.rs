@@ -1,0 +1,278 @@
+//! covey-sim: a real covey-server and K virtual clients talking QUIC with
+//! mutual TLS on loopback, training on MNIST, one line per round.
+#![forbid(unsafe_code)]
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use covey_client::{
+    CandleTrainer, ClientOptions, TrainOutput, Trainer,
+    data::{DataView, Mnist},
+    partition::Partition,
+    trainer::{DeviceData, TrainError, evaluate, select_device},
+};
+use covey_protocol::{UpdateEncoding, message::Task, model::Architecture};
+use covey_server::{Server, ServerConfig, StateDir};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "covey-sim",
+    about = "Run a real federation of virtual clients on loopback"
+)]
+struct Args {
+    /// cnn, 2nn or logreg.
+    #[arg(long, default_value = "2nn")]
+    model: Architecture,
+    /// Directory with MNIST's train-* and t10k-* IDX files (.gz or raw).
+    #[arg(long, default_value = "examples/data/mnist")]
+    data: PathBuf,
+    /// iid, shards or dirichlet:ALPHA.
+    #[arg(long, default_value = "iid")]
+    partition: Partition,
+    /// Number of virtual clients (K).
+    #[arg(long, default_value_t = 10)]
+    clients: usize,
+    /// Fraction of clients per round (C); at least one client is selected.
+    #[arg(long, default_value_t = 1.0)]
+    fraction: f64,
+    /// Local epochs (E).
+    #[arg(long, default_value_t = 5)]
+    epochs: u32,
+    /// Local batch size (B).
+    #[arg(long, default_value_t = 10)]
+    batch: u32,
+    /// Local learning rate (eta).
+    #[arg(long, default_value_t = 0.1)]
+    lr: f32,
+    /// fedavg, fedavgm, fedadam or fedyogi.
+    #[arg(long, default_value = "fedavg")]
+    server_opt: String,
+    /// Server learning rate.
+    #[arg(long, default_value_t = 1.0)]
+    server_lr: f32,
+    /// Rounds (R).
+    #[arg(long, default_value_t = 5)]
+    rounds: u64,
+    /// Stop once the global model reaches this test accuracy (0..1).
+    #[arg(long)]
+    target_accuracy: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, f16, bf16 or int8.
+    #[arg(long, default_value = "f32")]
+    update_encoding: UpdateEncoding,
+    /// Where the server keeps its state (a temporary directory by default).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// One JSON object per round on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Lets virtual clients share one device by training one at a time.
+struct Serialized {
+    inner: CandleTrainer,
+    device_lock: Arc<Mutex<()>>,
+}
+
+impl Trainer for Serialized {
+    fn train(&mut self, task: &Task, global: &[f32]) -> Result<TrainOutput, TrainError> {
+        let _turn = self
+            .device_lock
+            .lock()
+            .map_err(|_| TrainError::Panicked("another client's training panicked".into()))?;
+        self.inner.train(task, global)
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COVEY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if args.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    if !(args.fraction > 0.0 && args.fraction <= 1.0) {
+        bail!("--fraction must be in (0, 1], got {}", args.fraction);
+    }
+    if let Some(t) = args.target_accuracy
+        && !(0.0..=1.0).contains(&t)
+    {
+        bail!("--target-accuracy is a fraction in [0, 1], got {t}");
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(simulate(args))
+}
+
+async fn simulate(args: Args) -> Result<()> {
+    let device = select_device(&args.device)?;
+    let train = Arc::new(
+        Mnist::load(&args.data, "train")
+            .with_context(|| format!("loading training data from {}", args.data.display()))?,
+    );
+    let test = Mnist::load(&args.data, "t10k")
+        .with_context(|| format!("loading test data from {}", args.data.display()))?;
+    let test = DeviceData::new(&DataView::all(Arc::new(test)), &device)?;
+
+    let temp = tempfile::tempdir().context("creating a temporary state directory")?;
+    let state_path = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().join("state"));
+    let per_round = ((args.fraction * args.clients as f64).round() as usize).clamp(1, args.clients);
+    let mut config = ServerConfig::default();
+    config.server.listen = "127.0.0.1:0".parse()?;
+    config.server.public_addr = "127.0.0.1:0".into();
+    config.model.architecture = args.model.to_string();
+    config.model.init_seed = args.seed;
+    config.rounds.rounds = args.rounds;
+    config.rounds.clients_per_round = per_round;
+    config.rounds.min_clients = per_round;
+    config.rounds.quorum = per_round;
+    config.rounds.selection_seed = args.seed;
+    config.rounds.round_timeout_secs = 3600.0;
+    config.training.epochs = args.epochs;
+    config.training.batch_size = args.batch;
+    config.training.learning_rate = args.lr;
+    config.training.update_encoding = args.update_encoding.to_string();
+    config.aggregation.optimizer = args.server_opt.clone();
+    config.aggregation.server_learning_rate = args.server_lr;
+    let state = StateDir::new(&state_path);
+    state.init(&config)?;
+    let identities = {
+        let store = state.open_store()?;
+        (0..args.clients)
+            .map(|i| {
+                state.enroll(
+                    &store,
+                    &format!("sim-{i}"),
+                    Duration::from_secs(86_400),
+                    None,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
+
+    let server = Server::open(&state)?;
+    let addr = server.local_addr()?;
+    let mut commits = server.subscribe();
+    let stopper = server.stopper();
+    let server = tokio::spawn(server.run());
+
+    let parts = args.partition.split(&train.labels, args.clients, args.seed);
+    let device_lock = Arc::new(Mutex::new(()));
+    let mut clients = Vec::new();
+    for (identity, indices) in identities.into_iter().zip(parts) {
+        let view = DataView {
+            data: train.clone(),
+            indices,
+        };
+        let trainer = Serialized {
+            inner: CandleTrainer::new(&view, &device)?,
+            device_lock: device_lock.clone(),
+        };
+        let options = ClientOptions {
+            server_addr: Some(addr),
+            give_up_after: Some(Duration::from_secs(600)),
+            ..ClientOptions::default()
+        };
+        clients.push(tokio::spawn(async move {
+            covey_client::run(&identity, Box::new(trainer), options).await
+        }));
+    }
+
+    if !args.json {
+        println!(
+            "covey-sim: {} {} clients ({} per round), {:?} partition, E={} B={} lr={} {} {}, {} rounds",
+            args.clients,
+            args.model,
+            per_round,
+            args.partition,
+            args.epochs,
+            args.batch,
+            args.lr,
+            args.server_opt,
+            args.update_encoding,
+            args.rounds
+        );
+    }
+    let started = Instant::now();
+    let mut last = Instant::now();
+    let spec = covey_protocol::model::ModelSpec::mnist(args.model);
+    let mut reached = None;
+    while let Ok(notice) = commits.recv().await {
+        let metrics = evaluate(spec, &notice.weights, &test)?;
+        let seconds = last.elapsed().as_secs_f64();
+        last = Instant::now();
+        let r = &notice.record;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "round": notice.version.0,
+                    "accuracy": metrics.accuracy,
+                    "loss": metrics.loss,
+                    "participants": r.accepted,
+                    "bytes_up": r.bytes_up,
+                    "bytes_down": r.bytes_down,
+                    "seconds": seconds,
+                })
+            );
+        } else {
+            println!(
+                "round {:>4}  accuracy {:.4}  loss {:.4}  participants {:>3}  up {:>8.2} MB  down {:>8.2} MB  {:.1}s",
+                notice.version.0,
+                metrics.accuracy,
+                metrics.loss,
+                r.accepted,
+                r.bytes_up as f64 / 1e6,
+                r.bytes_down as f64 / 1e6,
+                seconds
+            );
+        }
+        if let Some(target) = args.target_accuracy
+            && metrics.accuracy >= target
+        {
+            reached = Some(notice.version.0);
+            stopper.stop().await;
+            break;
+        }
+        if notice.version.0 >= args.rounds {
+            break;
+        }
+    }
+    let summary = server.await.context("server task")??;
+    for c in clients {
+        c.await.context("client task")??;
+    }
+    if !args.json {
+        match (args.target_accuracy, reached) {
+            (Some(t), Some(r)) => println!("reached accuracy {t} after {r} rounds"),
+            (Some(t), None) => println!("did not reach accuracy {t} in {} rounds", args.rounds),
+            _ => {}
+        }
+        println!(
+            "finished at version {} in {:.1}s; state in {}",
+            summary.final_version,
+            started.elapsed().as_secs_f64(),
+            if args.state_dir.is_some() {
+                state_path.display().to_string()
+            } else {
+                "a temporary directory (pass --state-dir to keep it)".into()
+            }
+        );
+    }
+    Ok(())
+}
