@@ -196,6 +196,17 @@ impl DeviceData {
     }
 }
 
+/// How many rows of `logits` put their maximum on the label in `labels`.
+fn correct_predictions(logits: &Tensor, labels: &Tensor) -> candle_core::Result<u64> {
+    let hits = logits
+        .argmax(D::Minus1)?
+        .eq(labels)?
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()?;
+    Ok(u64::from(hits))
+}
+
 /// Loss and accuracy of `weights` on `data`, in batches of 1,000.
 pub fn evaluate(
     spec: ModelSpec,
@@ -211,14 +222,7 @@ pub fn evaluate(
         let logits = net.forward(&x)?;
         loss += f64::from(candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?)
             * chunk.len() as f64;
-        correct += u64::from(
-            logits
-                .argmax(D::Minus1)?
-                .eq(&y)?
-                .to_dtype(DType::U32)?
-                .sum_all()?
-                .to_scalar::<u32>()?,
-        );
+        correct += correct_predictions(&logits, &y)?;
     }
     Ok(LocalMetrics {
         loss: (loss / data.len as f64) as f32,
@@ -307,14 +311,7 @@ impl Trainer for CandleTrainer {
                         return Err(TrainError::Diverged);
                     }
                     loss_sum += f64::from(l) * chunk.len() as f64;
-                    correct += u64::from(
-                        logits
-                            .argmax(D::Minus1)?
-                            .eq(&y)?
-                            .to_dtype(DType::U32)?
-                            .sum_all()?
-                            .to_scalar::<u32>()?,
-                    );
+                    correct += correct_predictions(&logits, &y)?;
                     seen += chunk.len();
                 }
                 if let Some(bar) = &bar {

@@ -169,13 +169,28 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
+        // Every write flushes explicitly, so sled's background flusher is
+        // off; it would also hold the file lock for a while after a drop.
+        let config = sled::Config::new().path(path).flush_every_ms(None);
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                // A handle dropped a moment ago may still be releasing the lock.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && attempts < 20 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.display().to_string(),
+                        source,
+                    });
+                }
+            }
+        };
         Ok(Self {
             models: db.open_tree("models")?,
             rounds: db.open_tree("rounds")?,

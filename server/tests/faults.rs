@@ -9,7 +9,7 @@ use common::*;
 use covey_protocol::{
     UpdateEncoding,
     frame::FrameLimits,
-    io::{read_message, read_tensor, write_message},
+    io::{read_message, write_message},
     message::{CloseCode, LocalMetrics, Message, UpdateHeader},
     tensor::ChunkPlan,
 };
@@ -51,24 +51,7 @@ async fn bad_frames_and_bad_shapes_lose_only_their_sender() {
     // Wrong shape: checks in, gets selected, announces the wrong size.
     let shape = raw_connection(&bundles[2], addr).await;
     let wrong_shape = tokio::spawn(async move {
-        let (mut send, mut recv) = shape.open_bi().await.unwrap();
-        write_message(&mut send, &Message::CheckIn).await.unwrap();
-        send.finish().unwrap();
-        let Message::Task(task) = read_message(&mut recv, FrameLimits::default())
-            .await
-            .unwrap()
-        else {
-            panic!("expected a task");
-        };
-        let plan = ChunkPlan::new(task.spec.param_count(), task.chunk_len);
-        read_tensor(
-            &mut recv,
-            plan,
-            UpdateEncoding::F32,
-            FrameLimits { max_frame: 8 << 20 },
-        )
-        .await
-        .unwrap();
+        let task = selected_task(&shape).await;
         let (mut send, _recv) = shape.open_bi().await.unwrap();
         let header = UpdateHeader {
             round: task.round,
@@ -110,25 +93,9 @@ async fn a_nan_update_is_rejected_with_a_reason_and_never_aggregated() {
     let (addr, server) = start(&state);
     let conn = raw_connection(&bundles[1], addr).await;
     let bad = tokio::spawn(async move {
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        write_message(&mut send, &Message::CheckIn).await.unwrap();
-        send.finish().unwrap();
-        let Message::Task(task) = read_message(&mut recv, FrameLimits::default())
-            .await
-            .unwrap()
-        else {
-            panic!("expected a task");
-        };
+        let task = selected_task(&conn).await;
         let n = task.spec.param_count();
         let plan = ChunkPlan::new(n, task.chunk_len);
-        read_tensor(
-            &mut recv,
-            plan,
-            UpdateEncoding::F32,
-            FrameLimits { max_frame: 8 << 20 },
-        )
-        .await
-        .unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let header = UpdateHeader {
             round: task.round,

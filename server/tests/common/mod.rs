@@ -156,6 +156,31 @@ pub async fn raw_connection(bundle: &IdentityBundle, addr: SocketAddr) -> quinn:
     conn
 }
 
+/// On a raw connection: checks in, waits to be selected, reads the task's
+/// model, and returns the task.
+pub async fn selected_task(conn: &quinn::Connection) -> Task {
+    use covey_protocol::{UpdateEncoding, io::read_tensor, tensor::ChunkPlan};
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_message(&mut send, &Message::CheckIn).await.unwrap();
+    send.finish().unwrap();
+    let Message::Task(task) = read_message(&mut recv, FrameLimits::default())
+        .await
+        .unwrap()
+    else {
+        panic!("expected a task");
+    };
+    let plan = ChunkPlan::new(task.spec.param_count(), task.chunk_len);
+    read_tensor(
+        &mut recv,
+        plan,
+        UpdateEncoding::F32,
+        FrameLimits { max_frame: 8 << 20 },
+    )
+    .await
+    .unwrap();
+    task
+}
+
 /// Waits for the server to close `conn`; returns (code, reason).
 pub async fn close_of(conn: &quinn::Connection) -> (u64, String) {
     match tokio::time::timeout(Duration::from_secs(30), conn.closed()).await {
