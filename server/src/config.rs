@@ -281,7 +281,7 @@ listen = "{listen}"
 public_addr = "{public_addr}"
 # Largest frame accepted from a peer, in bytes; larger frames close the connection.
 max_frame_bytes = {max_frame_bytes}
-# Updates decoded at once. Each holds one model-sized buffer, so this bounds memory.
+# Updates decoded, and models sent, at once. Each holds up to one model-sized buffer, so this bounds memory.
 max_concurrent_uploads = {max_concurrent_uploads}
 # A connection silent for this long is closed (QUIC idle timeout), in seconds.
 idle_timeout_secs = {idle_timeout_secs}

@@ -154,6 +154,7 @@ struct Shared {
     events: mpsc::Sender<Event>,
     limits: FrameLimits,
     uploads: Semaphore,
+    downloads: Semaphore,
     key: Arc<PseudonymKey>,
     next_conn: AtomicU64,
     bytes_up: AtomicU64,
@@ -216,7 +217,11 @@ impl Server {
                     .map_err(|_| ServeError::Tls("idle timeout out of range".into()))?,
             ))
             .max_concurrent_bidi_streams(8u32.into())
-            .max_concurrent_uni_streams(0u32.into());
+            .max_concurrent_uni_streams(0u32.into())
+            // What a client whose upload waits for a permit can park here.
+            .stream_receive_window(STREAM_WINDOW.into())
+            // What one model download can hold in send buffers.
+            .send_window(u64::from(STREAM_WINDOW) * 2);
         server_config.transport_config(Arc::new(transport));
         let addr = config.server.listen;
         let endpoint = quinn::Endpoint::server(server_config, addr)
@@ -243,6 +248,7 @@ impl Server {
                 max_frame: config.server.max_frame_bytes,
             },
             uploads: Semaphore::new(config.server.max_concurrent_uploads),
+            downloads: Semaphore::new(config.server.max_concurrent_uploads),
             key,
             next_conn: AtomicU64::new(1),
             bytes_up: AtomicU64::new(0),
@@ -487,6 +493,8 @@ async fn serve_stream(
             };
             match assignment {
                 Some(Assignment::Task(pkg)) => {
+                    // Bounds how many models sit in send buffers at once.
+                    let _permit = shared.downloads.acquire().await;
                     let plan = ChunkPlan::new(pkg.model.len(), pkg.task.chunk_len);
                     // Models go out as f32, which draws no randomness.
                     let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -634,6 +642,10 @@ struct Hub {
     status_path: std::path::PathBuf,
     commits: tokio::sync::broadcast::Sender<CommitNotice>,
 }
+
+/// Per-stream flow-control window, in bytes: with permits on transfers it
+/// bounds server memory to O(permits × model + connections × window).
+const STREAM_WINDOW: u32 = 512 * 1024;
 
 /// How long a finished run waits for clients to hear that it finished.
 const FINISH_GRACE: Duration = Duration::from_secs(3);

@@ -171,7 +171,11 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         // Every write flushes explicitly, so sled's background flusher is
         // off; it would also hold the file lock for a while after a drop.
-        let config = sled::Config::new().path(path).flush_every_ms(None);
+        // sled's default 1 GiB cache would keep every model version written.
+        let config = sled::Config::new()
+            .path(path)
+            .flush_every_ms(None)
+            .cache_capacity(64 << 20);
         let mut attempts = 0;
         let db = loop {
             match config.open() {
