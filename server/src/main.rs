@@ -152,7 +152,8 @@ fn main() -> Result<()> {
             let summary = runtime.block_on(async {
                 let server = Server::open(&StateDir::new(&dir))?;
                 let addr = server.local_addr()?;
-                tracing::info!(%addr, "listening");
+                // Only the port: logs never carry IP addresses.
+                tracing::info!(port = addr.port(), "listening");
                 tokio::select! {
                     s = server.run() => Ok::<_, anyhow::Error>(Some(s?)),
                     _ = tokio::signal::ctrl_c() => Ok(None),

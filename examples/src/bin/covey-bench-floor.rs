@@ -28,8 +28,15 @@ fn main() -> Result<()> {
     let store = state.open_store()?;
     let bundle = state.enroll(&store, "floor", Duration::from_secs(3600), None)?;
     let key = Arc::new(PseudonymKey::from_bytes(&store.pseudonym_key()?)?);
-    let admitted = Arc::new(Admitted::new(store.enrollments()?.into_iter().map(|e| e.pseudonym)));
-    let tls = pki::server_tls_config(&state.ca_cert_pem()?, &state.server_identity()?, admitted, key)?;
+    let admitted = Arc::new(Admitted::new(
+        store.enrollments()?.into_iter().map(|e| e.pseudonym),
+    ));
+    let tls = pki::server_tls_config(
+        &state.ca_cert_pem()?,
+        &state.server_identity()?,
+        admitted,
+        key,
+    )?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {

@@ -1,0 +1,167 @@
+//! The operator's path through the real `covey-server` binary.
+
+mod common;
+
+use std::{
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use covey_protocol::identity::IdentityBundle;
+
+fn server(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_covey-server"))
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .env("COVEY_LOG", "info")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails_with(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "should have failed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_enroll_run_status_export_revoke() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    ok(&server(
+        &[
+            "init",
+            "--listen",
+            &listen,
+            "--model",
+            "logreg",
+            "--rounds",
+            "2",
+            "--clients-per-round",
+            "2",
+        ],
+        &dir,
+    ));
+    let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(config.contains("# Fewest accepted updates a round may commit with"));
+    fails_with(&server(&["init"], &dir), "refusing to overwrite");
+
+    let mut bundles = Vec::new();
+    for name in ["alice-device", "bob-device"] {
+        let out = dir.join(format!("{name}.identity"));
+        ok(&server(
+            &["enroll", "--name", name, "--out", out.to_str().unwrap()],
+            &dir,
+        ));
+        bundles.push(IdentityBundle::load(&out).unwrap());
+    }
+    fails_with(
+        &server(
+            &["enroll", "--name", "alice-device", "--out", "/dev/null"],
+            &dir,
+        ),
+        "already enrolled",
+    );
+    fails_with(
+        &server(
+            &["enroll", "--name", "bad name!", "--out", "/dev/null"],
+            &dir,
+        ),
+        "enrollment name",
+    );
+
+    let run = Command::new(env!("CARGO_BIN_EXE_covey-server"))
+        .args(["run", "--json", "--dir"])
+        .arg(&dir)
+        .env(
+            "COVEY_LOG",
+            "debug,quinn=warn,quinn_proto=warn,rustls=warn,sled=warn",
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = listen.parse().unwrap();
+    let clients = spawn_scripted(&bundles, addr, Duration::from_millis(20));
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let summary: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(summary["final_version"], 2);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("round committed"), "{log}");
+    for secret in ["alice-device", "bob-device", "127.0.0.1"] {
+        assert!(
+            !log.contains(secret),
+            "the server log contains {secret:?}:\n{log}"
+        );
+    }
+
+    let text = ok(&server(&["status"], &dir));
+    assert!(text.contains("current version: 2"), "{text}");
+    assert!(text.contains("committed v2"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&server(&["status", "--json"], &dir))).unwrap();
+    assert_eq!(json["current_version"], 2);
+    assert_eq!(json["rounds"].as_array().unwrap().len(), 2);
+    assert_eq!(json["clients"].as_array().unwrap().len(), 2);
+
+    let model = tmp.path().join("v2.safetensors");
+    ok(&server(
+        &["export", "--version", "2", "--out", model.to_str().unwrap()],
+        &dir,
+    ));
+    let bytes = std::fs::read(&model).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("fc.weight").unwrap().shape(), &[10, 784]);
+    fails_with(
+        &server(
+            &["export", "--version", "9", "--out", model.to_str().unwrap()],
+            &dir,
+        ),
+        "model version 9 is not stored",
+    );
+
+    ok(&server(&["revoke", "--name", "bob-device"], &dir));
+    fails_with(
+        &server(&["revoke", "--name", "bob-device"], &dir),
+        "no active enrollment named 'bob-device'",
+    );
+    let text = ok(&server(&["status"], &dir));
+    assert!(text.contains("revoked"), "{text}");
+}
+
+#[test]
+fn missing_and_broken_state_directories_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    fails_with(
+        &server(&["status"], &tmp.path().join("nothing")),
+        "covey-server init",
+    );
+    let dir = tmp.path().join("s");
+    ok(&server(&["init"], &dir));
+    std::fs::write(dir.join("config.toml"), "[server]\nlisten = 5\n").unwrap();
+    fails_with(&server(&["run"], &dir), "config.toml is not valid");
+}
