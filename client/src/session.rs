@@ -141,6 +141,9 @@ fn classify(e: &ConnectionError) -> Ended {
         ConnectionError::ApplicationClosed(c) => {
             match CloseCode::from_u64(c.error_code.into_inner()) {
                 Some(CloseCode::Done) => Ended::Finished,
+                Some(CloseCode::Revoked) => Ended::Fatal(SessionError::Refused(
+                    String::from_utf8_lossy(&c.reason).into_owned(),
+                )),
                 Some(CloseCode::IncompatibleVersion) => Ended::Fatal(SessionError::Incompatible(
                     String::from_utf8_lossy(&c.reason).into_owned(),
                 )),

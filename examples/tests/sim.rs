@@ -9,7 +9,11 @@ fn sim(args: &[&str]) -> Vec<serde_json::Value> {
         .arg("--json")
         .output()
         .unwrap();
-    assert!(out.status.success(), "covey-sim failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "covey-sim failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -18,7 +22,18 @@ fn sim(args: &[&str]) -> Vec<serde_json::Value> {
 
 #[test]
 fn five_clients_train_a_2nn_past_90_percent_on_the_shipped_subset() {
-    let rounds = sim(&["--model", "2nn", "--clients", "5", "--rounds", "4", "--epochs", "2", "--seed", "1"]);
+    let rounds = sim(&[
+        "--model",
+        "2nn",
+        "--clients",
+        "5",
+        "--rounds",
+        "4",
+        "--epochs",
+        "2",
+        "--seed",
+        "1",
+    ]);
     assert!(!rounds.is_empty());
     for (i, r) in rounds.iter().enumerate() {
         assert_eq!(r["round"], i as u64 + 1);
@@ -27,15 +42,30 @@ fn five_clients_train_a_2nn_past_90_percent_on_the_shipped_subset() {
             assert!(r[field].is_number(), "{field} missing in {r}");
         }
     }
-    let best = rounds.iter().map(|r| r["accuracy"].as_f64().unwrap()).fold(0.0, f64::max);
+    let best = rounds
+        .iter()
+        .map(|r| r["accuracy"].as_f64().unwrap())
+        .fold(0.0, f64::max);
     assert!(best >= 0.90, "best test accuracy {best}");
 }
 
 #[test]
 fn the_target_accuracy_stops_the_run_early() {
     let rounds = sim(&[
-        "--model", "logreg", "--clients", "4", "--fraction", "0.5", "--rounds", "50", "--epochs", "1",
-        "--target-accuracy", "0.8", "--update-encoding", "int8",
+        "--model",
+        "logreg",
+        "--clients",
+        "4",
+        "--fraction",
+        "0.5",
+        "--rounds",
+        "50",
+        "--epochs",
+        "1",
+        "--target-accuracy",
+        "0.8",
+        "--update-encoding",
+        "int8",
     ]);
     let last = rounds.last().unwrap();
     assert!(last["accuracy"].as_f64().unwrap() >= 0.8);
@@ -51,7 +81,10 @@ fn bad_flags_are_refused_with_a_reason() {
         (&["--model", "resnet"][..], "unknown model 'resnet'"),
         (&["--data", "/nonexistent"][..], "/nonexistent"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_covey-sim")).args(args).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_covey-sim"))
+            .args(args)
+            .output()
+            .unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");

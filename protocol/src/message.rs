@@ -162,6 +162,8 @@ pub enum CloseCode {
     ShapeMismatch = 5,
     ServerShutdown = 6,
     Internal = 7,
+    /// The client's enrollment was revoked while it was connected.
+    Revoked = 8,
 }
 
 impl CloseCode {
@@ -175,6 +177,7 @@ impl CloseCode {
             5 => Self::ShapeMismatch,
             6 => Self::ServerShutdown,
             7 => Self::Internal,
+            8 => Self::Revoked,
             _ => return None,
         })
     }

@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use covey_privacy::Pseudonym;
 use covey_protocol::{SERVER_NAME, identity::IdentityBundle};
 
 use crate::{
@@ -47,6 +48,103 @@ pub enum DirError {
     AlreadyEnrolled(String),
     #[error("no active enrollment named '{0}'")]
     NotEnrolled(String),
+}
+
+/// An operator request for a running server, which holds the database.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum ControlRequest {
+    Revoke {
+        name: String,
+    },
+    /// Register a certificate the CLI already signed.
+    Enroll {
+        name: String,
+        cert_pem: String,
+        not_after_unix: i64,
+    },
+}
+
+/// What applying requests changed, for the server's TLS admission set.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub revoked: Vec<Pseudonym>,
+    pub admitted: Vec<Pseudonym>,
+}
+
+fn apply(store: &Store, request: ControlRequest, applied: &mut Applied) -> Result<(), DirError> {
+    match request {
+        ControlRequest::Revoke { name } => {
+            check_name(&name)?;
+            let active: Vec<Pseudonym> = store
+                .enrollments()?
+                .into_iter()
+                .filter(|e| e.name == name && e.revoked_unix.is_none())
+                .map(|e| e.pseudonym)
+                .collect();
+            if active.is_empty() {
+                return Err(DirError::NotEnrolled(name));
+            }
+            store.revoke(&name, time::OffsetDateTime::now_utc().unix_timestamp())?;
+            applied.revoked.extend(active);
+        }
+        ControlRequest::Enroll {
+            name,
+            cert_pem,
+            not_after_unix,
+        } => {
+            check_name(&name)?;
+            refuse_duplicate(store, &name)?;
+            applied
+                .admitted
+                .push(register(store, &name, &cert_pem, not_after_unix)?);
+        }
+    }
+    Ok(())
+}
+
+fn refuse_duplicate(store: &Store, name: &str) -> Result<(), DirError> {
+    if store
+        .enrollments()?
+        .iter()
+        .any(|e| e.name == name && e.revoked_unix.is_none())
+    {
+        return Err(DirError::AlreadyEnrolled(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Records a signed certificate in the registry under its pseudonym.
+fn register(
+    store: &Store,
+    name: &str,
+    cert_pem: &str,
+    not_after_unix: i64,
+) -> Result<Pseudonym, DirError> {
+    let der = pki::parse_cert(cert_pem, "device certificate")?;
+    let key = covey_privacy::PseudonymKey::from_bytes(&store.pseudonym_key()?)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let pseudonym = key.pseudonym_of(&der);
+    store.enroll(&Enrollment {
+        name: name.to_owned(),
+        pseudonym,
+        enrolled_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+        not_after_unix,
+        revoked_unix: None,
+    })?;
+    Ok(pseudonym)
+}
+
+fn check_name(name: &str) -> Result<(), DirError> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(DirError::BadName(name.to_owned()))
+    }
 }
 
 pub struct StateDir {
@@ -95,6 +193,11 @@ impl StateDir {
 
     pub fn status_path(&self) -> PathBuf {
         self.root.join("status.json")
+    }
+
+    /// Requests for a running server, which holds the database locked.
+    pub fn control_path(&self) -> PathBuf {
+        self.root.join("control")
     }
 
     fn ca_cert_path(&self) -> PathBuf {
@@ -172,35 +275,26 @@ impl StateDir {
         lifetime: Duration,
         server_addr: Option<&str>,
     ) -> Result<IdentityBundle, DirError> {
-        let valid = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !valid {
-            return Err(DirError::BadName(name.to_owned()));
-        }
-        if store
-            .enrollments()?
-            .iter()
-            .any(|e| e.name == name && e.revoked_unix.is_none())
-        {
-            return Err(DirError::AlreadyEnrolled(name.to_owned()));
-        }
+        check_name(name)?;
+        refuse_duplicate(store, name)?;
+        let (bundle, not_after_unix) = self.issue_identity(name, lifetime, server_addr)?;
+        register(store, name, &bundle.cert_pem, not_after_unix)?;
+        Ok(bundle)
+    }
+
+    /// Signs a device certificate without touching the database (the CA
+    /// key is a file); returns the bundle and the certificate's expiry.
+    pub fn issue_identity(
+        &self,
+        name: &str,
+        lifetime: Duration,
+        server_addr: Option<&str>,
+    ) -> Result<(IdentityBundle, i64), DirError> {
+        check_name(name)?;
         let config = self.config()?;
         let ca_key = read_file(&self.ca_key_path())?;
         let issued = pki::issue_client_cert(&ca_key, name, lifetime)?;
-        let key = covey_privacy::PseudonymKey::from_bytes(&store.pseudonym_key()?)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        store.enroll(&Enrollment {
-            name: name.to_owned(),
-            pseudonym: key.pseudonym_of(&issued.cert_der),
-            enrolled_unix: now,
-            not_after_unix: issued.not_after_unix,
-            revoked_unix: None,
-        })?;
-        Ok(IdentityBundle {
+        let bundle = IdentityBundle {
             server_addr: server_addr
                 .map(str::to_owned)
                 .unwrap_or(config.server.public_addr),
@@ -208,7 +302,86 @@ impl StateDir {
             ca_cert_pem: self.ca_cert_pem()?,
             cert_pem: issued.cert_pem,
             key_pem: issued.key_pem,
-        })
+        };
+        Ok((bundle, issued.not_after_unix))
+    }
+
+    /// Hands `request` to the running server, which holds the database; it
+    /// applies requests within a second, or at its next start.
+    pub fn queue(&self, request: &ControlRequest) -> Result<PathBuf, DirError> {
+        let dir = self.control_path();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let nonce: u64 = rand::random();
+        let tmp = dir.join(format!(".request-{nonce:016x}.tmp"));
+        let path = dir.join(format!("request-{nonce:016x}"));
+        let body = serde_json::to_vec(request).map_err(|e| DirError::Io {
+            path: tmp.display().to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        write_file(&tmp, &body, true)?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        Ok(path)
+    }
+
+    /// Waits up to `timeout` for the server to take `request`: `Some(Ok)`
+    /// once applied, `Some(Err(reason))` if refused, `None` if no server
+    /// took it in time.
+    pub fn await_request(&self, request: &Path, timeout: Duration) -> Option<Result<(), String>> {
+        let deadline = std::time::Instant::now() + timeout;
+        while request.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if request.exists() {
+            return None;
+        }
+        match fs::read_to_string(request.with_extension("refused")) {
+            Ok(reason) => {
+                let _ = fs::remove_file(request.with_extension("refused"));
+                Some(Err(reason))
+            }
+            Err(_) => Some(Ok(())),
+        }
+    }
+
+    /// Withdraws a request no server took; false if a server took it first.
+    pub fn withdraw(&self, request: &Path) -> bool {
+        fs::rename(request, request.with_extension("withdrawn"))
+            .map(|()| {
+                let _ = fs::remove_file(request.with_extension("withdrawn"));
+            })
+            .is_ok()
+    }
+
+    /// Applies queued requests to `store` (the server calls this).
+    pub fn apply_requests(&self, store: &Store) -> Result<Applied, DirError> {
+        let mut applied = Applied::default();
+        let dir = self.control_path();
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(applied);
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("request-") && !n.contains('.'))
+            })
+            .collect();
+        paths.sort();
+        for path in paths {
+            let outcome = fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    serde_json::from_slice::<ControlRequest>(&b).map_err(|e| e.to_string())
+                })
+                .and_then(|request| apply(store, request, &mut applied).map_err(|e| e.to_string()));
+            if let Err(reason) = outcome {
+                write_file(&path.with_extension("refused"), reason.as_bytes(), false)?;
+            }
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        Ok(applied)
     }
 
     pub fn revoke(&self, store: &Store, name: &str) -> Result<usize, DirError> {

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use covey_protocol::ModelVersion;
 use covey_server::{
     Server, ServerConfig, StateDir,
+    dir::{ControlRequest, DirError},
     status::{self, Report},
 };
 
@@ -136,16 +137,59 @@ fn main() -> Result<()> {
                 bail!("--days must be at least 1");
             }
             let state = StateDir::new(&dir);
-            let store = state.open_store()?;
-            let bundle = state.enroll(&store, &name, Duration::from_secs(days * 86_400), None)?;
+            let lifetime = Duration::from_secs(days * 86_400);
+            let bundle = match state.open_store() {
+                Ok(store) => state.enroll(&store, &name, lifetime, None)?,
+                Err(e) if holds_lock(&e) => {
+                    let (bundle, not_after_unix) = state.issue_identity(&name, lifetime, None)?;
+                    let request = state.queue(&ControlRequest::Enroll {
+                        name: name.clone(),
+                        cert_pem: bundle.cert_pem.clone(),
+                        not_after_unix,
+                    })?;
+                    match state.await_request(&request, LIVE_WAIT) {
+                        Some(Ok(())) => bundle,
+                        Some(Err(reason)) => {
+                            bail!("the running server refused the enrollment: {reason}")
+                        }
+                        None if state.withdraw(&request) => {
+                            bail!(
+                                "the database is locked but no server took the request; try again"
+                            )
+                        }
+                        None => bundle,
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
             write_secret(&out, bundle.to_toml().as_bytes())?;
             println!("enrolled '{name}': identity written to {}", out.display());
         }
         Command::Revoke { dir, name } => {
             let state = StateDir::new(&dir);
-            let store = state.open_store()?;
-            let n = state.revoke(&store, &name)?;
-            println!("revoked {n} certificate(s) of '{name}'");
+            match state.open_store() {
+                Ok(store) => {
+                    let n = state.revoke(&store, &name)?;
+                    println!("revoked {n} certificate(s) of '{name}'");
+                }
+                Err(e) if holds_lock(&e) => {
+                    let request = state.queue(&ControlRequest::Revoke { name: name.clone() })?;
+                    match state.await_request(&request, LIVE_WAIT) {
+                        Some(Ok(())) => {
+                            println!(
+                                "the running server revoked '{name}' and closed its connection"
+                            )
+                        }
+                        Some(Err(reason)) => {
+                            bail!("the running server refused the revocation: {reason}")
+                        }
+                        None => println!(
+                            "queued the revocation of '{name}'; the server applies it when it runs"
+                        ),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Command::Run { dir, json } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -195,6 +239,17 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long enroll and revoke wait for a running server to take a request.
+const LIVE_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether opening the store failed because a running server holds it.
+fn holds_lock(e: &DirError) -> bool {
+    matches!(
+        e,
+        DirError::Store(covey_server::store::StoreError::Open { .. })
+    )
 }
 
 fn write_secret(path: &std::path::Path, contents: &[u8]) -> Result<()> {

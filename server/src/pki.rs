@@ -173,6 +173,12 @@ impl Admitted {
         self.0.read().map(|s| s.contains(p)).unwrap_or(false)
     }
 
+    pub fn insert(&self, p: Pseudonym) {
+        if let Ok(mut s) = self.0.write() {
+            s.insert(p);
+        }
+    }
+
     pub fn remove(&self, p: &Pseudonym) {
         if let Ok(mut s) = self.0.write() {
             s.remove(p);

@@ -141,6 +141,7 @@ enum Event {
     Connected {
         client: Pseudonym,
         conn: u64,
+        handle: quinn::Connection,
     },
     Disconnected {
         client: Pseudonym,
@@ -192,6 +193,14 @@ impl Server {
             PseudonymKey::from_bytes(&store.pseudonym_key()?)
                 .map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))?,
         );
+        let queued = dir.apply_requests(&store)?;
+        if !(queued.revoked.is_empty() && queued.admitted.is_empty()) {
+            info!(
+                revoked = queued.revoked.len(),
+                enrolled = queued.admitted.len(),
+                "applied queued operator requests"
+            );
+        }
         let now_unix = time::OffsetDateTime::now_utc().unix_timestamp();
         let admitted = Arc::new(Admitted::new(
             store
@@ -203,7 +212,7 @@ impl Server {
         let tls = pki::server_tls_config(
             &dir.ca_cert_pem()?,
             &dir.server_identity()?,
-            admitted,
+            admitted.clone(),
             key.clone(),
         )
         .map_err(|e| ServeError::Tls(e.to_string()))?;
@@ -269,6 +278,8 @@ impl Server {
             summary: RunSummary::default(),
             status_path: dir.status_path(),
             commits: tokio::sync::broadcast::channel(16).0,
+            admitted,
+            state_root: dir.root().to_path_buf(),
         };
         Ok(Self {
             endpoint,
@@ -397,7 +408,11 @@ async fn serve_connection(
     debug!("connected");
     let _ = shared
         .events
-        .send(Event::Connected { client, conn: id })
+        .send(Event::Connected {
+            client,
+            conn: id,
+            handle: conn.clone(),
+        })
         .await;
     let mut streams = tokio::task::JoinSet::new();
     loop {
@@ -634,18 +649,25 @@ struct Hub {
     optimizer_state: OptimizerState,
     waiters: HashMap<Pseudonym, (u64, oneshot::Sender<Assignment>)>,
     /// The latest connection of each connected client.
-    live: HashMap<Pseudonym, u64>,
+    live: HashMap<Pseudonym, (u64, quinn::Connection)>,
     round: Option<RoundInProgress>,
     finished: Option<Instant>,
     rng: ChaCha8Rng,
     summary: RunSummary,
     status_path: std::path::PathBuf,
     commits: tokio::sync::broadcast::Sender<CommitNotice>,
+    /// Shared with the TLS verifier: removing a pseudonym refuses it at
+    /// the next handshake.
+    admitted: Arc<Admitted>,
+    state_root: std::path::PathBuf,
 }
 
 /// Per-stream flow-control window, in bytes: with permits on transfers it
 /// bounds server memory to O(permits × model + connections × window).
 const STREAM_WINDOW: u32 = 512 * 1024;
+
+/// How often a running server looks for operator requests in `control/`.
+const CONTROL_POLL: Duration = Duration::from_secs(1);
 
 /// How long a finished run waits for clients to hear that it finished.
 const FINISH_GRACE: Duration = Duration::from_secs(3);
@@ -659,6 +681,7 @@ impl Hub {
         if self.machine.is_finished() {
             self.finished = Some(Instant::now());
         }
+        let mut control = tokio::time::interval(CONTROL_POLL);
         loop {
             if let Some(at) = self.finished
                 && (self.live.is_empty() || at.elapsed() >= FINISH_GRACE)
@@ -675,6 +698,7 @@ impl Hub {
                     let Some(event) = event else { break };
                     self.handle(event, &shared).await?;
                 }
+                _ = control.tick() => self.apply_control(),
                 _ = tokio::time::sleep_until(wake.into()) => {
                     if self.finished.is_some() {
                         continue;
@@ -692,8 +716,12 @@ impl Hub {
     async fn handle(&mut self, event: Event, shared: &Shared) -> Result<(), ServeError> {
         let now = Instant::now();
         match event {
-            Event::Connected { client, conn } => {
-                self.live.insert(client, conn);
+            Event::Connected {
+                client,
+                conn,
+                handle,
+            } => {
+                self.live.insert(client, (conn, handle));
             }
             Event::Stop => {
                 if let Some(progress) = self.round.take() {
@@ -715,7 +743,6 @@ impl Hub {
                 conn,
                 reply,
             } => {
-                self.live.insert(client, conn);
                 if self.finished.is_some() {
                     let _ = reply.send(Assignment::Finished(self.machine.version()));
                     return Ok(());
@@ -725,7 +752,7 @@ impl Hub {
                 self.execute(actions, shared).await?;
             }
             Event::Disconnected { client, conn } => {
-                if self.live.get(&client) == Some(&conn) {
+                if self.live.get(&client).map(|(id, _)| *id) == Some(conn) {
                     self.live.remove(&client);
                     self.waiters.remove(&client);
                     let actions = self.machine.disconnected(client, now);
@@ -990,6 +1017,28 @@ impl Hub {
             }
         }
         Ok(())
+    }
+
+    /// Applies requests queued by `covey-server enroll` and `revoke` while
+    /// the server runs.
+    fn apply_control(&mut self) {
+        let dir = StateDir::new(&self.state_root);
+        match dir.apply_requests(&self.store) {
+            Ok(applied) => {
+                for p in applied.admitted {
+                    self.admitted.insert(p);
+                    info!(client = %p, "enrolled by the operator");
+                }
+                for p in applied.revoked {
+                    self.admitted.remove(&p);
+                    if let Some((_, conn)) = self.live.get(&p) {
+                        close(conn, CloseCode::Revoked, "enrollment revoked");
+                    }
+                    warn!(client = %p, "revoked by the operator; connection closed");
+                }
+            }
+            Err(e) => warn!("cannot apply queued operator requests: {e}"),
+        }
     }
 
     /// Applies the round's mean update and stores the new version.

@@ -118,3 +118,110 @@ async fn an_incompatible_protocol_version_is_refused_on_both_sides() {
     assert_eq!(server.await.unwrap().final_version, 1);
     ok.into_iter().next().unwrap().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_connected_client_on_a_live_server_closes_it_and_bars_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = init(tmp.path(), &config("logreg", 1, 2));
+    let mut bundles = enroll(&state, &["a", "b", "victim"]);
+    let victim = bundles.pop().unwrap();
+    let (addr, server) = start(&state);
+    let conn = raw_connection(&victim, addr).await;
+
+    // The server holds the database, so the CLI hands it the request.
+    let dir = tmp.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_covey-server"))
+            .args(["revoke", "--name", "victim", "--dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the running server revoked 'victim'"));
+
+    let (code, reason) = close_of(&conn).await;
+    assert_eq!(code, covey_protocol::message::CloseCode::Revoked as u64);
+    assert_eq!(reason, "enrollment revoked");
+    let trainer = Box::new(ScriptedTrainer {
+        id: 9,
+        pause: Duration::ZERO,
+    });
+    let err = covey_client::run(&victim, trainer, options(addr))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SessionError::Refused(_)), "{err}");
+
+    let clients = spawn_scripted(&bundles, addr, Duration::ZERO);
+    assert_eq!(server.await.unwrap().final_version, 1);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let store = state.open_store().unwrap();
+    let victim_state = store
+        .enrollments()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == "victim")
+        .unwrap();
+    assert!(victim_state.revoked_unix.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_enrolled_on_a_live_server_joins_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = init(tmp.path(), &config("logreg", 1, 2));
+    let first = enroll(&state, &["first"]);
+    let (addr, server) = start(&state);
+    let clients = spawn_scripted(&first, addr, Duration::ZERO);
+
+    let dir = tmp.path().to_path_buf();
+    let cli = move |name: &str, out: &str| {
+        let (dir, name, out) = (dir.clone(), name.to_owned(), out.to_owned());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_covey-server"))
+                .args(["enroll", "--name", &name, "--out", &out, "--dir"])
+                .arg(dir)
+                .output()
+                .unwrap()
+        })
+    };
+    let path = tmp.path().join("late.identity");
+    let out = cli("late", path.to_str().unwrap()).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dup = cli("first", tmp.path().join("dup").to_str().unwrap())
+        .await
+        .unwrap();
+    assert!(!dup.status.success());
+    assert!(
+        String::from_utf8_lossy(&dup.stderr).contains("a client named 'first' is already enrolled")
+    );
+    assert!(
+        !tmp.path().join("dup").exists(),
+        "a refused enrollment wrote a bundle"
+    );
+
+    let late = covey_protocol::identity::IdentityBundle::load(&path).unwrap();
+    let trainer = Box::new(ScriptedTrainer {
+        id: 1,
+        pause: Duration::ZERO,
+    });
+    let summary = covey_client::run(&late, trainer, options(addr))
+        .await
+        .unwrap();
+    assert_eq!(summary.updates_accepted, 1);
+    assert_eq!(server.await.unwrap().final_version, 1);
+    for c in clients {
+        c.await.unwrap();
+    }
+}
