@@ -21,6 +21,8 @@ pub struct ServerConfig {
     pub rounds: Rounds,
     pub training: Training,
     pub aggregation: Aggregation,
+    #[serde(default)]
+    pub evaluation: Evaluation,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -73,6 +75,12 @@ pub struct Aggregation {
     pub beta1: f32,
     pub beta2: f32,
     pub tau: f32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evaluation {
+    pub test_data: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +149,7 @@ impl Default for ServerConfig {
                 beta2: 0.99,
                 tau: 1e-3,
             },
+            evaluation: Evaluation::default(),
         }
     }
 }
@@ -336,6 +345,12 @@ beta1 = {beta1:?}
 beta2 = {beta2:?}
 # FedAdam/FedYogi adaptivity (epsilon in the denominator).
 tau = {tau:?}
+
+[evaluation]
+# Directory with a held-out test set (t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]).
+# Each new version is evaluated on it before it commits; accuracy and loss go into the round
+# record and `covey-server status`. Empty: no central evaluation.
+test_data = "{test_data}"
 "#,
             listen = n.listen,
             public_addr = n.public_addr,
@@ -364,6 +379,7 @@ tau = {tau:?}
             beta1 = a.beta1,
             beta2 = a.beta2,
             tau = a.tau,
+            test_data = self.evaluation.test_data,
         )
     }
 }
@@ -377,6 +393,7 @@ mod tests {
         let mut c = ServerConfig::default();
         c.rounds.over_selection = 0.25;
         c.aggregation.optimizer = "fedyogi".into();
+        c.evaluation.test_data = "/data/mnist".into();
         let text = c.to_documented_toml();
         let back: ServerConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);

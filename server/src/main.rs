@@ -44,6 +44,9 @@ enum Command {
         /// Updates wanted per round (also the minimum pool and the quorum).
         #[arg(long, default_value_t = 2)]
         clients_per_round: usize,
+        /// Held-out test set (MNIST t10k IDX files) to evaluate every new version on.
+        #[arg(long)]
+        test_data: Option<PathBuf>,
     },
     /// Issue a client identity bundle (key, certificate, CA, server address).
     Enroll {
@@ -110,6 +113,7 @@ fn main() -> Result<()> {
             model,
             rounds,
             clients_per_round,
+            test_data,
         } => {
             let mut config = ServerConfig::default();
             config.server.listen = listen;
@@ -119,6 +123,11 @@ fn main() -> Result<()> {
             config.rounds.clients_per_round = clients_per_round;
             config.rounds.min_clients = clients_per_round;
             config.rounds.quorum = clients_per_round;
+            if let Some(path) = test_data {
+                let absolute = std::fs::canonicalize(&path)
+                    .with_context(|| format!("test data directory {}", path.display()))?;
+                config.evaluation.test_data = absolute.display().to_string();
+            }
             let state = StateDir::new(&dir);
             state.init(&config)?;
             println!(

@@ -15,6 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use covey_client::{
+    Device,
+    data::{DataView, Mnist},
+    trainer::{DeviceData, evaluate},
+};
 use covey_privacy::{Pseudonym, PseudonymKey};
 use covey_protocol::{
     ModelVersion, PROTOCOL_VERSION, RoundId, UpdateEncoding,
@@ -61,6 +66,10 @@ pub enum ServeError {
         stored: covey_protocol::model::Architecture,
         configured: covey_protocol::model::Architecture,
     },
+    #[error("evaluation test set: {0}")]
+    TestData(#[from] covey_client::data::DataError),
+    #[error("evaluation test set: {0}")]
+    TestSet(#[from] covey_client::trainer::TrainError),
     #[error("storing state failed, stopping so nothing is lost: {0}")]
     Store(#[from] crate::store::StoreError),
 }
@@ -236,6 +245,14 @@ impl Server {
         let endpoint = quinn::Endpoint::server(server_config, addr)
             .map_err(|source| ServeError::Bind { addr, source })?;
 
+        let test_set = match config.evaluation.test_data.as_str() {
+            "" => None,
+            path => {
+                let data = Mnist::load(std::path::Path::new(path), "t10k")?;
+                let view = DataView::all(Arc::new(data));
+                Some(Arc::new(DeviceData::new(&view, &Device::Cpu)?))
+            }
+        };
         let version = store.current_version()?;
         let model = store.model(version)?.weights;
         let machine = Coordinator::new(
@@ -280,6 +297,7 @@ impl Server {
             commits: tokio::sync::broadcast::channel(16).0,
             admitted,
             state_root: dir.root().to_path_buf(),
+            test_set,
         };
         Ok(Self {
             endpoint,
@@ -660,6 +678,8 @@ struct Hub {
     /// the next handshake.
     admitted: Arc<Admitted>,
     state_root: std::path::PathBuf,
+    /// Held-out data every new version is evaluated on, if configured.
+    test_set: Option<Arc<DeviceData>>,
 }
 
 /// Per-stream flow-control window, in bytes: with permits on transfers it
@@ -898,6 +918,8 @@ impl Hub {
                         started_unix_ms: unix_ms_now(),
                         ended_unix_ms: None,
                         mean_client_loss: None,
+                        test_accuracy: None,
+                        test_loss: None,
                         bytes_up: 0,
                         bytes_down: 0,
                     };
@@ -952,9 +974,11 @@ impl Hub {
                     record.outcome = RoundOutcome::Committed {
                         version: new_version,
                     };
-                    let committed = self.commit(progress.sum, &record, new_version, round).await;
+                    let committed = self
+                        .commit(progress.sum, record.clone(), new_version, round)
+                        .await;
                     match committed {
-                        Ok(()) => {
+                        Ok(record) => {
                             self.summary.rounds_committed += 1;
                             info!(
                                 round = %round,
@@ -962,6 +986,7 @@ impl Hub {
                                 base = %base,
                                 accepted = stats.accepted,
                                 dropped = stats.dropped,
+                                test_accuracy = record.test_accuracy,
                                 "round committed"
                             );
                             let _ = self.commits.send(CommitNotice {
@@ -1041,14 +1066,15 @@ impl Hub {
         }
     }
 
-    /// Applies the round's mean update and stores the new version.
+    /// Applies the round's mean update, evaluates the result on the test
+    /// set if there is one, and stores the new version with its record.
     async fn commit(
         &mut self,
         sum: WeightedSum,
-        record: &RoundRecord,
+        mut record: RoundRecord,
         version: ModelVersion,
         round: RoundId,
-    ) -> Result<(), crate::store::StoreError> {
+    ) -> Result<RoundRecord, crate::store::StoreError> {
         let mean = sum
             .mean()
             .map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))?;
@@ -1057,26 +1083,36 @@ impl Hub {
         self.settings
             .optimizer
             .apply(&mut state, &mut weights, &mean);
+        let spec = self.settings.spec;
         let model = StoredModel {
             header: ModelHeader {
                 version,
-                spec: self.settings.spec,
+                spec,
                 round: Some(round),
                 created_unix_ms: unix_ms_now(),
             },
             weights,
         };
         let store = self.store.clone();
-        let record = record.clone();
-        let (model, state) = tokio::task::spawn_blocking(move || {
+        let test_set = self.test_set.clone();
+        let (model, state, record) = tokio::task::spawn_blocking(move || {
+            if let Some(test) = test_set {
+                match evaluate(spec, &model.weights, &test) {
+                    Ok(m) => {
+                        record.test_accuracy = Some(m.accuracy);
+                        record.test_loss = Some(m.loss);
+                    }
+                    Err(e) => warn!(version = %version, "central evaluation failed: {e}"),
+                }
+            }
             store.commit_round(&model, &record, &state)?;
-            Ok::<_, crate::store::StoreError>((model, state))
+            Ok::<_, crate::store::StoreError>((model, state, record))
         })
         .await
         .map_err(|e| crate::store::StoreError::Corrupt(format!("commit task: {e}")))??;
         self.model = Arc::new(model.weights);
         self.optimizer_state = state;
-        Ok(())
+        Ok(record)
     }
 
     /// A snapshot for `covey-server status` while the database is locked.

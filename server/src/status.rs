@@ -27,6 +27,8 @@ pub struct RoundLine {
     pub dropped: usize,
     pub seconds: Option<f64>,
     pub mean_client_loss: Option<f32>,
+    pub test_accuracy: Option<f32>,
+    pub test_loss: Option<f32>,
     pub bytes_up: u64,
     pub bytes_down: u64,
 }
@@ -74,6 +76,8 @@ impl Report {
                             .ended_unix_ms
                             .map(|end| end.saturating_sub(r.started_unix_ms) as f64 / 1000.0),
                         mean_client_loss: r.mean_client_loss,
+                        test_accuracy: r.test_accuracy,
+                        test_loss: r.test_loss,
                         bytes_up: r.bytes_up,
                         bytes_down: r.bytes_down,
                     }
@@ -111,7 +115,7 @@ impl Report {
         }
         for r in &self.rounds {
             out.push_str(&format!(
-                "  round {:>4}  base v{:<4} {:<28} selected {:>3}  accepted {:>3}  dropped {:>3}{}{}\n",
+                "  round {:>4}  base v{:<4} {:<28} selected {:>3}  accepted {:>3}  dropped {:>3}{}{}{}\n",
                 r.round,
                 r.base_version,
                 match r.committed_version {
@@ -124,6 +128,10 @@ impl Report {
                 r.seconds.map(|s| format!("  {s:.1}s")).unwrap_or_default(),
                 r.mean_client_loss
                     .map(|l| format!("  client loss {l:.4}"))
+                    .unwrap_or_default(),
+                r.test_accuracy
+                    .zip(r.test_loss)
+                    .map(|(a, l)| format!("  test accuracy {a:.4} loss {l:.4}"))
                     .unwrap_or_default(),
             ));
         }

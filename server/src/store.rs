@@ -93,6 +93,9 @@ pub struct RoundRecord {
     pub ended_unix_ms: Option<u64>,
     /// Example-weighted mean of the clients' local training loss.
     pub mean_client_loss: Option<f32>,
+    /// The committed model on the server's held-out test set, if configured.
+    pub test_accuracy: Option<f32>,
+    pub test_loss: Option<f32>,
     pub bytes_up: u64,
     pub bytes_down: u64,
 }
@@ -425,6 +428,8 @@ mod tests {
             started_unix_ms: 1,
             ended_unix_ms: None,
             mean_client_loss: None,
+            test_accuracy: None,
+            test_loss: None,
             bytes_up: 0,
             bytes_down: 0,
         }

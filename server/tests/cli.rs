@@ -162,6 +162,16 @@ fn missing_and_broken_state_directories_are_named() {
     );
     let dir = tmp.path().join("s");
     ok(&server(&["init"], &dir));
+    let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    std::fs::write(
+        dir.join("config.toml"),
+        config.replace("test_data = \"\"", "test_data = \"/no/such/dir\""),
+    )
+    .unwrap();
+    fails_with(
+        &server(&["run"], &dir),
+        "evaluation test set: no image file in /no/such/dir",
+    );
     std::fs::write(dir.join("config.toml"), "[server]\nlisten = 5\n").unwrap();
     fails_with(&server(&["run"], &dir), "config.toml is not valid");
 }

@@ -65,6 +65,7 @@ async fn real_candle_training_improves_the_global_model() {
     let mut cfg = config("logreg", 2, 3);
     cfg.training.learning_rate = 0.1;
     cfg.training.update_encoding = "bf16".into();
+    cfg.evaluation.test_data = data_dir.display().to_string();
     let state = init(tmp.path(), &cfg);
     let bundles = enroll(&state, &["a", "b", "c"]);
     let (addr, server) = start(&state);

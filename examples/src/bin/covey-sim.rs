@@ -14,7 +14,7 @@ use covey_client::{
     CandleTrainer, ClientOptions, TrainOutput, Trainer,
     data::{DataView, Mnist},
     partition::Partition,
-    trainer::{DeviceData, TrainError, evaluate, select_device},
+    trainer::{TrainError, select_device},
 };
 use covey_protocol::{UpdateEncoding, message::Task, model::Architecture};
 use covey_server::{Server, ServerConfig, StateDir};
@@ -122,9 +122,8 @@ async fn simulate(args: Args) -> Result<()> {
         Mnist::load(&args.data, "train")
             .with_context(|| format!("loading training data from {}", args.data.display()))?,
     );
-    let test = Mnist::load(&args.data, "t10k")
-        .with_context(|| format!("loading test data from {}", args.data.display()))?;
-    let test = DeviceData::new(&DataView::all(Arc::new(test)), &device)?;
+    let data_dir = std::fs::canonicalize(&args.data)
+        .with_context(|| format!("data directory {}", args.data.display()))?;
 
     let temp = tempfile::tempdir().context("creating a temporary state directory")?;
     let state_path = args
@@ -149,6 +148,8 @@ async fn simulate(args: Args) -> Result<()> {
     config.training.update_encoding = args.update_encoding.to_string();
     config.aggregation.optimizer = args.server_opt.clone();
     config.aggregation.server_learning_rate = args.server_lr;
+    // The server evaluates every version on the held-out set as it commits.
+    config.evaluation.test_data = data_dir.display().to_string();
     let state = StateDir::new(&state_path);
     state.init(&config)?;
     let identities = {
@@ -210,20 +211,22 @@ async fn simulate(args: Args) -> Result<()> {
     }
     let started = Instant::now();
     let mut last = Instant::now();
-    let spec = covey_protocol::model::ModelSpec::mnist(args.model);
     let mut reached = None;
     while let Ok(notice) = commits.recv().await {
-        let metrics = evaluate(spec, &notice.weights, &test)?;
+        let r = &notice.record;
+        let (accuracy, loss) = (
+            r.test_accuracy.unwrap_or(f32::NAN),
+            r.test_loss.unwrap_or(f32::NAN),
+        );
         let seconds = last.elapsed().as_secs_f64();
         last = Instant::now();
-        let r = &notice.record;
         if args.json {
             println!(
                 "{}",
                 serde_json::json!({
                     "round": notice.version.0,
-                    "accuracy": metrics.accuracy,
-                    "loss": metrics.loss,
+                    "accuracy": accuracy,
+                    "loss": loss,
                     "participants": r.accepted,
                     "bytes_up": r.bytes_up,
                     "bytes_down": r.bytes_down,
@@ -234,8 +237,8 @@ async fn simulate(args: Args) -> Result<()> {
             println!(
                 "round {:>4}  accuracy {:.4}  loss {:.4}  participants {:>3}  up {:>8.2} MB  down {:>8.2} MB  {:.1}s",
                 notice.version.0,
-                metrics.accuracy,
-                metrics.loss,
+                accuracy,
+                loss,
                 r.accepted,
                 r.bytes_up as f64 / 1e6,
                 r.bytes_down as f64 / 1e6,
@@ -243,7 +246,7 @@ async fn simulate(args: Args) -> Result<()> {
             );
         }
         if let Some(target) = args.target_accuracy
-            && metrics.accuracy >= target
+            && accuracy >= target
         {
             reached = Some(notice.version.0);
             stopper.stop().await;
