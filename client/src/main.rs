@@ -30,7 +30,8 @@ enum Command {
         /// Identity bundle from `covey-server enroll`.
         #[arg(long)]
         identity: PathBuf,
-        /// Directory with this device's train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz].
+        /// Directory with this device's train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz],
+        /// and optionally held-out t10k-* files for federated evaluation.
         #[arg(long)]
         data: PathBuf,
         /// auto, cpu, cuda or cuda:N.
@@ -66,8 +67,17 @@ fn main() -> Result<()> {
             let dataset = Mnist::load(&data, "train")
                 .with_context(|| format!("loading local data from {}", data.display()))?;
             tracing::info!(examples = dataset.len(), ?device, "local data loaded");
-            let trainer =
+            let mut trainer =
                 CandleTrainer::new(&DataView::all(Arc::new(dataset)), &device)?.with_progress(true);
+            // Held-out data, if the device has some, serves federated evaluation.
+            match Mnist::load(&data, "t10k") {
+                Ok(holdout) => {
+                    tracing::info!(examples = holdout.len(), "held-out data loaded");
+                    trainer = trainer.with_holdout(&DataView::all(Arc::new(holdout)))?;
+                }
+                Err(covey_client::data::DataError::Missing { .. }) => {}
+                Err(e) => return Err(e).context("loading held-out data"),
+            }
             let options = ClientOptions {
                 server_addr: server,
                 give_up_after: give_up_after.map(Duration::from_secs),

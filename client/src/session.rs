@@ -16,7 +16,7 @@ use covey_protocol::{
     frame::FrameLimits,
     identity::IdentityBundle,
     io::{StreamError, read_message, read_tensor, write_message, write_tensor},
-    message::{CloseCode, Hello, Message, Task, UpdateHeader, UpdateReceipt},
+    message::{CloseCode, EvalReport, EvalTask, Hello, Message, Task, UpdateHeader, UpdateReceipt},
     tensor::ChunkPlan,
 };
 use quinn::{ConnectionError, VarInt, crypto::rustls::QuicClientConfig};
@@ -49,6 +49,9 @@ pub enum SessionError {
     #[error("cannot open a local UDP socket: {0}")]
     Socket(std::io::Error),
 }
+
+/// Most model versions one federated evaluation may compare.
+pub const MAX_EVAL_VERSIONS: usize = 4;
 
 /// Knobs of the session loop.
 #[derive(Clone, Debug)]
@@ -352,6 +355,9 @@ impl Session {
                     self.round(conn, task, &mut recv).await?;
                     *last_progress = Instant::now();
                 }
+                Message::Evaluate(task) => {
+                    self.evaluate(conn, task, &mut recv).await?;
+                }
                 Message::RunFinished { final_version } => {
                     info!(version = %final_version, "the server finished the run");
                     self.summary.final_version = Some(final_version);
@@ -365,6 +371,66 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Evaluates the sent versions on held-out data and reports back.
+    async fn evaluate(
+        &mut self,
+        conn: &quinn::Connection,
+        task: EvalTask,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), ConverseError> {
+        if task.versions.len() > MAX_EVAL_VERSIONS {
+            return Err(ConverseError::Stream(StreamError::Unexpected {
+                expected: "at most 4 versions to evaluate",
+                got: "more",
+            }));
+        }
+        let plan = ChunkPlan::new(task.spec.param_count(), task.chunk_len);
+        let limits = FrameLimits {
+            max_frame: plan
+                .max_frame_body(UpdateEncoding::F32)
+                .max(FrameLimits::default().max_frame),
+        };
+        let mut models = Vec::with_capacity(task.versions.len());
+        for _ in &task.versions {
+            models.push(read_tensor(recv, plan, UpdateEncoding::F32, limits).await?);
+            self.summary.bytes_down += plan.wire_bytes(UpdateEncoding::F32);
+        }
+        let Some(mut trainer) = self.trainer.take() else {
+            return Err(ConverseError::Fatal(SessionError::Identity(
+                "trainer lost".into(),
+            )));
+        };
+        let spec = task.spec;
+        let (trainer, results) = tokio::task::spawn_blocking(move || {
+            let results: Result<Vec<_>, TrainError> =
+                models.iter().map(|w| trainer.evaluate(spec, w)).collect();
+            (trainer, results)
+        })
+        .await
+        .map_err(|e| ConverseError::Fatal(TrainError::Panicked(e.to_string()).into()))?;
+        self.trainer = Some(trainer);
+        let (examples, results) = match results {
+            Ok(r) if r.iter().all(Option::is_some) && !r.is_empty() => {
+                let examples = r.first().and_then(|m| m.map(|(_, n)| n)).unwrap_or(0);
+                (examples, r.into_iter().flatten().map(|(m, _)| m).collect())
+            }
+            Ok(_) => (0, Vec::new()),
+            Err(e) => {
+                warn!("federated evaluation failed: {e}");
+                (0, Vec::new())
+            }
+        };
+        let (mut send, _recv) = conn.open_bi().await?;
+        let report = EvalReport {
+            id: task.id,
+            examples,
+            results,
+        };
+        write_message(&mut send, &Message::EvalReport(report)).await?;
+        let _ = send.finish();
+        Ok(())
     }
 
     async fn round(

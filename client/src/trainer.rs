@@ -49,6 +49,16 @@ pub struct TrainOutput {
 /// [`CandleTrainer`]; tests can script exact updates through it.
 pub trait Trainer: Send {
     fn train(&mut self, task: &Task, global: &[f32]) -> Result<TrainOutput, TrainError>;
+
+    /// Metrics of `weights` on the device's held-out data and how many
+    /// examples that is; `None` when the device holds none.
+    fn evaluate(
+        &mut self,
+        _spec: ModelSpec,
+        _weights: &[f32],
+    ) -> Result<Option<(LocalMetrics, u64)>, TrainError> {
+        Ok(None)
+    }
 }
 
 /// Parses `--device`: `auto` picks CUDA when built with the `cuda` feature
@@ -233,6 +243,7 @@ pub fn evaluate(
 /// Trains on one client's data with candle.
 pub struct CandleTrainer {
     data: DeviceData,
+    holdout: Option<DeviceData>,
     progress: bool,
 }
 
@@ -240,8 +251,16 @@ impl CandleTrainer {
     pub fn new(view: &DataView, device: &Device) -> Result<Self, TrainError> {
         Ok(Self {
             data: DeviceData::new(view, device)?,
+            holdout: None,
             progress: false,
         })
+    }
+
+    /// Held-out data for federated evaluation; it never trains.
+    pub fn with_holdout(mut self, view: &DataView) -> Result<Self, TrainError> {
+        let device = self.data.images.device().clone();
+        self.holdout = Some(DeviceData::new(view, &device)?);
+        Ok(self)
     }
 
     /// Shows an indicatif bar on a terminal, plain log lines otherwise.
@@ -252,6 +271,17 @@ impl CandleTrainer {
 }
 
 impl Trainer for CandleTrainer {
+    fn evaluate(
+        &mut self,
+        spec: ModelSpec,
+        weights: &[f32],
+    ) -> Result<Option<(LocalMetrics, u64)>, TrainError> {
+        match &self.holdout {
+            Some(data) => Ok(Some((evaluate(spec, weights, data)?, data.len() as u64))),
+            None => Ok(None),
+        }
+    }
+
     fn train(&mut self, task: &Task, global: &[f32]) -> Result<TrainOutput, TrainError> {
         let spec = task.spec;
         if spec.input.features() != self.data.features() {
@@ -460,6 +490,29 @@ mod tests {
         let prox = trainer.train(&t, &global).unwrap();
         let norm = |d: &[f32]| d.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!(norm(&prox.delta) < norm(&free.delta));
+    }
+
+    #[test]
+    fn held_out_evaluation_reports_metrics_and_counts_only_with_data() {
+        let view = toy(60);
+        let spec = ModelSpec::mnist(Architecture::LogReg);
+        let weights = spec.initial_weights(0);
+        let mut bare = CandleTrainer::new(&view, &Device::Cpu).unwrap();
+        assert_eq!(bare.evaluate(spec, &weights).unwrap(), None);
+        let holdout = toy(30);
+        let mut trainer = CandleTrainer::new(&view, &Device::Cpu)
+            .unwrap()
+            .with_holdout(&holdout)
+            .unwrap();
+        let (metrics, n) = trainer.evaluate(spec, &weights).unwrap().unwrap();
+        assert_eq!(n, 30);
+        let direct = evaluate(
+            spec,
+            &weights,
+            &DeviceData::new(&holdout, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(metrics, direct);
     }
 
     #[test]

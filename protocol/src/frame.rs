@@ -137,8 +137,8 @@ mod tests {
     use crate::{
         ModelVersion, RoundId, UpdateEncoding,
         message::{
-            CloseCode, ErrorReport, Hello, Hyperparameters, LocalMetrics, RejectReason, Task,
-            UpdateHeader, UpdateReceipt, Welcome,
+            CloseCode, ErrorReport, EvalReport, EvalTask, Hello, Hyperparameters, LocalMetrics,
+            RejectReason, Task, UpdateHeader, UpdateReceipt, Welcome,
         },
         model::{Architecture, ModelSpec},
     };
@@ -209,6 +209,24 @@ mod tests {
             Just(Message::UpdateReceipt(UpdateReceipt::Rejected(
                 RejectReason::NonFinite
             ))),
+            (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..3)).prop_map(|(id, v)| {
+                Message::Evaluate(EvalTask {
+                    id,
+                    spec: ModelSpec::mnist(Architecture::Mlp2nn),
+                    versions: v.into_iter().map(ModelVersion).collect(),
+                    chunk_len: 64,
+                })
+            }),
+            (any::<u64>(), any::<u64>(), 0f32..1.0).prop_map(|(id, examples, accuracy)| {
+                Message::EvalReport(EvalReport {
+                    id,
+                    examples,
+                    results: vec![LocalMetrics {
+                        loss: 0.5,
+                        accuracy,
+                    }],
+                })
+            }),
             ".{0,40}".prop_map(|detail| Message::Error(ErrorReport {
                 code: CloseCode::MalformedFrame,
                 detail

@@ -20,10 +20,17 @@ pub enum Message {
     Welcome(Welcome),
     CheckIn,
     Task(Task),
-    RunFinished { final_version: ModelVersion },
+    RunFinished {
+        final_version: ModelVersion,
+    },
     Update(UpdateHeader),
     UpdateReceipt(UpdateReceipt),
     Error(ErrorReport),
+    /// Sent instead of a task to an idle client; each version's model
+    /// chunks follow, in order.
+    Evaluate(EvalTask),
+    /// A client's answer to `Evaluate`, on a stream of its own.
+    EvalReport(EvalReport),
 }
 
 impl Message {
@@ -38,6 +45,8 @@ impl Message {
             Self::Update(_) => "Update",
             Self::UpdateReceipt(_) => "UpdateReceipt",
             Self::Error(_) => "Error",
+            Self::Evaluate(_) => "Evaluate",
+            Self::EvalReport(_) => "EvalReport",
         }
     }
 }
@@ -78,6 +87,24 @@ pub struct Task {
     pub deadline_ms: u64,
     /// Seed for the client's local shuffling, so runs can be reproduced.
     pub seed: u64,
+}
+
+/// Federated evaluation: compare model versions on clients' held-out data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalTask {
+    pub id: u64,
+    pub spec: ModelSpec,
+    pub versions: Vec<ModelVersion>,
+    pub chunk_len: u32,
+}
+
+/// Metrics per version, in the task's order, over `examples` held-out
+/// examples; `examples` 0 means the client holds no held-out data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub id: u64,
+    pub examples: u64,
+    pub results: Vec<LocalMetrics>,
 }
 
 /// Metrics a client reports on its own local data.

@@ -62,6 +62,34 @@ pub enum ControlRequest {
         cert_pem: String,
         not_after_unix: i64,
     },
+    /// Federated evaluation of `versions` on idle clients' held-out data.
+    Evaluate {
+        id: u64,
+        versions: Vec<u64>,
+        timeout_secs: u64,
+    },
+}
+
+/// The answer to an `Evaluate` request, written to `control/eval-<id>.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EvalOutcome {
+    pub id: u64,
+    /// Idle clients asked, and how many answered in time.
+    pub asked: usize,
+    pub answered: usize,
+    /// Answering clients that hold held-out data, and their examples.
+    pub clients_with_data: usize,
+    pub examples: u64,
+    pub versions: Vec<VersionMetrics>,
+    pub error: Option<String>,
+}
+
+/// Example-weighted means over the clients' held-out data.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VersionMetrics {
+    pub version: u64,
+    pub accuracy: f64,
+    pub loss: f64,
 }
 
 /// What applying requests changed, for the server's TLS admission set.
@@ -69,6 +97,8 @@ pub enum ControlRequest {
 pub struct Applied {
     pub revoked: Vec<Pseudonym>,
     pub admitted: Vec<Pseudonym>,
+    /// Evaluations to start: (id, versions, timeout in seconds).
+    pub evaluations: Vec<(u64, Vec<u64>, u64)>,
 }
 
 fn apply(store: &Store, request: ControlRequest, applied: &mut Applied) -> Result<(), DirError> {
@@ -98,6 +128,11 @@ fn apply(store: &Store, request: ControlRequest, applied: &mut Applied) -> Resul
                 .admitted
                 .push(register(store, &name, &cert_pem, not_after_unix)?);
         }
+        ControlRequest::Evaluate {
+            id,
+            versions,
+            timeout_secs,
+        } => applied.evaluations.push((id, versions, timeout_secs)),
     }
     Ok(())
 }
@@ -341,6 +376,29 @@ impl StateDir {
             }
             Err(_) => Some(Ok(())),
         }
+    }
+
+    fn eval_path(&self, id: u64) -> PathBuf {
+        self.control_path().join(format!("eval-{id:016x}.json"))
+    }
+
+    pub fn write_eval_outcome(&self, outcome: &EvalOutcome) -> Result<(), DirError> {
+        let path = self.eval_path(outcome.id);
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec_pretty(outcome).map_err(|e| DirError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        write_file(&tmp, &body, false)?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+
+    /// Takes the outcome of evaluation `id` once the server wrote it.
+    pub fn take_eval_outcome(&self, id: u64) -> Option<EvalOutcome> {
+        let path = self.eval_path(id);
+        let bytes = fs::read(&path).ok()?;
+        let _ = fs::remove_file(&path);
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// Withdraws a request no server took; false if a server took it first.

@@ -84,6 +84,20 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Federated evaluation on a live run: idle clients evaluate the given
+    /// versions on their own held-out data; prints example-weighted metrics.
+    Evaluate {
+        #[arg(long)]
+        dir: PathBuf,
+        /// One or two versions (comma-separated) to compare, e.g. 7,8.
+        #[arg(long, value_delimiter = ',', required = true)]
+        versions: Vec<u64>,
+        /// Seconds to wait for the clients' reports.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show rounds, the current version and the enrolled clients.
     Status {
         #[arg(long)]
@@ -227,6 +241,62 @@ fn main() -> Result<()> {
             let model = store.model(ModelVersion(version))?;
             covey_server::export::write_safetensors(&model, &out)?;
             println!("wrote version {version} to {}", out.display());
+        }
+        Command::Evaluate {
+            dir,
+            versions,
+            timeout,
+            json,
+        } => {
+            if versions.is_empty() || versions.len() > 2 {
+                bail!("--versions takes one or two versions, e.g. --versions 7,8");
+            }
+            let state = StateDir::new(&dir);
+            match state.open_store() {
+                Ok(_) => bail!(
+                    "evaluate needs a running server: clients evaluate on their own data while connected"
+                ),
+                Err(e) if holds_lock(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let id: u64 = rand::random();
+            let request = state.queue(&ControlRequest::Evaluate {
+                id,
+                versions,
+                timeout_secs: timeout,
+            })?;
+            match state.await_request(&request, LIVE_WAIT) {
+                Some(Ok(())) => {}
+                Some(Err(reason)) => bail!("the running server refused the evaluation: {reason}"),
+                None if state.withdraw(&request) => bail!("no running server took the request"),
+                None => {}
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(timeout) + LIVE_WAIT;
+            let outcome = loop {
+                if let Some(outcome) = state.take_eval_outcome(id) {
+                    break outcome;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!("the server did not report the evaluation in time");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
+            } else if let Some(error) = &outcome.error {
+                bail!("evaluation failed: {error}");
+            } else {
+                println!(
+                    "{} of {} idle clients answered; {} with held-out data, {} examples",
+                    outcome.answered, outcome.asked, outcome.clients_with_data, outcome.examples
+                );
+                for v in &outcome.versions {
+                    println!(
+                        "  version {:>4}  accuracy {:.4}  loss {:.4}",
+                        v.version, v.accuracy, v.loss
+                    );
+                }
+            }
         }
         Command::Status { dir, json } => {
             let state = StateDir::new(&dir);

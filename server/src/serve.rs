@@ -6,7 +6,7 @@
 //! *whether* a round starts or ends: `covey_protocol::round` does.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
     sync::{
         Arc,
@@ -26,7 +26,8 @@ use covey_protocol::{
     frame::{FrameError, FrameLimits},
     io::{StreamError, read_message, read_tensor, write_message, write_tensor},
     message::{
-        CloseCode, ErrorReport, Message, RejectReason, Task, UpdateHeader, UpdateReceipt, Welcome,
+        CloseCode, ErrorReport, EvalReport, EvalTask, Message, RejectReason, Task, UpdateHeader,
+        UpdateReceipt, Welcome,
     },
     round::{Action, Coordinator},
     tensor::{AssembleError, ChunkPlan},
@@ -42,7 +43,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::{
     aggregate::{OptimizerState, WeightedSum},
     config::Settings,
-    dir::{DirError, StateDir},
+    dir::{DirError, EvalOutcome, StateDir, VersionMetrics},
     pki::{self, Admitted},
     status,
     store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
@@ -116,7 +117,26 @@ impl Stopper {
 /// What a check-in waits for.
 enum Assignment {
     Task(Arc<TaskPackage>),
+    Evaluate(Arc<EvalPackage>),
     Finished(ModelVersion),
+}
+
+struct EvalPackage {
+    task: EvalTask,
+    models: Vec<Arc<Vec<f32>>>,
+}
+
+/// A federated evaluation waiting for reports.
+struct PendingEval {
+    id: u64,
+    versions: Vec<ModelVersion>,
+    asked: HashSet<Pseudonym>,
+    answered: HashSet<Pseudonym>,
+    clients_with_data: usize,
+    examples: u64,
+    /// Example-weighted sums of (loss, accuracy) per version.
+    sums: Vec<(f64, f64)>,
+    deadline: Instant,
 }
 
 struct TaskPackage {
@@ -155,6 +175,10 @@ enum Event {
     Disconnected {
         client: Pseudonym,
         conn: u64,
+    },
+    EvalReport {
+        client: Pseudonym,
+        report: EvalReport,
     },
     Stop,
 }
@@ -298,6 +322,7 @@ impl Server {
             admitted,
             state_root: dir.root().to_path_buf(),
             test_set,
+            evaluation: None,
         };
         Ok(Self {
             endpoint,
@@ -549,6 +574,25 @@ async fn serve_stream(
                         shared.bytes_down.fetch_add(n, Ordering::Relaxed);
                     }
                 }
+                Some(Assignment::Evaluate(pkg)) => {
+                    let _permit = shared.downloads.acquire().await;
+                    let plan = ChunkPlan::new(pkg.task.spec.param_count(), pkg.task.chunk_len);
+                    let mut rng = ChaCha8Rng::seed_from_u64(0);
+                    let sent = async {
+                        let mut n =
+                            write_message(&mut send, &Message::Evaluate(pkg.task.clone())).await?;
+                        for model in &pkg.models {
+                            n +=
+                                write_tensor(&mut send, model, plan, UpdateEncoding::F32, &mut rng)
+                                    .await?;
+                        }
+                        Ok::<u64, StreamError>(n)
+                    }
+                    .await;
+                    if let Ok(n) = sent {
+                        shared.bytes_down.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
                 Some(Assignment::Finished(version)) => {
                     let _ = write_message(
                         &mut send,
@@ -640,6 +684,14 @@ async fn serve_stream(
             let _ = send.finish();
             Ok(())
         }
+        Message::EvalReport(report) => {
+            let _ = shared
+                .events
+                .send(Event::EvalReport { client, report })
+                .await;
+            let _ = send.finish();
+            Ok(())
+        }
         other => Err(PeerFault::new(
             CloseCode::ProtocolViolation,
             format!("unexpected {} at the start of a stream", other.kind()),
@@ -680,6 +732,7 @@ struct Hub {
     state_root: std::path::PathBuf,
     /// Held-out data every new version is evaluated on, if configured.
     test_set: Option<Arc<DeviceData>>,
+    evaluation: Option<PendingEval>,
 }
 
 /// Per-stream flow-control window, in bytes: with permits on transfers it
@@ -718,7 +771,10 @@ impl Hub {
                     let Some(event) = event else { break };
                     self.handle(event, &shared).await?;
                 }
-                _ = control.tick() => self.apply_control(),
+                _ = control.tick() => {
+                    let actions = self.apply_control(Instant::now());
+                    self.execute(actions, &shared).await?;
+                }
                 _ = tokio::time::sleep_until(wake.into()) => {
                     if self.finished.is_some() {
                         continue;
@@ -743,6 +799,7 @@ impl Hub {
             } => {
                 self.live.insert(client, (conn, handle));
             }
+            Event::EvalReport { client, report } => self.eval_report(client, report),
             Event::Stop => {
                 if let Some(progress) = self.round.take() {
                     let mut record = progress.record;
@@ -1044,9 +1101,10 @@ impl Hub {
         Ok(())
     }
 
-    /// Applies requests queued by `covey-server enroll` and `revoke` while
-    /// the server runs.
-    fn apply_control(&mut self) {
+    /// Applies requests queued by `covey-server enroll`, `revoke` and
+    /// `evaluate` while the server runs.
+    fn apply_control(&mut self, now: Instant) -> Vec<Action<Pseudonym>> {
+        let mut actions = Vec::new();
         let dir = StateDir::new(&self.state_root);
         match dir.apply_requests(&self.store) {
             Ok(applied) => {
@@ -1061,8 +1119,157 @@ impl Hub {
                     }
                     warn!(client = %p, "revoked by the operator; connection closed");
                 }
+                for (id, versions, timeout) in applied.evaluations {
+                    actions.extend(self.start_evaluation(id, versions, timeout, now));
+                }
             }
             Err(e) => warn!("cannot apply queued operator requests: {e}"),
+        }
+        if self.evaluation.as_ref().is_some_and(|e| now >= e.deadline) {
+            self.finish_evaluation();
+        }
+        actions
+    }
+
+    /// Sends every idle client the versions to evaluate.
+    fn start_evaluation(
+        &mut self,
+        id: u64,
+        versions: Vec<u64>,
+        timeout_secs: u64,
+        now: Instant,
+    ) -> Vec<Action<Pseudonym>> {
+        let dir = StateDir::new(&self.state_root);
+        let refuse = |error: String| {
+            let outcome = EvalOutcome {
+                id,
+                asked: 0,
+                answered: 0,
+                clients_with_data: 0,
+                examples: 0,
+                versions: Vec::new(),
+                error: Some(error),
+            };
+            if let Err(e) = dir.write_eval_outcome(&outcome) {
+                warn!("cannot write evaluation outcome: {e}");
+            }
+        };
+        if self.evaluation.is_some() {
+            refuse("another evaluation is in progress".into());
+            return Vec::new();
+        }
+        if versions.is_empty() || versions.len() > 4 {
+            refuse(format!("evaluate 1 to 4 versions, not {}", versions.len()));
+            return Vec::new();
+        }
+        let mut models = Vec::new();
+        for &v in &versions {
+            match self.store.model(ModelVersion(v)) {
+                Ok(m) => models.push(Arc::new(m.weights)),
+                Err(e) => {
+                    refuse(e.to_string());
+                    return Vec::new();
+                }
+            }
+        }
+        if self.waiters.is_empty() {
+            refuse("no idle client is connected to evaluate on".into());
+            return Vec::new();
+        }
+        let versions: Vec<ModelVersion> = versions.into_iter().map(ModelVersion).collect();
+        let package = Arc::new(EvalPackage {
+            task: EvalTask {
+                id,
+                spec: self.settings.spec,
+                versions: versions.clone(),
+                chunk_len: self.chunk_len,
+            },
+            models,
+        });
+        let mut asked = HashSet::new();
+        let mut actions = Vec::new();
+        for (client, (_, tx)) in std::mem::take(&mut self.waiters) {
+            if tx.send(Assignment::Evaluate(package.clone())).is_ok() {
+                asked.insert(client);
+            }
+            // Out of the pool while it evaluates; it checks in again after.
+            actions.extend(self.machine.disconnected(client, now));
+        }
+        info!(id, clients = asked.len(), "federated evaluation started");
+        self.evaluation = Some(PendingEval {
+            id,
+            sums: vec![(0.0, 0.0); versions.len()],
+            versions,
+            asked,
+            answered: HashSet::new(),
+            clients_with_data: 0,
+            examples: 0,
+            deadline: now + Duration::from_secs(timeout_secs.clamp(1, 3600)),
+        });
+        actions
+    }
+
+    fn eval_report(&mut self, client: Pseudonym, report: EvalReport) {
+        let Some(eval) = &mut self.evaluation else {
+            return;
+        };
+        if report.id != eval.id || !eval.asked.contains(&client) || !eval.answered.insert(client) {
+            return;
+        }
+        let usable = report.examples > 0
+            && report.results.len() == eval.versions.len()
+            && report
+                .results
+                .iter()
+                .all(|m| m.loss.is_finite() && (0.0..=1.0).contains(&m.accuracy));
+        if usable {
+            let n = report.examples as f64;
+            for (sum, m) in eval.sums.iter_mut().zip(&report.results) {
+                sum.0 += f64::from(m.loss) * n;
+                sum.1 += f64::from(m.accuracy) * n;
+            }
+            eval.examples += report.examples;
+            eval.clients_with_data += 1;
+        }
+        if eval.answered.len() == eval.asked.len() {
+            self.finish_evaluation();
+        }
+    }
+
+    fn finish_evaluation(&mut self) {
+        let Some(eval) = self.evaluation.take() else {
+            return;
+        };
+        let n = eval.examples as f64;
+        let outcome = EvalOutcome {
+            id: eval.id,
+            asked: eval.asked.len(),
+            answered: eval.answered.len(),
+            clients_with_data: eval.clients_with_data,
+            examples: eval.examples,
+            versions: if eval.examples > 0 {
+                eval.versions
+                    .iter()
+                    .zip(&eval.sums)
+                    .map(|(v, (loss, acc))| VersionMetrics {
+                        version: v.0,
+                        accuracy: acc / n,
+                        loss: loss / n,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            error: (eval.examples == 0)
+                .then(|| "no client reported held-out data in time".to_owned()),
+        };
+        info!(
+            id = eval.id,
+            answered = outcome.answered,
+            "federated evaluation finished"
+        );
+        if let Err(e) = StateDir::new(&self.state_root).write_eval_outcome(&outcome) {
+            warn!("cannot write evaluation outcome: {e}");
         }
     }
 

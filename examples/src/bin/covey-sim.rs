@@ -16,7 +16,11 @@ use covey_client::{
     partition::Partition,
     trainer::{TrainError, select_device},
 };
-use covey_protocol::{UpdateEncoding, message::Task, model::Architecture};
+use covey_protocol::{
+    UpdateEncoding,
+    message::{LocalMetrics, Task},
+    model::Architecture,
+};
 use covey_server::{Server, ServerConfig, StateDir};
 
 #[derive(Parser, Debug)]
@@ -83,13 +87,25 @@ struct Serialized {
     device_lock: Arc<Mutex<()>>,
 }
 
+/// Waits for this client's turn on the shared device.
+fn turn(lock: &Mutex<()>) -> Result<std::sync::MutexGuard<'_, ()>, TrainError> {
+    lock.lock()
+        .map_err(|_| TrainError::Panicked("another client's training panicked".into()))
+}
+
 impl Trainer for Serialized {
     fn train(&mut self, task: &Task, global: &[f32]) -> Result<TrainOutput, TrainError> {
-        let _turn = self
-            .device_lock
-            .lock()
-            .map_err(|_| TrainError::Panicked("another client's training panicked".into()))?;
+        let _turn = turn(&self.device_lock)?;
         self.inner.train(task, global)
+    }
+
+    fn evaluate(
+        &mut self,
+        spec: covey_protocol::model::ModelSpec,
+        weights: &[f32],
+    ) -> Result<Option<(LocalMetrics, u64)>, TrainError> {
+        let _turn = turn(&self.device_lock)?;
+        self.inner.evaluate(spec, weights)
     }
 }
 
@@ -173,15 +189,23 @@ async fn simulate(args: Args) -> Result<()> {
     let server = tokio::spawn(server.run());
 
     let parts = args.partition.split(&train.labels, args.clients, args.seed);
+    // Each virtual client also holds a share of the test set, for
+    // `covey-server evaluate` against a live --state-dir.
+    let test = Arc::new(Mnist::load(&data_dir, "t10k")?);
+    let holdouts = Partition::Iid.split(&test.labels, args.clients, args.seed);
     let device_lock = Arc::new(Mutex::new(()));
     let mut clients = Vec::new();
-    for (identity, indices) in identities.into_iter().zip(parts) {
+    for ((identity, indices), holdout) in identities.into_iter().zip(parts).zip(holdouts) {
         let view = DataView {
             data: train.clone(),
             indices,
         };
+        let holdout = DataView {
+            data: test.clone(),
+            indices: holdout,
+        };
         let trainer = Serialized {
-            inner: CandleTrainer::new(&view, &device)?,
+            inner: CandleTrainer::new(&view, &device)?.with_holdout(&holdout)?,
             device_lock: device_lock.clone(),
         };
         let options = ClientOptions {

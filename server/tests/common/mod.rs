@@ -104,6 +104,14 @@ impl Trainer for ScriptedTrainer {
             },
         })
     }
+
+    fn evaluate(
+        &mut self,
+        _spec: covey_protocol::model::ModelSpec,
+        weights: &[f32],
+    ) -> Result<Option<(LocalMetrics, u64)>, TrainError> {
+        Ok(Some(scripted_eval(self.id, weights[0])))
+    }
 }
 
 /// FedAvg by hand: w ← w + Σ nᵢΔᵢ / Σ nᵢ over `ids`, for each base version.
@@ -215,4 +223,16 @@ pub fn spawn_scripted(
 
 pub fn shared<T>(v: T) -> Arc<T> {
     Arc::new(v)
+}
+
+/// Held-out metrics a scripted client reports for a model whose first
+/// weight is `w0`, and its example count.
+pub fn scripted_eval(id: u32, w0: f32) -> (LocalMetrics, u64) {
+    (
+        LocalMetrics {
+            loss: id as f32 + w0,
+            accuracy: 0.1 * (id as f32 + 1.0),
+        },
+        5 * (u64::from(id) + 1),
+    )
 }
