@@ -373,6 +373,26 @@ impl Session {
         }
     }
 
+    /// Runs `work` on the trainer on a blocking thread, so training never
+    /// stalls the connection's keep-alives.
+    async fn off_thread<T: Send + 'static>(
+        &mut self,
+        work: impl FnOnce(&mut dyn Trainer) -> T + Send + 'static,
+    ) -> Result<T, ConverseError> {
+        let Some(mut trainer) = self.trainer.take() else {
+            let lost = TrainError::Panicked("an earlier training thread".into());
+            return Err(ConverseError::Fatal(lost.into()));
+        };
+        let (trainer, out) = tokio::task::spawn_blocking(move || {
+            let out = work(trainer.as_mut());
+            (trainer, out)
+        })
+        .await
+        .map_err(|e| ConverseError::Fatal(TrainError::Panicked(e.to_string()).into()))?;
+        self.trainer = Some(trainer);
+        Ok(out)
+    }
+
     /// Evaluates the sent versions on held-out data and reports back.
     async fn evaluate(
         &mut self,
@@ -397,20 +417,10 @@ impl Session {
             models.push(read_tensor(recv, plan, UpdateEncoding::F32, limits).await?);
             self.summary.bytes_down += plan.wire_bytes(UpdateEncoding::F32);
         }
-        let Some(mut trainer) = self.trainer.take() else {
-            return Err(ConverseError::Fatal(SessionError::Identity(
-                "trainer lost".into(),
-            )));
-        };
         let spec = task.spec;
-        let (trainer, results) = tokio::task::spawn_blocking(move || {
-            let results: Result<Vec<_>, TrainError> =
-                models.iter().map(|w| trainer.evaluate(spec, w)).collect();
-            (trainer, results)
-        })
-        .await
-        .map_err(|e| ConverseError::Fatal(TrainError::Panicked(e.to_string()).into()))?;
-        self.trainer = Some(trainer);
+        let results: Result<Vec<_>, TrainError> = self
+            .off_thread(move |trainer| models.iter().map(|w| trainer.evaluate(spec, w)).collect())
+            .await?;
         let (examples, results) = match results {
             Ok(r) if r.iter().all(Option::is_some) && !r.is_empty() => {
                 let examples = r.first().and_then(|m| m.map(|(_, n)| n)).unwrap_or(0);
@@ -449,19 +459,10 @@ impl Session {
         let global = read_tensor(recv, plan, UpdateEncoding::F32, limits).await?;
         self.summary.bytes_down += plan.wire_bytes(UpdateEncoding::F32);
         info!(round = %task.round, base = %task.base_version, "training");
-        let Some(mut trainer) = self.trainer.take() else {
-            return Err(ConverseError::Fatal(SessionError::Identity(
-                "trainer lost".into(),
-            )));
-        };
         let task_for_training = task.clone();
-        let (trainer, result) = tokio::task::spawn_blocking(move || {
-            let result = trainer.train(&task_for_training, &global);
-            (trainer, result)
-        })
-        .await
-        .map_err(|e| ConverseError::Fatal(TrainError::Panicked(e.to_string()).into()))?;
-        self.trainer = Some(trainer);
+        let result = self
+            .off_thread(move |trainer| trainer.train(&task_for_training, &global))
+            .await?;
         let output = match result {
             Ok(o) => o,
             Err(e) => {
