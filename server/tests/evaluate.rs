@@ -41,18 +41,23 @@ async fn idle_clients_evaluate_and_the_server_weights_by_examples() {
     let stopper = server.stopper();
     let running = tokio::spawn(server.run());
     let clients = spawn_scripted(&bundles, addr, Duration::ZERO);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let dir = tmp.path().to_path_buf();
-    let out = tokio::task::spawn_blocking(move || evaluate(&dir, "0"))
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let outcome: EvalOutcome = serde_json::from_slice(&out.stdout).unwrap();
+    // Until all three clients have checked in, fewer are idle to ask.
+    let mut found: Option<EvalOutcome> = None;
+    for _ in 0..60 {
+        let dir = tmp.path().to_path_buf();
+        let out = tokio::task::spawn_blocking(move || evaluate(&dir, "0"))
+            .await
+            .unwrap();
+        if out.status.success() {
+            let o: EvalOutcome = serde_json::from_slice(&out.stdout).unwrap();
+            if o.asked == 3 {
+                found = Some(o);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let outcome = found.expect("three idle clients were never asked");
     assert_eq!(
         (outcome.asked, outcome.answered, outcome.clients_with_data),
         (3, 3, 3)
