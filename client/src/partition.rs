@@ -13,7 +13,25 @@ pub enum Partition {
     /// McMahan et al. 2017: sort by label, cut 2·K shards, give each client 2.
     Shards,
     /// Hsu et al. 2019: each label's examples split by Dirichlet(α) weights.
-    Dirichlet(f64),
+    Dirichlet(Alpha),
+}
+
+/// A Dirichlet concentration: positive and finite by construction.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Alpha(f64);
+
+impl Alpha {
+    pub fn new(alpha: f64) -> Result<Self, String> {
+        if alpha.is_finite() && alpha > 0.0 {
+            Ok(Self(alpha))
+        } else {
+            Err(format!("dirichlet alpha must be positive, got {alpha}"))
+        }
+    }
+
+    pub fn get(self) -> f64 {
+        self.0
+    }
 }
 
 impl FromStr for Partition {
@@ -31,11 +49,7 @@ impl FromStr for Partition {
                             "unknown partition '{other}': expected iid, shards or dirichlet:ALPHA"
                         )
                     })?;
-                if alpha.is_finite() && alpha > 0.0 {
-                    Ok(Self::Dirichlet(alpha))
-                } else {
-                    Err(format!("dirichlet alpha must be positive, got {alpha}"))
-                }
+                Alpha::new(alpha).map(Self::Dirichlet)
             }
         }
     }
@@ -71,8 +85,8 @@ impl Partition {
             Self::Dirichlet(alpha) => {
                 let mut parts = vec![Vec::new(); clients];
                 // alpha was checked positive when parsed.
-                let gamma =
-                    Gamma::new(alpha, 1.0).unwrap_or_else(|_| Gamma::new(1.0, 1.0).unwrap());
+                // Alpha is positive and finite, the only thing Gamma checks.
+                let gamma = Gamma::new(alpha.get(), 1.0).expect("valid Dirichlet alpha");
                 for label in 0..=u8::MAX {
                     let mut members: Vec<usize> =
                         (0..labels.len()).filter(|&i| labels[i] == label).collect();
@@ -170,7 +184,7 @@ mod tests {
     fn dirichlet_skews_labels_more_as_alpha_shrinks() {
         let l = labels(10_000);
         let skew = |alpha: f64| {
-            let parts = Partition::Dirichlet(alpha).split(&l, 20, 5);
+            let parts = Partition::Dirichlet(Alpha::new(alpha).unwrap()).split(&l, 20, 5);
             check_cover(&parts, 10_000);
             // Mean over clients of the largest label's share.
             parts
@@ -190,7 +204,7 @@ mod tests {
         assert_eq!("iid".parse::<Partition>().unwrap(), Partition::Iid);
         assert_eq!(
             "dirichlet:0.5".parse::<Partition>().unwrap(),
-            Partition::Dirichlet(0.5)
+            Partition::Dirichlet(Alpha::new(0.5).unwrap())
         );
         assert!("dirichlet:-1".parse::<Partition>().is_err());
         assert!("random".parse::<Partition>().is_err());
