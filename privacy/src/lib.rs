@@ -4,6 +4,7 @@
 //! leaves a device, and what an auditor may learn, is reviewable in one place.
 #![forbid(unsafe_code)]
 
+pub mod accountant;
 mod clip;
 mod pseudonym;
 

@@ -98,6 +98,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Privacy accounting for DP-FedAvg (Poisson-subsampled Gaussian, RDP
+    /// accountant, improved conversion).
+    Privacy {
+        #[command(subcommand)]
+        command: PrivacyCommand,
+    },
     /// Show rounds, the current version and the enrolled clients.
     Status {
         #[arg(long)]
@@ -105,6 +111,98 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum PrivacyCommand {
+    /// ε after T rounds at noise multiplier Z and sampling rate Q.
+    Epsilon {
+        #[arg(long)]
+        noise_multiplier: f64,
+        #[arg(long)]
+        sampling_rate: f64,
+        #[arg(long)]
+        rounds: u64,
+        #[arg(long)]
+        delta: f64,
+        /// Only rdp for now.
+        #[arg(long, default_value = "rdp", value_parser = ["rdp"])]
+        accountant: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The smallest noise multiplier that keeps T rounds within (ε, δ).
+    Noise {
+        #[arg(long)]
+        epsilon: f64,
+        #[arg(long)]
+        delta: f64,
+        #[arg(long)]
+        sampling_rate: f64,
+        #[arg(long)]
+        rounds: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn privacy(command: PrivacyCommand) -> Result<()> {
+    use covey_privacy::accountant::{
+        Delta, Epsilon, NoiseMultiplier, SamplingRate, dp_fedavg_epsilon, noise_for_epsilon,
+    };
+    match command {
+        PrivacyCommand::Epsilon {
+            noise_multiplier,
+            sampling_rate,
+            rounds,
+            delta,
+            accountant: _,
+            json,
+        } => {
+            let eps = dp_fedavg_epsilon(
+                SamplingRate::new(sampling_rate)?,
+                NoiseMultiplier::new(noise_multiplier)?,
+                rounds,
+                Delta::new(delta)?,
+            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "epsilon": eps.get(), "delta": delta, "accountant": "rdp" })
+                );
+            } else {
+                println!(
+                    "epsilon = {:.4} at delta = {delta} (RDP accountant, improved conversion)",
+                    eps.get()
+                );
+            }
+        }
+        PrivacyCommand::Noise {
+            epsilon,
+            delta,
+            sampling_rate,
+            rounds,
+            json,
+        } => {
+            let z = noise_for_epsilon(
+                Epsilon::new(epsilon)?,
+                SamplingRate::new(sampling_rate)?,
+                rounds,
+                Delta::new(delta)?,
+            )
+            .with_context(|| {
+                format!(
+                    "no noise multiplier up to 1000 keeps {rounds} rounds within epsilon {epsilon}"
+                )
+            })?;
+            if json {
+                println!("{}", serde_json::json!({ "noise_multiplier": z.get() }));
+            } else {
+                println!("noise multiplier = {:.4}", z.get());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn init_logging() {
@@ -120,6 +218,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
+        Command::Privacy { command } => privacy(command)?,
         Command::Init {
             dir,
             listen,

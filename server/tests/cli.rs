@@ -175,3 +175,61 @@ fn missing_and_broken_state_directories_are_named() {
     std::fs::write(dir.join("config.toml"), "[server]\nlisten = 5\n").unwrap();
     fails_with(&server(&["run"], &dir), "config.toml is not valid");
 }
+
+#[test]
+fn privacy_epsilon_and_noise_match_published_values() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_covey-server"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "privacy",
+        "epsilon",
+        "--noise-multiplier",
+        "4",
+        "--sampling-rate",
+        "0.01",
+        "--rounds",
+        "40000",
+        "--delta",
+        "1e-5",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    // Abadi et al. 2016 with the improved RDP conversion: about 2.21.
+    let eps = json["epsilon"].as_f64().unwrap();
+    assert!((eps - 2.21).abs() < 0.03, "{eps}");
+    let out = run(&[
+        "privacy",
+        "noise",
+        "--epsilon",
+        "2.21",
+        "--delta",
+        "1e-5",
+        "--sampling-rate",
+        "0.01",
+        "--rounds",
+        "40000",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let z = json["noise_multiplier"].as_f64().unwrap();
+    assert!((z - 4.0).abs() < 0.1, "{z}");
+    fails_with(
+        &run(&[
+            "privacy",
+            "epsilon",
+            "--noise-multiplier",
+            "1",
+            "--sampling-rate",
+            "2",
+            "--rounds",
+            "1",
+            "--delta",
+            "1e-5",
+        ]),
+        "sampling rate must be in (0, 1], got 2",
+    );
+}
