@@ -21,7 +21,7 @@ use covey_protocol::{SERVER_NAME, identity::IdentityBundle};
 
 use crate::{
     config::{ConfigError, ServerConfig},
-    pki::{self, Issued, PkiError},
+    pki::{self, PkiError, ServerIdentity},
     store::{Enrollment, Store, StoreError},
 };
 
@@ -293,12 +293,10 @@ impl StateDir {
         read_file(&self.ca_cert_path())
     }
 
-    pub fn server_identity(&self) -> Result<Issued, DirError> {
-        Ok(Issued {
+    pub fn server_identity(&self) -> Result<ServerIdentity, DirError> {
+        Ok(ServerIdentity {
             cert_pem: read_file(&self.root.join("server.pem"))?,
             key_pem: read_file(&self.root.join("server.key"))?,
-            cert_der: Vec::new(),
-            not_after_unix: 0,
         })
     }
 

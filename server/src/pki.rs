@@ -36,7 +36,13 @@ pub enum PkiError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-/// A PEM certificate with its PEM private key.
+/// The server's certificate and key, as PEM.
+pub struct ServerIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A freshly issued certificate: PEM, its key, DER (for pseudonyms) and expiry.
 pub struct Issued {
     pub cert_pem: String,
     pub key_pem: String,
@@ -246,7 +252,7 @@ impl ClientCertVerifier for EnrolledClientVerifier {
 /// TLS 1.3 with client certificates required, ALPN `covey/1`, ring provider.
 pub fn server_tls_config(
     ca_cert_pem: &str,
-    server: &Issued,
+    server: &ServerIdentity,
     admitted: Arc<Admitted>,
     key: Arc<PseudonymKey>,
 ) -> Result<rustls::ServerConfig, PkiError> {
