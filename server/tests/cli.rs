@@ -160,6 +160,23 @@ fn missing_and_broken_state_directories_are_named() {
         &server(&["status"], &tmp.path().join("nothing")),
         "covey-server init",
     );
+    fails_with(
+        &server(
+            &["init", "--test-data", "/no/such/dir"],
+            &tmp.path().join("t"),
+        ),
+        "test data directory /no/such/dir",
+    );
+    let with_test = tmp.path().join("t");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/data/mnist");
+    ok(&server(&["init", "--test-data", data], &with_test));
+    let config = std::fs::read_to_string(with_test.join("config.toml")).unwrap();
+    let absolute = std::fs::canonicalize(data).unwrap();
+    assert!(
+        config.contains(&format!("test_data = \"{}\"", absolute.display())),
+        "{config}"
+    );
+
     let dir = tmp.path().join("s");
     ok(&server(&["init"], &dir));
     let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();

@@ -146,6 +146,27 @@ async fn revoking_a_connected_client_on_a_live_server_closes_it_and_bars_it() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("the running server revoked 'victim'"));
 
+    // status works while the server holds the database: from its snapshot.
+    let dir = tmp.path().to_path_buf();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_covey-server"))
+            .args(["status", "--json", "--dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(String::from_utf8_lossy(&status.stderr).contains("the server is running"));
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(report["current_version"], 0);
+    assert_eq!(report["clients"].as_array().unwrap().len(), 3);
+
     let (code, reason) = close_of(&conn).await;
     assert_eq!(code, covey_protocol::message::CloseCode::Revoked as u64);
     assert_eq!(reason, "enrollment revoked");
