@@ -6,6 +6,7 @@
 
 pub mod accountant;
 mod clip;
+pub mod noise;
 mod pseudonym;
 
 pub use clip::{ClipNorm, InvalidClipNorm, clip_l2, l2_norm};
