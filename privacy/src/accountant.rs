@@ -136,6 +136,102 @@ impl RdpAccountant {
     }
 }
 
+/// What one committed round costs, as the accountant composes it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RoundMechanism {
+    /// Central DP: the Gaussian mechanism on the sum of a Poisson sample.
+    SubsampledGaussian { q: SamplingRate, z: NoiseMultiplier },
+    /// Distributed DP: ρ-zCDP per round. No amplification by sampling is
+    /// claimed, which can only overstate ε.
+    Zcdp { rho: f64 },
+}
+
+impl RdpAccountant {
+    /// `steps` rounds of `mechanism`.
+    pub fn compose(
+        &mut self,
+        mechanism: RoundMechanism,
+        steps: u64,
+    ) -> Result<(), PrivacyParamError> {
+        match mechanism {
+            RoundMechanism::SubsampledGaussian { q, z } => {
+                self.compose_subsampled_gaussian(q, z, steps);
+                Ok(())
+            }
+            RoundMechanism::Zcdp { rho } => self.compose_zcdp(rho * steps as f64),
+        }
+    }
+}
+
+/// How many more rounds of `mechanism` fit before ε would pass `target`:
+/// the largest k ≤ `cap` with ε(spent + k rounds) ≤ target.
+pub fn rounds_within_budget(
+    spent: &RdpAccountant,
+    mechanism: RoundMechanism,
+    target: Epsilon,
+    delta: Delta,
+    cap: u64,
+) -> Result<u64, PrivacyParamError> {
+    let fits = |k: u64| -> Result<bool, PrivacyParamError> {
+        let mut acc = spent.clone();
+        acc.compose(mechanism, k)?;
+        Ok(acc.epsilon(delta, Conversion::Improved).0.get() <= target.get())
+    };
+    if !fits(0)? {
+        return Ok(0);
+    }
+    // ε grows with k: binary search for the last k that fits.
+    let (mut good, mut bad) = (0u64, cap.saturating_add(1));
+    while bad - good > 1 {
+        let mid = good + (bad - good) / 2;
+        if fits(mid)? {
+            good = mid;
+        } else {
+            bad = mid;
+        }
+    }
+    Ok(good)
+}
+
+/// Andrew et al. 2021 (Thm 1): when the clipped-count query gets noise
+/// σ_b, the update must use z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) for the pair to
+/// cost what the Gaussian mechanism with noise z alone would. `None` when
+/// σ_b is too small to fit inside z.
+pub fn adaptive_clip_update_noise(z: NoiseMultiplier, count_sigma: f64) -> Option<NoiseMultiplier> {
+    let rest = z.get().powi(-2) - (2.0 * count_sigma).powi(-2);
+    (count_sigma.is_finite() && count_sigma > 0.0 && rest > 0.0)
+        .then(|| NoiseMultiplier(rest.powf(-0.5)))
+}
+
+/// ρ-zCDP of the sum of `n` clients' discrete Gaussians of scale `sigma`
+/// (integer units) in `dim` coordinates, for a change of L2 norm `l2` and
+/// L1 norm `l1` (Kairouz, Liu and Steinke 2021, Theorem 1): ρ = ε²/2 with
+/// ε = min(√(Δ₂²/(nσ²) + τd/2), Δ₂/(√n·σ) + τΔ₁) and
+/// τ = 10·Σ_{k=1}^{n−1} exp(−2π²σ²·k/(k+1)). Needs σ ≥ ½.
+pub fn distributed_discrete_gaussian_rho(
+    n: u64,
+    sigma: f64,
+    dim: u64,
+    l2: f64,
+    l1: f64,
+) -> Option<f64> {
+    if n == 0 || !(sigma >= 0.5 && sigma.is_finite()) || !(l2 >= 0.0 && l1 >= 0.0) {
+        return None;
+    }
+    let pi2s2 = 2.0 * std::f64::consts::PI.powi(2) * sigma * sigma;
+    // The terms fall fast; past 1e-300 they no longer change the sum.
+    let tau = 10.0
+        * (1..n)
+            .map(|k| (-pi2s2 * k as f64 / (k as f64 + 1.0)).exp())
+            .take_while(|t| *t > 1e-300)
+            .sum::<f64>();
+    let n = n as f64;
+    let first = (l2 * l2 / (n * sigma * sigma) + tau * dim as f64 / 2.0).sqrt();
+    let second = l2 / (n.sqrt() * sigma) + tau * l1;
+    let eps = first.min(second);
+    Some(eps * eps / 2.0)
+}
+
 /// ε after `rounds` of the subsampled Gaussian, improved conversion.
 pub fn dp_fedavg_epsilon(
     q: SamplingRate,
@@ -288,6 +384,99 @@ mod tests {
         // Abadi's σ = 4 gives about this ε, so the search lands near 4.
         assert!((z.get() - 4.0).abs() < 0.2, "{}", z.get());
         assert!(noise_for_epsilon(Epsilon::new(1e-6).unwrap(), q, 10_000, d).is_none());
+    }
+
+    #[test]
+    fn the_budget_admits_exactly_the_rounds_that_fit() {
+        let m = RoundMechanism::SubsampledGaussian {
+            q: SamplingRate::new(0.05).unwrap(),
+            z: NoiseMultiplier::new(1.5).unwrap(),
+        };
+        let delta = Delta::new(1e-5).unwrap();
+        let target = Epsilon::new(1.0).unwrap();
+        let acc = RdpAccountant::new();
+        let k = rounds_within_budget(&acc, m, target, delta, 10_000).unwrap();
+        let eps = |rounds| {
+            let mut a = acc.clone();
+            a.compose(m, rounds).unwrap();
+            a.epsilon(delta, Conversion::Improved).0.get()
+        };
+        assert!(k > 0);
+        assert!(eps(k) <= 1.0, "{k} rounds give {}", eps(k));
+        assert!(eps(k + 1) > 1.0);
+        // Spent rounds count against the same budget.
+        let mut half = acc.clone();
+        half.compose(m, k / 2).unwrap();
+        assert_eq!(
+            rounds_within_budget(&half, m, target, delta, 10_000).unwrap(),
+            k - k / 2
+        );
+        assert_eq!(rounds_within_budget(&acc, m, target, delta, 3).unwrap(), 3);
+    }
+
+    #[test]
+    fn adaptive_clipping_spends_part_of_the_noise_on_the_count() {
+        let z = NoiseMultiplier::new(1.0).unwrap();
+        // Andrew et al.'s example: σ_b = m/20 with m = 100 leaves z_Δ ≈ 1.0050.
+        let z_delta = adaptive_clip_update_noise(z, 5.0).unwrap();
+        assert!(
+            (z_delta.get() - 1.005_037_8).abs() < 1e-6,
+            "{}",
+            z_delta.get()
+        );
+        assert!(adaptive_clip_update_noise(z, 0.4).is_none());
+    }
+
+    #[test]
+    fn distributed_discrete_gaussian_approaches_the_gaussian() {
+        // Large σ: τ vanishes and ρ is Δ²/(2nσ²), the continuous value.
+        let rho = distributed_discrete_gaussian_rho(100, 10.0, 1 << 20, 50.0, 2500.0).unwrap();
+        assert!((rho - 50.0f64.powi(2) / (2.0 * 100.0 * 100.0)).abs() < 1e-12);
+        // Small σ: the term for the sum of discrete Gaussians shows.
+        let tight = distributed_discrete_gaussian_rho(1, 0.6, 1000, 3.0, 9.0).unwrap();
+        let summed = distributed_discrete_gaussian_rho(10, 0.6, 1000, 3.0, 9.0).unwrap();
+        assert!(
+            (tight - 9.0 / (2.0 * 0.36)).abs() < 1e-9,
+            "n = 1 has no τ term"
+        );
+        assert!(summed > 9.0 / (2.0 * 10.0 * 0.36));
+        assert!(distributed_discrete_gaussian_rho(10, 0.4, 10, 1.0, 1.0).is_none());
+    }
+
+    #[test]
+    fn zcdp_conversion_agrees_with_opendp() {
+        use opendp::{
+            combinators::{make_fix_delta, make_zCDP_to_approxDP},
+            domains::{AtomDomain, VectorDomain},
+            measurements::make_gaussian,
+            measures::ZeroConcentratedDivergence,
+            metrics::L2Distance,
+        };
+        for (scale, sens) in [(1.0f64, 1.0f64), (4.0, 1.0), (0.5, 2.0)] {
+            let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+                VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
+                L2Distance::<f64>::default(),
+                scale,
+                None,
+            )
+            .unwrap();
+            let rho = m.map(&sens).unwrap();
+            let approx = make_fix_delta(&make_zCDP_to_approxDP(m).unwrap(), 1e-5).unwrap();
+            let (opendp_eps, _) = approx.map(&sens).unwrap();
+            let mut acc = RdpAccountant::new();
+            acc.compose_zcdp(rho).unwrap();
+            let ours = acc
+                .epsilon(Delta::new(1e-5).unwrap(), Conversion::Improved)
+                .0
+                .get();
+            // Ours is the RDP grid's minimum; opendp solves the conversion
+            // exactly. Ours may be larger, never smaller by more than rounding.
+            assert!(
+                ours >= opendp_eps * (1.0 - 1e-6),
+                "ρ={rho}: {ours} < {opendp_eps}"
+            );
+            assert!(ours <= opendp_eps * 1.01, "ρ={rho}: {ours} vs {opendp_eps}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod accountant;
 mod clip;
 pub mod noise;
 mod pseudonym;
+pub mod quantize;
 
 pub use clip::{ClipNorm, InvalidClipNorm, clip_l2, l2_norm};
 pub use pseudonym::{Pseudonym, PseudonymKey, PseudonymKeyError};
