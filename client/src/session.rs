@@ -11,12 +11,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use covey_privacy::clip_l2;
 use covey_protocol::{
     ALPN, ModelVersion, PROTOCOL_VERSION, UpdateEncoding,
     frame::FrameLimits,
     identity::IdentityBundle,
     io::{StreamError, read_message, read_tensor, write_message, write_tensor},
-    message::{CloseCode, EvalReport, EvalTask, Hello, Message, Task, UpdateHeader, UpdateReceipt},
+    message::{
+        CloseCode, EvalReport, EvalTask, Hello, Message, Task, UpdateHeader, UpdatePrivacy,
+        UpdateReceipt,
+    },
     tensor::ChunkPlan,
 };
 use quinn::{ConnectionError, VarInt, crypto::rustls::QuicClientConfig};
@@ -472,20 +476,28 @@ impl Session {
             }
         };
         self.summary.rounds_trained += 1;
+        let mut delta = output.delta;
+        // Clipping happens here, on the device, whatever the trainer did:
+        // the server's noise only protects a bounded contribution.
+        let within_clip = match task.privacy {
+            UpdatePrivacy::Plain => None,
+            UpdatePrivacy::Clipped { clip } => Some(clip_l2(&mut delta, clip) <= clip.get()),
+        };
         let header = UpdateHeader {
             round: task.round,
             base_version: task.base_version,
             encoding: task.update_encoding,
-            param_count: output.delta.len() as u64,
+            param_count: delta.len() as u64,
             num_examples: output.num_examples,
             metrics: output.metrics,
+            within_clip,
         };
         let (mut send, mut recv) = conn.open_bi().await?;
         write_message(&mut send, &Message::Update(header)).await?;
-        let up_plan = ChunkPlan::new(output.delta.len(), task.chunk_len);
+        let up_plan = ChunkPlan::new(delta.len(), task.chunk_len);
         let sent = write_tensor(
             &mut send,
-            &output.delta,
+            &delta,
             up_plan,
             task.update_encoding,
             &mut self.rng,

@@ -428,6 +428,7 @@ mod tests {
             chunk_len: 1024,
             deadline_ms: 60_000,
             seed: 1,
+            privacy: covey_protocol::message::UpdatePrivacy::Plain,
         }
     }
 

@@ -80,6 +80,16 @@ fn bad_flags_are_refused_with_a_reason() {
         (&["--fraction", "0"][..], "--fraction must be in (0, 1]"),
         (&["--model", "resnet"][..], "unknown model 'resnet'"),
         (&["--data", "/nonexistent"][..], "/nonexistent"),
+        (&["--dp", "local"][..], "privacy.mode"),
+        (&["--dp", "central", "--clip=-1"][..], "privacy.clip"),
+        (
+            &["--dp", "central", "--clip", "big"][..],
+            "--clip must be a number",
+        ),
+        (
+            &["--dp", "central", "--target-epsilon", "0"][..],
+            "privacy.target_epsilon",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_covey-sim"))
             .args(args)
@@ -89,4 +99,123 @@ fn bad_flags_are_refused_with_a_reason() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+/// The claim of central DP checked through the whole system: with a zero
+/// learning rate every true update is zero, so the two global models differ
+/// by the server's noise alone, whose per-coordinate std must be z·C/n.
+#[test]
+fn central_dp_noise_on_the_released_model_has_std_z_c_over_n() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let rounds = sim(&[
+        "--model",
+        "2nn",
+        "--clients",
+        "10",
+        "--rounds",
+        "1",
+        "--epochs",
+        "1",
+        "--lr",
+        "0",
+        "--dp",
+        "central",
+        "--clip",
+        "1",
+        "--noise-multiplier",
+        "1",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(rounds.len(), 1);
+    assert_eq!(rounds[0]["participants"], 10);
+    let epsilon = rounds[0]["epsilon"].as_f64().unwrap();
+    assert!(epsilon > 0.0);
+
+    let store = covey_server::StateDir::new(&state).open_store().unwrap();
+    let before = store
+        .model(covey_protocol::ModelVersion(0))
+        .unwrap()
+        .weights;
+    let after = store
+        .model(covey_protocol::ModelVersion(1))
+        .unwrap()
+        .weights;
+    let diffs: Vec<f64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| f64::from(*a) - f64::from(*b))
+        .collect();
+    let n = diffs.len() as f64;
+    let mean = diffs.iter().sum::<f64>() / n;
+    let std = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt();
+    // 199,210 coordinates: the estimate's own error is about 0.2%.
+    assert!(
+        (std / 0.1 - 1.0).abs() < 0.02,
+        "noise std {std}, expected 0.1"
+    );
+    assert!(mean.abs() < 0.002, "noise mean {mean}");
+    // ε stored with the round is what the accountant gives for one round
+    // at q = 1, z = 1, δ = 1e-5.
+    let ledger = store.privacy_ledger().unwrap().unwrap();
+    assert_eq!(ledger.rounds, 1);
+    let expected = covey_privacy::accountant::dp_fedavg_epsilon(
+        covey_privacy::accountant::SamplingRate::new(1.0).unwrap(),
+        covey_privacy::accountant::NoiseMultiplier::new(1.0).unwrap(),
+        1,
+        covey_privacy::accountant::Delta::new(1e-5).unwrap(),
+    );
+    assert!((epsilon - expected.get()).abs() < 1e-9);
+}
+
+#[test]
+fn a_run_stops_cleanly_before_it_exceeds_its_privacy_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(env!("CARGO_BIN_EXE_covey-sim"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args([
+            "--model",
+            "logreg",
+            "--clients",
+            "4",
+            "--rounds",
+            "20",
+            "--epochs",
+            "1",
+            "--dp",
+            "central",
+            "--clip",
+            "1",
+            "--noise-multiplier",
+            "5",
+            "--target-epsilon",
+            "1.5",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("privacy budget exhausted"), "{stdout}");
+    assert!(
+        stderr.contains("one more round would exceed the target epsilon"),
+        "{stderr}"
+    );
+    let report = covey_server::status::Report::from_store(
+        &covey_server::StateDir::new(&state).open_store().unwrap(),
+        false,
+    )
+    .unwrap();
+    let spent = report.epsilon_spent.unwrap();
+    // z = 5 at q = 1: three rounds spend 1.4456, a fourth would reach 1.6937.
+    assert!(spent <= 1.5, "spent {spent}");
+    assert_eq!(report.current_version, 3);
+    // Every committed round carries the ε spent so far, never above target.
+    let eps: Vec<f64> = report.rounds.iter().filter_map(|r| r.epsilon).collect();
+    assert_eq!(eps.len() as u64, report.current_version);
+    assert!(eps.windows(2).all(|w| w[0] < w[1]) && eps.iter().all(|e| *e <= 1.5));
 }

@@ -138,7 +138,7 @@ mod tests {
         ModelVersion, RoundId, UpdateEncoding,
         message::{
             CloseCode, ErrorReport, EvalReport, EvalTask, Hello, Hyperparameters, LocalMetrics,
-            RejectReason, Task, UpdateHeader, UpdateReceipt, Welcome,
+            RejectReason, Task, UpdateHeader, UpdatePrivacy, UpdateReceipt, Welcome,
         },
         model::{Architecture, ModelSpec},
     };
@@ -186,6 +186,13 @@ mod tests {
                             chunk_len,
                             deadline_ms: round ^ version,
                             seed: version,
+                            privacy: if lr > 0.0 {
+                                UpdatePrivacy::Clipped {
+                                    clip: covey_privacy::ClipNorm::new(f64::from(lr)).unwrap(),
+                                }
+                            } else {
+                                UpdatePrivacy::Plain
+                            },
                         })
                     }
                 ),
@@ -203,6 +210,7 @@ mod tests {
                         loss,
                         accuracy: 0.5
                     },
+                    within_clip: (count % 3 != 0).then_some(count % 2 == 0),
                 })
             ),
             Just(Message::UpdateReceipt(UpdateReceipt::Accepted)),

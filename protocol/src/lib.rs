@@ -24,7 +24,8 @@ pub const ALPN: &[u8] = b"covey/1";
 /// Version of the message set carried over `covey/1`. `Hello` and `Welcome`
 /// keep their layout across versions so any two peers can refuse each other
 /// clearly.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: tasks carry the update privacy settings, updates the clip count.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The DNS name the server certificate carries and clients verify; an
 /// enrollment-internal name, so certificates never embed an address.

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use covey_privacy::ClipNorm;
+
 use crate::{ModelVersion, RoundId, UpdateEncoding, model::ModelSpec};
 
 /// Every control message of `covey/1`.
@@ -87,6 +89,19 @@ pub struct Task {
     pub deadline_ms: u64,
     /// Seed for the client's local shuffling, so runs can be reproduced.
     pub seed: u64,
+    /// What the client must do to its update before sending it.
+    pub privacy: UpdatePrivacy,
+}
+
+/// What happens to an update before it leaves the device.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum UpdatePrivacy {
+    /// Sent as trained.
+    Plain,
+    /// Central DP: L2-clipped to `clip`. The header says whether the update
+    /// was already within it, the count adaptive clipping needs. The server
+    /// refuses an update above the bound.
+    Clipped { clip: ClipNorm },
 }
 
 /// Federated evaluation: compare model versions on clients' held-out data.
@@ -123,6 +138,9 @@ pub struct UpdateHeader {
     pub param_count: u64,
     pub num_examples: u64,
     pub metrics: LocalMetrics,
+    /// Under [`UpdatePrivacy::Clipped`]: was the norm within the clip
+    /// before clipping?
+    pub within_clip: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +166,10 @@ pub enum RejectReason {
     NonFinite,
     /// A zero example count would divide by zero or carry no weight.
     NoExamples,
+    /// The update's L2 norm is above the round's clip.
+    ClipExceeded,
+    /// The update ignored the task's privacy settings.
+    PrivacyMismatch,
 }
 
 impl RejectReason {
@@ -160,6 +182,8 @@ impl RejectReason {
             Self::ShapeMismatch => "shape mismatch",
             Self::NonFinite => "non-finite values",
             Self::NoExamples => "no examples",
+            Self::ClipExceeded => "norm above clip",
+            Self::PrivacyMismatch => "privacy settings ignored",
         }
     }
 }

@@ -15,10 +15,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rand::{SeedableRng, seq::SliceRandom};
+use rand::{Rng, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
 use crate::{ModelVersion, RoundId, message::RejectReason};
+
+/// How long after a Poisson draw below the quorum the next draw is made.
+pub const POISSON_REDRAW: Duration = Duration::from_millis(500);
 
 /// When rounds start and when they end.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,6 +38,21 @@ pub struct RoundConfig {
     pub round_timeout: Duration,
     /// The run ends once this version is committed.
     pub target_version: ModelVersion,
+    /// How a round's cohort is drawn from the waiting clients.
+    pub selection: Selection,
+}
+
+/// How a round's cohort is drawn from the waiting clients.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Selection {
+    /// `clients_per_round × (1 + over_selection)` at random; the round
+    /// closes once `clients_per_round` updates are in.
+    Fixed,
+    /// Each waiting client independently with probability `rate`, as the
+    /// privacy accountant's amplification by sampling assumes. A draw below
+    /// the quorum starts no round (and releases nothing); the next tick
+    /// draws again. The round waits for every member or the deadline.
+    Poisson { rate: f64 },
 }
 
 #[derive(Debug, PartialEq, thiserror::Error)]
@@ -52,6 +70,8 @@ pub enum ConfigError {
     BadOverSelection(f64),
     #[error("round_timeout must be positive")]
     NoTimeout,
+    #[error("Poisson selection rate must be in (0, 1], got {0}")]
+    BadRate(f64),
 }
 
 impl RoundConfig {
@@ -76,6 +96,11 @@ impl RoundConfig {
         }
         if self.round_timeout.is_zero() {
             return Err(ConfigError::NoTimeout);
+        }
+        if let Selection::Poisson { rate } = self.selection
+            && !(rate > 0.0 && rate <= 1.0)
+        {
+            return Err(ConfigError::BadRate(rate));
         }
         Ok(())
     }
@@ -133,8 +158,32 @@ pub enum Action<C> {
         reason: AbortReason,
         stats: RoundStats,
     },
-    /// The target version is committed: tell every waiting client.
-    Finished { version: ModelVersion },
+    /// The run is over: tell every waiting client.
+    Finished {
+        version: ModelVersion,
+        reason: FinishReason,
+    },
+}
+
+/// Why a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The target version is committed.
+    TargetReached,
+    /// One more round would spend more privacy than the budget allows.
+    BudgetExhausted,
+    /// The operator stopped the run.
+    Stopped,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TargetReached => "target version reached",
+            Self::BudgetExhausted => "privacy budget exhausted",
+            Self::Stopped => "stopped by the operator",
+        }
+    }
 }
 
 /// Cohort accounting for one round, for records and metrics.
@@ -158,6 +207,8 @@ struct ActiveRound<C> {
     id: RoundId,
     base: ModelVersion,
     deadline: Instant,
+    /// Accepted updates after which the round closes early.
+    target: usize,
     members: BTreeMap<C, Member>,
 }
 
@@ -183,7 +234,7 @@ enum Phase<C> {
     Waiting,
     Collecting(ActiveRound<C>),
     Committing { round: RoundId },
-    Finished,
+    Finished(FinishReason),
 }
 
 /// The server's round state machine, generic over the client key (a
@@ -196,6 +247,10 @@ pub struct Coordinator<C> {
     pool: BTreeSet<C>,
     phase: Phase<C>,
     rng: ChaCha8Rng,
+    /// Commits still allowed by the privacy budget; `None` is unlimited.
+    budget_rounds: Option<u64>,
+    /// When a Poisson draw fell below the quorum: draw again at this time.
+    redraw_at: Option<Instant>,
 }
 
 impl<C: Copy + Ord> Coordinator<C> {
@@ -209,7 +264,7 @@ impl<C: Copy + Ord> Coordinator<C> {
     ) -> Result<Self, ConfigError> {
         config.validate()?;
         let phase = if version >= config.target_version {
-            Phase::Finished
+            Phase::Finished(FinishReason::TargetReached)
         } else {
             Phase::Waiting
         };
@@ -220,7 +275,24 @@ impl<C: Copy + Ord> Coordinator<C> {
             pool: BTreeSet::new(),
             phase,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            budget_rounds: None,
+            redraw_at: None,
         })
+    }
+
+    /// Allows at most `rounds` more commits (the privacy budget); once
+    /// they are spent the run finishes with [`FinishReason::BudgetExhausted`]
+    /// instead of starting another round.
+    pub fn limit_rounds(&mut self, rounds: u64) {
+        self.budget_rounds = Some(rounds);
+    }
+
+    /// Why the run ended, once it has.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        match self.phase {
+            Phase::Finished(reason) => Some(reason),
+            _ => None,
+        }
     }
 
     pub fn version(&self) -> ModelVersion {
@@ -236,7 +308,7 @@ impl<C: Copy + Ord> Coordinator<C> {
     }
 
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Finished)
+        matches!(self.phase, Phase::Finished(_))
     }
 
     /// Clients waiting for a task.
@@ -246,9 +318,10 @@ impl<C: Copy + Ord> Coordinator<C> {
 
     /// The client is connected and ready for a task.
     pub fn check_in(&mut self, client: C, now: Instant) -> Vec<Action<C>> {
-        if let Phase::Finished = self.phase {
+        if let Phase::Finished(reason) = self.phase {
             return vec![Action::Finished {
                 version: self.version,
+                reason,
             }];
         }
         if let Phase::Collecting(round) = &mut self.phase
@@ -323,7 +396,7 @@ impl<C: Copy + Ord> Coordinator<C> {
             Some(m @ Member::Uploading) => *m = Member::Submitted,
             _ => return Err(RejectReason::NotSelected),
         }
-        let actions = if active.stats().accepted >= self.config.clients_per_round {
+        let actions = if active.stats().accepted >= active.target {
             self.close(true, AbortReason::QuorumUnreachable)
         } else {
             self.check_round_end()
@@ -361,6 +434,7 @@ impl<C: Copy + Ord> Coordinator<C> {
     pub fn next_deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Collecting(active) => Some(active.deadline),
+            Phase::Waiting => self.redraw_at,
             _ => None,
         }
     }
@@ -376,9 +450,13 @@ impl<C: Copy + Ord> Coordinator<C> {
             return Vec::new();
         }
         self.version = version;
+        if let Some(left) = &mut self.budget_rounds {
+            *left = left.saturating_sub(1);
+        }
         if version >= self.config.target_version {
-            self.phase = Phase::Finished;
-            return vec![Action::Finished { version }];
+            let reason = FinishReason::TargetReached;
+            self.phase = Phase::Finished(reason);
+            return vec![Action::Finished { version, reason }];
         }
         self.phase = Phase::Waiting;
         self.start_if_ready(now)
@@ -395,12 +473,44 @@ impl<C: Copy + Ord> Coordinator<C> {
 
     /// Starts a round when enough clients wait; `now` sets its deadline.
     pub fn start_if_ready(&mut self, now: Instant) -> Vec<Action<C>> {
-        if !matches!(self.phase, Phase::Waiting) || self.pool.len() < self.config.min_clients {
+        if !matches!(self.phase, Phase::Waiting) {
             return Vec::new();
         }
-        let mut candidates: Vec<C> = self.pool.iter().copied().collect();
-        candidates.shuffle(&mut self.rng);
-        candidates.truncate(self.config.cohort_size(candidates.len()));
+        if self.budget_rounds == Some(0) {
+            let reason = FinishReason::BudgetExhausted;
+            self.phase = Phase::Finished(reason);
+            return vec![Action::Finished {
+                version: self.version,
+                reason,
+            }];
+        }
+        if self.pool.len() < self.config.min_clients {
+            return Vec::new();
+        }
+        let (candidates, target) = match self.config.selection {
+            Selection::Fixed => {
+                let mut candidates: Vec<C> = self.pool.iter().copied().collect();
+                candidates.shuffle(&mut self.rng);
+                candidates.truncate(self.config.cohort_size(candidates.len()));
+                (candidates, self.config.clients_per_round)
+            }
+            Selection::Poisson { rate } => {
+                let candidates: Vec<C> = self
+                    .pool
+                    .iter()
+                    .copied()
+                    .filter(|_| self.rng.random::<f64>() < rate)
+                    .collect();
+                if candidates.len() < self.config.quorum {
+                    self.redraw_at = Some(now + POISSON_REDRAW);
+                    return Vec::new();
+                }
+                let target = candidates.len();
+                (candidates, target)
+            }
+        };
+        self.redraw_at = None;
+        let mut candidates = candidates;
         candidates.sort();
         for c in &candidates {
             self.pool.remove(c);
@@ -412,6 +522,7 @@ impl<C: Copy + Ord> Coordinator<C> {
             id,
             base: self.version,
             deadline,
+            target,
             members: candidates.iter().map(|&c| (c, Member::Training)).collect(),
         });
         vec![Action::StartRound {
@@ -474,6 +585,7 @@ mod tests {
             quorum,
             round_timeout: Duration::from_secs(60),
             target_version: ModelVersion(rounds),
+            selection: Selection::Fixed,
         }
     }
 
@@ -534,16 +646,94 @@ mod tests {
         assert_eq!(
             c.commit_done(RoundId(2), ModelVersion(2), now),
             vec![Action::Finished {
-                version: ModelVersion(2)
+                version: ModelVersion(2),
+                reason: FinishReason::TargetReached,
             }]
         );
         assert!(c.is_finished());
         assert_eq!(
             c.check_in(9, now),
             vec![Action::Finished {
-                version: ModelVersion(2)
+                version: ModelVersion(2),
+                reason: FinishReason::TargetReached,
             }]
         );
+    }
+
+    #[test]
+    fn the_privacy_budget_ends_the_run_before_the_target() {
+        let now = Instant::now();
+        let mut c = Coordinator::new(config(2, 2, 10), ModelVersion(0), RoundId(1), 1).unwrap();
+        c.limit_rounds(1);
+        let (round, _) = start(&mut c, &[1, 2], now);
+        submit(&mut c, 1, round, now);
+        submit(&mut c, 2, round, now);
+        assert_eq!(
+            c.commit_done(round, ModelVersion(1), now),
+            vec![Action::Finished {
+                version: ModelVersion(1),
+                reason: FinishReason::BudgetExhausted,
+            }]
+        );
+        assert_eq!(c.finish_reason(), Some(FinishReason::BudgetExhausted));
+
+        let mut spent = Coordinator::new(config(2, 2, 10), ModelVersion(3), RoundId(9), 1).unwrap();
+        spent.limit_rounds(0);
+        assert!(matches!(
+            spent.check_in(1, now).as_slice(),
+            [Action::Finished {
+                reason: FinishReason::BudgetExhausted,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn poisson_selection_samples_each_client_at_the_rate() {
+        let now = Instant::now();
+        let mut cfg = config(100, 1, 1000);
+        cfg.clients_per_round = 100;
+        cfg.selection = Selection::Poisson { rate: 0.2 };
+        let mut c = Coordinator::new(cfg, ModelVersion(0), RoundId(1), 5).unwrap();
+        let clients: Vec<u32> = (0..100).collect();
+        let mut sizes = Vec::new();
+        let mut actions = Vec::new();
+        for &k in &clients {
+            actions.extend(c.check_in(k, now));
+        }
+        for r in 0..200u64 {
+            let [Action::StartRound { round, cohort, .. }] = actions.as_slice() else {
+                panic!("expected a round, got {actions:?}");
+            };
+            let (round, cohort) = (*round, cohort.clone());
+            sizes.push(cohort.len());
+            for &k in &cohort {
+                c.begin_update(k, round).unwrap();
+                c.accept_update(k, round, now).unwrap();
+            }
+            // Closes only when every member is in.
+            actions = c.commit_done(round, ModelVersion(r + 1), now);
+            for &k in &cohort {
+                actions.extend(c.check_in(k, now));
+            }
+        }
+        let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+        // Binomial(100, 0.2): mean 20, std of the mean over 200 draws 0.28.
+        assert!((mean - 20.0).abs() < 1.5, "mean cohort {mean}");
+        assert!(sizes.iter().any(|&s| s != 20), "sizes vary: {sizes:?}");
+        // A draw below the quorum starts nothing and asks for a tick later.
+        let mut cfg = config(3, 3, 10);
+        cfg.selection = Selection::Poisson { rate: 0.01 };
+        let mut sparse = Coordinator::new(cfg, ModelVersion(0), RoundId(1), 5).unwrap();
+        for k in 0..3 {
+            assert!(sparse.check_in(k, now).is_empty());
+        }
+        assert_eq!(sparse.next_deadline(), Some(now + POISSON_REDRAW));
+        let bad = RoundConfig {
+            selection: Selection::Poisson { rate: 0.0 },
+            ..config(2, 1, 1)
+        };
+        assert_eq!(bad.validate(), Err(ConfigError::BadRate(0.0)));
     }
 
     #[test]

@@ -55,6 +55,14 @@ impl WeightedSum {
         Ok(())
     }
 
+    /// The plain sum Σ wᵢ·Δᵢ, for a mean over a fixed denominator (DP).
+    pub fn into_sum(self) -> Result<Vec<f32>, AggregateError> {
+        if self.count == 0 {
+            return Err(AggregateError::Empty);
+        }
+        Ok(self.sum)
+    }
+
     /// The weighted mean Σ wᵢ·Δᵢ / Σ wᵢ (FedAvg's average update).
     pub fn mean(mut self) -> Result<Vec<f32>, AggregateError> {
         if self.count == 0 {

@@ -3,15 +3,22 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
+use covey_privacy::{
+    ClipNorm,
+    accountant::{Delta, Epsilon, NoiseMultiplier, SamplingRate},
+};
 use covey_protocol::{
     ModelVersion, UpdateEncoding,
     message::Hyperparameters,
     model::{Architecture, ModelSpec},
-    round::RoundConfig,
+    round::{RoundConfig, Selection},
 };
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::OptimizerKind;
+use crate::{
+    aggregate::OptimizerKind,
+    dp::{AdaptiveClip, CentralDp},
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +30,8 @@ pub struct ServerConfig {
     pub aggregation: Aggregation,
     #[serde(default)]
     pub evaluation: Evaluation,
+    #[serde(default)]
+    pub privacy: Privacy,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,6 +92,38 @@ pub struct Evaluation {
     pub test_data: String,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Privacy {
+    pub mode: String,
+    pub clip: f64,
+    pub adaptive_clip: bool,
+    pub target_quantile: f64,
+    pub clip_learning_rate: f64,
+    pub clip_count_noise: f64,
+    pub noise_multiplier: f64,
+    pub population: u64,
+    pub target_epsilon: f64,
+    pub delta: f64,
+}
+
+impl Default for Privacy {
+    fn default() -> Self {
+        Self {
+            mode: "off".into(),
+            clip: 1.0,
+            adaptive_clip: false,
+            target_quantile: 0.5,
+            clip_learning_rate: 0.2,
+            clip_count_noise: 0.0,
+            noise_multiplier: 1.0,
+            population: 0,
+            target_epsilon: 8.0,
+            delta: 1e-5,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -106,6 +147,81 @@ fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting,
         problem: problem.into(),
+    }
+}
+
+impl Privacy {
+    /// The typed central-DP settings, `None` when privacy is off.
+    fn central(&self, clients_per_round: usize) -> Result<Option<CentralDp>, ConfigError> {
+        match self.mode.as_str() {
+            "off" => return Ok(None),
+            "central" => {}
+            "distributed" => {
+                return Err(invalid(
+                    "privacy.mode",
+                    "distributed DP needs secure aggregation, which this server does not run yet; use central",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    "privacy.mode",
+                    format!("unknown mode '{other}': expected off or central"),
+                ));
+            }
+        }
+        let clip = ClipNorm::new(self.clip).map_err(|e| invalid("privacy.clip", e.to_string()))?;
+        let z = NoiseMultiplier::new(self.noise_multiplier)
+            .map_err(|e| invalid("privacy.noise_multiplier", e.to_string()))?;
+        if self.population < clients_per_round as u64 {
+            return Err(invalid(
+                "privacy.population",
+                format!(
+                    "the number of enrolled devices ({}) must be at least rounds.clients_per_round ({clients_per_round}); it sets the sampling rate",
+                    self.population
+                ),
+            ));
+        }
+        let q = SamplingRate::new(clients_per_round as f64 / self.population as f64)
+            .map_err(|e| invalid("privacy.population", e.to_string()))?;
+        let delta = Delta::new(self.delta).map_err(|e| invalid("privacy.delta", e.to_string()))?;
+        if !(self.target_epsilon.is_finite() && self.target_epsilon > 0.0) {
+            return Err(invalid(
+                "privacy.target_epsilon",
+                format!("must be a positive number, got {}", self.target_epsilon),
+            ));
+        }
+        let target = Epsilon::new(self.target_epsilon)
+            .map_err(|e| invalid("privacy.target_epsilon", e.to_string()))?;
+        let expected_cohort = clients_per_round as f64;
+        let adaptive = if self.adaptive_clip {
+            // Andrew et al.'s σ_b = m/20, but at least z, so a small cohort
+            // keeps most of the noise on the update (z_Δ ≤ 1.16·z).
+            let count_noise = if self.clip_count_noise > 0.0 {
+                self.clip_count_noise
+            } else {
+                (expected_cohort / 20.0).max(z.get())
+            };
+            Some(
+                AdaptiveClip::new(
+                    z,
+                    self.target_quantile,
+                    self.clip_learning_rate,
+                    count_noise,
+                )
+                .map_err(|e| invalid("privacy", e))?,
+            )
+        } else {
+            None
+        };
+        Ok(Some(CentralDp {
+            initial_clip: clip,
+            noise_multiplier: z,
+            sampling_rate: q,
+            expected_cohort,
+            delta,
+            target_epsilon: Some(target),
+            adaptive,
+        }))
     }
 }
 
@@ -150,6 +266,7 @@ impl Default for ServerConfig {
                 tau: 1e-3,
             },
             evaluation: Evaluation::default(),
+            privacy: Privacy::default(),
         }
     }
 }
@@ -162,6 +279,8 @@ pub struct Settings {
     pub hyper: Hyperparameters,
     pub encoding: UpdateEncoding,
     pub optimizer: OptimizerKind,
+    /// Central DP, when on.
+    pub central_dp: Option<CentralDp>,
 }
 
 impl ServerConfig {
@@ -200,6 +319,7 @@ impl ServerConfig {
                 "must be a positive number",
             ));
         }
+        let central_dp = self.privacy.central(r.clients_per_round)?;
         let round = RoundConfig {
             min_clients: r.min_clients,
             clients_per_round: r.clients_per_round,
@@ -207,6 +327,12 @@ impl ServerConfig {
             quorum: r.quorum,
             round_timeout: Duration::from_secs_f64(r.round_timeout_secs),
             target_version: ModelVersion(r.rounds),
+            selection: match &central_dp {
+                Some(dp) => Selection::Poisson {
+                    rate: dp.sampling_rate.get(),
+                },
+                None => Selection::Fixed,
+            },
         };
         round
             .validate()
@@ -269,6 +395,7 @@ impl ServerConfig {
             },
             encoding,
             optimizer,
+            central_dp,
         })
     }
 
@@ -351,6 +478,30 @@ tau = {tau:?}
 # Each new version is evaluated on it before it commits; accuracy and loss go into the round
 # record and `covey-server status`. Empty: no central evaluation.
 test_data = "{test_data}"
+
+[privacy]
+# off, or central: clients clip their updates and the server adds Gaussian noise to the sum
+# before it releases a model (DP-FedAvg, McMahan et al. 2018). Clients are then sampled
+# independently (Poisson) with rate clients_per_round / population, and the sum is divided by
+# clients_per_round, the expected cohort.
+mode = "{p_mode}"
+# L2 norm every update is clipped to (C); with adaptive_clip, the first round's clip.
+clip = {p_clip:?}
+# Track a quantile of the update norms instead of a fixed clip (Andrew et al. 2021).
+adaptive_clip = {p_adaptive}
+# The quantile of update norms the adaptive clip tracks.
+target_quantile = {p_quantile:?}
+# How fast the adaptive clip moves (geometric step).
+clip_learning_rate = {p_clip_lr:?}
+# Noise on the count of updates within the clip; 0 picks max(clients_per_round / 20, noise_multiplier).
+clip_count_noise = {p_count_noise:?}
+# Noise standard deviation on the sum, in units of the clip (z).
+noise_multiplier = {p_z:?}
+# Devices that may take part (enrolled population); sets the sampling rate.
+population = {p_population}
+# The run stops cleanly before the privacy loss would exceed (target_epsilon, delta).
+target_epsilon = {p_target:?}
+delta = {p_delta:?}
 "#,
             listen = n.listen,
             public_addr = n.public_addr,
@@ -380,6 +531,16 @@ test_data = "{test_data}"
             beta2 = a.beta2,
             tau = a.tau,
             test_data = self.evaluation.test_data,
+            p_mode = self.privacy.mode,
+            p_clip = self.privacy.clip,
+            p_adaptive = self.privacy.adaptive_clip,
+            p_quantile = self.privacy.target_quantile,
+            p_clip_lr = self.privacy.clip_learning_rate,
+            p_count_noise = self.privacy.clip_count_noise,
+            p_z = self.privacy.noise_multiplier,
+            p_population = self.privacy.population,
+            p_target = self.privacy.target_epsilon,
+            p_delta = self.privacy.delta,
         )
     }
 }
@@ -394,6 +555,9 @@ mod tests {
         c.rounds.over_selection = 0.25;
         c.aggregation.optimizer = "fedyogi".into();
         c.evaluation.test_data = "/data/mnist".into();
+        c.privacy.mode = "central".into();
+        c.privacy.population = 100;
+        c.privacy.adaptive_clip = true;
         let text = c.to_documented_toml();
         let back: ServerConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
@@ -416,6 +580,25 @@ mod tests {
         c.server.max_frame_bytes = 1000;
         let err = c.settings().unwrap_err().to_string();
         assert!(err.contains("max_frame_bytes"), "{err}");
+
+        let mut c = ServerConfig::default();
+        c.privacy.mode = "central".into();
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("privacy.population"), "{err}");
+        c.privacy.population = 10;
+        c.privacy.target_epsilon = 0.0;
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("privacy.target_epsilon"), "{err}");
+        c.privacy.target_epsilon = 1.0;
+        c.privacy.clip = f64::NAN;
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("privacy.clip"), "{err}");
+        c.privacy.clip = 1.0;
+        let dp = c.settings().unwrap().central_dp.unwrap();
+        assert_eq!(dp.sampling_rate.get(), 0.2);
+        c.privacy.mode = "local".into();
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("privacy.mode"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod dir;
+pub mod dp;
 pub mod export;
 pub mod pki;
 pub mod serve;

@@ -20,16 +20,16 @@ use covey_client::{
     data::{DataView, Mnist},
     trainer::{DeviceData, evaluate},
 };
-use covey_privacy::{Pseudonym, PseudonymKey};
+use covey_privacy::{ClipNorm, Pseudonym, PseudonymKey, clip_l2, l2_norm, noise::NoiseRng};
 use covey_protocol::{
     ModelVersion, PROTOCOL_VERSION, RoundId, UpdateEncoding,
     frame::{FrameError, FrameLimits},
     io::{StreamError, read_message, read_tensor, write_message, write_tensor},
     message::{
         CloseCode, ErrorReport, EvalReport, EvalTask, Message, RejectReason, Task, UpdateHeader,
-        UpdateReceipt, Welcome,
+        UpdatePrivacy, UpdateReceipt, Welcome,
     },
-    round::{Action, Coordinator},
+    round::{Action, Coordinator, FinishReason},
     tensor::{AssembleError, ChunkPlan},
 };
 use quinn::{VarInt, crypto::rustls::QuicServerConfig};
@@ -44,6 +44,7 @@ use crate::{
     aggregate::{OptimizerState, WeightedSum},
     config::Settings,
     dir::{DirError, EvalOutcome, StateDir, VersionMetrics},
+    dp::{CentralDp, PrivacyLedger},
     pki::{self, Admitted},
     status,
     store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
@@ -71,6 +72,8 @@ pub enum ServeError {
     TestData(#[from] covey_client::data::DataError),
     #[error("evaluation test set: {0}")]
     TestSet(#[from] covey_client::trainer::TrainError),
+    #[error("noise source: {0}")]
+    Noise(String),
     #[error("storing state failed, stopping so nothing is lost: {0}")]
     Store(#[from] crate::store::StoreError),
 }
@@ -85,6 +88,10 @@ pub struct RunSummary {
     pub bytes_down: u64,
     /// Peak resident memory of this process (Linux only).
     pub peak_rss_bytes: Option<u64>,
+    /// Why the run ended.
+    pub finish_reason: Option<String>,
+    /// Under central DP: ε spent by the run so far, at the configured δ.
+    pub epsilon: Option<f64>,
 }
 
 /// VmHWM from /proc/self/status: the process's peak resident set.
@@ -148,6 +155,7 @@ struct Received {
     values: Vec<f32>,
     num_examples: u64,
     loss: f32,
+    within_clip: Option<bool>,
 }
 
 enum Event {
@@ -279,7 +287,7 @@ impl Server {
         };
         let version = store.current_version()?;
         let model = store.model(version)?.weights;
-        let machine = Coordinator::new(
+        let mut machine = Coordinator::new(
             settings.round.clone(),
             version,
             store.next_round()?,
@@ -291,6 +299,28 @@ impl Server {
                 problem: e.to_string(),
             })
         })?;
+        let privacy = match settings.central_dp {
+            None => None,
+            Some(dp) => {
+                let ledger = store
+                    .privacy_ledger()?
+                    .unwrap_or_else(|| PrivacyLedger::new(dp.initial_clip));
+                let cap = settings.round.target_version.0.saturating_sub(version.0);
+                let left = ledger.rounds_left(&dp, cap);
+                machine.limit_rounds(left);
+                info!(
+                    epsilon_spent = ledger.epsilon(dp.delta),
+                    rounds_left = left,
+                    "central DP on; the privacy budget admits {left} more rounds"
+                );
+                let rng = NoiseRng::from_os().map_err(|e| ServeError::Noise(e.to_string()))?;
+                Some(Privacy {
+                    dp,
+                    ledger,
+                    rng: Arc::new(std::sync::Mutex::new(rng)),
+                })
+            }
+        };
         let (tx, rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
             events: tx,
@@ -323,6 +353,7 @@ impl Server {
             state_root: dir.root().to_path_buf(),
             test_set,
             evaluation: None,
+            privacy,
         };
         Ok(Self {
             endpoint,
@@ -611,6 +642,7 @@ async fn serve_stream(
             let round = header.round;
             let num_examples = header.num_examples;
             let loss = header.metrics.loss;
+            let within_clip = header.within_clip;
             let encoding = header.encoding;
             let Some(decision) = ask(shared, |reply| Event::BeginUpdate {
                 client,
@@ -657,6 +689,7 @@ async fn serve_stream(
                             values,
                             num_examples,
                             loss,
+                            within_clip,
                         }),
                         None,
                     )
@@ -705,6 +738,8 @@ struct RoundInProgress {
     sum: WeightedSum,
     loss_weighted: f64,
     examples: f64,
+    /// Accepted updates that were within the clip before clipping (DP).
+    within_clip: usize,
     bytes_up_start: u64,
     bytes_down_start: u64,
 }
@@ -733,7 +768,30 @@ struct Hub {
     /// Held-out data every new version is evaluated on, if configured.
     test_set: Option<Arc<DeviceData>>,
     evaluation: Option<PendingEval>,
+    /// Central DP: settings, what was spent, and the noise source.
+    privacy: Option<Privacy>,
 }
+
+struct Privacy {
+    dp: CentralDp,
+    ledger: PrivacyLedger,
+    /// Behind a mutex only so a commit's blocking task can borrow it.
+    rng: Arc<std::sync::Mutex<NoiseRng>>,
+}
+
+/// Central DP's check on an update's norm: one above the clip (beyond what
+/// encoding rounding explains) was not clipped by its client and is
+/// refused; the rest is clipped exactly, so the sum's sensitivity is the clip.
+fn clip_received(values: &mut [f32], clip: ClipNorm) -> Result<(), RejectReason> {
+    if l2_norm(values) > clip.get() * (1.0 + CLIP_SLACK) {
+        return Err(RejectReason::ClipExceeded);
+    }
+    clip_l2(values, clip);
+    Ok(())
+}
+
+/// Relative excess over the clip that f16/bf16/int8 rounding may add.
+const CLIP_SLACK: f64 = 0.01;
 
 /// Per-stream flow-control window, in bytes: with permits on transfers it
 /// bounds server memory to O(permits × model + connections × window).
@@ -811,8 +869,14 @@ impl Hub {
                 }
                 info!("stopping the run on request");
                 let version = self.machine.version();
-                self.execute(vec![Action::Finished { version }], shared)
-                    .await?;
+                self.execute(
+                    vec![Action::Finished {
+                        version,
+                        reason: FinishReason::Stopped,
+                    }],
+                    shared,
+                )
+                .await?;
                 self.write_status();
             }
             Event::CheckIn {
@@ -886,6 +950,8 @@ impl Hub {
             RejectReason::ShapeMismatch
         } else if header.num_examples == 0 {
             RejectReason::NoExamples
+        } else if self.privacy.is_some() && header.within_clip.is_none() {
+            RejectReason::PrivacyMismatch
         } else {
             return (
                 Ok(ChunkPlan::new(spec.param_count(), self.chunk_len)),
@@ -906,17 +972,34 @@ impl Hub {
         now: Instant,
     ) -> Result<UpdateReceipt, ServeError> {
         match result {
-            Ok(update) => {
+            Ok(mut update) => {
                 let expected = self.model.len();
-                if update.values.len() != expected {
+                let refusal = if update.values.len() != expected {
+                    Some(RejectReason::ShapeMismatch)
+                } else if let Some(p) = &self.privacy {
+                    clip_received(&mut update.values, p.ledger.clip).err()
+                } else {
+                    None
+                };
+                if let Some(reason) = refusal {
+                    warn!(client = %client, "rejected update: {reason}");
                     let actions = self.machine.reject_update(client, round_id, now);
                     self.execute(actions, shared).await?;
-                    return Ok(UpdateReceipt::Rejected(RejectReason::ShapeMismatch));
+                    return Ok(UpdateReceipt::Rejected(reason));
                 }
                 match self.machine.accept_update(client, round_id, now) {
                     Ok(actions) => {
                         if let Some(round) = &mut self.round {
-                            let weight = update.num_examples as f64;
+                            // Under DP every update weighs the same: weighting by
+                            // example count would let one client's count leak.
+                            let weight = if self.privacy.is_some() {
+                                1.0
+                            } else {
+                                update.num_examples as f64
+                            };
+                            if update.within_clip == Some(true) {
+                                round.within_clip += 1;
+                            }
                             // Length and weight were checked above.
                             let _ = round.sum.fold(&update.values, weight);
                             if update.loss.is_finite() {
@@ -964,6 +1047,12 @@ impl Hub {
                         chunk_len: self.chunk_len,
                         deadline_ms: deadline.saturating_duration_since(now).as_millis() as u64,
                         seed: self.rng.random(),
+                        privacy: match &self.privacy {
+                            Some(p) => UpdatePrivacy::Clipped {
+                                clip: p.ledger.clip,
+                            },
+                            None => UpdatePrivacy::Plain,
+                        },
                     };
                     let record = RoundRecord {
                         round,
@@ -979,6 +1068,8 @@ impl Hub {
                         test_loss: None,
                         bytes_up: 0,
                         bytes_down: 0,
+                        clip: self.privacy.as_ref().map(|p| p.ledger.clip.get()),
+                        epsilon: None,
                     };
                     self.store.begin_round(&record)?;
                     info!(round = %round, base = %base, cohort = cohort.len(), "round started");
@@ -992,6 +1083,7 @@ impl Hub {
                         sum: WeightedSum::new(self.model.len()),
                         loss_weighted: 0.0,
                         examples: 0.0,
+                        within_clip: 0,
                         bytes_up_start: shared.bytes_up.load(Ordering::Relaxed),
                         bytes_down_start: shared.bytes_down.load(Ordering::Relaxed),
                     });
@@ -1032,7 +1124,13 @@ impl Hub {
                         version: new_version,
                     };
                     let committed = self
-                        .commit(progress.sum, record.clone(), new_version, round)
+                        .commit(
+                            progress.sum,
+                            progress.within_clip,
+                            record.clone(),
+                            new_version,
+                            round,
+                        )
                         .await;
                     match committed {
                         Ok(record) => {
@@ -1044,6 +1142,7 @@ impl Hub {
                                 accepted = stats.accepted,
                                 dropped = stats.dropped,
                                 test_accuracy = record.test_accuracy,
+                                epsilon = record.epsilon,
                                 "round committed"
                             );
                             let _ = self.commits.send(CommitNotice {
@@ -1090,7 +1189,22 @@ impl Hub {
                     );
                     self.write_status();
                 }
-                Action::Finished { version } => {
+                Action::Finished { version, reason } => {
+                    if self.finished.is_none() {
+                        self.summary.finish_reason = Some(reason.as_str().to_owned());
+                        if let Some(p) = &self.privacy {
+                            let spent = p.ledger.epsilon(p.dp.delta);
+                            self.summary.epsilon = Some(spent);
+                            if reason == FinishReason::BudgetExhausted {
+                                warn!(
+                                    epsilon_spent = spent,
+                                    epsilon_next = p.ledger.epsilon_after_next(&p.dp),
+                                    target = p.dp.target_epsilon.map(|e| e.get()),
+                                    "privacy budget exhausted: one more round would exceed the target epsilon; stopping the run at {version}"
+                                );
+                            }
+                        }
+                    }
                     self.finished.get_or_insert(now);
                     for (_, (_, tx)) in self.waiters.drain() {
                         let _ = tx.send(Assignment::Finished(version));
@@ -1278,13 +1392,37 @@ impl Hub {
     async fn commit(
         &mut self,
         sum: WeightedSum,
+        within_clip: usize,
         mut record: RoundRecord,
         version: ModelVersion,
         round: RoundId,
     ) -> Result<RoundRecord, crate::store::StoreError> {
-        let mean = sum
-            .mean()
-            .map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))?;
+        let corrupt = |e: String| crate::store::StoreError::Corrupt(e);
+        // Under DP: noise on the sum, a fixed denominator, and the ledger
+        // entry that goes into the same transaction as the version.
+        let (mean, ledger) = match &self.privacy {
+            None => (sum.mean().map_err(|e| corrupt(e.to_string()))?, None),
+            Some(p) => {
+                let mut total = sum.into_sum().map_err(|e| corrupt(e.to_string()))?;
+                let (dp, clip, rng) = (p.dp, p.ledger.clip, p.rng.clone());
+                let mut ledger = p.ledger.clone();
+                let (total, ledger) = tokio::task::spawn_blocking(move || {
+                    let mut rng = rng.lock().map_err(|_| "noise source poisoned".to_owned())?;
+                    dp.privatize(&mut total, clip, &mut rng)
+                        .map_err(|e| e.to_string())?;
+                    ledger.clip = dp
+                        .next_clip(clip, within_clip, &mut rng)
+                        .map_err(|e| e.to_string())?;
+                    ledger.spend(&dp);
+                    Ok::<_, String>((total, ledger))
+                })
+                .await
+                .map_err(|e| corrupt(format!("noise task: {e}")))?
+                .map_err(corrupt)?;
+                record.epsilon = Some(ledger.epsilon(p.dp.delta));
+                (total, Some(ledger))
+            }
+        };
         let mut weights = self.model.as_ref().clone();
         let mut state = self.optimizer_state.clone();
         self.settings
@@ -1302,7 +1440,7 @@ impl Hub {
         };
         let store = self.store.clone();
         let test_set = self.test_set.clone();
-        let (model, state, record) = tokio::task::spawn_blocking(move || {
+        let (model, state, record, ledger) = tokio::task::spawn_blocking(move || {
             if let Some(test) = test_set {
                 match evaluate(spec, &model.weights, &test) {
                     Ok(m) => {
@@ -1312,13 +1450,16 @@ impl Hub {
                     Err(e) => warn!(version = %version, "central evaluation failed: {e}"),
                 }
             }
-            store.commit_round(&model, &record, &state)?;
-            Ok::<_, crate::store::StoreError>((model, state, record))
+            store.commit_round(&model, &record, &state, ledger.as_ref())?;
+            Ok::<_, crate::store::StoreError>((model, state, record, ledger))
         })
         .await
         .map_err(|e| crate::store::StoreError::Corrupt(format!("commit task: {e}")))??;
         self.model = Arc::new(model.weights);
         self.optimizer_state = state;
+        if let (Some(p), Some(ledger)) = (&mut self.privacy, ledger) {
+            p.ledger = ledger;
+        }
         Ok(record)
     }
 

@@ -14,6 +14,8 @@ pub struct Report {
     pub stored_versions: Vec<u64>,
     pub rounds: Vec<RoundLine>,
     pub clients: Vec<ClientLine>,
+    /// ε spent by the run, when it trains under central DP.
+    pub epsilon_spent: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,6 +33,9 @@ pub struct RoundLine {
     pub test_loss: Option<f32>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    pub clip: Option<f64>,
+    /// ε spent by the run up to and including this round.
+    pub epsilon: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,14 +51,20 @@ pub struct ClientLine {
 impl Report {
     pub fn from_store(store: &Store, with_names: bool) -> Result<Self, StoreError> {
         let spec = store.spec()?;
+        let rounds = store.rounds()?;
+        // The last committed round's figure is the run's: ε only grows.
+        let epsilon_spent = rounds.iter().rev().find_map(|r| match r.outcome {
+            RoundOutcome::Committed { .. } => r.epsilon,
+            _ => None,
+        });
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         Ok(Self {
             current_version: store.current_version()?.0,
             architecture: spec.architecture.to_string(),
             parameters: spec.param_count(),
             stored_versions: store.versions()?.into_iter().map(|v| v.0).collect(),
-            rounds: store
-                .rounds()?
+            epsilon_spent,
+            rounds: rounds
                 .into_iter()
                 .map(|r| {
                     let (outcome, committed_version) = match &r.outcome {
@@ -80,6 +91,8 @@ impl Report {
                         test_loss: r.test_loss,
                         bytes_up: r.bytes_up,
                         bytes_down: r.bytes_down,
+                        clip: r.clip,
+                        epsilon: r.epsilon,
                     }
                 })
                 .collect(),
@@ -110,12 +123,15 @@ impl Report {
             self.current_version,
             self.stored_versions.len()
         );
+        if let Some(eps) = self.epsilon_spent {
+            out.insert_str(0, &format!("privacy: central DP, epsilon spent {eps:.4}\n"));
+        }
         if self.rounds.is_empty() {
             out.push_str("  (none yet)\n");
         }
         for r in &self.rounds {
             out.push_str(&format!(
-                "  round {:>4}  base v{:<4} {:<28} selected {:>3}  accepted {:>3}  dropped {:>3}{}{}{}\n",
+                "  round {:>4}  base v{:<4} {:<28} selected {:>3}  accepted {:>3}  dropped {:>3}{}{}{}{}\n",
                 r.round,
                 r.base_version,
                 match r.committed_version {
@@ -132,6 +148,9 @@ impl Report {
                 r.test_accuracy
                     .zip(r.test_loss)
                     .map(|(a, l)| format!("  test accuracy {a:.4} loss {l:.4}"))
+                    .unwrap_or_default(),
+                r.epsilon
+                    .map(|e| format!("  epsilon {e:.4}"))
                     .unwrap_or_default(),
             ));
         }

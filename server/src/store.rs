@@ -17,11 +17,12 @@ use sled::{
     transaction::{ConflictableTransactionError, TransactionError},
 };
 
-use crate::aggregate::OptimizerState;
+use crate::{aggregate::OptimizerState, dp::PrivacyLedger};
 
 const CURRENT_VERSION: &[u8] = b"current_version";
 const NEXT_ROUND: &[u8] = b"next_round";
 const OPTIMIZER: &[u8] = b"optimizer";
+const PRIVACY: &[u8] = b"privacy";
 const PSEUDONYM_KEY: &[u8] = b"pseudonym_key";
 const SPEC: &[u8] = b"spec";
 
@@ -98,6 +99,10 @@ pub struct RoundRecord {
     pub test_loss: Option<f32>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Under central DP: the clip this round used, and the ε spent by
+    /// the run up to and including it (at the configured δ).
+    pub clip: Option<f64>,
+    pub epsilon: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -279,6 +284,14 @@ impl Store {
         }
     }
 
+    /// The privacy spent so far, if any round committed under DP.
+    pub fn privacy_ledger(&self) -> Result<Option<PrivacyLedger>, StoreError> {
+        self.meta
+            .get(PRIVACY)?
+            .map(|bytes| decode(&bytes, "privacy ledger"))
+            .transpose()
+    }
+
     pub fn model(&self, version: ModelVersion) -> Result<StoredModel, StoreError> {
         let bytes = self
             .models
@@ -330,6 +343,7 @@ impl Store {
         model: &StoredModel,
         record: &RoundRecord,
         optimizer: &OptimizerState,
+        privacy: Option<&PrivacyLedger>,
     ) -> Result<(), StoreError> {
         let version = model.header.version;
         if version != self.current_version()?.next() {
@@ -341,10 +355,15 @@ impl Store {
         let model_bytes = encode_model(model);
         let record_bytes = encode(record);
         let optimizer_bytes = encode(optimizer);
+        let privacy_bytes = privacy.map(encode);
         (&self.models, &self.rounds, &self.meta).transaction(|(models, rounds, meta)| {
             models.insert(&version.0.to_be_bytes(), model_bytes.as_slice())?;
             rounds.insert(&record.round.0.to_be_bytes(), record_bytes.as_slice())?;
             meta.insert(OPTIMIZER, optimizer_bytes.as_slice())?;
+            if let Some(bytes) = &privacy_bytes {
+                // The version and the privacy it spent are stored together or not at all.
+                meta.insert(PRIVACY, bytes.as_slice())?;
+            }
             meta.insert(CURRENT_VERSION, &version.0.to_be_bytes())?;
             Ok::<(), ConflictableTransactionError<()>>(())
         })?;
@@ -432,6 +451,8 @@ mod tests {
             test_loss: None,
             bytes_up: 0,
             bytes_down: 0,
+            clip: None,
+            epsilon: None,
         }
     }
 
@@ -460,6 +481,8 @@ mod tests {
                 m: vec![1.0],
                 v: vec![],
             };
+            let mut ledger = PrivacyLedger::new(covey_privacy::ClipNorm::new(0.5).unwrap());
+            ledger.rounds = 1;
             store
                 .commit_round(
                     &model,
@@ -470,14 +493,16 @@ mod tests {
                         },
                     ),
                     &state,
+                    Some(&ledger),
                 )
                 .unwrap();
             // Committing the same version twice is refused.
             assert!(
                 store
-                    .commit_round(&model, &record(1, RoundOutcome::InFlight), &state)
+                    .commit_round(&model, &record(1, RoundOutcome::InFlight), &state, None)
                     .is_err()
             );
+            assert_eq!(store.privacy_ledger().unwrap(), Some(ledger.clone()));
             store
                 .begin_round(&record(2, RoundOutcome::InFlight))
                 .unwrap();

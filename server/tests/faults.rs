@@ -60,6 +60,7 @@ async fn bad_frames_and_bad_shapes_lose_only_their_sender() {
             param_count: 10,
             num_examples: 5,
             metrics: LocalMetrics::default(),
+            within_clip: None,
         };
         write_message(&mut send, &Message::Update(header))
             .await
@@ -104,6 +105,7 @@ async fn a_nan_update_is_rejected_with_a_reason_and_never_aggregated() {
             param_count: n as u64,
             num_examples: 1_000_000,
             metrics: LocalMetrics::default(),
+            within_clip: None,
         };
         write_message(&mut send, &Message::Update(header))
             .await

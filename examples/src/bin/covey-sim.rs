@@ -79,6 +79,22 @@ struct Args {
     /// One JSON object per round on stdout.
     #[arg(long)]
     json: bool,
+    /// Differential privacy: off, central (the server noises the sum) or
+    /// distributed (clients noise, secure aggregation sums).
+    #[arg(long, default_value = "off")]
+    dp: String,
+    /// L2 clip of each update: a number, or `adaptive` (Andrew et al.,
+    /// starting from 1.0 and tracking the median norm).
+    #[arg(long, default_value = "1.0")]
+    clip: String,
+    /// Noise standard deviation in units of the clip (z).
+    #[arg(long, default_value_t = 1.0)]
+    noise_multiplier: f64,
+    /// The run stops before the privacy loss would exceed this.
+    #[arg(long, default_value_t = 8.0)]
+    target_epsilon: f64,
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
 }
 
 /// Lets virtual clients share one device by training one at a time.
@@ -128,8 +144,43 @@ fn main() -> Result<()> {
     {
         bail!("--target-accuracy is a fraction in [0, 1], got {t}");
     }
+    // Refuse bad privacy flags before loading any data.
+    let mut check = ServerConfig::default();
+    check.rounds.clients_per_round = per_round(&args);
+    check.rounds.min_clients = args.clients;
+    check.rounds.quorum = 1;
+    check.privacy = privacy_config(&args)?;
+    check.settings()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(simulate(args))
+}
+
+fn per_round(args: &Args) -> usize {
+    ((args.fraction * args.clients as f64).round() as usize).clamp(1, args.clients)
+}
+
+/// The server's `[privacy]` section from the DP flags.
+fn privacy_config(args: &Args) -> Result<covey_server::config::Privacy> {
+    let mut p = covey_server::config::Privacy {
+        mode: args.dp.clone(),
+        ..Default::default()
+    };
+    if args.dp == "off" {
+        return Ok(p);
+    }
+    match args.clip.as_str() {
+        "adaptive" => p.adaptive_clip = true,
+        c => {
+            p.clip = c
+                .parse()
+                .with_context(|| format!("--clip must be a number or `adaptive`, got {c}"))?
+        }
+    }
+    p.noise_multiplier = args.noise_multiplier;
+    p.target_epsilon = args.target_epsilon;
+    p.delta = args.delta;
+    p.population = args.clients as u64;
+    Ok(p)
 }
 
 async fn simulate(args: Args) -> Result<()> {
@@ -146,7 +197,7 @@ async fn simulate(args: Args) -> Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| temp.path().join("state"));
-    let per_round = ((args.fraction * args.clients as f64).round() as usize).clamp(1, args.clients);
+    let per_round = per_round(&args);
     let mut config = ServerConfig::default();
     config.server.listen = "127.0.0.1:0".parse()?;
     config.server.public_addr = "127.0.0.1:0".into();
@@ -166,6 +217,12 @@ async fn simulate(args: Args) -> Result<()> {
     config.aggregation.server_learning_rate = args.server_lr;
     // The server evaluates every version on the held-out set as it commits.
     config.evaluation.test_data = data_dir.display().to_string();
+    config.privacy = privacy_config(&args)?;
+    if args.dp != "off" {
+        // Poisson sampling: the cohort varies, so commit with half of it.
+        config.rounds.min_clients = args.clients;
+        config.rounds.quorum = per_round.div_ceil(2);
+    }
     let state = StateDir::new(&state_path);
     state.init(&config)?;
     let identities = {
@@ -255,18 +312,22 @@ async fn simulate(args: Args) -> Result<()> {
                     "bytes_up": r.bytes_up,
                     "bytes_down": r.bytes_down,
                     "seconds": seconds,
+                    "epsilon": r.epsilon,
                 })
             );
         } else {
             println!(
-                "round {:>4}  accuracy {:.4}  loss {:.4}  participants {:>3}  up {:>8.2} MB  down {:>8.2} MB  {:.1}s",
+                "round {:>4}  accuracy {:.4}  loss {:.4}  participants {:>3}  up {:>8.2} MB  down {:>8.2} MB  {:.1}s{}",
                 notice.version.0,
                 accuracy,
                 loss,
                 r.accepted,
                 r.bytes_up as f64 / 1e6,
                 r.bytes_down as f64 / 1e6,
-                seconds
+                seconds,
+                r.epsilon
+                    .map(|e| format!("  epsilon {e:.3}"))
+                    .unwrap_or_default()
             );
         }
         if let Some(target) = args.target_accuracy
@@ -289,6 +350,13 @@ async fn simulate(args: Args) -> Result<()> {
             (Some(t), Some(r)) => println!("reached accuracy {t} after {r} rounds"),
             (Some(t), None) => println!("did not reach accuracy {t} in {} rounds", args.rounds),
             _ => {}
+        }
+        if let Some(eps) = summary.epsilon {
+            println!(
+                "privacy: epsilon {eps:.4} at delta {} spent ({})",
+                args.delta,
+                summary.finish_reason.as_deref().unwrap_or("finished")
+            );
         }
         println!(
             "finished at version {} in {:.1}s; state in {}",

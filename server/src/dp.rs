@@ -1,0 +1,252 @@
+//! Central differential privacy on the server: noise on the sum of clipped
+//! updates (DP-FedAvg, McMahan et al. 2018), adaptive clipping (Andrew et
+//! al. 2021) and the privacy ledger that enforces the budget.
+
+use covey_privacy::{
+    ClipNorm,
+    accountant::{
+        Conversion, Delta, Epsilon, NoiseMultiplier, RdpAccountant, RoundMechanism, SamplingRate,
+        adaptive_clip_update_noise, rounds_within_budget,
+    },
+    noise::{DiscreteGaussian, NoiseError, NoiseRng},
+};
+use serde::{Deserialize, Serialize};
+
+/// Integer steps per noise standard deviation: the noise is exact discrete
+/// Gaussian on a grid of σ/1024, a step far below anything f32 weights
+/// resolve at that scale.
+const GRID_STEPS_PER_SIGMA: f64 = 1024.0;
+
+/// Central DP, checked and typed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CentralDp {
+    /// Clip of the first round; adaptive clipping moves it afterwards.
+    pub initial_clip: ClipNorm,
+    /// z: the noise on the sum is N(0, (z·C)²), all told.
+    pub noise_multiplier: NoiseMultiplier,
+    /// Each waiting client joins a round with this probability.
+    pub sampling_rate: SamplingRate,
+    /// The fixed denominator: the expected cohort, q · population.
+    pub expected_cohort: f64,
+    pub delta: Delta,
+    /// The run stops before ε would exceed this.
+    pub target_epsilon: Option<Epsilon>,
+    pub adaptive: Option<AdaptiveClip>,
+}
+
+/// Andrew et al. 2021: the clip follows a quantile of the update norms.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaptiveClip {
+    /// The quantile γ of update norms the clip tracks.
+    pub target_quantile: f64,
+    /// η_C of the geometric update C ← C·exp(−η_C(b̃ − γ)).
+    pub learning_rate: f64,
+    /// σ_b, the noise on the count of updates within the clip.
+    pub count_noise: f64,
+    /// z_Δ: the part of z the update noise keeps.
+    pub update_noise: NoiseMultiplier,
+}
+
+impl AdaptiveClip {
+    pub fn new(
+        z: NoiseMultiplier,
+        target_quantile: f64,
+        learning_rate: f64,
+        count_noise: f64,
+    ) -> Result<Self, String> {
+        if !(target_quantile > 0.0 && target_quantile < 1.0) {
+            return Err(format!(
+                "target_quantile must be in (0, 1), got {target_quantile}"
+            ));
+        }
+        if !(learning_rate.is_finite() && learning_rate > 0.0) {
+            return Err(format!(
+                "clip_learning_rate must be positive, got {learning_rate}"
+            ));
+        }
+        let update_noise = adaptive_clip_update_noise(z, count_noise).ok_or_else(|| {
+            format!(
+                "clip_count_noise {count_noise} is too small for noise_multiplier {}: it must exceed z/2",
+                z.get()
+            )
+        })?;
+        Ok(Self {
+            target_quantile,
+            learning_rate,
+            count_noise,
+            update_noise,
+        })
+    }
+}
+
+impl CentralDp {
+    /// What one committed round costs: with adaptive clipping the count and
+    /// the update together cost the same as noise z alone (Andrew et al.).
+    pub fn mechanism(&self) -> RoundMechanism {
+        RoundMechanism::SubsampledGaussian {
+            q: self.sampling_rate,
+            z: self.noise_multiplier,
+        }
+    }
+
+    /// The noise multiplier the update sum itself gets.
+    fn update_noise(&self) -> NoiseMultiplier {
+        self.adaptive
+            .map_or(self.noise_multiplier, |a| a.update_noise)
+    }
+
+    /// Adds N_Z(0, (z_Δ·C)²) on a grid of z_Δ·C/1024 to each coordinate of
+    /// `sum`, then divides by the expected cohort.
+    pub fn privatize(
+        &self,
+        sum: &mut [f32],
+        clip: ClipNorm,
+        rng: &mut NoiseRng,
+    ) -> Result<(), NoiseError> {
+        let sigma = self.update_noise().get() * clip.get();
+        let step = sigma / GRID_STEPS_PER_SIGMA;
+        let gaussian = DiscreteGaussian::new(GRID_STEPS_PER_SIGMA)?;
+        let inv = 1.0 / self.expected_cohort;
+        for v in sum.iter_mut() {
+            let noise = gaussian.sample(rng) as f64 * step;
+            *v = ((f64::from(*v) + noise) * inv) as f32;
+        }
+        Ok(())
+    }
+
+    /// The next round's clip, from how many of this round's updates were
+    /// within the clip (noised), or the same clip without adaptation.
+    pub fn next_clip(
+        &self,
+        clip: ClipNorm,
+        within: usize,
+        rng: &mut NoiseRng,
+    ) -> Result<ClipNorm, NoiseError> {
+        let Some(a) = self.adaptive else {
+            return Ok(clip);
+        };
+        let gaussian = DiscreteGaussian::new(GRID_STEPS_PER_SIGMA)?;
+        let noise = gaussian.sample(rng) as f64 * a.count_noise / GRID_STEPS_PER_SIGMA;
+        let fraction = (within as f64 + noise) / self.expected_cohort;
+        let next = clip.get() * (-a.learning_rate * (fraction - a.target_quantile)).exp();
+        // A clip cannot reach zero or infinity through finitely many rounds,
+        // but keep it a valid norm whatever the noise did.
+        Ok(ClipNorm::new(next.clamp(1e-9, 1e9)).unwrap_or(clip))
+    }
+}
+
+/// What the server remembers about privacy across restarts, written in the
+/// same transaction as each committed version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyLedger {
+    pub accountant: RdpAccountant,
+    /// Committed rounds accounted.
+    pub rounds: u64,
+    /// Clip of the next round.
+    pub clip: ClipNorm,
+}
+
+impl PrivacyLedger {
+    pub fn new(clip: ClipNorm) -> Self {
+        Self {
+            accountant: RdpAccountant::new(),
+            rounds: 0,
+            clip,
+        }
+    }
+
+    pub fn epsilon(&self, delta: Delta) -> f64 {
+        self.accountant.epsilon(delta, Conversion::Improved).0.get()
+    }
+
+    /// Accounts one committed round.
+    pub fn spend(&mut self, dp: &CentralDp) {
+        // Central mechanisms are valid by construction.
+        let _ = self.accountant.compose(dp.mechanism(), 1);
+        self.rounds += 1;
+    }
+
+    /// Rounds the budget still admits, at most `cap`.
+    pub fn rounds_left(&self, dp: &CentralDp, cap: u64) -> u64 {
+        match dp.target_epsilon {
+            None => cap,
+            Some(target) => {
+                rounds_within_budget(&self.accountant, dp.mechanism(), target, dp.delta, cap)
+                    .unwrap_or(0)
+            }
+        }
+    }
+
+    /// ε if one more round were committed.
+    pub fn epsilon_after_next(&self, dp: &CentralDp) -> f64 {
+        let mut next = self.clone();
+        next.spend(dp);
+        next.epsilon(dp.delta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dp(adaptive: bool) -> CentralDp {
+        let z = NoiseMultiplier::new(1.0).unwrap();
+        CentralDp {
+            initial_clip: ClipNorm::new(1.0).unwrap(),
+            noise_multiplier: z,
+            sampling_rate: SamplingRate::new(1.0).unwrap(),
+            expected_cohort: 10.0,
+            delta: Delta::new(1e-5).unwrap(),
+            target_epsilon: Some(Epsilon::new(5.0).unwrap()),
+            adaptive: adaptive.then(|| AdaptiveClip::new(z, 0.5, 0.2, 1.0).unwrap()),
+        }
+    }
+
+    #[test]
+    fn noise_on_the_mean_has_std_z_c_over_n() {
+        let dp = dp(false);
+        let mut sum = vec![0f32; 1_000_000];
+        let mut rng = NoiseRng::insecure_from_seed(1);
+        dp.privatize(&mut sum, ClipNorm::new(1.0).unwrap(), &mut rng)
+            .unwrap();
+        let n = sum.len() as f64;
+        let mean = sum.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let std = (sum
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
+        assert!((std / 0.1 - 1.0).abs() < 0.01, "std {std}");
+        assert!(mean.abs() < 1e-3, "mean {mean}");
+    }
+
+    #[test]
+    fn adaptive_clip_moves_toward_the_quantile() {
+        let dp = dp(true);
+        let mut rng = NoiseRng::insecure_from_seed(2);
+        let clip = ClipNorm::new(1.0).unwrap();
+        // Every update within the clip: the clip shrinks; none: it grows.
+        let down = dp.next_clip(clip, 10, &mut rng).unwrap();
+        let up = dp.next_clip(clip, 0, &mut rng).unwrap();
+        assert!(down.get() < 1.0 && up.get() > 1.0, "{down:?} {up:?}");
+        assert!((up.get() - (0.2f64 * 0.5).exp()).abs() < 0.1);
+        assert_eq!(self::dp(false).next_clip(clip, 0, &mut rng).unwrap(), clip);
+        assert!(AdaptiveClip::new(NoiseMultiplier::new(1.0).unwrap(), 0.5, 0.2, 0.3).is_err());
+        assert!(AdaptiveClip::new(NoiseMultiplier::new(1.0).unwrap(), 1.5, 0.2, 5.0).is_err());
+    }
+
+    #[test]
+    fn the_ledger_enforces_the_budget() {
+        let dp = dp(false);
+        let mut ledger = PrivacyLedger::new(dp.initial_clip);
+        let left = ledger.rounds_left(&dp, 1000);
+        assert!(left > 0 && left < 1000);
+        for _ in 0..left {
+            ledger.spend(&dp);
+        }
+        assert!(ledger.epsilon(dp.delta) <= 5.0);
+        assert_eq!(ledger.rounds_left(&dp, 1000), 0);
+        assert!(ledger.epsilon_after_next(&dp) > 5.0);
+    }
+}
