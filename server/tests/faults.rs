@@ -146,3 +146,94 @@ async fn a_nan_update_is_rejected_with_a_reason_and_never_aggregated() {
         .weights;
     assert_close(&w1, &expected_model(&w0, &[0], 1), 1e-6);
 }
+
+/// Sends one update for `task` and returns the server's receipt.
+async fn send_update(
+    conn: &quinn::Connection,
+    task: &covey_protocol::message::Task,
+    values: &[f32],
+    within_clip: Option<bool>,
+) -> Message {
+    let plan = ChunkPlan::new(values.len(), task.chunk_len);
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let header = UpdateHeader {
+        round: task.round,
+        base_version: task.base_version,
+        encoding: UpdateEncoding::F32,
+        param_count: values.len() as u64,
+        num_examples: 10,
+        metrics: LocalMetrics::default(),
+        within_clip,
+    };
+    write_message(&mut send, &Message::Update(header))
+        .await
+        .unwrap();
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let _ =
+        covey_protocol::io::write_tensor(&mut send, values, plan, UpdateEncoding::F32, &mut rng)
+            .await;
+    read_message(&mut recv, FrameLimits::default())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_central_dp_unclipped_and_unlabelled_updates_are_refused() {
+    use covey_protocol::message::{RejectReason, UpdatePrivacy, UpdateReceipt};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config("logreg", 1, 3);
+    cfg.rounds.quorum = 1;
+    cfg.privacy.mode = "central".into();
+    cfg.privacy.population = 3;
+    cfg.privacy.clip = 1.0;
+    cfg.privacy.noise_multiplier = 1.0;
+    let state = init(tmp.path(), &cfg);
+    let bundles = enroll(&state, &["honest", "unclipped", "unlabelled"]);
+    let (addr, server) = start(&state);
+
+    let mut cheats = Vec::new();
+    for (bundle, within_clip) in [(&bundles[1], Some(false)), (&bundles[2], None)] {
+        let conn = raw_connection(bundle, addr).await;
+        cheats.push(tokio::spawn(async move {
+            let task = selected_task(&conn).await;
+            let clip = match task.privacy {
+                UpdatePrivacy::Clipped { clip } => clip.get(),
+                UpdatePrivacy::Plain => panic!("central DP tasks must ask for clipping"),
+            };
+            assert_eq!(clip, 1.0);
+            // Norm 2: twice the clip.
+            let mut values = vec![0.0f32; task.spec.param_count()];
+            values[0] = 2.0;
+            send_update(&conn, &task, &values, within_clip).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let honest = spawn_scripted(&bundles[..1], addr, Duration::from_millis(200));
+    let reject = |r| Message::UpdateReceipt(UpdateReceipt::Rejected(r));
+    assert_eq!(
+        cheats.remove(0).await.unwrap(),
+        reject(RejectReason::ClipExceeded)
+    );
+    assert_eq!(
+        cheats.remove(0).await.unwrap(),
+        reject(RejectReason::PrivacyMismatch)
+    );
+    let summary = server.await.unwrap();
+    assert_eq!(summary.final_version, 1);
+    assert!(summary.epsilon.unwrap() > 0.0);
+    assert_eq!(
+        honest
+            .into_iter()
+            .next()
+            .unwrap()
+            .await
+            .unwrap()
+            .updates_accepted,
+        1
+    );
+    let store = state.open_store().unwrap();
+    let round = &store.rounds().unwrap()[0];
+    assert_eq!((round.selected, round.accepted, round.dropped), (3, 1, 2));
+    assert_eq!(round.clip, Some(1.0));
+    assert_eq!(round.epsilon, summary.epsilon);
+}
