@@ -125,14 +125,18 @@ impl CentralDp {
         let Some(a) = self.adaptive else {
             return Ok(clip);
         };
-        let gaussian = DiscreteGaussian::new(GRID_STEPS_PER_SIGMA)?;
-        let noise = gaussian.sample(rng) as f64 * a.count_noise / GRID_STEPS_PER_SIGMA;
-        let fraction = (within as f64 + noise) / self.expected_cohort;
+        let fraction = noisy_count(within, a.count_noise, rng)? / self.expected_cohort;
         let next = clip.get() * (-a.learning_rate * (fraction - a.target_quantile)).exp();
         // A clip cannot reach zero or infinity through finitely many rounds,
         // but keep it a valid norm whatever the noise did.
         Ok(ClipNorm::new(next.clamp(1e-9, 1e9)).unwrap_or(clip))
     }
+}
+
+/// `count` plus N_Z(0, σ²) on a grid of σ/1024.
+fn noisy_count(count: usize, sigma: f64, rng: &mut NoiseRng) -> Result<f64, NoiseError> {
+    let gaussian = DiscreteGaussian::new(GRID_STEPS_PER_SIGMA)?;
+    Ok(count as f64 + gaussian.sample(rng) as f64 * sigma / GRID_STEPS_PER_SIGMA)
 }
 
 /// What the server remembers about privacy across restarts, written in the
@@ -219,6 +223,17 @@ mod tests {
             .sqrt();
         assert!((std / 0.1 - 1.0).abs() < 0.01, "std {std}");
         assert!(mean.abs() < 1e-3, "mean {mean}");
+    }
+
+    #[test]
+    fn the_clip_count_noise_has_std_sigma_b() {
+        let mut rng = NoiseRng::insecure_from_seed(3);
+        let draws: Vec<f64> = (0..1_000_000)
+            .map(|_| noisy_count(7, 2.5, &mut rng).unwrap() - 7.0)
+            .collect();
+        let n = draws.len() as f64;
+        let std = (draws.iter().map(|d| d * d).sum::<f64>() / n).sqrt();
+        assert!((std / 2.5 - 1.0).abs() < 0.01, "std {std}");
     }
 
     #[test]

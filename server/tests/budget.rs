@@ -1,0 +1,68 @@
+//! The privacy budget survives a restart: ε spent before the server stopped
+//! counts against the same target afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use covey_server::Server;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spent_privacy_is_remembered_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config("logreg", 10, 2);
+    cfg.privacy.mode = "central".into();
+    cfg.privacy.population = 2;
+    cfg.privacy.noise_multiplier = 5.0;
+    // At q = 1 and z = 5: three rounds spend 1.4456, a fourth 1.6937.
+    cfg.privacy.target_epsilon = 1.5;
+    let state = init(tmp.path(), &cfg);
+    let bundles = enroll(&state, &["a", "b"]);
+
+    // First run: stop after the first commit.
+    let server = Server::open(&state).unwrap();
+    let addr = server.local_addr().unwrap();
+    let mut commits = server.subscribe();
+    let stopper = server.stopper();
+    let running = tokio::spawn(server.run());
+    let clients = spawn_scripted(&bundles, addr, Duration::from_millis(50));
+    let first = commits.recv().await.unwrap();
+    stopper.stop().await;
+    let summary = running.await.unwrap().unwrap();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        summary.finish_reason.as_deref(),
+        Some("stopped by the operator")
+    );
+    let after_first = first.record.epsilon.unwrap();
+    let committed = summary.final_version;
+    assert!(committed >= 1);
+
+    // Second run: only the rounds the remaining budget admits.
+    let (addr, running) = start(&state);
+    let clients = spawn_scripted(&bundles, addr, Duration::from_millis(50));
+    let summary = running.await.unwrap();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        summary.final_version, 3,
+        "three rounds in all fit the budget"
+    );
+    assert_eq!(
+        summary.finish_reason.as_deref(),
+        Some("privacy budget exhausted")
+    );
+    let spent = summary.epsilon.unwrap();
+    assert!(spent <= 1.5 && spent > after_first, "spent {spent}");
+    let ledger = state
+        .open_store()
+        .unwrap()
+        .privacy_ledger()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ledger.rounds, 3);
+}
