@@ -11,15 +11,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use covey_privacy::clip_l2;
+use covey_privacy::{
+    clip_l2,
+    noise::{DiscreteGaussian, NoiseRng},
+};
 use covey_protocol::{
     ALPN, ModelVersion, PROTOCOL_VERSION, UpdateEncoding,
     frame::FrameLimits,
     identity::IdentityBundle,
-    io::{StreamError, read_message, read_tensor, write_message, write_tensor},
+    io::{StreamError, read_message, read_tensor, write_message, write_tensor, write_words},
     message::{
-        CloseCode, EvalReport, EvalTask, Hello, Message, Task, UpdateHeader, UpdatePrivacy,
-        UpdateReceipt,
+        CloseCode, EvalReport, EvalTask, Hello, Message, Payload, Task, UpdateHeader,
+        UpdatePrivacy, UpdateReceipt,
     },
     tensor::ChunkPlan,
 };
@@ -477,32 +480,70 @@ impl Session {
         };
         self.summary.rounds_trained += 1;
         let mut delta = output.delta;
-        // Clipping happens here, on the device, whatever the trainer did:
-        // the server's noise only protects a bounded contribution.
-        let within_clip = match task.privacy {
-            UpdatePrivacy::Plain => None,
-            UpdatePrivacy::Clipped { clip } => Some(clip_l2(&mut delta, clip) <= clip.get()),
+        // Clipping and noise happen here, on the device, whatever the
+        // trainer did: what leaves is bounded, and noised when asked.
+        let (within_clip, update) = match task.privacy {
+            UpdatePrivacy::Plain => (None, Outgoing::Floats(delta)),
+            UpdatePrivacy::Clipped { clip } => (
+                Some(clip_l2(&mut delta, clip) <= clip.get()),
+                Outgoing::Floats(delta),
+            ),
+            UpdatePrivacy::Distributed {
+                clip,
+                quantizer,
+                noise_sigma,
+            } => {
+                clip_l2(&mut delta, clip);
+                let mut rounding = ChaCha8Rng::from_rng(&mut self.rng);
+                let noised = tokio::task::spawn_blocking(move || {
+                    let gaussian = DiscreteGaussian::new(noise_sigma)?;
+                    let mut noise = NoiseRng::from_os()?;
+                    quantizer.encode(&delta, Some((&gaussian, &mut noise)), &mut rounding)
+                })
+                .await;
+                match noised {
+                    Ok(Ok(words)) => (None, Outgoing::Ring(words, quantizer.bits)),
+                    // Nothing un-noised ever leaves: skip the round instead.
+                    Ok(Err(e)) => {
+                        warn!(round = %task.round, "cannot noise the update, skipping the round: {e}");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        warn!(round = %task.round, "noise task failed, skipping the round: {e}");
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let (payload, param_count) = match &update {
+            Outgoing::Floats(v) => (Payload::Floats(task.update_encoding), v.len()),
+            Outgoing::Ring(w, bits) => (Payload::Ring { bits: *bits }, w.len()),
         };
         let header = UpdateHeader {
             round: task.round,
             base_version: task.base_version,
-            encoding: task.update_encoding,
-            param_count: delta.len() as u64,
+            payload,
+            param_count: param_count as u64,
             num_examples: output.num_examples,
             metrics: output.metrics,
             within_clip,
         };
         let (mut send, mut recv) = conn.open_bi().await?;
         write_message(&mut send, &Message::Update(header)).await?;
-        let up_plan = ChunkPlan::new(delta.len(), task.chunk_len);
-        let sent = write_tensor(
-            &mut send,
-            &delta,
-            up_plan,
-            task.update_encoding,
-            &mut self.rng,
-        )
-        .await;
+        let up_plan = ChunkPlan::new(param_count, task.chunk_len);
+        let sent = match &update {
+            Outgoing::Floats(values) => {
+                write_tensor(
+                    &mut send,
+                    values,
+                    up_plan,
+                    task.update_encoding,
+                    &mut self.rng,
+                )
+                .await
+            }
+            Outgoing::Ring(words, _) => write_words(&mut send, words, up_plan).await,
+        };
         // The server may stop reading early to refuse; its receipt says why.
         if let Ok(n) = sent {
             self.summary.bytes_up += n;
@@ -526,6 +567,13 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// An update as it leaves the device.
+enum Outgoing {
+    Floats(Vec<f32>),
+    /// Ring words and the ring's bits.
+    Ring(Vec<u32>, u32),
 }
 
 enum ConverseError {

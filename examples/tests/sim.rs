@@ -219,3 +219,91 @@ fn a_run_stops_cleanly_before_it_exceeds_its_privacy_budget() {
     assert_eq!(eps.len() as u64, report.current_version);
     assert!(eps.windows(2).all(|w| w[0] < w[1]) && eps.iter().all(|e| *e <= 1.5));
 }
+
+/// Distributed DP through the whole system: clients quantize, rotate and
+/// noise their (zero) updates; the server decodes only the modular sum. The
+/// released noise per coordinate must be γ·σᵢ·√10 / 10, σᵢ being each
+/// client's share for a minimum cohort of 5 (the simulator's quorum).
+#[test]
+fn distributed_dp_noise_on_the_released_model_has_the_planned_std() {
+    use covey_privacy::{ClipNorm, accountant::NoiseMultiplier, distributed::DistributedPlan};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let rounds = sim(&[
+        "--model",
+        "2nn",
+        "--clients",
+        "10",
+        "--rounds",
+        "1",
+        "--epochs",
+        "1",
+        "--lr",
+        "0",
+        "--dp",
+        "distributed",
+        "--clip",
+        "1",
+        "--noise-multiplier",
+        "1",
+        "--bits",
+        "20",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(rounds[0]["participants"], 10);
+    let plan = DistributedPlan::new(
+        199_210,
+        ClipNorm::new(1.0).unwrap(),
+        NoiseMultiplier::new(1.0).unwrap(),
+        5,
+        10,
+        20,
+        0,
+    )
+    .unwrap();
+    let expected = plan.quantizer.gamma * plan.client_sigma * 10f64.sqrt() / 10.0;
+    // z·C/n·√(10/5), give or take the rounding slack in Δ₂.
+    assert!(
+        (expected / (0.1 * 2f64.sqrt()) - 1.0).abs() < 0.02,
+        "{expected}"
+    );
+
+    let store = covey_server::StateDir::new(&state).open_store().unwrap();
+    let before = store
+        .model(covey_protocol::ModelVersion(0))
+        .unwrap()
+        .weights;
+    let after = store
+        .model(covey_protocol::ModelVersion(1))
+        .unwrap()
+        .weights;
+    let n = before.len() as f64;
+    let diffs: Vec<f64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| f64::from(*a) - f64::from(*b))
+        .collect();
+    let mean = diffs.iter().sum::<f64>() / n;
+    let std = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt();
+    assert!(
+        (std / expected - 1.0).abs() < 0.02,
+        "noise std {std}, expected {expected}"
+    );
+    assert!(mean.abs() < 0.003, "noise mean {mean}");
+    // One round of zCDP ρ, converted: what the JSON line reported.
+    let epsilon = rounds[0]["epsilon"].as_f64().unwrap();
+    let mut acc = covey_privacy::accountant::RdpAccountant::new();
+    acc.compose_zcdp(plan.rho).unwrap();
+    let converted = acc
+        .epsilon(
+            covey_privacy::accountant::Delta::new(1e-5).unwrap(),
+            covey_privacy::accountant::Conversion::Improved,
+        )
+        .0
+        .get();
+    assert!(
+        (epsilon - converted).abs() < 1e-9,
+        "{epsilon} vs {converted}"
+    );
+}

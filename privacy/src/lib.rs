@@ -6,6 +6,7 @@
 
 pub mod accountant;
 mod clip;
+pub mod distributed;
 pub mod noise;
 mod pseudonym;
 pub mod quantize;

@@ -195,7 +195,7 @@ impl Quantizer {
         }
         let modulus = 1i64 << self.bits;
         let half = modulus / 2;
-        let near_edge = half - half / 4;
+        let near_edge = half - half / 8;
         let mut at_risk = 0;
         let mut values: Vec<f64> = sum
             .iter()
@@ -383,7 +383,7 @@ mod tests {
 
     #[test]
     fn wraparound_is_reported() {
-        let q = Quantizer::new(4, 1.0, 1.0 / 140.0, 8, None).unwrap();
+        let q = Quantizer::new(4, 1.0, 1.0 / 165.0, 8, None).unwrap();
         let encoded = q
             .encode(
                 &[0.7, -0.7, 0.0, 0.1],

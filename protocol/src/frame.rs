@@ -138,7 +138,7 @@ mod tests {
         ModelVersion, RoundId, UpdateEncoding,
         message::{
             CloseCode, ErrorReport, EvalReport, EvalTask, Hello, Hyperparameters, LocalMetrics,
-            RejectReason, Task, UpdateHeader, UpdatePrivacy, UpdateReceipt, Welcome,
+            Payload, RejectReason, Task, UpdateHeader, UpdatePrivacy, UpdateReceipt, Welcome,
         },
         model::{Architecture, ModelSpec},
     };
@@ -190,6 +190,19 @@ mod tests {
                                 UpdatePrivacy::Clipped {
                                     clip: covey_privacy::ClipNorm::new(f64::from(lr)).unwrap(),
                                 }
+                            } else if lr < -500.0 {
+                                UpdatePrivacy::Distributed {
+                                    clip: covey_privacy::ClipNorm::new(1.0).unwrap(),
+                                    quantizer: covey_privacy::quantize::Quantizer::new(
+                                        version % 1000 + 1,
+                                        1.0,
+                                        f64::from(-lr) * 1e-6,
+                                        20,
+                                        Some(round),
+                                    )
+                                    .unwrap(),
+                                    noise_sigma: f64::from(-lr),
+                                }
                             } else {
                                 UpdatePrivacy::Plain
                             },
@@ -203,7 +216,13 @@ mod tests {
                 |(round, n, encoding, count, loss)| Message::Update(UpdateHeader {
                     round: RoundId(round),
                     base_version: ModelVersion(round / 2),
-                    encoding,
+                    payload: if count % 5 == 0 {
+                        Payload::Ring {
+                            bits: (count % 32) as u32,
+                        }
+                    } else {
+                        Payload::Floats(encoding)
+                    },
                     param_count: count,
                     num_examples: n,
                     metrics: LocalMetrics {

@@ -8,7 +8,7 @@ use crate::{
     UpdateEncoding,
     frame::{self, Frame, FrameError, FrameLimits, HEADER_LEN},
     message::Message,
-    tensor::{AssembleError, Assembler, ChunkPlan, encode_chunk},
+    tensor::{AssembleError, Assembler, ChunkPlan, WordAssembler, encode_chunk, encode_word_chunk},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +132,48 @@ pub async fn read_tensor<R: AsyncRead + Unpin>(
         }
     }
     // Complete by the loop condition.
+    assembler.finish().ok_or(StreamError::Truncated)
+}
+
+/// Streams ring words as chunk frames; returns the bytes written.
+pub async fn write_words<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    words: &[u32],
+    plan: ChunkPlan,
+) -> Result<u64, StreamError> {
+    let mut buf = Vec::with_capacity(4 * plan.chunk_len + HEADER_LEN + 4);
+    let mut total = 0;
+    for index in 0..plan.chunks() {
+        buf.clear();
+        encode_word_chunk(words, plan, index, &mut buf);
+        writer.write_all(&buf).await?;
+        total += buf.len() as u64;
+    }
+    Ok(total)
+}
+
+/// Reads ring words of `bits` bits in `plan`'s chunks, checking each word.
+pub async fn read_words<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    plan: ChunkPlan,
+    bits: u32,
+    limits: FrameLimits,
+) -> Result<Vec<u32>, StreamError> {
+    let mut assembler = WordAssembler::new(plan, bits);
+    while !assembler.is_complete() {
+        match read_frame(reader, limits).await? {
+            Some(Frame::Chunk { index, payload }) => {
+                assembler.push(index, &payload)?;
+            }
+            Some(Frame::Message(m)) => {
+                return Err(StreamError::Unexpected {
+                    expected: "a tensor chunk",
+                    got: m.kind(),
+                });
+            }
+            None => return Err(StreamError::Truncated),
+        }
+    }
     assembler.finish().ok_or(StreamError::Truncated)
 }
 

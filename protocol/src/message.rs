@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use covey_privacy::ClipNorm;
+use covey_privacy::{ClipNorm, quantize::Quantizer};
 
 use crate::{ModelVersion, RoundId, UpdateEncoding, model::ModelSpec};
 
@@ -102,6 +102,23 @@ pub enum UpdatePrivacy {
     /// was already within it, the count adaptive clipping needs. The server
     /// refuses an update above the bound.
     Clipped { clip: ClipNorm },
+    /// Distributed DP: clipped to `clip`, quantized by `quantizer`, with
+    /// discrete Gaussian noise of scale `noise_sigma` (integer units) added
+    /// on the device, and sent as ring words modulo 2^bits.
+    Distributed {
+        clip: ClipNorm,
+        quantizer: Quantizer,
+        noise_sigma: f64,
+    },
+}
+
+/// What an update's chunk frames carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// The update's values in a float encoding.
+    Floats(UpdateEncoding),
+    /// Quantized, noised values modulo 2^bits (distributed DP).
+    Ring { bits: u32 },
 }
 
 /// Federated evaluation: compare model versions on clients' held-out data.
@@ -134,7 +151,9 @@ pub struct LocalMetrics {
 pub struct UpdateHeader {
     pub round: RoundId,
     pub base_version: ModelVersion,
-    pub encoding: UpdateEncoding,
+    pub payload: Payload,
+    /// Values that follow: the model's parameters, or the quantizer's
+    /// padded length for ring payloads.
     pub param_count: u64,
     pub num_examples: u64,
     pub metrics: LocalMetrics,

@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 use covey_privacy::{
     ClipNorm,
     accountant::{Delta, Epsilon, NoiseMultiplier, SamplingRate},
+    distributed::DistributedPlan,
 };
 use covey_protocol::{
     ModelVersion, UpdateEncoding,
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     aggregate::OptimizerKind,
-    dp::{AdaptiveClip, CentralDp},
+    dp::{AdaptiveClip, DpMode, DpSettings},
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,6 +106,7 @@ pub struct Privacy {
     pub population: u64,
     pub target_epsilon: f64,
     pub delta: f64,
+    pub bits: u32,
 }
 
 impl Default for Privacy {
@@ -120,6 +122,7 @@ impl Default for Privacy {
             population: 0,
             target_epsilon: 8.0,
             delta: 1e-5,
+            bits: 20,
         }
     }
 }
@@ -151,24 +154,24 @@ fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
 }
 
 impl Privacy {
-    /// The typed central-DP settings, `None` when privacy is off.
-    fn central(&self, clients_per_round: usize) -> Result<Option<CentralDp>, ConfigError> {
-        match self.mode.as_str() {
+    /// The typed DP settings, `None` when privacy is off.
+    fn settings(
+        &self,
+        spec: ModelSpec,
+        rounds: &Rounds,
+    ) -> Result<Option<DpSettings>, ConfigError> {
+        let clients_per_round = rounds.clients_per_round;
+        let distributed = match self.mode.as_str() {
             "off" => return Ok(None),
-            "central" => {}
-            "distributed" => {
-                return Err(invalid(
-                    "privacy.mode",
-                    "distributed DP needs secure aggregation, which this server does not run yet; use central",
-                ));
-            }
+            "central" => false,
+            "distributed" => true,
             other => {
                 return Err(invalid(
                     "privacy.mode",
-                    format!("unknown mode '{other}': expected off or central"),
+                    format!("unknown mode '{other}': expected off, central or distributed"),
                 ));
             }
-        }
+        };
         let clip = ClipNorm::new(self.clip).map_err(|e| invalid("privacy.clip", e.to_string()))?;
         let z = NoiseMultiplier::new(self.noise_multiplier)
             .map_err(|e| invalid("privacy.noise_multiplier", e.to_string()))?;
@@ -193,6 +196,12 @@ impl Privacy {
         let target = Epsilon::new(self.target_epsilon)
             .map_err(|e| invalid("privacy.target_epsilon", e.to_string()))?;
         let expected_cohort = clients_per_round as f64;
+        if distributed && self.adaptive_clip {
+            return Err(invalid(
+                "privacy.adaptive_clip",
+                "adaptive clipping needs the count of clipped updates, which distributed DP does not reveal; use a fixed clip",
+            ));
+        }
         let adaptive = if self.adaptive_clip {
             // Andrew et al.'s σ_b = m/20, but at least z, so a small cohort
             // keeps most of the noise on the update (z_Δ ≤ 1.16·z).
@@ -213,14 +222,30 @@ impl Privacy {
         } else {
             None
         };
-        Ok(Some(CentralDp {
+        let mode = if distributed {
+            let plan = DistributedPlan::new(
+                spec.param_count() as u64,
+                clip,
+                z,
+                rounds.quorum as u64,
+                self.population,
+                self.bits,
+                // The rotation is public: it spreads norm, it hides nothing.
+                rounds.selection_seed ^ 0x0005_eed0_f4ad_4a3d,
+            )
+            .map_err(|e| invalid("privacy", e.to_string()))?;
+            DpMode::Distributed(plan)
+        } else {
+            DpMode::Central { adaptive }
+        };
+        Ok(Some(DpSettings {
+            mode,
             initial_clip: clip,
             noise_multiplier: z,
             sampling_rate: q,
             expected_cohort,
             delta,
             target_epsilon: Some(target),
-            adaptive,
         }))
     }
 }
@@ -279,8 +304,8 @@ pub struct Settings {
     pub hyper: Hyperparameters,
     pub encoding: UpdateEncoding,
     pub optimizer: OptimizerKind,
-    /// Central DP, when on.
-    pub central_dp: Option<CentralDp>,
+    /// Differential privacy, when on.
+    pub dp: Option<DpSettings>,
 }
 
 impl ServerConfig {
@@ -319,7 +344,8 @@ impl ServerConfig {
                 "must be a positive number",
             ));
         }
-        let central_dp = self.privacy.central(r.clients_per_round)?;
+        let spec = ModelSpec::mnist(architecture);
+        let dp = self.privacy.settings(spec, r)?;
         let round = RoundConfig {
             min_clients: r.min_clients,
             clients_per_round: r.clients_per_round,
@@ -327,7 +353,7 @@ impl ServerConfig {
             quorum: r.quorum,
             round_timeout: Duration::from_secs_f64(r.round_timeout_secs),
             target_version: ModelVersion(r.rounds),
-            selection: match &central_dp {
+            selection: match &dp {
                 Some(dp) => Selection::Poisson {
                     rate: dp.sampling_rate.get(),
                 },
@@ -385,7 +411,7 @@ impl ServerConfig {
         let optimizer =
             OptimizerKind::from_config(&self.aggregation).map_err(|e| invalid("aggregation", e))?;
         Ok(Settings {
-            spec: ModelSpec::mnist(architecture),
+            spec,
             round,
             hyper: Hyperparameters {
                 epochs: t.epochs,
@@ -395,7 +421,7 @@ impl ServerConfig {
             },
             encoding,
             optimizer,
-            central_dp,
+            dp,
         })
     }
 
@@ -480,10 +506,12 @@ tau = {tau:?}
 test_data = "{test_data}"
 
 [privacy]
-# off, or central: clients clip their updates and the server adds Gaussian noise to the sum
-# before it releases a model (DP-FedAvg, McMahan et al. 2018). Clients are then sampled
-# independently (Poisson) with rate clients_per_round / population, and the sum is divided by
-# clients_per_round, the expected cohort.
+# off; central: clients clip their updates and the server adds Gaussian noise to the sum
+# before it releases a model (DP-FedAvg, McMahan et al. 2018); or distributed: each client
+# clips, quantizes and adds its share of discrete Gaussian noise, and the server only decodes
+# the modular sum (Kairouz et al. 2021; the noise of `quorum` clients meets the guarantee).
+# Clients are then sampled independently (Poisson) with rate clients_per_round / population,
+# and the sum is divided by clients_per_round, the expected cohort.
 mode = "{p_mode}"
 # L2 norm every update is clipped to (C); with adaptive_clip, the first round's clip.
 clip = {p_clip:?}
@@ -502,6 +530,9 @@ population = {p_population}
 # The run stops cleanly before the privacy loss would exceed (target_epsilon, delta).
 target_epsilon = {p_target:?}
 delta = {p_delta:?}
+# Distributed: the sum lives modulo 2^bits (up to 32); the server derives the quantization
+# step so that the sum of `population` clients fits, and refuses a config where it cannot.
+bits = {p_bits}
 "#,
             listen = n.listen,
             public_addr = n.public_addr,
@@ -541,6 +572,7 @@ delta = {p_delta:?}
             p_population = self.privacy.population,
             p_target = self.privacy.target_epsilon,
             p_delta = self.privacy.delta,
+            p_bits = self.privacy.bits,
         )
     }
 }
@@ -594,8 +626,20 @@ mod tests {
         let err = c.settings().unwrap_err().to_string();
         assert!(err.contains("privacy.clip"), "{err}");
         c.privacy.clip = 1.0;
-        let dp = c.settings().unwrap().central_dp.unwrap();
+        let dp = c.settings().unwrap().dp.unwrap();
         assert_eq!(dp.sampling_rate.get(), 0.2);
+        c.privacy.mode = "distributed".into();
+        assert!(matches!(
+            c.settings().unwrap().dp.unwrap().mode,
+            DpMode::Distributed(_)
+        ));
+        c.privacy.bits = 4;
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("raise bits"), "{err}");
+        c.privacy.bits = 20;
+        c.privacy.adaptive_clip = true;
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("privacy.adaptive_clip"), "{err}");
         c.privacy.mode = "local".into();
         let err = c.settings().unwrap_err().to_string();
         assert!(err.contains("privacy.mode"), "{err}");

@@ -1,6 +1,8 @@
-//! Central differential privacy on the server: noise on the sum of clipped
-//! updates (DP-FedAvg, McMahan et al. 2018), adaptive clipping (Andrew et
-//! al. 2021) and the privacy ledger that enforces the budget.
+//! Differential privacy on the server. Central: noise on the sum of clipped
+//! updates (DP-FedAvg, McMahan et al. 2018) and adaptive clipping (Andrew et
+//! al. 2021). Distributed: decoding the modular sum of updates the clients
+//! quantized and noised (Kairouz et al. 2021). Both: the privacy ledger that
+//! enforces the budget.
 
 use covey_privacy::{
     ClipNorm,
@@ -8,7 +10,9 @@ use covey_privacy::{
         Conversion, Delta, Epsilon, NoiseMultiplier, RdpAccountant, RoundMechanism, SamplingRate,
         adaptive_clip_update_noise, rounds_within_budget,
     },
+    distributed::DistributedPlan,
     noise::{DiscreteGaussian, NoiseError, NoiseRng},
+    quantize::QuantizeError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -17,9 +21,10 @@ use serde::{Deserialize, Serialize};
 /// resolve at that scale.
 const GRID_STEPS_PER_SIGMA: f64 = 1024.0;
 
-/// Central DP, checked and typed.
+/// Differential privacy, checked and typed.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct CentralDp {
+pub struct DpSettings {
+    pub mode: DpMode,
     /// Clip of the first round; adaptive clipping moves it afterwards.
     pub initial_clip: ClipNorm,
     /// z: the noise on the sum is N(0, (z·C)²), all told.
@@ -31,7 +36,15 @@ pub struct CentralDp {
     pub delta: Delta,
     /// The run stops before ε would exceed this.
     pub target_epsilon: Option<Epsilon>,
-    pub adaptive: Option<AdaptiveClip>,
+}
+
+/// Who adds the noise.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DpMode {
+    /// The server, to the sum of clipped updates.
+    Central { adaptive: Option<AdaptiveClip> },
+    /// Each client, to its quantized update; the server decodes the sum.
+    Distributed(DistributedPlan),
 }
 
 /// Andrew et al. 2021: the clip follows a quantile of the update norms.
@@ -79,20 +92,47 @@ impl AdaptiveClip {
     }
 }
 
-impl CentralDp {
-    /// What one committed round costs: with adaptive clipping the count and
-    /// the update together cost the same as noise z alone (Andrew et al.).
+impl DpSettings {
+    /// What one committed round costs. Central: with adaptive clipping the
+    /// count and the update together cost the same as noise z alone
+    /// (Andrew et al.). Distributed: Kairouz et al.'s ρ, without
+    /// amplification by sampling.
     pub fn mechanism(&self) -> RoundMechanism {
-        RoundMechanism::SubsampledGaussian {
-            q: self.sampling_rate,
-            z: self.noise_multiplier,
+        match self.mode {
+            DpMode::Central { .. } => RoundMechanism::SubsampledGaussian {
+                q: self.sampling_rate,
+                z: self.noise_multiplier,
+            },
+            DpMode::Distributed(plan) => RoundMechanism::Zcdp { rho: plan.rho },
+        }
+    }
+
+    fn adaptive(&self) -> Option<AdaptiveClip> {
+        match self.mode {
+            DpMode::Central { adaptive } => adaptive,
+            DpMode::Distributed(_) => None,
         }
     }
 
     /// The noise multiplier the update sum itself gets.
     fn update_noise(&self) -> NoiseMultiplier {
-        self.adaptive
+        self.adaptive()
             .map_or(self.noise_multiplier, |a| a.update_noise)
+    }
+
+    /// Distributed: the mean update from the clients' modular sum, and how
+    /// many coordinates sit near the ring's edge (a sign of wrap-around).
+    pub fn decode_sum(&self, sum: &[u32]) -> Result<(Vec<f32>, usize), QuantizeError> {
+        let DpMode::Distributed(plan) = self.mode else {
+            return Err(QuantizeError::Length {
+                expected: 0,
+                got: sum.len(),
+            });
+        };
+        let (mut values, at_risk) = plan.quantizer.decode(sum)?;
+        let inv = (1.0 / self.expected_cohort) as f32;
+        values.iter_mut().for_each(|v| *v *= inv);
+        Ok((values, at_risk))
     }
 
     /// Adds N_Z(0, (z_Δ·C)²) on a grid of z_Δ·C/1024 to each coordinate of
@@ -122,7 +162,7 @@ impl CentralDp {
         within: usize,
         rng: &mut NoiseRng,
     ) -> Result<ClipNorm, NoiseError> {
-        let Some(a) = self.adaptive else {
+        let Some(a) = self.adaptive() else {
             return Ok(clip);
         };
         let fraction = noisy_count(within, a.count_noise, rng)? / self.expected_cohort;
@@ -164,14 +204,14 @@ impl PrivacyLedger {
     }
 
     /// Accounts one committed round.
-    pub fn spend(&mut self, dp: &CentralDp) {
+    pub fn spend(&mut self, dp: &DpSettings) {
         // Central mechanisms are valid by construction.
         let _ = self.accountant.compose(dp.mechanism(), 1);
         self.rounds += 1;
     }
 
     /// Rounds the budget still admits, at most `cap`.
-    pub fn rounds_left(&self, dp: &CentralDp, cap: u64) -> u64 {
+    pub fn rounds_left(&self, dp: &DpSettings, cap: u64) -> u64 {
         match dp.target_epsilon {
             None => cap,
             Some(target) => {
@@ -182,7 +222,7 @@ impl PrivacyLedger {
     }
 
     /// ε if one more round were committed.
-    pub fn epsilon_after_next(&self, dp: &CentralDp) -> f64 {
+    pub fn epsilon_after_next(&self, dp: &DpSettings) -> f64 {
         let mut next = self.clone();
         next.spend(dp);
         next.epsilon(dp.delta)
@@ -193,16 +233,18 @@ impl PrivacyLedger {
 mod tests {
     use super::*;
 
-    fn dp(adaptive: bool) -> CentralDp {
+    fn dp(adaptive: bool) -> DpSettings {
         let z = NoiseMultiplier::new(1.0).unwrap();
-        CentralDp {
+        DpSettings {
+            mode: DpMode::Central {
+                adaptive: adaptive.then(|| AdaptiveClip::new(z, 0.5, 0.2, 1.0).unwrap()),
+            },
             initial_clip: ClipNorm::new(1.0).unwrap(),
             noise_multiplier: z,
             sampling_rate: SamplingRate::new(1.0).unwrap(),
             expected_cohort: 10.0,
             delta: Delta::new(1e-5).unwrap(),
             target_epsilon: Some(Epsilon::new(5.0).unwrap()),
-            adaptive: adaptive.then(|| AdaptiveClip::new(z, 0.5, 0.2, 1.0).unwrap()),
         }
     }
 

@@ -24,10 +24,10 @@ use covey_privacy::{ClipNorm, Pseudonym, PseudonymKey, clip_l2, l2_norm, noise::
 use covey_protocol::{
     ModelVersion, PROTOCOL_VERSION, RoundId, UpdateEncoding,
     frame::{FrameError, FrameLimits},
-    io::{StreamError, read_message, read_tensor, write_message, write_tensor},
+    io::{StreamError, read_message, read_tensor, read_words, write_message, write_tensor},
     message::{
-        CloseCode, ErrorReport, EvalReport, EvalTask, Message, RejectReason, Task, UpdateHeader,
-        UpdatePrivacy, UpdateReceipt, Welcome,
+        CloseCode, ErrorReport, EvalReport, EvalTask, Message, Payload, RejectReason, Task,
+        UpdateHeader, UpdatePrivacy, UpdateReceipt, Welcome,
     },
     round::{Action, Coordinator, FinishReason},
     tensor::{AssembleError, ChunkPlan},
@@ -44,7 +44,7 @@ use crate::{
     aggregate::{OptimizerState, WeightedSum},
     config::Settings,
     dir::{DirError, EvalOutcome, StateDir, VersionMetrics},
-    dp::{CentralDp, PrivacyLedger},
+    dp::{DpMode, DpSettings, PrivacyLedger},
     pki::{self, Admitted},
     status,
     store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
@@ -151,8 +151,15 @@ struct TaskPackage {
     model: Arc<Vec<f32>>,
 }
 
+/// An update's values as they arrived.
+enum Values {
+    Floats(Vec<f32>),
+    /// Ring words (distributed DP).
+    Words(Vec<u32>),
+}
+
 struct Received {
-    values: Vec<f32>,
+    values: Values,
     num_examples: u64,
     loss: f32,
     within_clip: Option<bool>,
@@ -299,7 +306,7 @@ impl Server {
                 problem: e.to_string(),
             })
         })?;
-        let privacy = match settings.central_dp {
+        let privacy = match settings.dp {
             None => None,
             Some(dp) => {
                 let ledger = store
@@ -311,8 +318,15 @@ impl Server {
                 info!(
                     epsilon_spent = ledger.epsilon(dp.delta),
                     rounds_left = left,
-                    "central DP on; the privacy budget admits {left} more rounds"
+                    "differential privacy on; the budget admits {left} more rounds"
                 );
+                if let DpMode::Distributed(plan) = dp.mode {
+                    warn!(
+                        bits = plan.quantizer.bits,
+                        client_sigma = plan.client_sigma,
+                        "distributed DP without secure aggregation: this server receives each client's noised update, so the guarantee holds against everyone who sees only released models, not against this server"
+                    );
+                }
                 let rng = NoiseRng::from_os().map_err(|e| ServeError::Noise(e.to_string()))?;
                 Some(Privacy {
                     dp,
@@ -643,7 +657,7 @@ async fn serve_stream(
             let num_examples = header.num_examples;
             let loss = header.metrics.loss;
             let within_clip = header.within_clip;
-            let encoding = header.encoding;
+            let payload = header.payload;
             let Some(decision) = ask(shared, |reply| Event::BeginUpdate {
                 client,
                 header,
@@ -677,13 +691,18 @@ async fn serve_stream(
             let limits = FrameLimits {
                 max_frame: shared.limits.max_frame,
             };
-            let read = read_tensor(&mut recv, plan, encoding, limits).await;
+            let read = match payload {
+                Payload::Floats(encoding) => read_tensor(&mut recv, plan, encoding, limits)
+                    .await
+                    .map(|v| (Values::Floats(v), plan.wire_bytes(encoding))),
+                Payload::Ring { bits } => read_words(&mut recv, plan, bits, limits)
+                    .await
+                    .map(|w| (Values::Words(w), plan.ring_wire_bytes())),
+            };
             drop(permit);
             let (result, fault) = match read {
-                Ok(values) => {
-                    shared
-                        .bytes_up
-                        .fetch_add(plan.wire_bytes(encoding), Ordering::Relaxed);
+                Ok((values, bytes)) => {
+                    shared.bytes_up.fetch_add(bytes, Ordering::Relaxed);
                     (
                         Ok(Received {
                             values,
@@ -732,10 +751,19 @@ async fn serve_stream(
     }
 }
 
+/// The running aggregate of a round.
+enum Aggregate {
+    Weighted(WeightedSum),
+    /// Distributed DP: the modular sum of ring words.
+    Ring {
+        sum: Vec<u32>,
+        count: usize,
+    },
+}
+
 struct RoundInProgress {
     record: RoundRecord,
-    task: Arc<TaskPackage>,
-    sum: WeightedSum,
+    sum: Aggregate,
     loss_weighted: f64,
     examples: f64,
     /// Accepted updates that were within the clip before clipping (DP).
@@ -773,7 +801,7 @@ struct Hub {
 }
 
 struct Privacy {
-    dp: CentralDp,
+    dp: DpSettings,
     ledger: PrivacyLedger,
     /// Behind a mutex only so a commit's blocking task can borrow it.
     rng: Arc<std::sync::Mutex<NoiseRng>>,
@@ -942,25 +970,44 @@ impl Hub {
         let Some(round) = &self.round else {
             return (Err(RejectReason::RoundClosed), Vec::new());
         };
-        let spec = &round.task.task.spec;
-        let reason = if header.param_count != spec.param_count() as u64
-            || header.encoding != self.settings.encoding
+        let (payload, values) = self.expected_payload();
+        let distributed = matches!(payload, Payload::Ring { .. });
+        let reason = if header.payload != payload
+            && (distributed || matches!(header.payload, Payload::Ring { .. }))
+        {
+            // Plain where noise was required, or the reverse.
+            RejectReason::PrivacyMismatch
+        } else if header.param_count != values as u64
+            || header.payload != payload
             || header.base_version != round.record.base
         {
             RejectReason::ShapeMismatch
         } else if header.num_examples == 0 {
             RejectReason::NoExamples
-        } else if self.privacy.is_some() && header.within_clip.is_none() {
+        } else if self.privacy.is_some() && !distributed && header.within_clip.is_none() {
             RejectReason::PrivacyMismatch
         } else {
-            return (
-                Ok(ChunkPlan::new(spec.param_count(), self.chunk_len)),
-                Vec::new(),
-            );
+            return (Ok(ChunkPlan::new(values, self.chunk_len)), Vec::new());
         };
         warn!(client = %client, "rejected update: {reason}");
         let actions = self.machine.reject_update(client, header.round, now);
         (Err(reason), actions)
+    }
+
+    /// What updates of this run carry, and how many values.
+    fn expected_payload(&self) -> (Payload, usize) {
+        match self.privacy.as_ref().map(|p| p.dp.mode) {
+            Some(DpMode::Distributed(plan)) => (
+                Payload::Ring {
+                    bits: plan.quantizer.bits,
+                },
+                plan.quantizer.encoded_len(),
+            ),
+            _ => (
+                Payload::Floats(self.settings.encoding),
+                self.settings.spec.param_count(),
+            ),
+        }
     }
 
     async fn finish_update(
@@ -973,13 +1020,16 @@ impl Hub {
     ) -> Result<UpdateReceipt, ServeError> {
         match result {
             Ok(mut update) => {
-                let expected = self.model.len();
-                let refusal = if update.values.len() != expected {
-                    Some(RejectReason::ShapeMismatch)
-                } else if let Some(p) = &self.privacy {
-                    clip_received(&mut update.values, p.ledger.clip).err()
-                } else {
-                    None
+                let (_, expected) = self.expected_payload();
+                let refusal = match (&mut update.values, &self.privacy) {
+                    (Values::Floats(v), _) if v.len() != expected => {
+                        Some(RejectReason::ShapeMismatch)
+                    }
+                    (Values::Words(w), _) if w.len() != expected => {
+                        Some(RejectReason::ShapeMismatch)
+                    }
+                    (Values::Floats(v), Some(p)) => clip_received(v, p.ledger.clip).err(),
+                    _ => None,
                 };
                 if let Some(reason) = refusal {
                     warn!(client = %client, "rejected update: {reason}");
@@ -1000,8 +1050,21 @@ impl Hub {
                             if update.within_clip == Some(true) {
                                 round.within_clip += 1;
                             }
-                            // Length and weight were checked above.
-                            let _ = round.sum.fold(&update.values, weight);
+                            // Length, range and weight were checked above.
+                            match (&mut round.sum, &update.values) {
+                                (Aggregate::Weighted(sum), Values::Floats(v)) => {
+                                    let _ = sum.fold(v, weight);
+                                }
+                                (Aggregate::Ring { sum, count }, Values::Words(w)) => {
+                                    if let Some(p) = &self.privacy
+                                        && let DpMode::Distributed(plan) = p.dp.mode
+                                        && plan.quantizer.accumulate(sum, w).is_ok()
+                                    {
+                                        *count += 1;
+                                    }
+                                }
+                                _ => {}
+                            }
                             if update.loss.is_finite() {
                                 round.loss_weighted += f64::from(update.loss) * weight;
                                 round.examples += weight;
@@ -1048,10 +1111,17 @@ impl Hub {
                         deadline_ms: deadline.saturating_duration_since(now).as_millis() as u64,
                         seed: self.rng.random(),
                         privacy: match &self.privacy {
-                            Some(p) => UpdatePrivacy::Clipped {
-                                clip: p.ledger.clip,
-                            },
                             None => UpdatePrivacy::Plain,
+                            Some(p) => match p.dp.mode {
+                                DpMode::Central { .. } => UpdatePrivacy::Clipped {
+                                    clip: p.ledger.clip,
+                                },
+                                DpMode::Distributed(plan) => UpdatePrivacy::Distributed {
+                                    clip: p.ledger.clip,
+                                    quantizer: plan.quantizer,
+                                    noise_sigma: plan.client_sigma,
+                                },
+                            },
                         },
                     };
                     let record = RoundRecord {
@@ -1079,8 +1149,13 @@ impl Hub {
                     });
                     self.round = Some(RoundInProgress {
                         record,
-                        task: package.clone(),
-                        sum: WeightedSum::new(self.model.len()),
+                        sum: match self.privacy.as_ref().map(|p| p.dp.mode) {
+                            Some(DpMode::Distributed(plan)) => Aggregate::Ring {
+                                sum: vec![0; plan.quantizer.encoded_len()],
+                                count: 0,
+                            },
+                            _ => Aggregate::Weighted(WeightedSum::new(self.model.len())),
+                        },
                         loss_weighted: 0.0,
                         examples: 0.0,
                         within_clip: 0,
@@ -1391,7 +1466,7 @@ impl Hub {
     /// set if there is one, and stores the new version with its record.
     async fn commit(
         &mut self,
-        sum: WeightedSum,
+        sum: Aggregate,
         within_clip: usize,
         mut record: RoundRecord,
         version: ModelVersion,
@@ -1400,9 +1475,28 @@ impl Hub {
         let corrupt = |e: String| crate::store::StoreError::Corrupt(e);
         // Under DP: noise on the sum, a fixed denominator, and the ledger
         // entry that goes into the same transaction as the version.
-        let (mean, ledger) = match &self.privacy {
-            None => (sum.mean().map_err(|e| corrupt(e.to_string()))?, None),
-            Some(p) => {
+        let (mean, ledger) = match (&self.privacy, sum) {
+            (None, Aggregate::Weighted(sum)) => {
+                (sum.mean().map_err(|e| corrupt(e.to_string()))?, None)
+            }
+            (Some(p), Aggregate::Ring { sum, count }) => {
+                if count == 0 {
+                    return Err(corrupt("no update was aggregated".into()));
+                }
+                let (mean, at_risk) = p.dp.decode_sum(&sum).map_err(|e| corrupt(e.to_string()))?;
+                if at_risk > 0 {
+                    warn!(
+                        round = %round,
+                        coordinates = at_risk,
+                        "the modular sum came near the ring's edge and may have wrapped: raise privacy.bits or lower the clip"
+                    );
+                }
+                let mut ledger = p.ledger.clone();
+                ledger.spend(&p.dp);
+                record.epsilon = Some(ledger.epsilon(p.dp.delta));
+                (mean, Some(ledger))
+            }
+            (Some(p), Aggregate::Weighted(sum)) => {
                 let mut total = sum.into_sum().map_err(|e| corrupt(e.to_string()))?;
                 let (dp, clip, rng) = (p.dp, p.ledger.clip, p.rng.clone());
                 let mut ledger = p.ledger.clone();
@@ -1421,6 +1515,9 @@ impl Hub {
                 .map_err(corrupt)?;
                 record.epsilon = Some(ledger.epsilon(p.dp.delta));
                 (total, Some(ledger))
+            }
+            (None, Aggregate::Ring { .. }) => {
+                return Err(corrupt("ring aggregate without distributed DP".into()));
             }
         };
         let mut weights = self.model.as_ref().clone();

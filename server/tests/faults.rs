@@ -10,7 +10,7 @@ use covey_protocol::{
     UpdateEncoding,
     frame::FrameLimits,
     io::{read_message, write_message},
-    message::{CloseCode, LocalMetrics, Message, UpdateHeader},
+    message::{CloseCode, LocalMetrics, Message, Payload, UpdateHeader},
     tensor::ChunkPlan,
 };
 
@@ -56,7 +56,7 @@ async fn bad_frames_and_bad_shapes_lose_only_their_sender() {
         let header = UpdateHeader {
             round: task.round,
             base_version: task.base_version,
-            encoding: task.update_encoding,
+            payload: Payload::Floats(task.update_encoding),
             param_count: 10,
             num_examples: 5,
             metrics: LocalMetrics::default(),
@@ -101,7 +101,7 @@ async fn a_nan_update_is_rejected_with_a_reason_and_never_aggregated() {
         let header = UpdateHeader {
             round: task.round,
             base_version: task.base_version,
-            encoding: UpdateEncoding::F32,
+            payload: Payload::Floats(UpdateEncoding::F32),
             param_count: n as u64,
             num_examples: 1_000_000,
             metrics: LocalMetrics::default(),
@@ -159,7 +159,7 @@ async fn send_update(
     let header = UpdateHeader {
         round: task.round,
         base_version: task.base_version,
-        encoding: UpdateEncoding::F32,
+        payload: Payload::Floats(UpdateEncoding::F32),
         param_count: values.len() as u64,
         num_examples: 10,
         metrics: LocalMetrics::default(),
@@ -198,7 +198,7 @@ async fn under_central_dp_unclipped_and_unlabelled_updates_are_refused() {
             let task = selected_task(&conn).await;
             let clip = match task.privacy {
                 UpdatePrivacy::Clipped { clip } => clip.get(),
-                UpdatePrivacy::Plain => panic!("central DP tasks must ask for clipping"),
+                other => panic!("central DP tasks must ask for clipping, got {other:?}"),
             };
             assert_eq!(clip, 1.0);
             // Norm 2: twice the clip.
@@ -236,4 +236,42 @@ async fn under_central_dp_unclipped_and_unlabelled_updates_are_refused() {
     assert_eq!((round.selected, round.accepted, round.dropped), (3, 1, 2));
     assert_eq!(round.clip, Some(1.0));
     assert_eq!(round.epsilon, summary.epsilon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_distributed_dp_an_unnoised_update_is_refused() {
+    use covey_protocol::message::{RejectReason, UpdatePrivacy, UpdateReceipt};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config("logreg", 1, 2);
+    cfg.rounds.quorum = 1;
+    cfg.privacy.mode = "distributed".into();
+    cfg.privacy.population = 2;
+    let state = init(tmp.path(), &cfg);
+    let bundles = enroll(&state, &["honest", "plain"]);
+    let (addr, server) = start(&state);
+    let conn = raw_connection(&bundles[1], addr).await;
+    let cheat = tokio::spawn(async move {
+        let task = selected_task(&conn).await;
+        assert!(matches!(task.privacy, UpdatePrivacy::Distributed { .. }));
+        let values = vec![0.0f32; task.spec.param_count()];
+        send_update(&conn, &task, &values, None).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let honest = spawn_scripted(&bundles[..1], addr, Duration::from_millis(200));
+    assert_eq!(
+        cheat.await.unwrap(),
+        Message::UpdateReceipt(UpdateReceipt::Rejected(RejectReason::PrivacyMismatch))
+    );
+    let summary = server.await.unwrap();
+    assert_eq!(summary.final_version, 1);
+    assert_eq!(
+        honest
+            .into_iter()
+            .next()
+            .unwrap()
+            .await
+            .unwrap()
+            .updates_accepted,
+        1
+    );
 }

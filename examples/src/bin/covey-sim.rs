@@ -95,6 +95,9 @@ struct Args {
     target_epsilon: f64,
     #[arg(long, default_value_t = 1e-5)]
     delta: f64,
+    /// Distributed DP: the sum lives modulo 2^bits.
+    #[arg(long, default_value_t = 20)]
+    bits: u32,
 }
 
 /// Lets virtual clients share one device by training one at a time.
@@ -148,7 +151,7 @@ fn main() -> Result<()> {
     let mut check = ServerConfig::default();
     check.rounds.clients_per_round = per_round(&args);
     check.rounds.min_clients = args.clients;
-    check.rounds.quorum = 1;
+    check.rounds.quorum = per_round(&args).div_ceil(2);
     check.privacy = privacy_config(&args)?;
     check.settings()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -179,6 +182,7 @@ fn privacy_config(args: &Args) -> Result<covey_server::config::Privacy> {
     p.noise_multiplier = args.noise_multiplier;
     p.target_epsilon = args.target_epsilon;
     p.delta = args.delta;
+    p.bits = args.bits;
     p.population = args.clients as u64;
     Ok(p)
 }
