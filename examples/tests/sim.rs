@@ -81,6 +81,11 @@ fn bad_flags_are_refused_with_a_reason() {
         (&["--model", "resnet"][..], "unknown model 'resnet'"),
         (&["--data", "/nonexistent"][..], "/nonexistent"),
         (&["--dp", "local"][..], "privacy.mode"),
+        (&["--aggregator", "krum:9"][..], "raise rounds.quorum"),
+        (
+            &["--aggregator", "median", "--dp", "central"][..],
+            "sensitivity",
+        ),
         (&["--dp", "central", "--clip=-1"][..], "privacy.clip"),
         (
             &["--dp", "central", "--clip", "big"][..],

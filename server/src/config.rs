@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     aggregate::OptimizerKind,
     dp::{AdaptiveClip, DpMode, DpSettings},
+    robust::Aggregator,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -79,12 +80,18 @@ pub struct Training {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Aggregation {
+    #[serde(default = "default_aggregator")]
+    pub aggregator: String,
     pub optimizer: String,
     pub server_learning_rate: f32,
     pub momentum: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub tau: f32,
+}
+
+fn default_aggregator() -> String {
+    "mean".into()
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -283,6 +290,7 @@ impl Default for ServerConfig {
                 chunk_len: 1 << 18,
             },
             aggregation: Aggregation {
+                aggregator: default_aggregator(),
                 optimizer: "fedavg".into(),
                 server_learning_rate: 1.0,
                 momentum: 0.9,
@@ -304,6 +312,7 @@ pub struct Settings {
     pub hyper: Hyperparameters,
     pub encoding: UpdateEncoding,
     pub optimizer: OptimizerKind,
+    pub aggregator: Aggregator,
     /// Differential privacy, when on.
     pub dp: Option<DpSettings>,
 }
@@ -410,6 +419,41 @@ impl ServerConfig {
         }
         let optimizer =
             OptimizerKind::from_config(&self.aggregation).map_err(|e| invalid("aggregation", e))?;
+        let aggregator: Aggregator = self
+            .aggregation
+            .aggregator
+            .parse()
+            .map_err(|e: String| invalid("aggregation.aggregator", e))?;
+        match (&dp, aggregator) {
+            (_, Aggregator::Mean) => {}
+            (Some(d), a) if matches!(d.mode, DpMode::Distributed(_)) => {
+                return Err(invalid(
+                    "aggregation.aggregator",
+                    format!(
+                        "{a} needs individual updates, which distributed DP never shows the server; use mean (clipping and noise are the defence there)"
+                    ),
+                ));
+            }
+            (Some(_), a) if !matches!(a, Aggregator::NormBound { .. }) => {
+                return Err(invalid(
+                    "aggregation.aggregator",
+                    format!(
+                        "under central DP only mean and norm-bound keep the sum's sensitivity at the clip, which the accountant relies on; {a} does not"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if r.quorum < aggregator.min_updates() {
+            return Err(invalid(
+                "aggregation.aggregator",
+                format!(
+                    "{aggregator} needs at least {} updates per round; raise rounds.quorum (now {})",
+                    aggregator.min_updates(),
+                    r.quorum
+                ),
+            ));
+        }
         Ok(Settings {
             spec,
             round,
@@ -421,6 +465,7 @@ impl ServerConfig {
             },
             encoding,
             optimizer,
+            aggregator,
             dp,
         })
     }
@@ -487,6 +532,13 @@ update_encoding = "{update_encoding}"
 chunk_len = {chunk_len}
 
 [aggregation]
+# How the round's updates become one: mean (FedAvg's example-weighted mean, folded as updates
+# arrive), norm-bound:C (each update scaled to L2 norm at most C first), or a Byzantine-robust rule
+# that holds every update of the round in memory: median, trimmed-mean:FRACTION, krum:F,
+# multi-krum:F:M or bulyan:F (F = attackers tolerated; quorum must be at least 2F+3, or 4F+3 for
+# bulyan). Robust rules need individual updates, so they are refused with DP (norm-bound stays
+# available under central DP).
+aggregator = "{aggregator}"
 # Server optimizer: fedavg, fedavgm, fedadam or fedyogi (Reddi et al. 2021).
 optimizer = "{optimizer}"
 # Server learning rate applied to the averaged update (1.0 with fedavg is plain FedAvg).
@@ -555,6 +607,7 @@ bits = {p_bits}
             proximal_mu = t.proximal_mu,
             update_encoding = t.update_encoding,
             chunk_len = t.chunk_len,
+            aggregator = a.aggregator,
             optimizer = a.optimizer,
             server_learning_rate = a.server_learning_rate,
             momentum = a.momentum,
@@ -586,6 +639,7 @@ mod tests {
         let mut c = ServerConfig::default();
         c.rounds.over_selection = 0.25;
         c.aggregation.optimizer = "fedyogi".into();
+        c.aggregation.aggregator = "norm-bound:2.5".into();
         c.evaluation.test_data = "/data/mnist".into();
         c.privacy.mode = "central".into();
         c.privacy.population = 100;
@@ -612,6 +666,23 @@ mod tests {
         c.server.max_frame_bytes = 1000;
         let err = c.settings().unwrap_err().to_string();
         assert!(err.contains("max_frame_bytes"), "{err}");
+
+        let mut c = ServerConfig::default();
+        c.aggregation.aggregator = "krum:1".into();
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("raise rounds.quorum"), "{err}");
+        c.aggregation.aggregator = "krum:2:3".into();
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("aggregation.aggregator"), "{err}");
+
+        let mut c = ServerConfig::default();
+        c.privacy.mode = "central".into();
+        c.privacy.population = 2;
+        c.aggregation.aggregator = "median".into();
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("sensitivity"), "{err}");
+        c.aggregation.aggregator = "norm-bound:3".into();
+        c.settings().unwrap();
 
         let mut c = ServerConfig::default();
         c.privacy.mode = "central".into();

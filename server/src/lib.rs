@@ -7,6 +7,7 @@ pub mod dir;
 pub mod dp;
 pub mod export;
 pub mod pki;
+pub mod robust;
 pub mod serve;
 pub mod status;
 pub mod store;

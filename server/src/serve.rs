@@ -46,6 +46,7 @@ use crate::{
     dir::{DirError, EvalOutcome, StateDir, VersionMetrics},
     dp::{DpMode, DpSettings, PrivacyLedger},
     pki::{self, Admitted},
+    robust::Aggregator,
     status,
     store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
 };
@@ -759,6 +760,11 @@ enum Aggregate {
         sum: Vec<u32>,
         count: usize,
     },
+    /// A robust rule: every update of the round, with its weight.
+    Buffered {
+        updates: Vec<Vec<f32>>,
+        weights: Vec<f64>,
+    },
 }
 
 struct RoundInProgress {
@@ -1050,24 +1056,34 @@ impl Hub {
                             if update.within_clip == Some(true) {
                                 round.within_clip += 1;
                             }
+                            if update.loss.is_finite() {
+                                round.loss_weighted += f64::from(update.loss) * weight;
+                                round.examples += weight;
+                            }
                             // Length, range and weight were checked above.
-                            match (&mut round.sum, &update.values) {
-                                (Aggregate::Weighted(sum), Values::Floats(v)) => {
-                                    let _ = sum.fold(v, weight);
+                            match (&mut round.sum, update.values) {
+                                (Aggregate::Weighted(sum), Values::Floats(mut v)) => {
+                                    if let Aggregator::NormBound { max_norm } =
+                                        self.settings.aggregator
+                                        && let Ok(bound) = ClipNorm::new(max_norm)
+                                    {
+                                        clip_l2(&mut v, bound);
+                                    }
+                                    let _ = sum.fold(&v, weight);
+                                }
+                                (Aggregate::Buffered { updates, weights }, Values::Floats(v)) => {
+                                    updates.push(v);
+                                    weights.push(weight);
                                 }
                                 (Aggregate::Ring { sum, count }, Values::Words(w)) => {
                                     if let Some(p) = &self.privacy
                                         && let DpMode::Distributed(plan) = p.dp.mode
-                                        && plan.quantizer.accumulate(sum, w).is_ok()
+                                        && plan.quantizer.accumulate(sum, &w).is_ok()
                                     {
                                         *count += 1;
                                     }
                                 }
                                 _ => {}
-                            }
-                            if update.loss.is_finite() {
-                                round.loss_weighted += f64::from(update.loss) * weight;
-                                round.examples += weight;
                             }
                         }
                         debug!(client = %client, "update accepted");
@@ -1153,6 +1169,10 @@ impl Hub {
                             Some(DpMode::Distributed(plan)) => Aggregate::Ring {
                                 sum: vec![0; plan.quantizer.encoded_len()],
                                 count: 0,
+                            },
+                            _ if !self.settings.aggregator.is_streaming() => Aggregate::Buffered {
+                                updates: Vec::new(),
+                                weights: Vec::new(),
                             },
                             _ => Aggregate::Weighted(WeightedSum::new(self.model.len())),
                         },
@@ -1516,8 +1536,19 @@ impl Hub {
                 record.epsilon = Some(ledger.epsilon(p.dp.delta));
                 (total, Some(ledger))
             }
-            (None, Aggregate::Ring { .. }) => {
-                return Err(corrupt("ring aggregate without distributed DP".into()));
+            (None, Aggregate::Buffered { updates, weights }) => {
+                let aggregator = self.settings.aggregator;
+                let combined =
+                    tokio::task::spawn_blocking(move || aggregator.aggregate(&updates, &weights))
+                        .await
+                        .map_err(|e| corrupt(format!("aggregation task: {e}")))?
+                        .map_err(|e| corrupt(e.to_string()))?;
+                (combined, None)
+            }
+            (None, Aggregate::Ring { .. }) | (Some(_), Aggregate::Buffered { .. }) => {
+                return Err(corrupt(
+                    "the round's aggregate does not match its privacy mode".into(),
+                ));
             }
         };
         let mut weights = self.model.as_ref().clone();

@@ -56,6 +56,10 @@ struct Args {
     /// fedavg, fedavgm, fedadam or fedyogi.
     #[arg(long, default_value = "fedavg")]
     server_opt: String,
+    /// mean, norm-bound:C, median, trimmed-mean:FRACTION, krum:F,
+    /// multi-krum:F:M or bulyan:F.
+    #[arg(long, default_value = "mean")]
+    aggregator: String,
     /// Server learning rate.
     #[arg(long, default_value_t = 1.0)]
     server_lr: f32,
@@ -151,8 +155,13 @@ fn main() -> Result<()> {
     let mut check = ServerConfig::default();
     check.rounds.clients_per_round = per_round(&args);
     check.rounds.min_clients = args.clients;
-    check.rounds.quorum = per_round(&args).div_ceil(2);
+    check.rounds.quorum = if args.dp == "off" {
+        per_round(&args)
+    } else {
+        per_round(&args).div_ceil(2)
+    };
     check.privacy = privacy_config(&args)?;
+    check.aggregation.aggregator = args.aggregator.clone();
     check.settings()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(simulate(args))
@@ -218,6 +227,7 @@ async fn simulate(args: Args) -> Result<()> {
     config.training.learning_rate = args.lr;
     config.training.update_encoding = args.update_encoding.to_string();
     config.aggregation.optimizer = args.server_opt.clone();
+    config.aggregation.aggregator = args.aggregator.clone();
     config.aggregation.server_learning_rate = args.server_lr;
     // The server evaluates every version on the held-out set as it commits.
     config.evaluation.test_data = data_dir.display().to_string();
