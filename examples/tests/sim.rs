@@ -82,6 +82,11 @@ fn bad_flags_are_refused_with_a_reason() {
         (&["--data", "/nonexistent"][..], "/nonexistent"),
         (&["--dp", "local"][..], "privacy.mode"),
         (&["--aggregator", "krum:9"][..], "raise rounds.quorum"),
+        (&["--attack", "scale:x"][..], "unknown attack 'scale:x'"),
+        (
+            &["--attack", "sign-flip", "--attackers", "2"][..],
+            "--attackers is a fraction",
+        ),
         (
             &["--aggregator", "median", "--dp", "central"][..],
             "sensitivity",

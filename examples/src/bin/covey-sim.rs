@@ -99,15 +99,80 @@ struct Args {
     target_epsilon: f64,
     #[arg(long, default_value_t = 1e-5)]
     delta: f64,
+    /// Simulated attack by some clients: none, sign-flip, scale:F,
+    /// label-flip or noise.
+    #[arg(long, default_value = "none")]
+    attack: Attack,
+    /// Fraction of clients that attack (the first ⌈fraction·K⌉).
+    #[arg(long, default_value_t = 0.2)]
+    attackers: f64,
     /// Distributed DP: the sum lives modulo 2^bits.
     #[arg(long, default_value_t = 20)]
     bits: u32,
+}
+
+/// What a malicious virtual client does to its update.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Attack {
+    None,
+    /// Sends −Δ.
+    SignFlip,
+    /// Sends F·Δ.
+    Scale(f32),
+    /// Trains on labels mapped l → 9 − l.
+    LabelFlip,
+    /// Sends Gaussian noise with Δ's norm.
+    Noise,
+}
+
+impl std::str::FromStr for Attack {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "none" => Self::None,
+            "sign-flip" => Self::SignFlip,
+            "label-flip" => Self::LabelFlip,
+            "noise" => Self::Noise,
+            _ => match s.strip_prefix("scale:").map(str::parse::<f32>) {
+                Some(Ok(f)) if f.is_finite() => Self::Scale(f),
+                _ => {
+                    return Err(format!(
+                        "unknown attack '{s}': expected none, sign-flip, scale:F, label-flip or noise"
+                    ));
+                }
+            },
+        })
+    }
+}
+
+impl Attack {
+    /// Rewrites an honest update the way this attacker would.
+    fn apply(self, delta: &mut [f32], rng: &mut impl rand::Rng) {
+        match self {
+            Self::None | Self::LabelFlip => {}
+            Self::SignFlip => delta.iter_mut().for_each(|v| *v = -*v),
+            Self::Scale(f) => delta.iter_mut().for_each(|v| *v *= f),
+            Self::Noise => {
+                let norm = covey_privacy::l2_norm(delta);
+                let normal = rand_distr::StandardNormal;
+                delta
+                    .iter_mut()
+                    .for_each(|v| *v = rand_distr::Distribution::<f32>::sample(&normal, rng));
+                let scale = norm / covey_privacy::l2_norm(delta).max(f64::MIN_POSITIVE);
+                delta
+                    .iter_mut()
+                    .for_each(|v| *v = (f64::from(*v) * scale) as f32);
+            }
+        }
+    }
 }
 
 /// Lets virtual clients share one device by training one at a time.
 struct Serialized {
     inner: CandleTrainer,
     device_lock: Arc<Mutex<()>>,
+    attack: Attack,
+    rng: rand_chacha::ChaCha8Rng,
 }
 
 /// Waits for this client's turn on the shared device.
@@ -119,7 +184,9 @@ fn turn(lock: &Mutex<()>) -> Result<std::sync::MutexGuard<'_, ()>, TrainError> {
 impl Trainer for Serialized {
     fn train(&mut self, task: &Task, global: &[f32]) -> Result<TrainOutput, TrainError> {
         let _turn = turn(&self.device_lock)?;
-        self.inner.train(task, global)
+        let mut out = self.inner.train(task, global)?;
+        self.attack.apply(&mut out.delta, &mut self.rng);
+        Ok(out)
     }
 
     fn evaluate(
@@ -145,6 +212,12 @@ fn main() -> Result<()> {
     }
     if !(args.fraction > 0.0 && args.fraction <= 1.0) {
         bail!("--fraction must be in (0, 1], got {}", args.fraction);
+    }
+    if !(0.0..=1.0).contains(&args.attackers) {
+        bail!(
+            "--attackers is a fraction in [0, 1], got {}",
+            args.attackers
+        );
     }
     if let Some(t) = args.target_accuracy
         && !(0.0..=1.0).contains(&t)
@@ -265,10 +338,34 @@ async fn simulate(args: Args) -> Result<()> {
     let test = Arc::new(Mnist::load(&data_dir, "t10k")?);
     let holdouts = Partition::Iid.split(&test.labels, args.clients, args.seed);
     let device_lock = Arc::new(Mutex::new(()));
+    let attackers = if args.attack == Attack::None {
+        0
+    } else {
+        (args.attackers * args.clients as f64).ceil() as usize
+    };
+    let flipped = Arc::new(Mnist {
+        labels: train
+            .labels
+            .iter()
+            .map(|l| 9u8.saturating_sub(*l))
+            .collect(),
+        ..(*train).clone()
+    });
     let mut clients = Vec::new();
-    for ((identity, indices), holdout) in identities.into_iter().zip(parts).zip(holdouts) {
+    for (i, ((identity, indices), holdout)) in
+        identities.into_iter().zip(parts).zip(holdouts).enumerate()
+    {
+        let attack = if i < attackers {
+            args.attack
+        } else {
+            Attack::None
+        };
         let view = DataView {
-            data: train.clone(),
+            data: if attack == Attack::LabelFlip {
+                flipped.clone()
+            } else {
+                train.clone()
+            },
             indices,
         };
         let holdout = DataView {
@@ -278,6 +375,8 @@ async fn simulate(args: Args) -> Result<()> {
         let trainer = Serialized {
             inner: CandleTrainer::new(&view, &device)?.with_holdout(&holdout)?,
             device_lock: device_lock.clone(),
+            attack,
+            rng: rand::SeedableRng::seed_from_u64(args.seed ^ i as u64),
         };
         let options = ClientOptions {
             server_addr: Some(addr),
