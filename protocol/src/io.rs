@@ -117,11 +117,25 @@ pub async fn read_tensor<R: AsyncRead + Unpin>(
     limits: FrameLimits,
 ) -> Result<Vec<f32>, StreamError> {
     let mut assembler = Assembler::new(plan, encoding);
-    while !assembler.is_complete() {
+    let done = assembler.is_complete();
+    read_chunks(reader, limits, done, |index, payload| {
+        assembler.push(index, payload)
+    })
+    .await?;
+    assembler.finish().ok_or(StreamError::Truncated)
+}
+
+/// Feeds chunk frames to `push` until it reports the vector complete
+/// (or at once when `done`); anything but a chunk is an error.
+async fn read_chunks<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limits: FrameLimits,
+    mut done: bool,
+    mut push: impl FnMut(u32, &[u8]) -> Result<bool, AssembleError>,
+) -> Result<(), StreamError> {
+    while !done {
         match read_frame(reader, limits).await? {
-            Some(Frame::Chunk { index, payload }) => {
-                assembler.push(index, &payload)?;
-            }
+            Some(Frame::Chunk { index, payload }) => done = push(index, &payload)?,
             Some(Frame::Message(m)) => {
                 return Err(StreamError::Unexpected {
                     expected: "a tensor chunk",
@@ -131,8 +145,7 @@ pub async fn read_tensor<R: AsyncRead + Unpin>(
             None => return Err(StreamError::Truncated),
         }
     }
-    // Complete by the loop condition.
-    assembler.finish().ok_or(StreamError::Truncated)
+    Ok(())
 }
 
 /// Streams ring words as chunk frames; returns the bytes written.
@@ -160,20 +173,11 @@ pub async fn read_words<R: AsyncRead + Unpin>(
     limits: FrameLimits,
 ) -> Result<Vec<u32>, StreamError> {
     let mut assembler = WordAssembler::new(plan, bits);
-    while !assembler.is_complete() {
-        match read_frame(reader, limits).await? {
-            Some(Frame::Chunk { index, payload }) => {
-                assembler.push(index, &payload)?;
-            }
-            Some(Frame::Message(m)) => {
-                return Err(StreamError::Unexpected {
-                    expected: "a tensor chunk",
-                    got: m.kind(),
-                });
-            }
-            None => return Err(StreamError::Truncated),
-        }
-    }
+    let done = assembler.is_complete();
+    read_chunks(reader, limits, done, |index, payload| {
+        assembler.push(index, payload)
+    })
+    .await?;
     assembler.finish().ok_or(StreamError::Truncated)
 }
 
