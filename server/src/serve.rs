@@ -93,6 +93,8 @@ pub struct RunSummary {
     pub finish_reason: Option<String>,
     /// Under central DP: ε spent by the run so far, at the configured δ.
     pub epsilon: Option<f64>,
+    /// Refused updates, by reason.
+    pub rejected: std::collections::BTreeMap<String, u64>,
 }
 
 /// VmHWM from /proc/self/status: the process's peak resident set.
@@ -971,6 +973,7 @@ impl Hub {
         now: Instant,
     ) -> (Result<ChunkPlan, RejectReason>, Vec<Action<Pseudonym>>) {
         if let Err(reason) = self.machine.begin_update(client, header.round) {
+            self.count_rejection(reason);
             return (Err(reason), Vec::new());
         }
         let Some(round) = &self.round else {
@@ -996,8 +999,25 @@ impl Hub {
             return (Ok(ChunkPlan::new(values, self.chunk_len)), Vec::new());
         };
         warn!(client = %client, "rejected update: {reason}");
+        self.count_rejection(reason);
         let actions = self.machine.reject_update(client, header.round, now);
         (Err(reason), actions)
+    }
+
+    /// Counts a refused update by reason, for the run and its round.
+    fn count_rejection(&mut self, reason: RejectReason) {
+        *self
+            .summary
+            .rejected
+            .entry(reason.as_str().to_owned())
+            .or_default() += 1;
+        if let Some(round) = &mut self.round {
+            *round
+                .record
+                .rejected
+                .entry(reason.as_str().to_owned())
+                .or_default() += 1;
+        }
     }
 
     /// What updates of this run carry, and how many values.
@@ -1039,6 +1059,7 @@ impl Hub {
                 };
                 if let Some(reason) = refusal {
                     warn!(client = %client, "rejected update: {reason}");
+                    self.count_rejection(reason);
                     let actions = self.machine.reject_update(client, round_id, now);
                     self.execute(actions, shared).await?;
                     return Ok(UpdateReceipt::Rejected(reason));
@@ -1090,11 +1111,15 @@ impl Hub {
                         self.execute(actions, shared).await?;
                         Ok(UpdateReceipt::Accepted)
                     }
-                    Err(reason) => Ok(UpdateReceipt::Rejected(reason)),
+                    Err(reason) => {
+                        self.count_rejection(reason);
+                        Ok(UpdateReceipt::Rejected(reason))
+                    }
                 }
             }
             Err(reason) => {
                 warn!(client = %client, "rejected update: {reason}");
+                self.count_rejection(reason);
                 let actions = self.machine.reject_update(client, round_id, now);
                 self.execute(actions, shared).await?;
                 Ok(UpdateReceipt::Rejected(reason))
@@ -1156,6 +1181,7 @@ impl Hub {
                         bytes_down: 0,
                         clip: self.privacy.as_ref().map(|p| p.ledger.clip.get()),
                         epsilon: None,
+                        rejected: Default::default(),
                     };
                     self.store.begin_round(&record)?;
                     info!(round = %round, base = %base, cohort = cohort.len(), "round started");

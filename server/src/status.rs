@@ -36,6 +36,8 @@ pub struct RoundLine {
     pub clip: Option<f64>,
     /// ε spent by the run up to and including this round.
     pub epsilon: Option<f64>,
+    /// Updates refused while the round ran, by reason.
+    pub rejected: std::collections::BTreeMap<String, u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -93,6 +95,7 @@ impl Report {
                         bytes_down: r.bytes_down,
                         clip: r.clip,
                         epsilon: r.epsilon,
+                        rejected: r.rejected.clone(),
                     }
                 })
                 .collect(),
@@ -131,7 +134,7 @@ impl Report {
         }
         for r in &self.rounds {
             out.push_str(&format!(
-                "  round {:>4}  base v{:<4} {:<28} selected {:>3}  accepted {:>3}  dropped {:>3}{}{}{}{}\n",
+                "  round {:>4}  base v{:<4} {:<28} selected {:>3}  accepted {:>3}  dropped {:>3}{}{}{}{}{}\n",
                 r.round,
                 r.base_version,
                 match r.committed_version {
@@ -152,6 +155,13 @@ impl Report {
                 r.epsilon
                     .map(|e| format!("  epsilon {e:.4}"))
                     .unwrap_or_default(),
+                if r.rejected.is_empty() {
+                    String::new()
+                } else {
+                    let reasons: Vec<String> =
+                        r.rejected.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    format!("  rejected ({})", reasons.join(", "))
+                }
             ));
         }
         out.push_str("\nclients:\n");

@@ -103,6 +103,8 @@ pub struct RoundRecord {
     /// the run up to and including it (at the configured δ).
     pub clip: Option<f64>,
     pub epsilon: Option<f64>,
+    /// Updates refused while this round ran, by reason.
+    pub rejected: std::collections::BTreeMap<String, u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -453,6 +455,7 @@ mod tests {
             bytes_down: 0,
             clip: None,
             epsilon: None,
+            rejected: Default::default(),
         }
     }
 

@@ -234,6 +234,16 @@ async fn under_central_dp_unclipped_and_unlabelled_updates_are_refused() {
     let store = state.open_store().unwrap();
     let round = &store.rounds().unwrap()[0];
     assert_eq!((round.selected, round.accepted, round.dropped), (3, 1, 2));
+    let counted: Vec<(&str, u32)> = round
+        .rejected
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    assert_eq!(
+        counted,
+        vec![("norm above clip", 1), ("privacy settings ignored", 1)]
+    );
+    assert_eq!(summary.rejected.values().sum::<u64>(), 2);
     assert_eq!(round.clip, Some(1.0));
     assert_eq!(round.epsilon, summary.epsilon);
 }
