@@ -64,10 +64,10 @@ impl Aggregator {
         weights: &[f64],
     ) -> Result<Vec<f32>, RobustError> {
         let n = updates.len();
-        if n < self.min_updates().max(1) {
+        if n < self.min_updates() {
             return Err(RobustError::TooFew {
                 rule: self.name(),
-                needed: self.min_updates().max(1),
+                needed: self.min_updates(),
                 got: n,
             });
         }
@@ -97,20 +97,25 @@ impl Aggregator {
                 let k = (trim * n as f64).floor() as usize;
                 coordinate_wise(updates, d, |column| trimmed_mean(column, k))
             }
-            Self::Krum { f } => updates[krum_order(updates, f)[0]].clone(),
+            Self::Krum { f } => {
+                let all: Vec<usize> = (0..n).collect();
+                updates[krum_order(&distances(updates), &all, f)[0]].clone()
+            }
             Self::MultiKrum { f, m } => {
-                let chosen = &krum_order(updates, f)[..m];
+                let all: Vec<usize> = (0..n).collect();
+                let chosen = &krum_order(&distances(updates), &all, f)[..m];
                 let w: Vec<f64> = chosen.iter().map(|&i| weights[i]).collect();
                 weighted_mean(chosen.iter().map(|&i| updates[i].as_slice()), &w, d)
             }
             Self::Bulyan { f } => {
-                // Iterated Krum: pick θ = n − 2f updates one at a time.
+                // Iterated Krum over one distance matrix: pick θ = n − 2f.
+                let dist = distances(updates);
                 let mut pool: Vec<usize> = (0..n).collect();
                 let mut selected = Vec::new();
                 while selected.len() < n - 2 * f {
-                    let rest: Vec<Vec<f32>> = pool.iter().map(|&i| updates[i].clone()).collect();
-                    let krum_f = f.min(rest.len().saturating_sub(3) / 2);
-                    let best = pool.remove(krum_order(&rest, krum_f)[0]);
+                    let krum_f = f.min(pool.len().saturating_sub(3) / 2);
+                    let best = krum_order(&dist, &pool, krum_f)[0];
+                    pool.retain(|&i| i != best);
                     selected.push(updates[best].clone());
                 }
                 // β = θ − 2f values closest to the median, averaged.
@@ -187,9 +192,8 @@ fn trimmed_mean(column: &mut [f64], k: usize) -> f64 {
     kept.iter().sum::<f64>() / kept.len() as f64
 }
 
-/// Indices ordered by Krum score: the sum of squared distances to the
-/// n − f − 2 nearest other updates, smallest first.
-fn krum_order(updates: &[Vec<f32>], f: usize) -> Vec<usize> {
+/// Squared L2 distances between every pair of updates.
+fn distances(updates: &[Vec<f32>]) -> Vec<Vec<f64>> {
     let n = updates.len();
     let mut dist = vec![vec![0f64; n]; n];
     for i in 0..n {
@@ -203,17 +207,25 @@ fn krum_order(updates: &[Vec<f32>], f: usize) -> Vec<usize> {
             dist[j][i] = d2;
         }
     }
-    let neighbours = n.saturating_sub(f + 2).max(1);
-    let scores: Vec<f64> = (0..n)
-        .map(|i| {
-            let mut others: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| dist[i][j]).collect();
-            others.sort_by(f64::total_cmp);
-            others.iter().take(neighbours).sum()
-        })
-        .collect();
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
-    order
+    dist
+}
+
+/// The updates in `pool` ordered by Krum score (the sum of squared
+/// distances to the |pool| − f − 2 nearest others in the pool), best first.
+fn krum_order(dist: &[Vec<f64>], pool: &[usize], f: usize) -> Vec<usize> {
+    let neighbours = pool.len().saturating_sub(f + 2).max(1);
+    let score = |i: usize| -> f64 {
+        let mut others: Vec<f64> = pool
+            .iter()
+            .filter(|&&j| j != i)
+            .map(|&j| dist[i][j])
+            .collect();
+        others.sort_by(f64::total_cmp);
+        others.iter().take(neighbours).sum()
+    };
+    let mut scored: Vec<(f64, usize)> = pool.iter().map(|&i| (score(i), i)).collect();
+    scored.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+    scored.into_iter().map(|(_, i)| i).collect()
 }
 
 impl fmt::Display for Aggregator {
