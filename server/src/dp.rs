@@ -122,13 +122,11 @@ impl DpSettings {
 
     /// Distributed: the mean update from the clients' modular sum, and how
     /// many coordinates sit near the ring's edge (a sign of wrap-around).
-    pub fn decode_sum(&self, sum: &[u32]) -> Result<(Vec<f32>, usize), QuantizeError> {
-        let DpMode::Distributed(plan) = self.mode else {
-            return Err(QuantizeError::Length {
-                expected: 0,
-                got: sum.len(),
-            });
-        };
+    pub fn decode_sum(
+        &self,
+        plan: &DistributedPlan,
+        sum: &[u32],
+    ) -> Result<(Vec<f32>, usize), QuantizeError> {
         let (mut values, at_risk) = plan.quantizer.decode(sum)?;
         let inv = (1.0 / self.expected_cohort) as f32;
         values.iter_mut().for_each(|v| *v *= inv);

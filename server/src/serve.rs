@@ -1529,7 +1529,12 @@ impl Hub {
                 if count == 0 {
                     return Err(corrupt("no update was aggregated".into()));
                 }
-                let (mean, at_risk) = p.dp.decode_sum(&sum).map_err(|e| corrupt(e.to_string()))?;
+                let DpMode::Distributed(plan) = p.dp.mode else {
+                    return Err(corrupt("a ring aggregate without distributed DP".into()));
+                };
+                let (mean, at_risk) =
+                    p.dp.decode_sum(&plan, &sum)
+                        .map_err(|e| corrupt(e.to_string()))?;
                 if at_risk > 0 {
                     warn!(
                         round = %round,

@@ -343,13 +343,16 @@ async fn simulate(args: Args) -> Result<()> {
     } else {
         (args.attackers * args.clients as f64).ceil() as usize
     };
-    let flipped = Arc::new(Mnist {
-        labels: train
-            .labels
-            .iter()
-            .map(|l| 9u8.saturating_sub(*l))
-            .collect(),
-        ..(*train).clone()
+    // Only label-flip attackers need the relabelled copy of the training set.
+    let flipped = (args.attack == Attack::LabelFlip).then(|| {
+        Arc::new(Mnist {
+            labels: train
+                .labels
+                .iter()
+                .map(|l| 9u8.saturating_sub(*l))
+                .collect(),
+            ..(*train).clone()
+        })
     });
     let mut clients = Vec::new();
     for (i, ((identity, indices), holdout)) in
@@ -361,10 +364,9 @@ async fn simulate(args: Args) -> Result<()> {
             Attack::None
         };
         let view = DataView {
-            data: if attack == Attack::LabelFlip {
-                flipped.clone()
-            } else {
-                train.clone()
+            data: match (&flipped, attack) {
+                (Some(flipped), Attack::LabelFlip) => flipped.clone(),
+                _ => train.clone(),
             },
             indices,
         };
