@@ -111,6 +111,28 @@ fn bad_flags_are_refused_with_a_reason() {
     }
 }
 
+/// Mean and std over coordinates of version 1 − version 0 in `state`.
+fn released_noise(state: &std::path::Path) -> (f64, f64, covey_server::store::Store) {
+    let store = covey_server::StateDir::new(state).open_store().unwrap();
+    let before = store
+        .model(covey_protocol::ModelVersion(0))
+        .unwrap()
+        .weights;
+    let after = store
+        .model(covey_protocol::ModelVersion(1))
+        .unwrap()
+        .weights;
+    let n = before.len() as f64;
+    let diffs: Vec<f64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| f64::from(*a) - f64::from(*b))
+        .collect();
+    let mean = diffs.iter().sum::<f64>() / n;
+    let std = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt();
+    (mean, std, store)
+}
+
 /// The claim of central DP checked through the whole system: with a zero
 /// learning rate every true update is zero, so the two global models differ
 /// by the server's noise alone, whose per-coordinate std must be z·C/n.
@@ -143,23 +165,7 @@ fn central_dp_noise_on_the_released_model_has_std_z_c_over_n() {
     let epsilon = rounds[0]["epsilon"].as_f64().unwrap();
     assert!(epsilon > 0.0);
 
-    let store = covey_server::StateDir::new(&state).open_store().unwrap();
-    let before = store
-        .model(covey_protocol::ModelVersion(0))
-        .unwrap()
-        .weights;
-    let after = store
-        .model(covey_protocol::ModelVersion(1))
-        .unwrap()
-        .weights;
-    let diffs: Vec<f64> = after
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| f64::from(*a) - f64::from(*b))
-        .collect();
-    let n = diffs.len() as f64;
-    let mean = diffs.iter().sum::<f64>() / n;
-    let std = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let (mean, std, store) = released_noise(&state);
     // 199,210 coordinates: the estimate's own error is about 0.2%.
     assert!(
         (std / 0.1 - 1.0).abs() < 0.02,
@@ -279,23 +285,7 @@ fn distributed_dp_noise_on_the_released_model_has_the_planned_std() {
         "{expected}"
     );
 
-    let store = covey_server::StateDir::new(&state).open_store().unwrap();
-    let before = store
-        .model(covey_protocol::ModelVersion(0))
-        .unwrap()
-        .weights;
-    let after = store
-        .model(covey_protocol::ModelVersion(1))
-        .unwrap()
-        .weights;
-    let n = before.len() as f64;
-    let diffs: Vec<f64> = after
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| f64::from(*a) - f64::from(*b))
-        .collect();
-    let mean = diffs.iter().sum::<f64>() / n;
-    let std = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let (mean, std, _) = released_noise(&state);
     assert!(
         (std / expected - 1.0).abs() < 0.02,
         "noise std {std}, expected {expected}"
@@ -315,5 +305,53 @@ fn distributed_dp_noise_on_the_released_model_has_the_planned_std() {
     assert!(
         (epsilon - converted).abs() < 1e-9,
         "{epsilon} vs {converted}"
+    );
+}
+
+/// Adaptive clipping through the whole system: the first round uses the
+/// configured clip, later rounds the clip the server moved towards the
+/// median update norm, and every round records the clip it used.
+#[test]
+fn adaptive_clipping_moves_the_clip_between_rounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let rounds = sim(&[
+        "--model",
+        "logreg",
+        "--clients",
+        "4",
+        "--rounds",
+        "3",
+        "--epochs",
+        "1",
+        "--dp",
+        "central",
+        "--clip",
+        "adaptive",
+        "--noise-multiplier",
+        "1",
+        "--target-epsilon",
+        "100",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(rounds.len(), 3);
+    let store = covey_server::StateDir::new(&state).open_store().unwrap();
+    let clips: Vec<f64> = store
+        .rounds()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.clip)
+        .collect();
+    assert_eq!(clips.len(), 3, "{clips:?}");
+    assert_eq!(clips[0], 1.0);
+    assert!(
+        clips.windows(2).all(|w| w[0] != w[1]),
+        "the clip never moved: {clips:?}"
+    );
+    let ledger = store.privacy_ledger().unwrap().unwrap();
+    assert!(
+        ledger.clip.get() != clips[2],
+        "the next round's clip is stored"
     );
 }

@@ -147,36 +147,6 @@ async fn a_nan_update_is_rejected_with_a_reason_and_never_aggregated() {
     assert_close(&w1, &expected_model(&w0, &[0], 1), 1e-6);
 }
 
-/// Sends one update for `task` and returns the server's receipt.
-async fn send_update(
-    conn: &quinn::Connection,
-    task: &covey_protocol::message::Task,
-    values: &[f32],
-    within_clip: Option<bool>,
-) -> Message {
-    let plan = ChunkPlan::new(values.len(), task.chunk_len);
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let header = UpdateHeader {
-        round: task.round,
-        base_version: task.base_version,
-        payload: Payload::Floats(UpdateEncoding::F32),
-        param_count: values.len() as u64,
-        num_examples: 10,
-        metrics: LocalMetrics::default(),
-        within_clip,
-    };
-    write_message(&mut send, &Message::Update(header))
-        .await
-        .unwrap();
-    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-    let _ =
-        covey_protocol::io::write_tensor(&mut send, values, plan, UpdateEncoding::F32, &mut rng)
-            .await;
-    read_message(&mut recv, FrameLimits::default())
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_central_dp_unclipped_and_unlabelled_updates_are_refused() {
     use covey_protocol::message::{RejectReason, UpdatePrivacy, UpdateReceipt};

@@ -7,11 +7,8 @@ use std::time::Duration;
 
 use common::*;
 use covey_protocol::{
-    ModelVersion, UpdateEncoding,
-    frame::FrameLimits,
-    io::{read_message, write_message, write_tensor},
-    message::{LocalMetrics, Message, Payload, UpdateHeader, UpdateReceipt},
-    tensor::ChunkPlan,
+    ModelVersion,
+    message::{Message, UpdateReceipt},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,34 +23,7 @@ async fn the_median_ignores_an_attacker_the_mean_would_follow() {
     let conn = raw_connection(&bundles[4], addr).await;
     let attacker = tokio::spawn(async move {
         let task = selected_task(&conn).await;
-        let n = task.spec.param_count();
-        let plan = ChunkPlan::new(n, task.chunk_len);
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let header = UpdateHeader {
-            round: task.round,
-            base_version: task.base_version,
-            payload: Payload::Floats(UpdateEncoding::F32),
-            param_count: n as u64,
-            num_examples: 1_000_000,
-            metrics: LocalMetrics::default(),
-            within_clip: None,
-        };
-        write_message(&mut send, &Message::Update(header))
-            .await
-            .unwrap();
-        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-        write_tensor(
-            &mut send,
-            &vec![1e6f32; n],
-            plan,
-            UpdateEncoding::F32,
-            &mut rng,
-        )
-        .await
-        .unwrap();
-        read_message(&mut recv, FrameLimits::default())
-            .await
-            .unwrap()
+        send_update(&conn, &task, &vec![1e6f32; task.spec.param_count()], None).await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let honest = spawn_scripted(&bundles[..4], addr, Duration::ZERO);

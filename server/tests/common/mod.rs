@@ -8,11 +8,12 @@ use covey_client::{
     ClientOptions, TrainOutput, Trainer, session::client_config, trainer::TrainError,
 };
 use covey_protocol::{
-    PROTOCOL_VERSION,
+    PROTOCOL_VERSION, UpdateEncoding,
     frame::FrameLimits,
     identity::IdentityBundle,
     io::{read_message, write_message},
-    message::{Hello, LocalMetrics, Message, Task},
+    message::{Hello, LocalMetrics, Message, Payload, Task, UpdateHeader},
+    tensor::ChunkPlan,
 };
 use covey_server::{RunSummary, Server, ServerConfig, StateDir};
 
@@ -235,4 +236,34 @@ pub fn scripted_eval(id: u32, w0: f32) -> (LocalMetrics, u64) {
         },
         5 * (u64::from(id) + 1),
     )
+}
+
+/// Sends one update for `task` and returns the server's receipt.
+pub async fn send_update(
+    conn: &quinn::Connection,
+    task: &Task,
+    values: &[f32],
+    within_clip: Option<bool>,
+) -> Message {
+    let plan = ChunkPlan::new(values.len(), task.chunk_len);
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let header = UpdateHeader {
+        round: task.round,
+        base_version: task.base_version,
+        payload: Payload::Floats(UpdateEncoding::F32),
+        param_count: values.len() as u64,
+        num_examples: 10,
+        metrics: LocalMetrics::default(),
+        within_clip,
+    };
+    write_message(&mut send, &Message::Update(header))
+        .await
+        .unwrap();
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let _ =
+        covey_protocol::io::write_tensor(&mut send, values, plan, UpdateEncoding::F32, &mut rng)
+            .await;
+    read_message(&mut recv, FrameLimits::default())
+        .await
+        .unwrap()
 }
