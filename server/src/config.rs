@@ -252,7 +252,7 @@ impl Privacy {
             sampling_rate: q,
             expected_cohort,
             delta,
-            target_epsilon: Some(target),
+            target_epsilon: target,
         }))
     }
 }

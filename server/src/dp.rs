@@ -34,8 +34,8 @@ pub struct DpSettings {
     /// The fixed denominator: the expected cohort, q · population.
     pub expected_cohort: f64,
     pub delta: Delta,
-    /// The run stops before ε would exceed this.
-    pub target_epsilon: Option<Epsilon>,
+    /// The run stops before ε would exceed this; a DP run always has one.
+    pub target_epsilon: Epsilon,
 }
 
 /// Who adds the noise.
@@ -210,13 +210,15 @@ impl PrivacyLedger {
 
     /// Rounds the budget still admits, at most `cap`.
     pub fn rounds_left(&self, dp: &DpSettings, cap: u64) -> u64 {
-        match dp.target_epsilon {
-            None => cap,
-            Some(target) => {
-                rounds_within_budget(&self.accountant, dp.mechanism(), target, dp.delta, cap)
-                    .unwrap_or(0)
-            }
-        }
+        // An invalid mechanism (unreachable: settings are checked) admits nothing.
+        rounds_within_budget(
+            &self.accountant,
+            dp.mechanism(),
+            dp.target_epsilon,
+            dp.delta,
+            cap,
+        )
+        .unwrap_or(0)
     }
 
     /// ε if one more round were committed.
@@ -242,7 +244,7 @@ mod tests {
             sampling_rate: SamplingRate::new(1.0).unwrap(),
             expected_cohort: 10.0,
             delta: Delta::new(1e-5).unwrap(),
-            target_epsilon: Some(Epsilon::new(5.0).unwrap()),
+            target_epsilon: Epsilon::new(5.0).unwrap(),
         }
     }
 

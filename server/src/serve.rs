@@ -1320,7 +1320,7 @@ impl Hub {
                                 warn!(
                                     epsilon_spent = spent,
                                     epsilon_next = p.ledger.epsilon_after_next(&p.dp),
-                                    target = p.dp.target_epsilon.map(|e| e.get()),
+                                    target = p.dp.target_epsilon.get(),
                                     "privacy budget exhausted: one more round would exceed the target epsilon; stopping the run at {version}"
                                 );
                             }
