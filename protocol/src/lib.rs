@@ -16,6 +16,7 @@ pub mod io;
 pub mod message;
 pub mod model;
 pub mod round;
+pub mod secagg;
 pub mod tensor;
 
 /// ALPN protocol id; a peer that does not offer it fails the TLS handshake.
