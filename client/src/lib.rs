@@ -7,5 +7,5 @@ pub mod session;
 pub mod trainer;
 
 pub use candle_core::Device;
-pub use session::{ClientOptions, ClientSummary, SessionError, run};
+pub use session::{ClientOptions, ClientSummary, Dropout, SessionError, run};
 pub use trainer::{CandleTrainer, TrainOutput, Trainer};

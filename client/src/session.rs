@@ -24,6 +24,10 @@ use covey_protocol::{
         CloseCode, EvalReport, EvalTask, Hello, Message, Payload, Task, UpdateHeader,
         UpdatePrivacy, UpdateReceipt,
     },
+    secagg::{
+        KeySigner, Participant, PeerVerifier, SecAggMessage, SecAggParams,
+        session::Phase as SecAggPhase,
+    },
     tensor::ChunkPlan,
 };
 use quinn::{ConnectionError, VarInt, crypto::rustls::QuicClientConfig};
@@ -55,6 +59,10 @@ pub enum SessionError {
     GaveUp { attempts: u32, last: String },
     #[error("cannot open a local UDP socket: {0}")]
     Socket(std::io::Error),
+    #[error(
+        "the server sent a task without secure aggregation, and this client requires it: refusing to send an unmasked update"
+    )]
+    Downgrade,
 }
 
 /// Most model versions one federated evaluation may compare.
@@ -74,6 +82,20 @@ pub struct ClientOptions {
     /// The protocol version announced in `Hello`; only compatibility tests
     /// change it.
     pub protocol_version: u16,
+    /// Refuse any task that does not mask the update (secure aggregation),
+    /// so a compromised server cannot downgrade this device.
+    pub require_secure_aggregation: bool,
+    /// Simulation only: vanish from rounds at random (see [`Dropout`]).
+    pub dropout: Option<Dropout>,
+}
+
+/// Simulated dropouts for covey-sim: with `probability`, a round's client
+/// closes its connection at `phase` (one drawn at random when `None`), then
+/// reconnects for later rounds, as a flaky device would.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub probability: f64,
+    pub phase: Option<SecAggPhase>,
 }
 
 impl Default for ClientOptions {
@@ -85,6 +107,8 @@ impl Default for ClientOptions {
             give_up_after: None,
             idle_timeout: Duration::from_secs(30),
             protocol_version: PROTOCOL_VERSION,
+            require_secure_aggregation: false,
+            dropout: None,
         }
     }
 }
@@ -216,11 +240,15 @@ pub async fn run(
     };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(SessionError::Socket)?;
     endpoint.set_default_client_config(config);
+    let secagg_identity = KeySigner::from_pem(&identity.key_pem).and_then(|signer| {
+        PeerVerifier::from_ca_pem(&identity.ca_cert_pem).map(|v| Arc::new((signer, v)))
+    });
     let mut session = Session {
         trainer: Some(trainer),
         summary: ClientSummary::default(),
         options: options.clone(),
         rng: ChaCha8Rng::from_os_rng(),
+        secagg_identity: secagg_identity.map_err(|e| e.to_string()),
     };
     let mut backoff = Backoff {
         initial: options.initial_backoff,
@@ -269,6 +297,55 @@ struct Session {
     summary: ClientSummary,
     options: ClientOptions,
     rng: ChaCha8Rng,
+    /// Signs this device's secure-aggregation keys and checks its peers'.
+    secagg_identity: Result<Arc<(KeySigner, PeerVerifier)>, String>,
+}
+
+/// 96 bytes from the OS for a round's secure-aggregation secrets.
+fn secagg_secrets() -> Result<[[u8; 32]; 3], ConverseError> {
+    use ring::rand::SecureRandom;
+    let rng = ring::rand::SystemRandom::new();
+    let mut s = [[0u8; 32]; 3];
+    for k in &mut s {
+        rng.fill(k).map_err(|_| {
+            ConverseError::Fatal(SessionError::Identity("the OS random source failed".into()))
+        })?;
+    }
+    Ok(s)
+}
+
+/// One secure-aggregation request and its answer, on a stream of its own.
+async fn secagg_exchange(
+    conn: &quinn::Connection,
+    message: SecAggMessage,
+) -> Result<SecAggMessage, ConverseError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_message(&mut send, &Message::SecAgg(message)).await?;
+    let _ = send.finish();
+    match read_message(&mut recv, FrameLimits::default()).await? {
+        Message::SecAgg(answer) => Ok(answer),
+        other => Err(ConverseError::Stream(StreamError::Unexpected {
+            expected: "SecAgg",
+            got: other.kind(),
+        })),
+    }
+}
+
+/// A simulated dropout: the device vanishes mid-round.
+fn drop_out(
+    conn: &quinn::Connection,
+    round: covey_protocol::RoundId,
+    phase: SecAggPhase,
+) -> ConverseError {
+    info!(round = %round, phase = phase.as_str(), "simulated dropout");
+    conn.close(
+        VarInt::from_u32(CloseCode::Done as u32),
+        b"simulated dropout",
+    );
+    ConverseError::Stream(StreamError::Unexpected {
+        expected: "to stay",
+        got: "simulated dropout",
+    })
 }
 
 impl Session {
@@ -450,6 +527,132 @@ impl Session {
         Ok(())
     }
 
+    /// Secure aggregation's key phases: advertise signed keys, check the
+    /// roster, share secrets. `None` when the round goes on without this
+    /// device (aborted, or a roster it refuses).
+    async fn key_phases(
+        &mut self,
+        conn: &quinn::Connection,
+        task: &Task,
+        params: SecAggParams,
+        bits: u32,
+        dropout: Option<SecAggPhase>,
+    ) -> Result<Option<Participant>, ConverseError> {
+        let identity = match &self.secagg_identity {
+            Ok(id) => id.clone(),
+            Err(e) => {
+                warn!(round = %task.round, "cannot take part in secure aggregation: {e}");
+                return Ok(None);
+            }
+        };
+        let round = task.round;
+        if dropout == Some(SecAggPhase::Advertise) {
+            return Err(drop_out(conn, round, SecAggPhase::Advertise));
+        }
+        let mut participant = Participant::new(round, params, bits, secagg_secrets()?);
+        let advertise = match participant.advertise(|m| identity.0.sign(m)) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(round = %round, "cannot sign secure-aggregation keys: {e}");
+                return Ok(None);
+            }
+        };
+        let roster = match secagg_exchange(conn, SecAggMessage::Advertise(advertise)).await? {
+            SecAggMessage::Roster(r) => r,
+            SecAggMessage::Aborted { reason, .. } => {
+                info!(round = %round, "secure aggregation ended for this device: {reason}");
+                return Ok(None);
+            }
+            _ => {
+                return Err(ConverseError::Stream(StreamError::Unexpected {
+                    expected: "Roster",
+                    got: "another secure-aggregation message",
+                }));
+            }
+        };
+        if dropout == Some(SecAggPhase::Share) {
+            return Err(drop_out(conn, round, SecAggPhase::Share));
+        }
+        let verifier = identity.clone();
+        let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
+        let shares = match participant.on_roster(
+            &roster,
+            |entry, keys| {
+                verifier.1.verify(
+                    &entry.certificate,
+                    &keys.signed_message(round),
+                    &entry.signature,
+                )
+            },
+            &mut rng,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(round = %round, "refusing the secure-aggregation roster: {e}");
+                return Ok(None);
+            }
+        };
+        match secagg_exchange(conn, SecAggMessage::ShareKeys(shares)).await? {
+            SecAggMessage::IncomingShares(incoming) => {
+                if let Err(e) = participant.on_incoming(incoming) {
+                    warn!(round = %round, "refusing the shares relayed to this device: {e}");
+                    return Ok(None);
+                }
+                Ok(Some(participant))
+            }
+            SecAggMessage::Aborted { reason, .. } => {
+                info!(round = %round, "secure aggregation ended for this device: {reason}");
+                Ok(None)
+            }
+            _ => Err(ConverseError::Stream(StreamError::Unexpected {
+                expected: "IncomingShares",
+                got: "another secure-aggregation message",
+            })),
+        }
+    }
+
+    /// Secure aggregation's last phase: one share per neighbour, never both.
+    async fn unmask_phase(
+        &mut self,
+        conn: &quinn::Connection,
+        task: &Task,
+        mut participant: Participant,
+        dropout: Option<SecAggPhase>,
+    ) -> Result<(), ConverseError> {
+        let round = task.round;
+        if dropout == Some(SecAggPhase::Unmask) {
+            return Err(drop_out(conn, round, SecAggPhase::Unmask));
+        }
+        let request = match secagg_exchange(conn, SecAggMessage::AwaitUnmask { round }).await? {
+            SecAggMessage::UnmaskRequest(r) => r,
+            SecAggMessage::Aborted { reason, .. } => {
+                info!(round = %round, "secure aggregation ended for this device: {reason}");
+                return Ok(());
+            }
+            _ => {
+                return Err(ConverseError::Stream(StreamError::Unexpected {
+                    expected: "UnmaskRequest",
+                    got: "another secure-aggregation message",
+                }));
+            }
+        };
+        let shares = match participant.on_unmask(&request) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(round = %round, "refusing the unmask request: {e}");
+                return Ok(());
+            }
+        };
+        match secagg_exchange(conn, SecAggMessage::UnmaskShares(shares)).await? {
+            SecAggMessage::Done { .. } => debug!(round = %round, "unmask shares delivered"),
+            SecAggMessage::Aborted { reason, .. } => {
+                info!(round = %round, "secure aggregation ended: {reason}")
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     async fn round(
         &mut self,
         conn: &quinn::Connection,
@@ -465,6 +668,35 @@ impl Session {
         };
         let global = read_tensor(recv, plan, UpdateEncoding::F32, limits).await?;
         self.summary.bytes_down += plan.wire_bytes(UpdateEncoding::F32);
+        let dropout = self.options.dropout.and_then(|d| {
+            (self.rng.random::<f64>() < d.probability).then(|| {
+                d.phase.unwrap_or(
+                    [
+                        SecAggPhase::Advertise,
+                        SecAggPhase::Share,
+                        SecAggPhase::MaskedInput,
+                        SecAggPhase::Unmask,
+                    ][self.rng.random_range(0..4)],
+                )
+            })
+        });
+        let mut participant = match (task.secure_aggregation, &task.privacy) {
+            (None, _) if self.options.require_secure_aggregation => {
+                return Err(ConverseError::Fatal(SessionError::Downgrade));
+            }
+            (None, _) => None,
+            (Some(params), UpdatePrivacy::Distributed { quantizer, .. }) => {
+                let bits = quantizer.bits;
+                match self.key_phases(conn, &task, params, bits, dropout).await? {
+                    Some(p) => Some(p),
+                    None => return Ok(()),
+                }
+            }
+            (Some(_), _) => {
+                warn!(round = %task.round, "the task asks to mask an unquantized update; skipping the round");
+                return Ok(());
+            }
+        };
         info!(round = %task.round, base = %task.base_version, "training");
         let task_for_training = task.clone();
         let result = self
@@ -515,6 +747,32 @@ impl Session {
                 }
             }
         };
+        if dropout == Some(SecAggPhase::MaskedInput) {
+            return Err(drop_out(conn, task.round, SecAggPhase::MaskedInput));
+        }
+        let update = match (participant.take(), update) {
+            (Some(mut p), Outgoing::Ring(mut words, bits)) => {
+                let masked = tokio::task::spawn_blocking(move || {
+                    let r = p.mask(&mut words);
+                    (p, words, r)
+                })
+                .await
+                .map_err(|e| ConverseError::Fatal(TrainError::Panicked(e.to_string()).into()))?;
+                let (p, words, result) = masked;
+                if let Err(e) = result {
+                    warn!(round = %task.round, "cannot mask the update, skipping the round: {e}");
+                    return Ok(());
+                }
+                participant = Some(p);
+                Outgoing::Ring(words, bits)
+            }
+            (Some(_), Outgoing::Floats(_)) => {
+                // Never reached: a masked task is quantized above.
+                warn!(round = %task.round, "refusing to send an unmasked update");
+                return Ok(());
+            }
+            (None, update) => update,
+        };
         let (payload, param_count) = match &update {
             Outgoing::Floats(v) => (Payload::Floats(task.update_encoding), v.len()),
             Outgoing::Ring(w, bits) => (Payload::Ring { bits: *bits }, w.len()),
@@ -553,6 +811,9 @@ impl Session {
             Message::UpdateReceipt(UpdateReceipt::Accepted) => {
                 self.summary.updates_accepted += 1;
                 debug!(round = %task.round, "update accepted");
+                if let Some(p) = participant {
+                    self.unmask_phase(conn, &task, p, dropout).await?;
+                }
             }
             Message::UpdateReceipt(UpdateReceipt::Rejected(reason)) => {
                 self.summary.updates_rejected += 1;

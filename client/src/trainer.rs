@@ -429,6 +429,7 @@ mod tests {
             deadline_ms: 60_000,
             seed: 1,
             privacy: covey_protocol::message::UpdatePrivacy::Plain,
+            secure_aggregation: None,
         }
     }
 

@@ -100,6 +100,16 @@ fn bad_flags_are_refused_with_a_reason() {
             &["--dp", "central", "--target-epsilon", "0"][..],
             "privacy.target_epsilon",
         ),
+        (&["--secagg"][..], "mode = \"distributed\""),
+        (
+            &["--dp", "distributed", "--secagg", "--threshold", "0.5"][..],
+            "secure_aggregation.threshold",
+        ),
+        (&["--dropout-phase", "train"][..], "unknown phase 'train'"),
+        (
+            &["--dp", "distributed", "--secagg", "--dropout", "1.5"][..],
+            "--dropout is a probability",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_covey-sim"))
             .args(args)
@@ -353,5 +363,90 @@ fn adaptive_clipping_moves_the_clip_between_rounds() {
     assert!(
         ledger.clip.get() != clips[2],
         "the next round's clip is stored"
+    );
+}
+
+/// The planned per-coordinate noise std of the distributed-DP runs below,
+/// for `participants` clients out of an expected cohort of 10.
+fn planned_std(participants: f64) -> f64 {
+    use covey_privacy::{ClipNorm, accountant::NoiseMultiplier, distributed::DistributedPlan};
+    let plan = DistributedPlan::new(
+        199_210,
+        ClipNorm::new(1.0).unwrap(),
+        NoiseMultiplier::new(1.0).unwrap(),
+        5,
+        10,
+        20,
+        0,
+    )
+    .unwrap();
+    plan.quantizer.gamma * plan.client_sigma * participants.sqrt() / 10.0
+}
+
+const ZERO_UPDATES_DISTRIBUTED: [&str; 16] = [
+    "--model",
+    "2nn",
+    "--clients",
+    "10",
+    "--rounds",
+    "1",
+    "--epochs",
+    "1",
+    "--lr",
+    "0",
+    "--dp",
+    "distributed",
+    "--clip",
+    "1",
+    "--bits",
+    "20",
+];
+
+/// Secure aggregation through the whole system: the server only ever holds
+/// masked words, yet the released model carries exactly the clients'
+/// summed noise. A mask left in the sum would make it uniform garbage.
+#[test]
+fn secure_aggregation_removes_every_mask_from_the_released_sum() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut args = ZERO_UPDATES_DISTRIBUTED.to_vec();
+    args.extend(["--secagg", "--neighbors", "4", "--state-dir"]);
+    args.push(state.to_str().unwrap());
+    let rounds = sim(&args);
+    assert_eq!(rounds[0]["participants"], 10);
+    let (mean, std, _) = released_noise(&state);
+    let expected = planned_std(10.0);
+    assert!(
+        (std / expected - 1.0).abs() < 0.02,
+        "noise std {std}, expected {expected}"
+    );
+    assert!(mean.abs() < 0.003, "noise mean {mean}");
+}
+
+/// Clients vanish at random phases of secure aggregation; rounds that lose
+/// too many abort, and the first one that commits still releases exactly
+/// its survivors' noise.
+#[test]
+fn secure_aggregation_survives_dropouts_at_random_phases() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut args = ZERO_UPDATES_DISTRIBUTED.to_vec();
+    args.extend([
+        "--secagg",
+        "--neighbors",
+        "8",
+        "--dropout",
+        "0.2",
+        "--state-dir",
+    ]);
+    args.push(state.to_str().unwrap());
+    let rounds = sim(&args);
+    let participants = rounds[0]["participants"].as_f64().unwrap();
+    assert!((5.0..=10.0).contains(&participants), "{participants}");
+    let (_, std, _) = released_noise(&state);
+    let expected = planned_std(participants);
+    assert!(
+        (std / expected - 1.0).abs() < 0.02,
+        "noise std {std}, expected {expected} for {participants} survivors"
     );
 }

@@ -206,6 +206,16 @@ mod tests {
                             } else {
                                 UpdatePrivacy::Plain
                             },
+                            secure_aggregation: (lr < -500.0).then_some(
+                                crate::secagg::SecAggParams {
+                                    neighbors: (version % 100) as u32,
+                                    threshold: if round % 2 == 0 {
+                                        crate::secagg::Threshold::Fraction(0.6)
+                                    } else {
+                                        crate::secagg::Threshold::Count(round as u32)
+                                    },
+                                },
+                            ),
                         })
                     }
                 ),
@@ -232,6 +242,37 @@ mod tests {
                     within_clip: (count % 3 != 0).then_some(count % 2 == 0),
                 })
             ),
+            (
+                any::<u64>(),
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<u8>(), 0..80)
+            )
+                .prop_map(|(round, key, signature)| {
+                    Message::SecAgg(crate::secagg::SecAggMessage::Advertise(
+                        crate::secagg::Advertise {
+                            round: RoundId(round),
+                            keys: crate::secagg::PublicKeys {
+                                channel: key,
+                                masking: [key[0]; 32],
+                            },
+                            signature,
+                        },
+                    ))
+                }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u32>(), 0..20),
+                proptest::collection::vec(any::<u32>(), 0..20)
+            )
+                .prop_map(|(round, survivors, dropped)| {
+                    Message::SecAgg(crate::secagg::SecAggMessage::UnmaskRequest(
+                        crate::secagg::UnmaskRequest {
+                            round: RoundId(round),
+                            survivors,
+                            dropped,
+                        },
+                    ))
+                }),
             Just(Message::UpdateReceipt(UpdateReceipt::Accepted)),
             Just(Message::UpdateReceipt(UpdateReceipt::Rejected(
                 RejectReason::NonFinite

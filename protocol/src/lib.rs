@@ -26,7 +26,8 @@ pub const ALPN: &[u8] = b"covey/1";
 /// keep their layout across versions so any two peers can refuse each other
 /// clearly.
 /// 2: tasks carry the update privacy settings, updates the clip count.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: secure aggregation (tasks say whether, `SecAgg` messages).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The DNS name the server certificate carries and clients verify; an
 /// enrollment-internal name, so certificates never embed an address.

@@ -5,7 +5,11 @@ use serde::{Deserialize, Serialize};
 
 use covey_privacy::{ClipNorm, quantize::Quantizer};
 
-use crate::{ModelVersion, RoundId, UpdateEncoding, model::ModelSpec};
+use crate::{
+    ModelVersion, RoundId, UpdateEncoding,
+    model::ModelSpec,
+    secagg::{SecAggMessage, SecAggParams},
+};
 
 /// Every control message of `covey/1`.
 ///
@@ -33,6 +37,9 @@ pub enum Message {
     Evaluate(EvalTask),
     /// A client's answer to `Evaluate`, on a stream of its own.
     EvalReport(EvalReport),
+    /// A secure-aggregation step: each request on its own stream, answered
+    /// when its phase closes.
+    SecAgg(SecAggMessage),
 }
 
 impl Message {
@@ -49,6 +56,7 @@ impl Message {
             Self::Error(_) => "Error",
             Self::Evaluate(_) => "Evaluate",
             Self::EvalReport(_) => "EvalReport",
+            Self::SecAgg(_) => "SecAgg",
         }
     }
 }
@@ -91,6 +99,9 @@ pub struct Task {
     pub seed: u64,
     /// What the client must do to its update before sending it.
     pub privacy: UpdatePrivacy,
+    /// Secure aggregation: the ring words are masked, and the server
+    /// learns only their sum. Requires [`UpdatePrivacy::Distributed`].
+    pub secure_aggregation: Option<SecAggParams>,
 }
 
 /// What happens to an update before it leaves the device.

@@ -121,6 +121,8 @@ pub enum AbortReason {
     QuorumUnreachable,
     /// Storing the new version failed; the round is retried.
     CommitFailed,
+    /// Secure aggregation lost too many members to go on.
+    SecureAggregation,
 }
 
 impl AbortReason {
@@ -129,6 +131,7 @@ impl AbortReason {
             Self::DeadlineBelowQuorum => "deadline passed below quorum",
             Self::QuorumUnreachable => "too many selected clients dropped out",
             Self::CommitFailed => "commit failed",
+            Self::SecureAggregation => "secure aggregation lost too many members",
         }
     }
 }
@@ -414,6 +417,34 @@ impl<C: Copy + Ord> Coordinator<C> {
             *m = Member::Dropped;
         }
         let actions = self.check_round_end();
+        self.then_start(actions, now)
+    }
+
+    /// A member left the round before its update (it missed a secure
+    /// aggregation phase, say): it counts as dropped.
+    pub fn drop_member(&mut self, client: C, round: RoundId, now: Instant) -> Vec<Action<C>> {
+        if let Phase::Collecting(active) = &mut self.phase
+            && active.id == round
+            && let Some(m @ Member::Training) = active.members.get_mut(&client)
+        {
+            *m = Member::Dropped;
+        }
+        let actions = self.check_round_end();
+        self.then_start(actions, now)
+    }
+
+    /// Ends the round being collected without a commit (secure aggregation
+    /// cannot complete it); the next one starts when it can.
+    pub fn abort_round(
+        &mut self,
+        round: RoundId,
+        reason: AbortReason,
+        now: Instant,
+    ) -> Vec<Action<C>> {
+        if self.current_round() != Some(round) {
+            return Vec::new();
+        }
+        let actions = self.close(false, reason);
         self.then_start(actions, now)
     }
 
@@ -937,5 +968,32 @@ mod tests {
     fn a_run_already_at_its_target_is_finished() {
         let c = Coordinator::<u32>::new(config(1, 1, 3), ModelVersion(3), RoundId(4), 0).unwrap();
         assert!(c.is_finished());
+    }
+
+    #[test]
+    fn members_dropped_by_secure_aggregation_end_the_round() {
+        let now = Instant::now();
+        let mut c = Coordinator::new(config(3, 2, 5), ModelVersion(0), RoundId(1), 0).unwrap();
+        let (round, cohort) = start(&mut c, &[1, 2, 3], now);
+        assert!(c.drop_member(cohort[0], round, now).is_empty());
+        c.begin_update(cohort[1], round).unwrap();
+        assert!(c.accept_update(cohort[1], round, now).unwrap().is_empty());
+        // The last member drops too: one accepted update is below quorum.
+        let actions = c.drop_member(cohort[2], round, now);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Abort {
+                reason: AbortReason::QuorumUnreachable,
+                ..
+            }]
+        ));
+        // A session that cannot go on aborts the round outright.
+        let (round, _) = start(&mut c, &[1, 2, 3], now);
+        let actions = c.abort_round(round, AbortReason::SecureAggregation, now);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Abort { reason: AbortReason::SecureAggregation, stats, .. }] if stats.selected == 3
+        ));
+        assert_eq!(c.current_round(), None);
     }
 }

@@ -13,6 +13,7 @@ use covey_protocol::{
     message::Hyperparameters,
     model::{Architecture, ModelSpec},
     round::{RoundConfig, Selection},
+    secagg::{SecAggParams, Threshold},
 };
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +35,80 @@ pub struct ServerConfig {
     pub evaluation: Evaluation,
     #[serde(default)]
     pub privacy: Privacy,
+    #[serde(default)]
+    pub secure_aggregation: SecureAggregation,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregation {
+    pub enabled: bool,
+    pub neighbors: u32,
+    pub threshold: f64,
+    pub phase_timeout_secs: f64,
+}
+
+impl Default for SecureAggregation {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            neighbors: 10,
+            threshold: 0.6,
+            phase_timeout_secs: 30.0,
+        }
+    }
+}
+
+/// Secure aggregation's settings, checked.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SecAggSettings {
+    pub params: SecAggParams,
+    /// How long the key phases and the unmask phase wait for stragglers.
+    pub phase_timeout: Duration,
+}
+
+impl SecureAggregation {
+    fn settings(&self, dp: Option<&DpSettings>) -> Result<Option<SecAggSettings>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if !matches!(dp.map(|d| d.mode), Some(DpMode::Distributed(_))) {
+            return Err(invalid(
+                "secure_aggregation.enabled",
+                "secure aggregation sums quantized ring words: set [privacy] mode = \"distributed\"",
+            ));
+        }
+        let threshold = if self.threshold > 0.5 && self.threshold <= 1.0 {
+            Threshold::Fraction(self.threshold)
+        } else if self.threshold >= 2.0 && self.threshold.fract() == 0.0 && self.threshold < 1e6 {
+            Threshold::Count(self.threshold as u32)
+        } else {
+            return Err(invalid(
+                "secure_aggregation.threshold",
+                format!(
+                    "must be a fraction of the neighbours in (0.5, 1] or a whole count of at least 2, got {}",
+                    self.threshold
+                ),
+            ));
+        };
+        let params = SecAggParams {
+            neighbors: self.neighbors,
+            threshold,
+        };
+        params
+            .validate()
+            .map_err(|e| invalid("secure_aggregation.threshold", e))?;
+        if !(self.phase_timeout_secs.is_finite() && self.phase_timeout_secs > 0.0) {
+            return Err(invalid(
+                "secure_aggregation.phase_timeout_secs",
+                "must be a positive number",
+            ));
+        }
+        Ok(Some(SecAggSettings {
+            params,
+            phase_timeout: Duration::from_secs_f64(self.phase_timeout_secs),
+        }))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -300,6 +375,7 @@ impl Default for ServerConfig {
             },
             evaluation: Evaluation::default(),
             privacy: Privacy::default(),
+            secure_aggregation: SecureAggregation::default(),
         }
     }
 }
@@ -315,6 +391,8 @@ pub struct Settings {
     pub aggregator: Aggregator,
     /// Differential privacy, when on.
     pub dp: Option<DpSettings>,
+    /// Secure aggregation, when on (with distributed DP).
+    pub secagg: Option<SecAggSettings>,
 }
 
 impl ServerConfig {
@@ -466,6 +544,7 @@ impl ServerConfig {
             encoding,
             optimizer,
             aggregator,
+            secagg: self.secure_aggregation.settings(dp.as_ref())?,
             dp,
         })
     }
@@ -585,6 +664,19 @@ delta = {p_delta:?}
 # Distributed: the sum lives modulo 2^bits (up to 32); the server derives the quantization
 # step so that the sum of `population` clients fits, and refuses a config where it cannot.
 bits = {p_bits}
+
+[secure_aggregation]
+# SecAgg+ (Bell et al. 2020): clients mask their quantized, noised updates so the server
+# learns only the sum. Needs [privacy] mode = "distributed".
+enabled = {s_enabled}
+# Each client shares its secrets with this many neighbours (a random k-regular graph, rounded
+# up to even; k >= cohort - 1 is the original all-pairs SecAgg).
+neighbors = {s_neighbors}
+# Shares needed to rebuild a client's secret: a fraction of the neighbours in (0.5, 1], or a
+# count. Above half, no two groups of neighbours can each rebuild one of a client's secrets.
+threshold = {s_threshold:?}
+# Seconds each key phase and the unmask phase wait for stragglers.
+phase_timeout_secs = {s_timeout:?}
 "#,
             listen = n.listen,
             public_addr = n.public_addr,
@@ -626,6 +718,10 @@ bits = {p_bits}
             p_target = self.privacy.target_epsilon,
             p_delta = self.privacy.delta,
             p_bits = self.privacy.bits,
+            s_enabled = self.secure_aggregation.enabled,
+            s_neighbors = self.secure_aggregation.neighbors,
+            s_threshold = self.secure_aggregation.threshold,
+            s_timeout = self.secure_aggregation.phase_timeout_secs,
         )
     }
 }

@@ -29,7 +29,11 @@ use covey_protocol::{
         CloseCode, ErrorReport, EvalReport, EvalTask, Message, Payload, RejectReason, Task,
         UpdateHeader, UpdatePrivacy, UpdateReceipt, Welcome,
     },
-    round::{Action, Coordinator, FinishReason},
+    round::{AbortReason, Action, Coordinator, FinishReason, RoundStats},
+    secagg::{
+        SecAggMessage, Session, UnmaskRequest,
+        session::{Phase as SecAggPhase, SessionAbort},
+    },
     tensor::{AssembleError, ChunkPlan},
 };
 use quinn::{VarInt, crypto::rustls::QuicServerConfig};
@@ -75,6 +79,8 @@ pub enum ServeError {
     TestSet(#[from] covey_client::trainer::TrainError),
     #[error("noise source: {0}")]
     Noise(String),
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("storing state failed, stopping so nothing is lost: {0}")]
     Store(#[from] crate::store::StoreError),
 }
@@ -197,6 +203,12 @@ enum Event {
     EvalReport {
         client: Pseudonym,
         report: EvalReport,
+    },
+    SecAgg {
+        client: Pseudonym,
+        message: SecAggMessage,
+        certificate: Vec<u8>,
+        reply: oneshot::Sender<SecAggMessage>,
     },
     Stop,
 }
@@ -323,7 +335,9 @@ impl Server {
                     rounds_left = left,
                     "differential privacy on; the budget admits {left} more rounds"
                 );
-                if let DpMode::Distributed(plan) = dp.mode {
+                if let DpMode::Distributed(plan) = dp.mode
+                    && settings.secagg.is_none()
+                {
                     warn!(
                         bits = plan.quantizer.bits,
                         client_sigma = plan.client_sigma,
@@ -371,6 +385,7 @@ impl Server {
             test_set,
             evaluation: None,
             privacy,
+            secagg: None,
         };
         Ok(Self {
             endpoint,
@@ -445,9 +460,13 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
 }
 
 fn peer_pseudonym(conn: &quinn::Connection, key: &PseudonymKey) -> Option<Pseudonym> {
+    peer_certificate(conn).map(|c| key.pseudonym_of(&c))
+}
+
+fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    certs.first().map(|c| key.pseudonym_of(c))
+    certs.first().cloned()
 }
 
 fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
@@ -747,6 +766,26 @@ async fn serve_stream(
             let _ = send.finish();
             Ok(())
         }
+        Message::SecAgg(message) => {
+            let certificate = peer_certificate(conn)
+                .map(|c| c.to_vec())
+                .unwrap_or_default();
+            let waiting = ask(shared, |reply| Event::SecAgg {
+                client,
+                message,
+                certificate,
+                reply,
+            });
+            let answer = tokio::select! {
+                a = waiting => a,
+                _ = conn.closed() => None,
+            };
+            if let Some(answer) = answer {
+                let _ = write_message(&mut send, &Message::SecAgg(answer)).await;
+            }
+            let _ = send.finish();
+            Ok(())
+        }
         other => Err(PeerFault::new(
             CloseCode::ProtocolViolation,
             format!("unexpected {} at the start of a stream", other.kind()),
@@ -806,6 +845,32 @@ struct Hub {
     evaluation: Option<PendingEval>,
     /// Central DP: settings, what was spent, and the noise source.
     privacy: Option<Privacy>,
+    /// The round's secure aggregation, when on.
+    secagg: Option<SecAggRound>,
+}
+
+/// Secure aggregation of the round in progress: the session, the clients
+/// waiting for the current phase to close, and the commit it holds back.
+struct SecAggRound {
+    round: RoundId,
+    session: Session<Pseudonym>,
+    waiters: HashMap<Pseudonym, oneshot::Sender<SecAggMessage>>,
+    /// When the current phase stops waiting for stragglers.
+    deadline: Instant,
+    requests: HashMap<Pseudonym, UnmaskRequest>,
+    /// The coordinator's commit, held until the masks are removed.
+    commit: Option<(ModelVersion, ModelVersion, RoundStats)>,
+}
+
+impl SecAggRound {
+    fn abort_all(&mut self, reason: &str) {
+        for (_, tx) in self.waiters.drain() {
+            let _ = tx.send(SecAggMessage::Aborted {
+                round: self.round,
+                reason: reason.to_owned(),
+            });
+        }
+    }
 }
 
 struct Privacy {
@@ -860,6 +925,10 @@ impl Hub {
                 .next_deadline()
                 .or(self.finished.map(|at| at + FINISH_GRACE))
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let wake = match &self.secagg {
+                Some(s) => wake.min(s.deadline),
+                None => wake,
+            };
             tokio::select! {
                 event = events.recv() => {
                     let Some(event) = event else { break };
@@ -873,6 +942,7 @@ impl Hub {
                     if self.finished.is_some() {
                         continue;
                     }
+                    self.advance_secagg(&shared).await?;
                     let actions = self.machine.tick(Instant::now());
                     self.execute(actions, &shared).await?;
                 }
@@ -894,7 +964,19 @@ impl Hub {
                 self.live.insert(client, (conn, handle));
             }
             Event::EvalReport { client, report } => self.eval_report(client, report),
+            Event::SecAgg {
+                client,
+                message,
+                certificate,
+                reply,
+            } => {
+                self.secagg_message(client, message, &certificate, reply, now, shared)
+                    .await?;
+            }
             Event::Stop => {
+                if let Some(mut s) = self.secagg.take() {
+                    s.abort_all("run stopped");
+                }
                 if let Some(progress) = self.round.take() {
                     let mut record = progress.record;
                     record.outcome = RoundOutcome::Aborted {
@@ -932,8 +1014,13 @@ impl Hub {
                 if self.live.get(&client).map(|(id, _)| *id) == Some(conn) {
                     self.live.remove(&client);
                     self.waiters.remove(&client);
+                    if let Some(s) = &mut self.secagg {
+                        s.session.drop_member(client);
+                        s.waiters.remove(&client);
+                    }
                     let actions = self.machine.disconnected(client, now);
                     self.execute(actions, shared).await?;
+                    self.advance_secagg(shared).await?;
                 }
             }
             Event::BeginUpdate {
@@ -995,6 +1082,13 @@ impl Hub {
             RejectReason::NoExamples
         } else if self.privacy.is_some() && !distributed && header.within_clip.is_none() {
             RejectReason::PrivacyMismatch
+        } else if self
+            .secagg
+            .as_ref()
+            .is_some_and(|s| !s.session.accepts_input(&client))
+        {
+            // Not through the key phases: its masks could never be removed.
+            RejectReason::NotSelected
         } else {
             return (Ok(ChunkPlan::new(values, self.chunk_len)), Vec::new());
         };
@@ -1002,6 +1096,263 @@ impl Hub {
         self.count_rejection(reason);
         let actions = self.machine.reject_update(client, header.round, now);
         (Err(reason), actions)
+    }
+
+    /// A secure-aggregation request: answered now, or when its phase closes.
+    async fn secagg_message(
+        &mut self,
+        client: Pseudonym,
+        message: SecAggMessage,
+        certificate: &[u8],
+        reply: oneshot::Sender<SecAggMessage>,
+        now: Instant,
+        shared: &Shared,
+    ) -> Result<(), ServeError> {
+        let Some(s) = &mut self.secagg else {
+            let _ = reply.send(SecAggMessage::Aborted {
+                round: RoundId(0),
+                reason: "no secure aggregation is in progress".into(),
+            });
+            return Ok(());
+        };
+        let round = s.round;
+        let refused = |reply: oneshot::Sender<SecAggMessage>, reason: String| {
+            let _ = reply.send(SecAggMessage::Aborted { round, reason });
+        };
+        let result = match message {
+            SecAggMessage::Advertise(ad) => s.session.advertise(client, ad, certificate),
+            SecAggMessage::ShareKeys(shares) => s.session.share_keys(client, shares),
+            SecAggMessage::AwaitUnmask { round: r } if r == round => {
+                match s.requests.get(&client) {
+                    Some(request) => {
+                        let _ = reply.send(SecAggMessage::UnmaskRequest(request.clone()));
+                    }
+                    None if s.session.phase() == SecAggPhase::MaskedInput => {
+                        s.waiters.insert(client, reply);
+                    }
+                    None => refused(reply, "not asked to unmask".into()),
+                }
+                return Ok(());
+            }
+            SecAggMessage::UnmaskShares(shares) => {
+                debug!(client = %client, pending = s.session.pending(), "unmask shares");
+                match s.session.unmask(client, shares) {
+                    Ok(()) => {
+                        let _ = reply.send(SecAggMessage::Done { round });
+                    }
+                    Err(e) => {
+                        warn!(client = %client, "refused unmask shares: {e}");
+                        refused(reply, e.to_string());
+                    }
+                }
+                return self.advance_secagg(shared).await;
+            }
+            other => {
+                refused(
+                    reply,
+                    format!("unexpected {other:?}").chars().take(80).collect(),
+                );
+                return Ok(());
+            }
+        };
+        match result {
+            Ok(()) => {
+                s.waiters.insert(client, reply);
+            }
+            Err(e) => {
+                warn!(client = %client, "secure aggregation refused a message: {e}");
+                refused(reply, e.to_string());
+                s.session.drop_member(client);
+                let actions = self.machine.drop_member(client, round, now);
+                self.execute(actions, shared).await?;
+            }
+        }
+        self.advance_secagg(shared).await
+    }
+
+    /// Closes the current key or unmask phase once nobody is pending or
+    /// its deadline passed, and answers the clients waiting on it.
+    async fn advance_secagg(&mut self, shared: &Shared) -> Result<(), ServeError> {
+        loop {
+            let now = Instant::now();
+            let Some(s) = &mut self.secagg else {
+                return Ok(());
+            };
+            let due = s.session.pending() == 0 || now >= s.deadline;
+            let phase = s.session.phase();
+            if !due || phase == SecAggPhase::MaskedInput {
+                if phase == SecAggPhase::MaskedInput && now >= s.deadline {
+                    // Masked input waits for the round's own deadline.
+                    s.deadline = now + Duration::from_secs(3600);
+                }
+                return Ok(());
+            }
+            let round = s.round;
+            let timeout = self
+                .settings
+                .secagg
+                .map_or(Duration::from_secs(30), |sa| sa.phase_timeout);
+            let answers: Result<HashMap<Pseudonym, SecAggMessage>, SessionAbort> = match phase {
+                SecAggPhase::Advertise => s.session.close_advertise().map(|r| {
+                    r.into_iter()
+                        .map(|(c, m)| (c, SecAggMessage::Roster(m)))
+                        .collect()
+                }),
+                SecAggPhase::Share => s.session.close_share().map(|r| {
+                    r.into_iter()
+                        .map(|(c, m)| (c, SecAggMessage::IncomingShares(m)))
+                        .collect()
+                }),
+                SecAggPhase::Unmask | SecAggPhase::Closed => {
+                    return self.finish_unmask(shared).await;
+                }
+                SecAggPhase::MaskedInput => return Ok(()),
+            };
+            match answers {
+                Ok(mut answers) => {
+                    s.deadline = now + timeout;
+                    debug!(round = %round, phase = phase.as_str(), members = answers.len(), "secure aggregation phase closed");
+                    let answered: HashSet<Pseudonym> = answers.keys().copied().collect();
+                    for (client, tx) in s.waiters.drain() {
+                        if let Some(m) = answers.remove(&client) {
+                            let _ = tx.send(m);
+                        }
+                    }
+                    // Members that missed the phase can no longer submit.
+                    let missed: Vec<Pseudonym> = s
+                        .session
+                        .cohort()
+                        .filter(|c| !answered.contains(c))
+                        .copied()
+                        .collect();
+                    let mut actions = Vec::new();
+                    for client in missed {
+                        actions.extend(self.machine.drop_member(client, round, now));
+                    }
+                    self.execute(actions, shared).await?;
+                }
+                Err(abort) => {
+                    warn!(round = %round, "secure aggregation aborted the round: {abort}");
+                    s.abort_all(&abort.to_string());
+                    let actions =
+                        self.machine
+                            .abort_round(round, AbortReason::SecureAggregation, now);
+                    self.execute(actions, shared).await?;
+                    self.secagg = None;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The coordinator closed the round: ask every member with masked
+    /// input for its shares. The commit waits for them.
+    fn begin_unmask(&mut self, now: Instant) -> Result<Vec<Action<Pseudonym>>, ServeError> {
+        let timeout = self
+            .settings
+            .secagg
+            .map_or(Duration::from_secs(30), |sa| sa.phase_timeout);
+        let Some(s) = &mut self.secagg else {
+            return Ok(Vec::new());
+        };
+        match s.session.close_masked_input() {
+            Ok(requests) => {
+                s.deadline = now + timeout;
+                s.requests = requests.into_iter().collect();
+                for (client, tx) in s.waiters.drain() {
+                    let _ = tx.send(match s.requests.get(&client) {
+                        Some(r) => SecAggMessage::UnmaskRequest(r.clone()),
+                        None => SecAggMessage::Aborted {
+                            round: s.round,
+                            reason: "no masked input from this client".into(),
+                        },
+                    });
+                }
+                Ok(Vec::new())
+            }
+            Err(abort) => match self.secagg.take() {
+                Some(s) => self.unmask_failed(s.round, s.waiters, &abort, now),
+                None => Ok(Vec::new()),
+            },
+        }
+    }
+
+    /// Removes the masks from the sum, then commits as any round does.
+    async fn finish_unmask(&mut self, shared: &Shared) -> Result<(), ServeError> {
+        if self.secagg.as_ref().is_none_or(|s| s.commit.is_none()) {
+            return Ok(());
+        }
+        let Some(SecAggRound {
+            round,
+            session,
+            waiters,
+            commit: Some((base, new_version, stats)),
+            ..
+        }) = self.secagg.take()
+        else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let started = Instant::now();
+        let finished = tokio::task::spawn_blocking(move || session.finish())
+            .await
+            .map_err(|e| ServeError::Internal(format!("unmasking panicked: {e}")))?;
+        match finished {
+            Ok((sum, count)) => {
+                info!(
+                    round = %round,
+                    survivors = count,
+                    unmask_ms = started.elapsed().as_millis() as u64,
+                    "secure aggregation unmasked the sum"
+                );
+                if let Some(progress) = &mut self.round {
+                    progress.sum = Aggregate::Ring { sum, count };
+                }
+                self.execute(
+                    vec![Action::Commit {
+                        round,
+                        base,
+                        new_version,
+                        stats,
+                    }],
+                    shared,
+                )
+                .await
+            }
+            Err(abort) => {
+                let actions = self.unmask_failed(round, waiters, &abort, now)?;
+                self.execute(actions, shared).await
+            }
+        }
+    }
+
+    /// Unmasking could not complete: nothing is released, the round is
+    /// recorded as aborted, and the next one starts.
+    fn unmask_failed(
+        &mut self,
+        round: RoundId,
+        waiters: HashMap<Pseudonym, oneshot::Sender<SecAggMessage>>,
+        abort: &SessionAbort,
+        now: Instant,
+    ) -> Result<Vec<Action<Pseudonym>>, ServeError> {
+        warn!(round = %round, "secure aggregation aborted the round: {abort}");
+        for (_, tx) in waiters {
+            let _ = tx.send(SecAggMessage::Aborted {
+                round,
+                reason: abort.to_string(),
+            });
+        }
+        if let Some(progress) = self.round.take() {
+            let mut record = progress.record;
+            record.outcome = RoundOutcome::Aborted {
+                reason: format!("secure aggregation: {abort}"),
+            };
+            record.ended_unix_ms = Some(unix_ms_now());
+            self.store.put_round(&record)?;
+        }
+        self.summary.rounds_aborted += 1;
+        self.write_status();
+        Ok(self.machine.commit_failed(round, now))
     }
 
     /// Counts a refused update by reason, for the run and its round.
@@ -1055,6 +1406,14 @@ impl Hub {
                         Some(RejectReason::ShapeMismatch)
                     }
                     (Values::Floats(v), Some(p)) => clip_received(v, p.ledger.clip).err(),
+                    (Values::Words(w), _) => match &mut self.secagg {
+                        Some(s) => s
+                            .session
+                            .masked_input(client, w)
+                            .err()
+                            .map(|_| RejectReason::ShapeMismatch),
+                        None => None,
+                    },
                     _ => None,
                 };
                 if let Some(reason) = refusal {
@@ -1096,6 +1455,9 @@ impl Hub {
                                     updates.push(v);
                                     weights.push(weight);
                                 }
+                                // Masked input is already in the session's sum.
+                                (Aggregate::Ring { .. }, Values::Words(_))
+                                    if self.secagg.is_some() => {}
                                 (Aggregate::Ring { sum, count }, Values::Words(w)) => {
                                     if let Some(p) = &self.privacy
                                         && let DpMode::Distributed(plan) = p.dp.mode
@@ -1164,6 +1526,28 @@ impl Hub {
                                 },
                             },
                         },
+                        secure_aggregation: self.settings.secagg.map(|s| s.params),
+                    };
+                    self.secagg = match (&self.settings.secagg, &self.privacy) {
+                        (Some(sa), Some(p)) => match p.dp.mode {
+                            DpMode::Distributed(plan) => Some(SecAggRound {
+                                round,
+                                session: Session::new(
+                                    round,
+                                    sa.params,
+                                    plan.quantizer.bits,
+                                    plan.quantizer.encoded_len(),
+                                    cohort.iter().copied(),
+                                    self.settings.round.quorum,
+                                ),
+                                waiters: HashMap::new(),
+                                deadline: now + sa.phase_timeout,
+                                requests: HashMap::new(),
+                                commit: None,
+                            }),
+                            DpMode::Central { .. } => None,
+                        },
+                        _ => None,
                     };
                     let record = RoundRecord {
                         round,
@@ -1226,6 +1610,15 @@ impl Hub {
                     new_version,
                     stats,
                 } => {
+                    if let Some(s) = &mut self.secagg
+                        && s.round == round
+                        && s.session.phase() == SecAggPhase::MaskedInput
+                    {
+                        s.commit = Some((base, new_version, stats));
+                        debug!(round = %round, accepted = stats.accepted, "secure aggregation: asking survivors to unmask");
+                        queue.extend(self.begin_unmask(now)?);
+                        continue;
+                    }
                     let Some(progress) = self.round.take() else {
                         queue.extend(self.machine.commit_failed(round, now));
                         continue;
@@ -1290,6 +1683,9 @@ impl Hub {
                     reason,
                     stats,
                 } => {
+                    if let Some(mut s) = self.secagg.take() {
+                        s.abort_all(reason.as_str());
+                    }
                     if let Some(progress) = self.round.take() {
                         let mut record = progress.record;
                         record.outcome = RoundOutcome::Aborted {

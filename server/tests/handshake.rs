@@ -249,3 +249,30 @@ async fn a_device_enrolled_on_a_live_server_joins_the_run() {
         c.await.unwrap();
     }
 }
+
+/// A client that requires secure aggregation refuses a server that asks
+/// for plain updates, before it trains or sends anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_requiring_secure_aggregation_refuses_a_downgrade() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = init(tmp.path(), &config("logreg", 1, 1));
+    let bundles = enroll(&state, &["strict"]);
+    let (addr, server) = start(&state);
+    let options = ClientOptions {
+        require_secure_aggregation: true,
+        ..options(addr)
+    };
+    let trainer = Box::new(ScriptedTrainer {
+        id: 0,
+        pause: Duration::ZERO,
+    });
+    let err = covey_client::run(&bundles[0], trainer, options)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SessionError::Downgrade), "{err}");
+    assert!(
+        err.to_string()
+            .contains("refusing to send an unmasked update")
+    );
+    server.abort();
+}

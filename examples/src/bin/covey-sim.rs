@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use covey_client::{
-    CandleTrainer, ClientOptions, TrainOutput, Trainer,
+    CandleTrainer, ClientOptions, Dropout, TrainOutput, Trainer,
     data::{DataView, Mnist},
     partition::Partition,
     trainer::{TrainError, select_device},
@@ -20,6 +20,7 @@ use covey_protocol::{
     UpdateEncoding,
     message::{LocalMetrics, Task},
     model::Architecture,
+    secagg::session::Phase as SecAggPhase,
 };
 use covey_server::{Server, ServerConfig, StateDir};
 
@@ -109,6 +110,48 @@ struct Args {
     /// Distributed DP: the sum lives modulo 2^bits.
     #[arg(long, default_value_t = 20)]
     bits: u32,
+    /// Secure aggregation (SecAgg+): the server learns only the sum of the
+    /// masked updates. Needs --dp distributed.
+    #[arg(long)]
+    secagg: bool,
+    /// Shares needed to rebuild a client's secret: a fraction of its
+    /// neighbours in (0.5, 1], or a count.
+    #[arg(long, default_value_t = 0.6)]
+    threshold: f64,
+    /// Neighbours each client shares its secrets with (graph degree k).
+    #[arg(long, default_value_t = 10)]
+    neighbors: u32,
+    /// Each selected client drops out of a round with this probability.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// The phase dropouts happen at: advertise, share, masked or unmask
+    /// (random when not given).
+    #[arg(long, value_parser = parse_phase)]
+    dropout_phase: Option<SecAggPhase>,
+}
+
+fn parse_phase(s: &str) -> Result<SecAggPhase, String> {
+    Ok(match s {
+        "advertise" => SecAggPhase::Advertise,
+        "share" => SecAggPhase::Share,
+        "masked" => SecAggPhase::MaskedInput,
+        "unmask" => SecAggPhase::Unmask,
+        other => {
+            return Err(format!(
+                "unknown phase '{other}': use advertise, share, masked or unmask"
+            ));
+        }
+    })
+}
+
+/// The server's `[secure_aggregation]` section from the flags.
+fn secagg_config(args: &Args) -> covey_server::config::SecureAggregation {
+    covey_server::config::SecureAggregation {
+        enabled: args.secagg,
+        neighbors: args.neighbors,
+        threshold: args.threshold,
+        ..Default::default()
+    }
 }
 
 /// What a malicious virtual client does to its update.
@@ -234,8 +277,12 @@ fn main() -> Result<()> {
         per_round(&args).div_ceil(2)
     };
     check.privacy = privacy_config(&args)?;
+    check.secure_aggregation = secagg_config(&args);
     check.aggregation.aggregator = args.aggregator.clone();
     check.settings()?;
+    if !(0.0..1.0).contains(&args.dropout) {
+        bail!("--dropout is a probability in [0, 1), got {}", args.dropout);
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(simulate(args))
 }
@@ -305,6 +352,7 @@ async fn simulate(args: Args) -> Result<()> {
     // The server evaluates every version on the held-out set as it commits.
     config.evaluation.test_data = data_dir.display().to_string();
     config.privacy = privacy_config(&args)?;
+    config.secure_aggregation = secagg_config(&args);
     if args.dp != "off" {
         // Poisson sampling: the cohort varies, so commit with half of it.
         config.rounds.min_clients = args.clients;
@@ -383,6 +431,11 @@ async fn simulate(args: Args) -> Result<()> {
         let options = ClientOptions {
             server_addr: Some(addr),
             give_up_after: Some(Duration::from_secs(600)),
+            require_secure_aggregation: args.secagg,
+            dropout: (args.dropout > 0.0).then_some(Dropout {
+                probability: args.dropout,
+                phase: args.dropout_phase,
+            }),
             ..ClientOptions::default()
         };
         clients.push(tokio::spawn(async move {

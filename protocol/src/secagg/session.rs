@@ -136,6 +136,11 @@ impl<C: Copy + Ord> Session<C> {
         self.phase
     }
 
+    /// Everyone selected for the round.
+    pub fn cohort(&self) -> impl Iterator<Item = &C> {
+        self.cohort.iter()
+    }
+
     /// Members still expected to answer the current phase: neither
     /// answered nor gone.
     pub fn pending(&self) -> usize {
