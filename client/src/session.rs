@@ -747,7 +747,10 @@ impl Session {
                 }
             }
         };
-        if dropout == Some(SecAggPhase::MaskedInput) {
+        // Without secure aggregation the upload is the only step to miss.
+        if dropout == Some(SecAggPhase::MaskedInput)
+            || (dropout.is_some() && task.secure_aggregation.is_none())
+        {
             return Err(drop_out(conn, task.round, SecAggPhase::MaskedInput));
         }
         let update = match (participant.take(), update) {

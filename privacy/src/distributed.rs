@@ -18,9 +18,14 @@ const RING_STDS: f64 = 6.0;
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum PlanError {
     #[error(
-        "{bits} bits cannot hold the sum of {clients} clients at noise multiplier {z}: raise bits"
+        "{bits} bits cannot hold the sum of {clients} clients at noise multiplier {z}: use at least {needed} bits"
     )]
-    RingTooSmall { bits: u32, clients: u64, z: f64 },
+    RingTooSmall {
+        bits: u32,
+        clients: u64,
+        z: f64,
+        needed: u32,
+    },
     #[error("the minimum cohort must be between 1 and the largest cohort ({max}), got {min}")]
     Cohort { min: u64, max: u64 },
     #[error(
@@ -69,12 +74,17 @@ impl DistributedPlan {
         // worst case adds n of them in the same direction. The noise is
         // z·r over the minimum cohort, so √(n/min)·z·r when all n take part.
         let noise2 = z.get() * z.get() * n / min_clients as f64;
-        let scaled_clip = (half_ring - n) / (RING_STDS * (n * n / d + noise2).sqrt());
+        let spread = RING_STDS * (n * n / d + noise2).sqrt();
+        let scaled_clip = (half_ring - n) / spread;
         if scaled_clip.is_nan() || scaled_clip < 1.0 {
+            // The ring must hold n rounding steps plus the spread at a scale
+            // of at least one step per clip.
+            let needed = (2.0 * (n + spread)).log2().ceil() as u32;
             return Err(PlanError::RingTooSmall {
                 bits,
                 clients: max_clients,
                 z: z.get(),
+                needed,
             });
         }
         let quantizer = Quantizer::new(
@@ -135,8 +145,13 @@ mod tests {
 
     #[test]
     fn impossible_plans_say_why() {
+        let Err(PlanError::RingTooSmall { needed, .. }) = plan(8, 5, 1000) else {
+            panic!("8 bits cannot hold 1000 clients");
+        };
+        // The suggestion is the smallest ring that fits.
+        assert!(plan(needed, 5, 1000).is_ok());
         assert!(matches!(
-            plan(8, 5, 1000),
+            plan(needed - 1, 5, 1000),
             Err(PlanError::RingTooSmall { .. })
         ));
         assert!(matches!(plan(20, 0, 10), Err(PlanError::Cohort { .. })));

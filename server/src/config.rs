@@ -747,6 +747,35 @@ mod tests {
     }
 
     #[test]
+    fn secure_aggregation_settings_round_trip_and_are_checked() {
+        let mut c = ServerConfig::default();
+        c.privacy.mode = "distributed".into();
+        c.privacy.population = 100;
+        c.rounds.quorum = 1;
+        c.secure_aggregation.enabled = true;
+        c.secure_aggregation.neighbors = 8;
+        c.secure_aggregation.threshold = 5.0;
+        let back: ServerConfig = toml::from_str(&c.to_documented_toml()).unwrap();
+        assert_eq!(back, c);
+        let sa = back.settings().unwrap().secagg.unwrap();
+        assert_eq!(sa.params.threshold, Threshold::Count(5));
+        for (threshold, needle) in [
+            (0.5, "fraction of the neighbours in (0.5, 1]"),
+            (4.0, "must exceed half"),
+            (9.0, "exceeds the 8 neighbours"),
+            (1.5, "a whole count of at least 2"),
+        ] {
+            c.secure_aggregation.threshold = threshold;
+            let err = c.settings().unwrap_err().to_string();
+            assert!(err.contains(needle), "{threshold}: {err}");
+        }
+        c.secure_aggregation.threshold = 0.6;
+        c.privacy.mode = "central".into();
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("secure_aggregation.enabled"), "{err}");
+    }
+
+    #[test]
     fn bad_settings_name_the_setting() {
         let mut c = ServerConfig::default();
         c.training.update_encoding = "fp4".into();
@@ -802,7 +831,7 @@ mod tests {
         ));
         c.privacy.bits = 4;
         let err = c.settings().unwrap_err().to_string();
-        assert!(err.contains("raise bits"), "{err}");
+        assert!(err.contains("use at least 6 bits"), "{err}");
         c.privacy.bits = 20;
         c.privacy.adaptive_clip = true;
         let err = c.settings().unwrap_err().to_string();
