@@ -1147,10 +1147,10 @@ impl Hub {
                 }
                 return self.advance_secagg(shared).await;
             }
-            other => {
+            _ => {
                 refused(
                     reply,
-                    format!("unexpected {other:?}").chars().take(80).collect(),
+                    "this message does not start a secure-aggregation step".into(),
                 );
                 return Ok(());
             }
