@@ -728,6 +728,10 @@ impl Session {
                 clip_l2(&mut delta, clip);
                 let mut rounding = ChaCha8Rng::from_rng(&mut self.rng);
                 let noised = tokio::task::spawn_blocking(move || {
+                    // Zero noise: secure aggregation without DP.
+                    if noise_sigma == 0.0 {
+                        return quantizer.encode(&delta, None, &mut rounding);
+                    }
                     let gaussian = DiscreteGaussian::new(noise_sigma)?;
                     let mut noise = NoiseRng::from_os()?;
                     quantizer.encode(&delta, Some((&gaussian, &mut noise)), &mut rounding)

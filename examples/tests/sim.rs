@@ -100,7 +100,10 @@ fn bad_flags_are_refused_with_a_reason() {
             &["--dp", "central", "--target-epsilon", "0"][..],
             "privacy.target_epsilon",
         ),
-        (&["--secagg"][..], "mode = \"distributed\""),
+        (
+            &["--dp", "central", "--secagg"][..],
+            "secure_aggregation.enabled",
+        ),
         (
             &["--dp", "distributed", "--secagg", "--threshold", "0.5"][..],
             "secure_aggregation.threshold",
@@ -449,4 +452,35 @@ fn secure_aggregation_survives_dropouts_at_random_phases() {
         (std / expected - 1.0).abs() < 0.02,
         "noise std {std}, expected {expected} for {participants} survivors"
     );
+}
+
+/// Secure aggregation without DP: updates clipped to --clip, quantized and
+/// masked; the server applies the survivors' plain mean and the model
+/// learns as it does without masks.
+#[test]
+fn secure_aggregation_without_dp_trains_like_plain_fedavg() {
+    let rounds = sim(&[
+        "--model",
+        "2nn",
+        "--clients",
+        "5",
+        "--rounds",
+        "4",
+        "--epochs",
+        "2",
+        "--seed",
+        "1",
+        "--secagg",
+        "--neighbors",
+        "4",
+        "--clip",
+        "20",
+    ]);
+    assert_eq!(rounds.len(), 4);
+    assert!(rounds.iter().all(|r| r["participants"] == 5));
+    let best = rounds
+        .iter()
+        .map(|r| r["accuracy"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(best >= 0.90, "best test accuracy {best}");
 }

@@ -67,33 +67,25 @@ impl DistributedPlan {
                 max: max_clients,
             });
         }
-        let d = (len as usize).next_power_of_two() as f64;
+        // The noise is z·r over the minimum cohort, so √(n/min)·z·r when
+        // all n take part.
         let n = max_clients as f64;
-        let half_ring = 2f64.powi(bits.min(32) as i32 - 1);
-        // After rotation a client's coordinates are about r/√d each; the
-        // worst case adds n of them in the same direction. The noise is
-        // z·r over the minimum cohort, so √(n/min)·z·r when all n take part.
         let noise2 = z.get() * z.get() * n / min_clients as f64;
-        let spread = RING_STDS * (n * n / d + noise2).sqrt();
-        let scaled_clip = (half_ring - n) / spread;
-        if scaled_clip.is_nan() || scaled_clip < 1.0 {
-            // The ring must hold n rounding steps plus the spread at a scale
-            // of at least one step per clip.
-            let needed = (2.0 * (n + spread)).log2().ceil() as u32;
-            return Err(PlanError::RingTooSmall {
-                bits,
-                clients: max_clients,
-                z: z.get(),
-                needed,
-            });
-        }
-        let quantizer = Quantizer::new(
-            len,
-            clip.get(),
-            clip.get() / scaled_clip,
-            bits,
-            Some(rotation_seed),
-        )?;
+        let quantizer = fitted_quantizer(len, clip, noise2, max_clients, bits, rotation_seed)
+            .map_err(|e| match e {
+                PlanError::RingTooSmall {
+                    bits,
+                    clients,
+                    needed,
+                    ..
+                } => PlanError::RingTooSmall {
+                    bits,
+                    clients,
+                    z: z.get(),
+                    needed,
+                },
+                other => other,
+            })?;
         let l2 = quantizer.norm_bound;
         let client_sigma = z.get() * l2 / (min_clients as f64).sqrt();
         if !(0.5..=MAX_SIGMA).contains(&client_sigma) {
@@ -116,8 +108,62 @@ impl DistributedPlan {
     }
 }
 
+/// The quantizer whose ring holds the sum of `max_clients` updates
+/// clipped to `clip`, plus noise of variance `noise2` (in squared clips).
+fn fitted_quantizer(
+    len: u64,
+    clip: ClipNorm,
+    noise2: f64,
+    max_clients: u64,
+    bits: u32,
+    rotation_seed: u64,
+) -> Result<Quantizer, PlanError> {
+    let d = (len as usize).next_power_of_two() as f64;
+    let n = max_clients as f64;
+    let half_ring = 2f64.powi(bits.min(32) as i32 - 1);
+    // After rotation a client's coordinates are about r/√d each; the worst
+    // case adds n of them in the same direction.
+    let spread = RING_STDS * (n * n / d + noise2).sqrt();
+    let scaled_clip = (half_ring - n) / spread;
+    if scaled_clip.is_nan() || scaled_clip < 1.0 {
+        // The ring must hold n rounding steps plus the spread at a scale of
+        // at least one step per clip.
+        let needed = (2.0 * (n + spread)).log2().ceil() as u32;
+        return Err(PlanError::RingTooSmall {
+            bits,
+            clients: max_clients,
+            z: noise2.sqrt(),
+            needed,
+        });
+    }
+    Ok(Quantizer::new(
+        len,
+        clip.get(),
+        clip.get() / scaled_clip,
+        bits,
+        Some(rotation_seed),
+    )?)
+}
+
+/// A quantizer for secure aggregation without DP: updates clipped to
+/// `clip`, no noise, the sum of `max_clients` kept inside 2^bits.
+pub fn noiseless_quantizer(
+    len: u64,
+    clip: ClipNorm,
+    max_clients: u64,
+    bits: u32,
+    rotation_seed: u64,
+) -> Result<Quantizer, PlanError> {
+    if max_clients == 0 {
+        return Err(PlanError::Cohort { min: 0, max: 0 });
+    }
+    fitted_quantizer(len, clip, 0.0, max_clients, bits, rotation_seed)
+}
+
 #[cfg(test)]
 mod tests {
+    use rand::SeedableRng;
+
     use super::*;
 
     fn plan(bits: u32, min: u64, max: u64) -> Result<DistributedPlan, PlanError> {
@@ -141,6 +187,27 @@ mod tests {
         // The noise of the minimum cohort, in real units, is z·Δ·γ ≈ z·C.
         let real = p.client_sigma * (p.min_clients as f64).sqrt() * p.quantizer.gamma;
         assert!((real - 1.0).abs() < 0.02, "{real}");
+    }
+
+    #[test]
+    fn a_noiseless_quantizer_round_trips_a_sum() {
+        let q = noiseless_quantizer(1000, ClipNorm::new(1.0).unwrap(), 50, 16, 3).unwrap();
+        let update: Vec<f32> = (0..1000).map(|i| ((i % 7) as f32 - 3.0) / 200.0).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut sum = vec![0u32; q.encoded_len()];
+        for _ in 0..50 {
+            q.accumulate(&mut sum, &q.encode(&update, None, &mut rng).unwrap())
+                .unwrap();
+        }
+        let (decoded, at_risk) = q.decode(&sum).unwrap();
+        assert_eq!(at_risk, 0);
+        for (d, u) in decoded.iter().zip(&update) {
+            assert!((d / 50.0 - u).abs() < 0.01, "{d} vs {u}");
+        }
+        assert!(matches!(
+            noiseless_quantizer(1000, ClipNorm::new(1.0).unwrap(), 5000, 8, 3),
+            Err(PlanError::RingTooSmall { .. })
+        ));
     }
 
     #[test]

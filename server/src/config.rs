@@ -6,7 +6,8 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 use covey_privacy::{
     ClipNorm,
     accountant::{Delta, Epsilon, NoiseMultiplier, SamplingRate},
-    distributed::DistributedPlan,
+    distributed::{DistributedPlan, noiseless_quantizer},
+    quantize::Quantizer,
 };
 use covey_protocol::{
     ModelVersion, UpdateEncoding,
@@ -39,13 +40,18 @@ pub struct ServerConfig {
     pub secure_aggregation: SecureAggregation,
 }
 
+/// Every key is optional, so configs written before a key existed still load.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SecureAggregation {
     pub enabled: bool,
     pub neighbors: u32,
     pub threshold: f64,
     pub phase_timeout_secs: f64,
+    /// Without DP: the L2 clip every update gets so the sum fits the ring.
+    pub clip: f64,
+    /// Without DP: the ring's bits. With distributed DP, `[privacy] bits`.
+    pub bits: u32,
 }
 
 impl Default for SecureAggregation {
@@ -55,6 +61,8 @@ impl Default for SecureAggregation {
             neighbors: 10,
             threshold: 0.6,
             phase_timeout_secs: 30.0,
+            clip: 10.0,
+            bits: 20,
         }
     }
 }
@@ -65,19 +73,56 @@ pub struct SecAggSettings {
     pub params: SecAggParams,
     /// How long the key phases and the unmask phase wait for stragglers.
     pub phase_timeout: Duration,
+    /// Without DP: the clip and quantizer of the masked updates (with
+    /// distributed DP, the privacy plan's).
+    pub noiseless: Option<(ClipNorm, Quantizer)>,
 }
 
 impl SecureAggregation {
-    fn settings(&self, dp: Option<&DpSettings>) -> Result<Option<SecAggSettings>, ConfigError> {
+    fn settings(
+        &self,
+        dp: Option<&DpSettings>,
+        spec: ModelSpec,
+        rounds: &Rounds,
+    ) -> Result<Option<SecAggSettings>, ConfigError> {
         if !self.enabled {
             return Ok(None);
         }
-        if !matches!(dp.map(|d| d.mode), Some(DpMode::Distributed(_))) {
-            return Err(invalid(
-                "secure_aggregation.enabled",
-                "secure aggregation sums quantized ring words: set [privacy] mode = \"distributed\"",
-            ));
-        }
+        let noiseless = match dp.map(|d| d.mode) {
+            Some(DpMode::Distributed(plan)) => {
+                if plan.quantizer.bits != self.bits {
+                    return Err(invalid(
+                        "secure_aggregation.bits",
+                        format!(
+                            "with distributed DP the ring is [privacy] bits ({}); set both to the same value",
+                            plan.quantizer.bits
+                        ),
+                    ));
+                }
+                None
+            }
+            Some(DpMode::Central { .. }) => {
+                return Err(invalid(
+                    "secure_aggregation.enabled",
+                    "central DP needs the server to see the sum before noising it; use [privacy] mode = \"distributed\" or \"off\" with secure aggregation",
+                ));
+            }
+            None => {
+                let clip = ClipNorm::new(self.clip)
+                    .map_err(|e| invalid("secure_aggregation.clip", e.to_string()))?;
+                let cohort =
+                    (rounds.clients_per_round as f64 * (1.0 + rounds.over_selection)).ceil() as u64;
+                let quantizer = noiseless_quantizer(
+                    spec.param_count() as u64,
+                    clip,
+                    cohort.max(1),
+                    self.bits,
+                    rounds.selection_seed ^ 0x0005_eed0_f4ad_4a3d,
+                )
+                .map_err(|e| invalid("secure_aggregation.bits", e.to_string()))?;
+                Some((clip, quantizer))
+            }
+        };
         let threshold = if self.threshold > 0.5 && self.threshold <= 1.0 {
             Threshold::Fraction(self.threshold)
         } else if self.threshold >= 2.0 && self.threshold.fract() == 0.0 && self.threshold < 1e6 {
@@ -107,6 +152,7 @@ impl SecureAggregation {
         Ok(Some(SecAggSettings {
             params,
             phase_timeout: Duration::from_secs_f64(self.phase_timeout_secs),
+            noiseless,
         }))
     }
 }
@@ -502,6 +548,14 @@ impl ServerConfig {
             .aggregator
             .parse()
             .map_err(|e: String| invalid("aggregation.aggregator", e))?;
+        if self.secure_aggregation.enabled && aggregator != Aggregator::Mean {
+            return Err(invalid(
+                "aggregation.aggregator",
+                format!(
+                    "{aggregator} needs individual updates, which secure aggregation never shows the server; use mean (clipping and noise are the defence there)"
+                ),
+            ));
+        }
         match (&dp, aggregator) {
             (_, Aggregator::Mean) => {}
             (Some(d), a) if matches!(d.mode, DpMode::Distributed(_)) => {
@@ -544,7 +598,7 @@ impl ServerConfig {
             encoding,
             optimizer,
             aggregator,
-            secagg: self.secure_aggregation.settings(dp.as_ref())?,
+            secagg: self.secure_aggregation.settings(dp.as_ref(), spec, r)?,
             dp,
         })
     }
@@ -677,6 +731,11 @@ neighbors = {s_neighbors}
 threshold = {s_threshold:?}
 # Seconds each key phase and the unmask phase wait for stragglers.
 phase_timeout_secs = {s_timeout:?}
+# Without DP, updates are clipped to this L2 norm and quantized into a ring of `bits` bits (the
+# server then applies the plain mean of the survivors' updates). With distributed DP the [privacy]
+# clip and bits apply, and `bits` here must equal [privacy] bits.
+clip = {s_clip:?}
+bits = {s_bits}
 "#,
             listen = n.listen,
             public_addr = n.public_addr,
@@ -722,6 +781,8 @@ phase_timeout_secs = {s_timeout:?}
             s_neighbors = self.secure_aggregation.neighbors,
             s_threshold = self.secure_aggregation.threshold,
             s_timeout = self.secure_aggregation.phase_timeout_secs,
+            s_clip = self.secure_aggregation.clip,
+            s_bits = self.secure_aggregation.bits,
         )
     }
 }
@@ -770,9 +831,23 @@ mod tests {
             assert!(err.contains(needle), "{threshold}: {err}");
         }
         c.secure_aggregation.threshold = 0.6;
+        c.secure_aggregation.bits = 16;
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("[privacy] bits (20)"), "{err}");
+        c.secure_aggregation.bits = 20;
+        c.aggregation.aggregator = "median".into();
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("secure aggregation never shows"), "{err}");
+        c.aggregation.aggregator = "mean".into();
         c.privacy.mode = "central".into();
         let err = c.settings().unwrap_err().to_string();
         assert!(err.contains("secure_aggregation.enabled"), "{err}");
+        // Without DP: a noiseless quantizer from the secure-aggregation clip.
+        c.privacy.mode = "off".into();
+        let sa = c.settings().unwrap().secagg.unwrap();
+        let (clip, quantizer) = sa.noiseless.unwrap();
+        assert_eq!(clip.get(), 10.0);
+        assert_eq!(quantizer.bits, 20);
     }
 
     #[test]

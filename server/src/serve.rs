@@ -20,7 +20,9 @@ use covey_client::{
     data::{DataView, Mnist},
     trainer::{DeviceData, evaluate},
 };
-use covey_privacy::{ClipNorm, Pseudonym, PseudonymKey, clip_l2, l2_norm, noise::NoiseRng};
+use covey_privacy::{
+    ClipNorm, Pseudonym, PseudonymKey, clip_l2, l2_norm, noise::NoiseRng, quantize::Quantizer,
+};
 use covey_protocol::{
     ModelVersion, PROTOCOL_VERSION, RoundId, UpdateEncoding,
     frame::{FrameError, FrameLimits},
@@ -1373,17 +1375,26 @@ impl Hub {
 
     /// What updates of this run carry, and how many values.
     fn expected_payload(&self) -> (Payload, usize) {
-        match self.privacy.as_ref().map(|p| p.dp.mode) {
-            Some(DpMode::Distributed(plan)) => (
-                Payload::Ring {
-                    bits: plan.quantizer.bits,
-                },
-                plan.quantizer.encoded_len(),
-            ),
-            _ => (
+        match self.ring_quantizer() {
+            Some(q) => (Payload::Ring { bits: q.bits }, q.encoded_len()),
+            None => (
                 Payload::Floats(self.settings.encoding),
                 self.settings.spec.param_count(),
             ),
+        }
+    }
+
+    /// The quantizer of ring-word updates: distributed DP's, or secure
+    /// aggregation's own when DP is off.
+    fn ring_quantizer(&self) -> Option<Quantizer> {
+        match self.privacy.as_ref().map(|p| p.dp.mode) {
+            Some(DpMode::Distributed(plan)) => Some(plan.quantizer),
+            Some(DpMode::Central { .. }) => None,
+            None => self
+                .settings
+                .secagg
+                .and_then(|sa| sa.noiseless)
+                .map(|(_, q)| q),
         }
     }
 
@@ -1514,7 +1525,14 @@ impl Hub {
                         deadline_ms: deadline.saturating_duration_since(now).as_millis() as u64,
                         seed: self.rng.random(),
                         privacy: match &self.privacy {
-                            None => UpdatePrivacy::Plain,
+                            None => match self.settings.secagg.and_then(|sa| sa.noiseless) {
+                                Some((clip, quantizer)) => UpdatePrivacy::Distributed {
+                                    clip,
+                                    quantizer,
+                                    noise_sigma: 0.0,
+                                },
+                                None => UpdatePrivacy::Plain,
+                            },
                             Some(p) => match p.dp.mode {
                                 DpMode::Central { .. } => UpdatePrivacy::Clipped {
                                     clip: p.ledger.clip,
@@ -1528,25 +1546,22 @@ impl Hub {
                         },
                         secure_aggregation: self.settings.secagg.map(|s| s.params),
                     };
-                    self.secagg = match (&self.settings.secagg, &self.privacy) {
-                        (Some(sa), Some(p)) => match p.dp.mode {
-                            DpMode::Distributed(plan) => Some(SecAggRound {
+                    self.secagg = match (&self.settings.secagg, self.ring_quantizer()) {
+                        (Some(sa), Some(quantizer)) => Some(SecAggRound {
+                            round,
+                            session: Session::new(
                                 round,
-                                session: Session::new(
-                                    round,
-                                    sa.params,
-                                    plan.quantizer.bits,
-                                    plan.quantizer.encoded_len(),
-                                    cohort.iter().copied(),
-                                    self.settings.round.quorum,
-                                ),
-                                waiters: HashMap::new(),
-                                deadline: now + sa.phase_timeout,
-                                requests: HashMap::new(),
-                                commit: None,
-                            }),
-                            DpMode::Central { .. } => None,
-                        },
+                                sa.params,
+                                quantizer.bits,
+                                quantizer.encoded_len(),
+                                cohort.iter().copied(),
+                                self.settings.round.quorum,
+                            ),
+                            waiters: HashMap::new(),
+                            deadline: now + sa.phase_timeout,
+                            requests: HashMap::new(),
+                            commit: None,
+                        }),
                         _ => None,
                     };
                     let record = RoundRecord {
@@ -1575,9 +1590,9 @@ impl Hub {
                     });
                     self.round = Some(RoundInProgress {
                         record,
-                        sum: match self.privacy.as_ref().map(|p| p.dp.mode) {
-                            Some(DpMode::Distributed(plan)) => Aggregate::Ring {
-                                sum: vec![0; plan.quantizer.encoded_len()],
+                        sum: match self.ring_quantizer() {
+                            Some(quantizer) => Aggregate::Ring {
+                                sum: vec![0; quantizer.encoded_len()],
                                 count: 0,
                             },
                             _ if !self.settings.aggregator.is_streaming() => Aggregate::Buffered {
@@ -1972,7 +1987,25 @@ impl Hub {
                         .map_err(|e| corrupt(e.to_string()))?;
                 (combined, None)
             }
-            (None, Aggregate::Ring { .. }) | (Some(_), Aggregate::Buffered { .. }) => {
+            (None, Aggregate::Ring { sum, count }) => {
+                // Secure aggregation without DP: the survivors' plain mean.
+                let Some(quantizer) = self.ring_quantizer().filter(|_| count > 0) else {
+                    return Err(corrupt("a ring aggregate without its quantizer".into()));
+                };
+                let (mut mean, at_risk) =
+                    quantizer.decode(&sum).map_err(|e| corrupt(e.to_string()))?;
+                if at_risk > 0 {
+                    warn!(
+                        round = %round,
+                        coordinates = at_risk,
+                        "the modular sum came near the ring's edge and may have wrapped: raise secure_aggregation.bits or lower its clip"
+                    );
+                }
+                let inv = 1.0 / count as f32;
+                mean.iter_mut().for_each(|v| *v *= inv);
+                (mean, None)
+            }
+            (Some(_), Aggregate::Buffered { .. }) => {
                 return Err(corrupt(
                     "the round's aggregate does not match its privacy mode".into(),
                 ));

@@ -146,11 +146,25 @@ fn parse_phase(s: &str) -> Result<SecAggPhase, String> {
 
 /// The server's `[secure_aggregation]` section from the flags.
 fn secagg_config(args: &Args) -> covey_server::config::SecureAggregation {
+    let defaults = covey_server::config::SecureAggregation::default();
     covey_server::config::SecureAggregation {
         enabled: args.secagg,
         neighbors: args.neighbors,
         threshold: args.threshold,
-        ..Default::default()
+        // Without DP the masked updates are clipped to --clip.
+        clip: args.clip.parse().unwrap_or(defaults.clip),
+        bits: args.bits,
+        ..defaults
+    }
+}
+
+/// Updates a round needs to commit: all of them, unless clients drop out
+/// or DP's Poisson cohorts vary.
+fn quorum(args: &Args) -> usize {
+    if args.dp == "off" && args.dropout == 0.0 {
+        per_round(args)
+    } else {
+        per_round(args).div_ceil(2)
     }
 }
 
@@ -271,11 +285,7 @@ fn main() -> Result<()> {
     let mut check = ServerConfig::default();
     check.rounds.clients_per_round = per_round(&args);
     check.rounds.min_clients = args.clients;
-    check.rounds.quorum = if args.dp == "off" {
-        per_round(&args)
-    } else {
-        per_round(&args).div_ceil(2)
-    };
+    check.rounds.quorum = quorum(&args);
     check.privacy = privacy_config(&args)?;
     check.secure_aggregation = secagg_config(&args);
     check.aggregation.aggregator = args.aggregator.clone();
@@ -339,7 +349,7 @@ async fn simulate(args: Args) -> Result<()> {
     config.rounds.rounds = args.rounds;
     config.rounds.clients_per_round = per_round;
     config.rounds.min_clients = per_round;
-    config.rounds.quorum = per_round;
+    config.rounds.quorum = quorum(&args);
     config.rounds.selection_seed = args.seed;
     config.rounds.round_timeout_secs = 3600.0;
     config.training.epochs = args.epochs;
@@ -356,7 +366,6 @@ async fn simulate(args: Args) -> Result<()> {
     if args.dp != "off" {
         // Poisson sampling: the cohort varies, so commit with half of it.
         config.rounds.min_clients = args.clients;
-        config.rounds.quorum = per_round.div_ceil(2);
     }
     let state = StateDir::new(&state_path);
     state.init(&config)?;
