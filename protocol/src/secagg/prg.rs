@@ -8,8 +8,9 @@
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
-/// Words expanded per nonce: 64 KiB of keystream stays in cache.
-const BLOCK_WORDS: usize = 16 * 1024;
+/// Words expanded per nonce: 64 KiB of keystream stays in cache. Slices
+/// of a mask start at multiples of it.
+pub const BLOCK_WORDS: usize = 16 * 1024;
 
 /// Whether a mask is added to or subtracted from the words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,13 +32,25 @@ impl Sign {
 /// 2^bits. Each word of the mask is uniform in the ring because 2^bits
 /// divides 2^32.
 pub fn apply_mask(seed: &[u8; 32], bits: u32, words: &mut [u32], sign: Sign) {
+    apply_mask_from(seed, bits, words, sign, 0);
+}
+
+/// [`apply_mask`] to the words of a longer vector that start at word
+/// `first_block × BLOCK_WORDS`, so threads can mask disjoint slices.
+pub fn apply_mask_from(
+    seed: &[u8; 32],
+    bits: u32,
+    words: &mut [u32],
+    sign: Sign,
+    first_block: usize,
+) {
     let mask = ring_mask(bits);
     let Ok(key) = UnboundKey::new(&AES_256_GCM, seed) else {
         unreachable!("a 32-byte key is always valid for AES-256")
     };
     let key = LessSafeKey::new(key);
     let mut stream = vec![0u8; BLOCK_WORDS * 4];
-    for (block, chunk) in words.chunks_mut(BLOCK_WORDS).enumerate() {
+    for (block, chunk) in (first_block..).zip(words.chunks_mut(BLOCK_WORDS)) {
         let bytes = &mut stream[..chunk.len() * 4];
         bytes.fill(0);
         let mut nonce = [0u8; 12];
@@ -92,6 +105,17 @@ mod tests {
         apply_mask(&[1; 32], 32, &mut a, Sign::Add);
         apply_mask(&[2; 32], 32, &mut b, Sign::Add);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn slices_mask_like_the_whole() {
+        let mut whole = vec![5u32; 3 * BLOCK_WORDS + 17];
+        let mut parts = whole.clone();
+        apply_mask(&[9; 32], 20, &mut whole, Sign::Add);
+        let (a, b) = parts.split_at_mut(2 * BLOCK_WORDS);
+        apply_mask_from(&[9; 32], 20, a, Sign::Add, 0);
+        apply_mask_from(&[9; 32], 20, b, Sign::Add, 2);
+        assert_eq!(whole, parts);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::{
     Advertise, IncomingShares, PublicKeys, Roster, RosterEntry, Sealed, SecAggError, SecAggParams,
     ShareKeys, UnmaskRequest, UnmaskShares, graph, graph_seed,
     keys::{masking_public, pairwise_seed, verify_signature},
-    prg::{Sign, apply_mask, ring_mask},
+    prg::{BLOCK_WORDS, Sign, apply_mask_from, ring_mask},
     shamir,
 };
 
@@ -516,13 +516,31 @@ impl<C: Copy + Ord> Session<C> {
                 pair_seeds.push((seed, sign));
             }
         }
+        let mut masks: Vec<([u8; 32], Sign)> = self_seeds
+            .into_iter()
+            .map(|seed| (seed, Sign::Subtract))
+            .collect();
+        masks.extend(pair_seeds);
         let mut sum = std::mem::take(&mut self.sum);
-        for seed in &self_seeds {
-            apply_mask(seed, self.bits, &mut sum, Sign::Subtract);
-        }
-        for (seed, sign) in &pair_seeds {
-            apply_mask(seed, self.bits, &mut sum, *sign);
-        }
+        remove_masks(&masks, self.bits, &mut sum);
         Ok((sum, self.masked.len()))
     }
+}
+
+/// Applies every mask to `sum`, one slice per available core: each thread
+/// regenerates all masks for its own range of words.
+fn remove_masks(masks: &[([u8; 32], Sign)], bits: u32, sum: &mut [u32]) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let blocks = sum.len().div_ceil(BLOCK_WORDS);
+    let per_thread = blocks.div_ceil(threads.max(1)).max(1) * BLOCK_WORDS;
+    std::thread::scope(|scope| {
+        for (i, slice) in sum.chunks_mut(per_thread).enumerate() {
+            let first_block = i * per_thread / BLOCK_WORDS;
+            scope.spawn(move || {
+                for (seed, sign) in masks {
+                    apply_mask_from(seed, bits, slice, *sign, first_block);
+                }
+            });
+        }
+    });
 }
