@@ -177,7 +177,7 @@ impl<C: Copy + Ord> Session<C> {
         self.gone.insert(client);
     }
 
-    fn expect(&self, phase: Phase, round: RoundId) -> Result<(), SecAggError> {
+    fn check_phase(&self, phase: Phase, round: RoundId) -> Result<(), SecAggError> {
         if round != self.round {
             return Err(SecAggError::WrongRound {
                 expected: self.round,
@@ -205,7 +205,7 @@ impl<C: Copy + Ord> Session<C> {
         advertise: Advertise,
         certificate: &[u8],
     ) -> Result<(), SecAggError> {
-        self.expect(Phase::Advertise, advertise.round)?;
+        self.check_phase(Phase::Advertise, advertise.round)?;
         if !self.cohort.contains(&client) || self.advertised.contains_key(&client) {
             return Err(SecAggError::OutOfOrder(
                 "a second or unsolicited advertisement",
@@ -306,7 +306,7 @@ impl<C: Copy + Ord> Session<C> {
 
     /// Phase 2: a member's encrypted shares, one for each neighbour.
     pub fn share_keys(&mut self, client: C, shares: ShareKeys) -> Result<(), SecAggError> {
-        self.expect(Phase::Share, shares.round)?;
+        self.check_phase(Phase::Share, shares.round)?;
         let me = self.member_index(&client)?;
         if self.shared.contains_key(&me) {
             return Err(SecAggError::OutOfOrder("a second set of shares"));
@@ -422,7 +422,7 @@ impl<C: Copy + Ord> Session<C> {
 
     /// Phase 4: a member's shares, exactly as requested.
     pub fn unmask(&mut self, client: C, shares: UnmaskShares) -> Result<(), SecAggError> {
-        self.expect(Phase::Unmask, shares.round)?;
+        self.check_phase(Phase::Unmask, shares.round)?;
         let me = self.member_index(&client)?;
         let Some(request) = self.requests.get(&me) else {
             return Err(SecAggError::OutOfOrder("unmask shares from a non-survivor"));

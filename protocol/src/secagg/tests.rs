@@ -254,18 +254,18 @@ fn too_few_survivors_abort_cleanly() {
     assert!(matches!(out.result, Err(SessionAbort::TooFewShares { .. })));
 }
 
-#[test]
-fn masked_inputs_look_uniform() {
-    // A member's masked input, even of an all-zero update, is uniform: a
-    // χ² test over its bytes (99.9% quantile of χ²(255) ≈ 330).
-    let (ca_pem, ids) = identities();
-    let verifier = PeerVerifier::from_ca_pem(ca_pem).unwrap();
-    let mut rng = ChaCha20Rng::seed_from_u64(4);
+/// `n` members of a fresh session that have all advertised signed keys.
+fn advertised(
+    n: usize,
+    bits: u32,
+    len: usize,
+    rng: &mut ChaCha20Rng,
+) -> (Session<usize>, Vec<Participant>) {
+    let (_, ids) = identities();
     let p = params(4, 0.75);
-    let n = 6;
-    let mut session = Session::new(ROUND, p, 32, 1 << 16, 0..n, 2);
-    let mut members: Vec<Participant> = (0..n)
-        .map(|_| Participant::new(ROUND, p, 32, secrets(&mut rng)))
+    let mut session = Session::new(ROUND, p, bits, len, 0..n, 2);
+    let members: Vec<Participant> = (0..n)
+        .map(|_| Participant::new(ROUND, p, bits, secrets(rng)))
         .collect();
     for (i, m) in members.iter().enumerate() {
         let signer = KeySigner::from_pem(&ids[i].key_pem).unwrap();
@@ -273,13 +273,24 @@ fn masked_inputs_look_uniform() {
             .advertise(i, m.advertise(|x| signer.sign(x)).unwrap(), &ids[i].cert)
             .unwrap();
     }
+    (session, members)
+}
+
+/// The real check a member makes of a roster entry.
+fn check_entry(verifier: &PeerVerifier) -> impl Fn(&RosterEntry, &PublicKeys) -> bool + '_ {
+    |e, k| verifier.verify(&e.certificate, &k.signed_message(ROUND), &e.signature)
+}
+
+#[test]
+fn masked_inputs_look_uniform() {
+    // A member's masked input, even of an all-zero update, is uniform: a
+    // χ² test over its bytes (99.9% quantile of χ²(255) ≈ 330).
+    let verifier = PeerVerifier::from_ca_pem(&identities().0).unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(4);
+    let (mut session, mut members) = advertised(6, 32, 1 << 16, &mut rng);
     for (i, roster) in session.close_advertise().unwrap() {
         let shares = members[i]
-            .on_roster(
-                &roster,
-                |e, k| verifier.verify(&e.certificate, &k.signed_message(ROUND), &e.signature),
-                &mut rng,
-            )
+            .on_roster(&roster, check_entry(&verifier), &mut rng)
             .unwrap();
         session.share_keys(i, shares).unwrap();
     }
@@ -300,29 +311,13 @@ fn masked_inputs_look_uniform() {
 
 /// A member at the masked-input stage, with its roster and session.
 fn masked_member() -> (Participant, Roster, Vec<u32>) {
-    let (ca_pem, ids) = identities();
-    let verifier = PeerVerifier::from_ca_pem(ca_pem).unwrap();
+    let verifier = PeerVerifier::from_ca_pem(&identities().0).unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(5);
-    let p = params(4, 0.75);
-    let n = 8;
-    let mut session = Session::new(ROUND, p, 16, 16, 0..n, 2);
-    let mut members: Vec<Participant> = (0..n)
-        .map(|_| Participant::new(ROUND, p, 16, secrets(&mut rng)))
-        .collect();
-    for (i, m) in members.iter().enumerate() {
-        let signer = KeySigner::from_pem(&ids[i].key_pem).unwrap();
-        session
-            .advertise(i, m.advertise(|x| signer.sign(x)).unwrap(), &ids[i].cert)
-            .unwrap();
-    }
+    let (mut session, mut members) = advertised(8, 16, 16, &mut rng);
     let rosters = session.close_advertise().unwrap();
     for (i, roster) in &rosters {
         let shares = members[*i]
-            .on_roster(
-                roster,
-                |e, k| verifier.verify(&e.certificate, &k.signed_message(ROUND), &e.signature),
-                &mut rng,
-            )
+            .on_roster(roster, check_entry(&verifier), &mut rng)
             .unwrap();
         session.share_keys(*i, shares).unwrap();
     }
@@ -380,16 +375,7 @@ fn substituted_keys_are_refused() {
     let mut rng = ChaCha20Rng::seed_from_u64(6);
     let p = params(4, 0.75);
     let n = 6;
-    let mut session = Session::new(ROUND, p, 16, 16, 0..n, 2);
-    let members: Vec<Participant> = (0..n)
-        .map(|_| Participant::new(ROUND, p, 16, secrets(&mut rng)))
-        .collect();
-    for (i, m) in members.iter().enumerate() {
-        let signer = KeySigner::from_pem(&ids[i].key_pem).unwrap();
-        session
-            .advertise(i, m.advertise(|x| signer.sign(x)).unwrap(), &ids[i].cert)
-            .unwrap();
-    }
+    let (mut session, members) = advertised(n, 16, 16, &mut rng);
     // A server that does not check signatures refuses them itself.
     let stranger = Participant::new(ROUND, p, 16, secrets(&mut rng));
     let signer = KeySigner::from_pem(&ids[1].key_pem).unwrap();
@@ -398,9 +384,7 @@ fn substituted_keys_are_refused() {
     assert!(other.advertise(0, forged, &ids[0].cert).is_err());
 
     let rosters = session.close_advertise().unwrap();
-    let check = |e: &RosterEntry, k: &PublicKeys| {
-        verifier.verify(&e.certificate, &k.signed_message(ROUND), &e.signature)
-    };
+    let check = check_entry(&verifier);
     // The server swaps a neighbour's keys for its own: the signature no
     // longer matches, or the graph changes; either way the member refuses.
     let (victim, roster) = rosters.iter().next().unwrap();
@@ -409,20 +393,20 @@ fn substituted_keys_are_refused() {
     tampered.keys[target] = stranger.public_keys();
     tampered.keys.sort();
     let mut m = Participant::new(ROUND, p, 16, secrets(&mut rng));
-    assert!(m.on_roster(&tampered, check, &mut rng).is_err());
+    assert!(m.on_roster(&tampered, &check, &mut rng).is_err());
     // Replace a neighbour's certificate with another enrolled one.
     let mut tampered = roster.clone();
     tampered.neighbours[0].certificate = ids[59].cert.clone();
     let mut real = members.into_iter().nth(*victim).unwrap();
     assert_eq!(
-        real.on_roster(&tampered, check, &mut rng).err(),
+        real.on_roster(&tampered, &check, &mut rng).err(),
         Some(SecAggError::BadSignature(tampered.neighbours[0].index))
     );
     // A lowered threshold is refused too.
     let mut lowered = roster.clone();
     lowered.threshold = 2;
     assert!(matches!(
-        real.on_roster(&lowered, check, &mut rng),
+        real.on_roster(&lowered, &check, &mut rng),
         Err(SecAggError::ThresholdMismatch { .. })
     ));
 }
