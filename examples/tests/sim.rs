@@ -255,43 +255,15 @@ fn a_run_stops_cleanly_before_it_exceeds_its_privacy_budget() {
 /// client's share for a minimum cohort of 5 (the simulator's quorum).
 #[test]
 fn distributed_dp_noise_on_the_released_model_has_the_planned_std() {
-    use covey_privacy::{ClipNorm, accountant::NoiseMultiplier, distributed::DistributedPlan};
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let rounds = sim(&[
-        "--model",
-        "2nn",
-        "--clients",
-        "10",
-        "--rounds",
-        "1",
-        "--epochs",
-        "1",
-        "--lr",
-        "0",
-        "--dp",
-        "distributed",
-        "--clip",
-        "1",
-        "--noise-multiplier",
-        "1",
-        "--bits",
-        "20",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
+    let mut args = ZERO_UPDATES_DISTRIBUTED.to_vec();
+    args.extend(["--noise-multiplier", "1", "--state-dir"]);
+    args.push(state.to_str().unwrap());
+    let rounds = sim(&args);
     assert_eq!(rounds[0]["participants"], 10);
-    let plan = DistributedPlan::new(
-        199_210,
-        ClipNorm::new(1.0).unwrap(),
-        NoiseMultiplier::new(1.0).unwrap(),
-        5,
-        10,
-        20,
-        0,
-    )
-    .unwrap();
-    let expected = plan.quantizer.gamma * plan.client_sigma * 10f64.sqrt() / 10.0;
+    let plan = zero_update_plan();
+    let expected = planned_std(10.0);
     // z·C/n·√(10/5), give or take the rounding slack in Δ₂.
     assert!(
         (expected / (0.1 * 2f64.sqrt()) - 1.0).abs() < 0.02,
@@ -369,11 +341,11 @@ fn adaptive_clipping_moves_the_clip_between_rounds() {
     );
 }
 
-/// The planned per-coordinate noise std of the distributed-DP runs below,
-/// for `participants` clients out of an expected cohort of 10.
-fn planned_std(participants: f64) -> f64 {
+/// The plan of [`ZERO_UPDATES_DISTRIBUTED`]: the 2NN, C = 1, z = 1, a
+/// minimum cohort of 5 (the quorum) out of 10, 20 bits.
+fn zero_update_plan() -> covey_privacy::distributed::DistributedPlan {
     use covey_privacy::{ClipNorm, accountant::NoiseMultiplier, distributed::DistributedPlan};
-    let plan = DistributedPlan::new(
+    DistributedPlan::new(
         199_210,
         ClipNorm::new(1.0).unwrap(),
         NoiseMultiplier::new(1.0).unwrap(),
@@ -382,7 +354,13 @@ fn planned_std(participants: f64) -> f64 {
         20,
         0,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// The planned per-coordinate noise std of those runs, for `participants`
+/// clients out of an expected cohort of 10.
+fn planned_std(participants: f64) -> f64 {
+    let plan = zero_update_plan();
     plan.quantizer.gamma * plan.client_sigma * participants.sqrt() / 10.0
 }
 
