@@ -859,6 +859,8 @@ struct SecAggRound {
     waiters: HashMap<Pseudonym, oneshot::Sender<SecAggMessage>>,
     /// When the current phase stops waiting for stragglers.
     deadline: Instant,
+    /// How long each key phase and the unmask phase wait.
+    phase_timeout: Duration,
     requests: HashMap<Pseudonym, UnmaskRequest>,
     /// The coordinator's commit, held until the masks are removed.
     commit: Option<(ModelVersion, ModelVersion, RoundStats)>,
@@ -866,12 +868,27 @@ struct SecAggRound {
 
 impl SecAggRound {
     fn abort_all(&mut self, reason: &str) {
-        for (_, tx) in self.waiters.drain() {
-            let _ = tx.send(SecAggMessage::Aborted {
-                round: self.round,
-                reason: reason.to_owned(),
-            });
-        }
+        abort_waiters(self.round, self.waiters.drain().map(|(_, tx)| tx), reason);
+    }
+
+    /// When the hub must look at the session again. Masked input has no
+    /// deadline of its own: the round's deadline (the coordinator's) ends it.
+    fn wake(&self) -> Option<Instant> {
+        (self.session.phase() != SecAggPhase::MaskedInput).then_some(self.deadline)
+    }
+}
+
+/// Tells clients waiting on a secure-aggregation phase that it will not close.
+fn abort_waiters(
+    round: RoundId,
+    waiters: impl IntoIterator<Item = oneshot::Sender<SecAggMessage>>,
+    reason: &str,
+) {
+    for tx in waiters {
+        let _ = tx.send(SecAggMessage::Aborted {
+            round,
+            reason: reason.to_owned(),
+        });
     }
 }
 
@@ -928,7 +945,7 @@ impl Hub {
                 .or(self.finished.map(|at| at + FINISH_GRACE))
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let wake = match &self.secagg {
-                Some(s) => wake.min(s.deadline),
+                Some(s) => s.wake().map_or(wake, |at| wake.min(at)),
                 None => wake,
             };
             tokio::select! {
@@ -1180,20 +1197,13 @@ impl Hub {
             let Some(s) = &mut self.secagg else {
                 return Ok(());
             };
-            let due = s.session.pending() == 0 || now >= s.deadline;
             let phase = s.session.phase();
+            let due = s.session.pending() == 0 || s.wake().is_some_and(|at| now >= at);
             if !due || phase == SecAggPhase::MaskedInput {
-                if phase == SecAggPhase::MaskedInput && now >= s.deadline {
-                    // Masked input waits for the round's own deadline.
-                    s.deadline = now + Duration::from_secs(3600);
-                }
                 return Ok(());
             }
             let round = s.round;
-            let timeout = self
-                .settings
-                .secagg
-                .map_or(Duration::from_secs(30), |sa| sa.phase_timeout);
+            let timeout = s.phase_timeout;
             let answers: Result<HashMap<Pseudonym, SecAggMessage>, SessionAbort> = match phase {
                 SecAggPhase::Advertise => s.session.close_advertise().map(|r| {
                     r.into_iter()
@@ -1250,13 +1260,10 @@ impl Hub {
     /// The coordinator closed the round: ask every member with masked
     /// input for its shares. The commit waits for them.
     fn begin_unmask(&mut self, now: Instant) -> Result<Vec<Action<Pseudonym>>, ServeError> {
-        let timeout = self
-            .settings
-            .secagg
-            .map_or(Duration::from_secs(30), |sa| sa.phase_timeout);
         let Some(s) = &mut self.secagg else {
             return Ok(Vec::new());
         };
+        let timeout = s.phase_timeout;
         match s.session.close_masked_input() {
             Ok(requests) => {
                 s.deadline = now + timeout;
@@ -1338,12 +1345,7 @@ impl Hub {
         now: Instant,
     ) -> Result<Vec<Action<Pseudonym>>, ServeError> {
         warn!(round = %round, "secure aggregation aborted the round: {abort}");
-        for (_, tx) in waiters {
-            let _ = tx.send(SecAggMessage::Aborted {
-                round,
-                reason: abort.to_string(),
-            });
-        }
+        abort_waiters(round, waiters.into_values(), &abort.to_string());
         if let Some(progress) = self.round.take() {
             let mut record = progress.record;
             record.outcome = RoundOutcome::Aborted {
@@ -1559,6 +1561,7 @@ impl Hub {
                             ),
                             waiters: HashMap::new(),
                             deadline: now + sa.phase_timeout,
+                            phase_timeout: sa.phase_timeout,
                             requests: HashMap::new(),
                             commit: None,
                         }),
