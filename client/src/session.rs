@@ -575,23 +575,15 @@ impl Session {
         }
         let verifier = identity.clone();
         let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
-        let shares = match participant.on_roster(
-            &roster,
-            |entry, keys| {
-                verifier.1.verify(
-                    &entry.certificate,
-                    &keys.signed_message(round),
-                    &entry.signature,
-                )
-            },
-            &mut rng,
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(round = %round, "refusing the secure-aggregation roster: {e}");
-                return Ok(None);
-            }
-        };
+        let now = covey_protocol::secagg::keys::UnixTime::now();
+        let shares =
+            match participant.on_roster(&roster, verifier.1.roster_check(round, now), &mut rng) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(round = %round, "refusing the secure-aggregation roster: {e}");
+                    return Ok(None);
+                }
+            };
         match secagg_exchange(conn, SecAggMessage::ShareKeys(shares)).await? {
             SecAggMessage::IncomingShares(incoming) => {
                 if let Err(e) = participant.on_incoming(incoming) {

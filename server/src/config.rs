@@ -117,7 +117,7 @@ impl SecureAggregation {
                     clip,
                     cohort.max(1),
                     self.bits,
-                    rounds.selection_seed ^ 0x0005_eed0_f4ad_4a3d,
+                    rotation_seed(rounds),
                 )
                 .map_err(|e| invalid("secure_aggregation.bits", e.to_string()))?;
                 Some((clip, quantizer))
@@ -274,6 +274,12 @@ pub enum ConfigError {
     },
 }
 
+/// The quantizer's Hadamard rotation seed. The rotation is public: it
+/// spreads norm, it hides nothing.
+fn rotation_seed(rounds: &Rounds) -> u64 {
+    rounds.selection_seed ^ 0x0005_eed0_f4ad_4a3d
+}
+
 fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting,
@@ -358,8 +364,7 @@ impl Privacy {
                 rounds.quorum as u64,
                 self.population,
                 self.bits,
-                // The rotation is public: it spreads norm, it hides nothing.
-                rounds.selection_seed ^ 0x0005_eed0_f4ad_4a3d,
+                rotation_seed(rounds),
             )
             .map_err(|e| invalid("privacy", e.to_string()))?;
             DpMode::Distributed(plan)

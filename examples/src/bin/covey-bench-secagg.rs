@@ -119,7 +119,7 @@ fn main() -> Result<()> {
         let t = Instant::now();
         let shares = members[i].on_roster(
             &roster,
-            |e, k| verifier.verify(&e.certificate, &k.signed_message(round), &e.signature),
+            verifier.roster_check(round, covey_protocol::secagg::keys::UnixTime::now()),
             &mut rng,
         )?;
         client[1] += t.elapsed();

@@ -10,13 +10,16 @@ use ring::{
     aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey},
     hkdf,
 };
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
+/// Certificate validity is checked at a time the caller gives: this crate
+/// reads no clocks.
+pub use rustls_pki_types::UnixTime;
 use serde::{Deserialize, Serialize};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::RoundId;
 
-use super::SecAggError;
+use super::{RosterEntry, SecAggError};
 
 /// A member's two public keys, as advertised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -232,8 +235,26 @@ impl PeerVerifier {
         })
     }
 
-    /// A valid enrolled certificate that signed `message`.
-    pub fn verify(&self, cert_der: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    /// The check a member makes of each roster entry in `round`: an
+    /// enrolled certificate, valid at `now`, that signed the neighbour's keys.
+    pub fn roster_check(
+        &self,
+        round: RoundId,
+        now: UnixTime,
+    ) -> impl Fn(&RosterEntry, &PublicKeys) -> bool + '_ {
+        move |entry, keys| {
+            self.verify(
+                &entry.certificate,
+                &keys.signed_message(round),
+                &entry.signature,
+                now,
+            )
+        }
+    }
+
+    /// A certificate from the enrollment CA, valid at `now`, that signed
+    /// `message`.
+    pub fn verify(&self, cert_der: &[u8], message: &[u8], signature: &[u8], now: UnixTime) -> bool {
         let ca = CertificateDer::from(self.ca_der.as_slice());
         let Ok(anchor) = webpki::anchor_from_trusted_cert(&ca) else {
             return false;
@@ -246,7 +267,7 @@ impl PeerVerifier {
             webpki::ALL_VERIFICATION_ALGS,
             &[anchor],
             &[],
-            UnixTime::now(),
+            now,
             webpki::KeyUsage::client_auth(),
             None,
             None,

@@ -116,7 +116,7 @@ fn run_round(
             let shares = p
                 .on_roster(
                     &roster,
-                    |e, k| verifier.verify(&e.certificate, &k.signed_message(ROUND), &e.signature),
+                    verifier.roster_check(ROUND, keys::UnixTime::now()),
                     &mut rng,
                 )
                 .unwrap();
@@ -278,7 +278,7 @@ fn advertised(
 
 /// The real check a member makes of a roster entry.
 fn check_entry(verifier: &PeerVerifier) -> impl Fn(&RosterEntry, &PublicKeys) -> bool + '_ {
-    |e, k| verifier.verify(&e.certificate, &k.signed_message(ROUND), &e.signature)
+    verifier.roster_check(ROUND, keys::UnixTime::now())
 }
 
 #[test]
@@ -424,4 +424,18 @@ fn unsafe_thresholds_are_refused() {
         .validate()
         .is_err()
     );
+}
+
+#[test]
+fn certificates_are_checked_at_the_time_given() {
+    let (ca_pem, ids) = identities();
+    let verifier = PeerVerifier::from_ca_pem(ca_pem).unwrap();
+    let signer = KeySigner::from_pem(&ids[0].key_pem).unwrap();
+    let signature = signer.sign(b"keys").unwrap();
+    let now = keys::UnixTime::now();
+    assert!(verifier.verify(&ids[0].cert, b"keys", &signature, now));
+    // Before the certificate's validity (rcgen's default starts in 1975).
+    let before = keys::UnixTime::since_unix_epoch(std::time::Duration::ZERO);
+    assert!(!verifier.verify(&ids[0].cert, b"keys", &signature, before));
+    assert!(!verifier.verify(&ids[0].cert, b"other", &signature, now));
 }
