@@ -153,26 +153,7 @@ fn released_noise(state: &std::path::Path) -> (f64, f64, covey_server::store::St
 fn central_dp_noise_on_the_released_model_has_std_z_c_over_n() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let rounds = sim(&[
-        "--model",
-        "2nn",
-        "--clients",
-        "10",
-        "--rounds",
-        "1",
-        "--epochs",
-        "1",
-        "--lr",
-        "0",
-        "--dp",
-        "central",
-        "--clip",
-        "1",
-        "--noise-multiplier",
-        "1",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
+    let rounds = zero_update_run("central", &state, &[]);
     assert_eq!(rounds.len(), 1);
     assert_eq!(rounds[0]["participants"], 10);
     let epsilon = rounds[0]["epsilon"].as_f64().unwrap();
@@ -257,10 +238,7 @@ fn a_run_stops_cleanly_before_it_exceeds_its_privacy_budget() {
 fn distributed_dp_noise_on_the_released_model_has_the_planned_std() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let mut args = ZERO_UPDATES_DISTRIBUTED.to_vec();
-    args.extend(["--noise-multiplier", "1", "--state-dir"]);
-    args.push(state.to_str().unwrap());
-    let rounds = sim(&args);
+    let rounds = zero_update_run("distributed", &state, &[]);
     assert_eq!(rounds[0]["participants"], 10);
     let plan = zero_update_plan();
     let expected = planned_std(10.0);
@@ -341,7 +319,7 @@ fn adaptive_clipping_moves_the_clip_between_rounds() {
     );
 }
 
-/// The plan of [`ZERO_UPDATES_DISTRIBUTED`]: the 2NN, C = 1, z = 1, a
+/// The plan of [`zero_update_run`] under distributed DP: the 2NN, C = 1, z = 1, a
 /// minimum cohort of 5 (the quorum) out of 10, 20 bits.
 fn zero_update_plan() -> covey_privacy::distributed::DistributedPlan {
     use covey_privacy::{ClipNorm, accountant::NoiseMultiplier, distributed::DistributedPlan};
@@ -364,24 +342,35 @@ fn planned_std(participants: f64) -> f64 {
     plan.quantizer.gamma * plan.client_sigma * participants.sqrt() / 10.0
 }
 
-const ZERO_UPDATES_DISTRIBUTED: [&str; 16] = [
-    "--model",
-    "2nn",
-    "--clients",
-    "10",
-    "--rounds",
-    "1",
-    "--epochs",
-    "1",
-    "--lr",
-    "0",
-    "--dp",
-    "distributed",
-    "--clip",
-    "1",
-    "--bits",
-    "20",
-];
+/// One round of 10 clients training the 2NN with learning rate 0, so every
+/// true update is zero and the released model moves by noise alone: DP
+/// `dp` with C = 1, z = 1, 20 bits, state kept in `state`, plus `extra`.
+fn zero_update_run(dp: &str, state: &std::path::Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec![
+        "--model",
+        "2nn",
+        "--clients",
+        "10",
+        "--rounds",
+        "1",
+        "--epochs",
+        "1",
+        "--lr",
+        "0",
+        "--dp",
+        dp,
+        "--clip",
+        "1",
+        "--noise-multiplier",
+        "1",
+        "--bits",
+        "20",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    sim(&args)
+}
 
 /// Secure aggregation through the whole system: the server only ever holds
 /// masked words, yet the released model carries exactly the clients'
@@ -390,10 +379,7 @@ const ZERO_UPDATES_DISTRIBUTED: [&str; 16] = [
 fn secure_aggregation_removes_every_mask_from_the_released_sum() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let mut args = ZERO_UPDATES_DISTRIBUTED.to_vec();
-    args.extend(["--secagg", "--neighbors", "4", "--state-dir"]);
-    args.push(state.to_str().unwrap());
-    let rounds = sim(&args);
+    let rounds = zero_update_run("distributed", &state, &["--secagg", "--neighbors", "4"]);
     assert_eq!(rounds[0]["participants"], 10);
     let (mean, std, _) = released_noise(&state);
     let expected = planned_std(10.0);
@@ -411,17 +397,11 @@ fn secure_aggregation_removes_every_mask_from_the_released_sum() {
 fn secure_aggregation_survives_dropouts_at_random_phases() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let mut args = ZERO_UPDATES_DISTRIBUTED.to_vec();
-    args.extend([
-        "--secagg",
-        "--neighbors",
-        "8",
-        "--dropout",
-        "0.2",
-        "--state-dir",
-    ]);
-    args.push(state.to_str().unwrap());
-    let rounds = sim(&args);
+    let rounds = zero_update_run(
+        "distributed",
+        &state,
+        &["--secagg", "--neighbors", "8", "--dropout", "0.2"],
+    );
     let participants = rounds[0]["participants"].as_f64().unwrap();
     assert!((5.0..=10.0).contains(&participants), "{participants}");
     let (_, std, _) = released_noise(&state);
