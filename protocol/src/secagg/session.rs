@@ -60,6 +60,8 @@ pub enum SessionAbort {
     CorruptShares,
     #[error("the degree-{degree} graph admits no safe threshold")]
     NoThreshold { degree: usize },
+    #[error("the session cannot unmask in the {0} phase")]
+    NotUnmasking(&'static str),
 }
 
 struct Member {
@@ -453,11 +455,7 @@ impl<C: Copy + Ord> Session<C> {
     /// and how many they were. This regenerates O(n + dropped·k) masks.
     pub fn finish(mut self) -> Result<(Vec<u32>, usize), SessionAbort> {
         if self.phase != Phase::Unmask {
-            return Err(SessionAbort::TooFewSurvivors {
-                phase: self.phase.as_str(),
-                survivors: 0,
-                needed: self.min_survivors,
-            });
+            return Err(SessionAbort::NotUnmasking(self.phase.as_str()));
         }
         self.phase = Phase::Closed;
         let mut self_shares: BTreeMap<u32, Vec<shamir::Share>> = BTreeMap::new();

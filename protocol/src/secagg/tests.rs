@@ -307,6 +307,11 @@ fn masked_inputs_look_uniform() {
     let e = (words.len() * 4) as f64 / 256.0;
     let chi2: f64 = counts.iter().map(|c| (c - e).powi(2) / e).sum();
     assert!(chi2 < 330.0, "χ² = {chi2}");
+    // Unmasking before the masked-input phase closed is refused by name.
+    assert_eq!(
+        session.finish().err(),
+        Some(SessionAbort::NotUnmasking("masked input"))
+    );
 }
 
 /// A member at the masked-input stage, with its roster and session.
