@@ -48,8 +48,33 @@ impl fmt::Debug for PseudonymKey {
 ///
 /// 64 bits keep collisions negligible for any realistic population
 /// (under 1e-7 for a million clients) while staying short in logs.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Text formats (JSON, TOML) carry the `c-…` form; binary formats the bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Pseudonym([u8; 8]);
+
+impl Serialize for Pseudonym {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            self.0.serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Pseudonym {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = String::deserialize(deserializer)?;
+            Self::parse(&text).ok_or_else(|| {
+                serde::de::Error::custom(format!("`{text}` is not a pseudonym (c-<16 hex digits>)"))
+            })
+        } else {
+            <[u8; 8]>::deserialize(deserializer).map(Self)
+        }
+    }
+}
 
 impl Pseudonym {
     pub fn from_bytes(bytes: [u8; 8]) -> Self {
@@ -102,6 +127,18 @@ mod tests {
         assert_eq!(Pseudonym::parse(&shown), Some(p));
         assert_eq!(Pseudonym::parse("c-zz"), None);
         assert_eq!(Pseudonym::parse("0011223344556677"), None);
+    }
+
+    #[test]
+    fn serde_is_text_in_json_and_bytes_in_postcard() {
+        let p = Pseudonym::from_bytes([1, 2, 3, 4, 5, 6, 7, 8]);
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(json, "\"c-0102030405060708\"");
+        assert_eq!(serde_json::from_str::<Pseudonym>(&json).unwrap(), p);
+        assert!(serde_json::from_str::<Pseudonym>("\"alice\"").is_err());
+        let bytes = postcard::to_stdvec(&p).unwrap();
+        assert_eq!(bytes, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(postcard::from_bytes::<Pseudonym>(&bytes).unwrap(), p);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     aggregate::OptimizerKind,
+    compliance::MinCohort,
     dp::{AdaptiveClip, DpMode, DpSettings},
     robust::Aggregator,
 };
@@ -38,6 +39,22 @@ pub struct ServerConfig {
     pub privacy: Privacy,
     #[serde(default)]
     pub secure_aggregation: SecureAggregation,
+    #[serde(default)]
+    pub compliance: Compliance,
+}
+
+/// What an auditor holds the server to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Compliance {
+    /// k: the fewest participants any released aggregate may come from.
+    pub min_cohort: usize,
+}
+
+impl Default for Compliance {
+    fn default() -> Self {
+        Self { min_cohort: 2 }
+    }
 }
 
 /// Every key is optional, so configs written before a key existed still load.
@@ -427,6 +444,7 @@ impl Default for ServerConfig {
             evaluation: Evaluation::default(),
             privacy: Privacy::default(),
             secure_aggregation: SecureAggregation::default(),
+            compliance: Compliance::default(),
         }
     }
 }
@@ -444,6 +462,7 @@ pub struct Settings {
     pub dp: Option<DpSettings>,
     /// Secure aggregation, when on (with distributed DP).
     pub secagg: Option<SecAggSettings>,
+    pub min_cohort: MinCohort,
 }
 
 impl ServerConfig {
@@ -581,6 +600,17 @@ impl ServerConfig {
             }
             _ => {}
         }
+        let min_cohort = MinCohort::new(self.compliance.min_cohort)
+            .map_err(|e| invalid("compliance.min_cohort", e.to_string()))?;
+        if r.quorum < min_cohort.get() {
+            return Err(invalid(
+                "rounds.quorum",
+                format!(
+                    "{} is below compliance.min_cohort ({min_cohort}): no round may release a model from fewer than k participants; raise the quorum or lower k",
+                    r.quorum
+                ),
+            ));
+        }
         if r.quorum < aggregator.min_updates() {
             return Err(invalid(
                 "aggregation.aggregator",
@@ -605,6 +635,7 @@ impl ServerConfig {
             aggregator,
             secagg: self.secure_aggregation.settings(dp.as_ref(), spec, r)?,
             dp,
+            min_cohort,
         })
     }
 
@@ -741,7 +772,14 @@ phase_timeout_secs = {s_timeout:?}
 # clip and bits apply, and `bits` here must equal [privacy] bits.
 clip = {s_clip:?}
 bits = {s_bits}
+
+[compliance]
+# k: no model version or metric is released from fewer participants; a round below k commits
+# nothing and is recorded as discarded. The quorum must be at least k. Use 10 or more in
+# production; 2 suits a demo.
+min_cohort = {min_cohort}
 "#,
+            min_cohort = self.compliance.min_cohort,
             listen = n.listen,
             public_addr = n.public_addr,
             max_frame_bytes = n.max_frame_bytes,
@@ -806,6 +844,7 @@ mod tests {
         c.privacy.mode = "central".into();
         c.privacy.population = 100;
         c.privacy.adaptive_clip = true;
+        c.compliance.min_cohort = 2;
         let text = c.to_documented_toml();
         let back: ServerConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
@@ -818,6 +857,7 @@ mod tests {
         c.privacy.mode = "distributed".into();
         c.privacy.population = 100;
         c.rounds.quorum = 1;
+        c.compliance.min_cohort = 1;
         c.secure_aggregation.enabled = true;
         c.secure_aggregation.neighbors = 8;
         c.secure_aggregation.threshold = 5.0;
@@ -866,6 +906,14 @@ mod tests {
         c.rounds.quorum = 5;
         let err = c.settings().unwrap_err().to_string();
         assert!(err.contains("quorum"), "{err}");
+
+        let mut c = ServerConfig::default();
+        c.compliance.min_cohort = 3;
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("below compliance.min_cohort (3)"), "{err}");
+        c.compliance.min_cohort = 0;
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("compliance.min_cohort"), "{err}");
 
         let mut c = ServerConfig::default();
         c.server.max_frame_bytes = 1000;

@@ -7,7 +7,9 @@
 //! D/server.pem     server certificate (public)
 //! D/server.key     server key (0600)
 //! D/db/            sled database
+//! D/audit.pub      the audit trail's public key (public)
 //! D/status.json    snapshot written by a running server for `status`
+//! D/control/       requests for a running server, and its answers
 //! ```
 
 use std::{
@@ -68,6 +70,10 @@ pub enum ControlRequest {
         versions: Vec<u64>,
         timeout_secs: u64,
     },
+    /// Export the audit trail to `control/audit-<id>.jsonl`.
+    ExportAudit {
+        id: u64,
+    },
 }
 
 /// The answer to an `Evaluate` request, written to `control/eval-<id>.json`.
@@ -101,7 +107,12 @@ pub struct Applied {
     pub evaluations: Vec<(u64, Vec<u64>, u64)>,
 }
 
-fn apply(store: &Store, request: ControlRequest, applied: &mut Applied) -> Result<(), DirError> {
+fn apply(
+    dir: &StateDir,
+    store: &Store,
+    request: ControlRequest,
+    applied: &mut Applied,
+) -> Result<(), DirError> {
     match request {
         ControlRequest::Revoke { name } => {
             check_name(&name)?;
@@ -133,6 +144,9 @@ fn apply(store: &Store, request: ControlRequest, applied: &mut Applied) -> Resul
             versions,
             timeout_secs,
         } => applied.evaluations.push((id, versions, timeout_secs)),
+        ControlRequest::ExportAudit { id } => {
+            dir.export_audit(store, &dir.audit_export_path(id))?;
+        }
     }
     Ok(())
 }
@@ -269,6 +283,7 @@ impl StateDir {
         let secret: [u8; 32] = rand::random();
         let weights = settings.spec.initial_weights(config.model.init_seed);
         store.initialise(settings.spec, weights, &secret)?;
+        self.publish_audit_key(&store)?;
         // The config goes last: its presence marks a complete directory.
         write_file(
             &self.config_path(),
@@ -376,6 +391,59 @@ impl StateDir {
         }
     }
 
+    /// Where the audit public key is published.
+    pub fn audit_public_key_path(&self) -> PathBuf {
+        self.root.join("audit.pub")
+    }
+
+    /// Publishes the store's audit public key next to the CA certificate,
+    /// so it can be read while a running server holds the database.
+    pub fn publish_audit_key(&self, store: &Store) -> Result<(), DirError> {
+        let text = store.audit_public_key()?;
+        let path = self.audit_public_key_path();
+        if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            write_file(&path, text.as_bytes(), false)?;
+        }
+        Ok(())
+    }
+
+    /// SHA-256 of `config.toml` as written, for the audit trail.
+    pub fn config_sha256(&self) -> Result<String, DirError> {
+        let path = self.config_path();
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        Ok(hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            &bytes,
+        )))
+    }
+
+    /// Exports the audit trail to `out` (written whole, then renamed into
+    /// place); returns the number of entries.
+    pub fn export_audit(&self, store: &Store, out: &Path) -> Result<u64, DirError> {
+        let tmp = out.with_extension("partial");
+        let file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut writer = std::io::BufWriter::new(file);
+        let entries = store.export_audit(&mut writer)?;
+        drop(writer);
+        fs::rename(&tmp, out).map_err(io_err(out))?;
+        Ok(entries)
+    }
+
+    fn audit_export_path(&self, id: u64) -> PathBuf {
+        self.control_path().join(format!("audit-{id:016x}.jsonl"))
+    }
+
+    /// Moves a running server's audit export `id` to `out`.
+    pub fn take_audit_export(&self, id: u64, out: &Path) -> Result<(), DirError> {
+        let from = self.audit_export_path(id);
+        if fs::rename(&from, out).is_err() {
+            // Another filesystem: copy, then remove.
+            fs::copy(&from, out).map_err(io_err(out))?;
+            fs::remove_file(&from).map_err(io_err(&from))?;
+        }
+        Ok(())
+    }
+
     fn eval_path(&self, id: u64) -> PathBuf {
         self.control_path().join(format!("eval-{id:016x}.json"))
     }
@@ -431,7 +499,9 @@ impl StateDir {
                 .and_then(|b| {
                     serde_json::from_slice::<ControlRequest>(&b).map_err(|e| e.to_string())
                 })
-                .and_then(|request| apply(store, request, &mut applied).map_err(|e| e.to_string()));
+                .and_then(|request| {
+                    apply(self, store, request, &mut applied).map_err(|e| e.to_string())
+                });
             if let Err(reason) = outcome {
                 write_file(&path.with_extension("refused"), reason.as_bytes(), false)?;
             }

@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod audit;
+pub mod compliance;
 pub mod config;
 pub mod dir;
 pub mod dp;

@@ -104,6 +104,11 @@ enum Command {
         #[command(subcommand)]
         command: PrivacyCommand,
     },
+    /// The tamper-evident audit trail: export it, publish its key, verify it.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Show rounds, the current version and the enrolled clients.
     Status {
         #[arg(long)]
@@ -111,6 +116,140 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Write the whole trail as JSON lines, ending with the record of this
+    /// export (works while the server runs).
+    Export {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write the public key that verifies exports.
+    PublicKey {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check an exported trail's chain, signatures and completeness; needs
+    /// no state directory. Exits non-zero naming the first bad entry.
+    Verify {
+        /// The exported trail (audit.jsonl).
+        file: PathBuf,
+        #[arg(long)]
+        public_key: PathBuf,
+        /// A head hash printed by an earlier verify; the trail must still
+        /// contain it. Repeatable.
+        #[arg(long)]
+        checkpoint: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn audit(command: AuditCommand) -> Result<()> {
+    use covey_server::audit::{self, EntryHash};
+    match command {
+        AuditCommand::Export { dir, out } => {
+            let state = StateDir::new(&dir);
+            let entries = match state.open_store() {
+                Ok(store) => state.export_audit(&store, &out)?,
+                Err(e) if holds_lock(&e) => {
+                    let id: u64 = rand::random();
+                    let request = state.queue(&ControlRequest::ExportAudit { id })?;
+                    match state.await_request(&request, LIVE_WAIT) {
+                        Some(Ok(())) => state.take_audit_export(id, &out)?,
+                        Some(Err(reason)) => {
+                            bail!("the running server refused the export: {reason}")
+                        }
+                        None if state.withdraw(&request) => {
+                            bail!("the database is locked but no server took the request")
+                        }
+                        None => bail!("the server took the request but did not answer in time"),
+                    }
+                    count_lines(&out)?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            println!("wrote {entries} audit entries to {}", out.display());
+        }
+        AuditCommand::PublicKey { dir, out } => {
+            let state = StateDir::new(&dir);
+            let text = match state.open_store() {
+                Ok(store) => store.audit_public_key()?,
+                // The running server published it when it started.
+                Err(e) if holds_lock(&e) => {
+                    let path = state.audit_public_key_path();
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            std::fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote the audit public key to {}", out.display());
+        }
+        AuditCommand::Verify {
+            file,
+            public_key,
+            checkpoint,
+            json,
+        } => {
+            let key_text = std::fs::read_to_string(&public_key)
+                .with_context(|| format!("reading {}", public_key.display()))?;
+            let key = audit::parse_public_key(&key_text)
+                .with_context(|| format!("{}", public_key.display()))?;
+            let checkpoints = checkpoint
+                .iter()
+                .map(|c| {
+                    EntryHash::parse(c)
+                        .with_context(|| format!("--checkpoint {c:?} is not a 64-digit hex hash"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let reader = std::io::BufReader::new(
+                std::fs::File::open(&file)
+                    .with_context(|| format!("opening {}", file.display()))?,
+            );
+            let verified = audit::verify_export(reader, &key, &checkpoints)
+                .with_context(|| format!("{} is not a valid audit trail", file.display()))?;
+            let mut kinds = std::collections::BTreeMap::<String, u64>::new();
+            for entry in &verified.events {
+                let value = serde_json::to_value(&entry.event)?;
+                if let Some(kind) = value["event"].as_str() {
+                    *kinds.entry(kind.to_owned()).or_default() += 1;
+                }
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "valid": true,
+                        "entries": verified.entries,
+                        "head": verified.head.to_string(),
+                        "events": kinds,
+                    })
+                );
+            } else {
+                println!(
+                    "valid: {} entries, chain and signatures intact\nhead: {}",
+                    verified.entries, verified.head
+                );
+                for (kind, n) in kinds {
+                    println!("  {kind:<16} {n}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn count_lines(path: &std::path::Path) -> Result<u64> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text.lines().count() as u64)
 }
 
 #[derive(Subcommand)]
@@ -219,6 +358,7 @@ fn main() -> Result<()> {
     init_logging();
     match cli.command {
         Command::Privacy { command } => privacy(command)?,
+        Command::Audit { command } => audit(command)?,
         Command::Init {
             dir,
             listen,
@@ -339,6 +479,8 @@ fn main() -> Result<()> {
             let store = state.open_store()?;
             let model = store.model(ModelVersion(version))?;
             covey_server::export::write_safetensors(&model, &out)?;
+            // Plaintext leaves the store only on request, and on the record.
+            store.audit([covey_server::audit::AuditEvent::ModelExported { version }])?;
             println!("wrote version {version} to {}", out.display());
         }
         Command::Evaluate {

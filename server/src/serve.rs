@@ -247,6 +247,8 @@ impl Server {
                 configured: settings.spec.architecture,
             });
         }
+        store.audit_start(&dir.config_sha256()?)?;
+        dir.publish_audit_key(&store)?;
         let abandoned = store.recover()?;
         if abandoned > 0 {
             warn!(
@@ -808,6 +810,17 @@ enum Aggregate {
         updates: Vec<Vec<f32>>,
         weights: Vec<f64>,
     },
+}
+
+impl Aggregate {
+    /// How many participants' updates are in it.
+    fn contributors(&self) -> usize {
+        match self {
+            Self::Weighted(sum) => sum.count(),
+            Self::Ring { count, .. } => *count,
+            Self::Buffered { updates, .. } => updates.len(),
+        }
+    }
 }
 
 struct RoundInProgress {
@@ -1646,6 +1659,20 @@ impl Hub {
                     record.dropped = stats.dropped;
                     record.selected = stats.selected;
                     record.ended_unix_ms = Some(unix_ms_now());
+                    // The coordinator's quorum is at least k; this holds
+                    // the line whatever path led here.
+                    if let Err(below) = self.settings.min_cohort.check(progress.sum.contributors())
+                    {
+                        warn!(round = %round, "round discarded: {below}");
+                        record.outcome = RoundOutcome::Aborted {
+                            reason: format!("discarded: {below}"),
+                        };
+                        self.summary.rounds_aborted += 1;
+                        self.store.put_round(&record)?;
+                        queue.extend(self.machine.commit_failed(round, now));
+                        self.write_status();
+                        continue;
+                    }
                     record.mean_client_loss = (progress.examples > 0.0)
                         .then(|| (progress.loss_weighted / progress.examples) as f32);
                     record.bytes_up =
@@ -1909,8 +1936,20 @@ impl Hub {
             } else {
                 Vec::new()
             },
-            error: (eval.examples == 0)
-                .then(|| "no client reported held-out data in time".to_owned()),
+            error: None,
+        };
+        // Metrics from fewer than k clients are not released either.
+        let outcome = match self.settings.min_cohort.check(eval.clients_with_data) {
+            _ if eval.examples == 0 => EvalOutcome {
+                error: Some("no client reported held-out data in time".to_owned()),
+                ..outcome
+            },
+            Err(below) => EvalOutcome {
+                versions: Vec::new(),
+                error: Some(format!("metrics {below}")),
+                ..outcome
+            },
+            Ok(()) => outcome,
         };
         info!(
             id = eval.id,

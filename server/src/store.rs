@@ -1,13 +1,18 @@
 //! The server's durable state in sled.
 //!
 //! Trees: `models` (version → header + f32 bytes), `rounds` (round id →
-//! record), `registry` (pseudonym → enrollment), `meta` (current version,
-//! next round id, optimizer moments, secrets). A commit writes the new
-//! version, its round record, the optimizer state and the current-version
-//! pointer in one transaction and then flushes, so a crash at any point
-//! leaves either the old state or the new one.
+//! record), `registry` (pseudonym → enrollment), `audit` (sequence number →
+//! sealed audit entry), `meta` (current version, next round id, optimizer
+//! moments, secrets). A commit writes the new version, its round record,
+//! the optimizer state, the current-version pointer and its audit entry in
+//! one transaction and then flushes, so a crash at any point leaves either
+//! the old state or the new one, and the trail always matches the state.
 
-use std::path::Path;
+use std::{
+    io::Write,
+    path::Path,
+    sync::{Mutex, MutexGuard},
+};
 
 use covey_privacy::Pseudonym;
 use covey_protocol::{ModelVersion, RoundId, model::ModelSpec};
@@ -17,13 +22,19 @@ use sled::{
     transaction::{ConflictableTransactionError, TransactionError},
 };
 
-use crate::{aggregate::OptimizerState, dp::PrivacyLedger};
+use crate::{
+    aggregate::OptimizerState,
+    audit::{AuditEvent, AuditKeyError, AuditSigner, ChainHead, SealedEntry},
+    dp::PrivacyLedger,
+};
 
 const CURRENT_VERSION: &[u8] = b"current_version";
 const NEXT_ROUND: &[u8] = b"next_round";
 const OPTIMIZER: &[u8] = b"optimizer";
 const PRIVACY: &[u8] = b"privacy";
 const PSEUDONYM_KEY: &[u8] = b"pseudonym_key";
+const AUDIT_KEY: &[u8] = b"audit_key";
+const CONFIG_SHA256: &[u8] = b"config_sha256";
 const SPEC: &[u8] = b"spec";
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +51,10 @@ pub enum StoreError {
     NoSuchVersion(u64),
     #[error("the state directory is not initialised (missing {0}); run `covey-server init` first")]
     NotInitialised(&'static str),
+    #[error(transparent)]
+    AuditKey(#[from] AuditKeyError),
+    #[error("writing the audit export: {0}")]
+    Write(#[from] std::io::Error),
 }
 
 impl From<TransactionError<()>> for StoreError {
@@ -169,12 +184,72 @@ fn decode_model(bytes: &[u8]) -> Result<StoredModel, StoreError> {
     Ok(StoredModel { header, weights })
 }
 
+/// The audit key and where the chain goes on, loaded on first use.
+struct Chain {
+    signer: AuditSigner,
+    head: ChainHead,
+}
+
+/// Audit entries sealed but not yet stored; the chain's head moves only
+/// when the caller's transaction stored them.
+struct Pending<'a> {
+    chain: MutexGuard<'a, Option<Chain>>,
+    rows: Vec<([u8; 8], Vec<u8>)>,
+    head: ChainHead,
+}
+
+impl Pending<'_> {
+    fn insert(
+        &self,
+        audit: &sled::transaction::TransactionalTree,
+    ) -> Result<(), ConflictableTransactionError<()>> {
+        for (key, value) in &self.rows {
+            audit.insert(key, value.as_slice())?;
+        }
+        Ok(())
+    }
+
+    fn stored(mut self) {
+        if let Some(chain) = self.chain.as_mut() {
+            chain.head = self.head;
+        }
+    }
+}
+
+/// The audit event a round record's outcome calls for, if any.
+fn round_event(record: &RoundRecord) -> Option<AuditEvent> {
+    let round = record.round.0;
+    match &record.outcome {
+        RoundOutcome::InFlight => Some(AuditEvent::RoundStarted {
+            round,
+            base_version: record.base.0,
+            selected: record.selected,
+        }),
+        RoundOutcome::Committed { version } => Some(AuditEvent::RoundCommitted {
+            round,
+            version: version.0,
+            cohort: record.accepted,
+            epsilon: record.epsilon,
+            rejected: record.rejected.clone(),
+        }),
+        RoundOutcome::Aborted { reason } => Some(AuditEvent::RoundAborted {
+            round,
+            reason: reason.clone(),
+            cohort: record.accepted,
+            rejected: record.rejected.clone(),
+        }),
+        RoundOutcome::Abandoned => Some(AuditEvent::RoundAbandoned { round }),
+    }
+}
+
 pub struct Store {
     db: sled::Db,
     models: sled::Tree,
     rounds: sled::Tree,
     registry: sled::Tree,
+    audit: sled::Tree,
     meta: sled::Tree,
+    chain: Mutex<Option<Chain>>,
 }
 
 impl Store {
@@ -209,9 +284,144 @@ impl Store {
             models: db.open_tree("models")?,
             rounds: db.open_tree("rounds")?,
             registry: db.open_tree("registry")?,
+            audit: db.open_tree("audit")?,
             meta: db.open_tree("meta")?,
+            chain: Mutex::new(None),
             db,
         })
+    }
+
+    /// The audit chain, loading its key (made on first use by state
+    /// directories older than the trail) and head.
+    fn chain(&self) -> Result<MutexGuard<'_, Option<Chain>>, StoreError> {
+        // A panic elsewhere cannot leave the head half-moved: it moves in one store.
+        let mut guard = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            let pkcs8 = match self.meta.get(AUDIT_KEY)? {
+                Some(key) => key.to_vec(),
+                None => {
+                    let key = AuditSigner::generate()?;
+                    self.meta.insert(AUDIT_KEY, key.as_slice())?;
+                    self.db.flush()?;
+                    key
+                }
+            };
+            let head = match self.audit.last()? {
+                Some((key, value)) => {
+                    let seq: [u8; 8] = key
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("audit entry key".into()))?;
+                    let entry: SealedEntry = decode(&value, "audit entry")?;
+                    ChainHead::after(&entry, u64::from_be_bytes(seq))
+                }
+                None => ChainHead::EMPTY,
+            };
+            *guard = Some(Chain {
+                signer: AuditSigner::from_pkcs8(&pkcs8)?,
+                head,
+            });
+        }
+        Ok(guard)
+    }
+
+    fn seal(
+        &self,
+        events: impl IntoIterator<Item = AuditEvent>,
+    ) -> Result<Pending<'_>, StoreError> {
+        let chain = self.chain()?;
+        let Some(Chain { signer, head }) = chain.as_ref() else {
+            return Err(StoreError::Corrupt("audit chain not loaded".into()));
+        };
+        let (sealed, next) = signer.seal(*head, unix_ms_now(), events);
+        let rows = sealed
+            .iter()
+            .enumerate()
+            .map(|(i, e)| ((head.next_seq + i as u64).to_be_bytes(), encode(e)))
+            .collect();
+        Ok(Pending {
+            chain,
+            rows,
+            head: next,
+        })
+    }
+
+    /// Appends events that go with no other write.
+    pub fn audit(&self, events: impl IntoIterator<Item = AuditEvent>) -> Result<(), StoreError> {
+        let pending = self.seal(events)?;
+        self.audit
+            .transaction(|audit| pending.insert(audit))
+            .map_err(StoreError::from)?;
+        self.db.flush()?;
+        pending.stored();
+        Ok(())
+    }
+
+    /// Records a start of `covey-server run` under the configuration whose
+    /// SHA-256 is `config_sha256`, noting when it changed.
+    pub fn audit_start(&self, config_sha256: &str) -> Result<(), StoreError> {
+        let previous = self
+            .meta
+            .get(CONFIG_SHA256)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        let mut events = Vec::new();
+        if previous.as_deref() != Some(config_sha256) {
+            events.push(AuditEvent::ConfigChanged {
+                from_sha256: previous,
+                to_sha256: config_sha256.to_owned(),
+            });
+        }
+        events.push(AuditEvent::ServerStarted {
+            config_sha256: config_sha256.to_owned(),
+        });
+        let pending = self.seal(events)?;
+        (&self.audit, &self.meta)
+            .transaction(|(audit, meta)| {
+                pending.insert(audit)?;
+                meta.insert(CONFIG_SHA256, config_sha256.as_bytes())?;
+                Ok(())
+            })
+            .map_err(StoreError::from)?;
+        self.db.flush()?;
+        pending.stored();
+        Ok(())
+    }
+
+    /// The audit public key file's text.
+    pub fn audit_public_key(&self) -> Result<String, StoreError> {
+        let chain = self.chain()?;
+        chain
+            .as_ref()
+            .map(|c| c.signer.public_key_text())
+            .ok_or_else(|| StoreError::Corrupt("audit chain not loaded".into()))
+    }
+
+    /// Every stored audit entry, in order.
+    pub fn audit_entries(&self) -> Result<Vec<SealedEntry>, StoreError> {
+        self.audit
+            .iter()
+            .values()
+            .map(|v| decode(&v?, "audit entry"))
+            .collect()
+    }
+
+    /// Records the export, then writes the whole trail, one JSON line per
+    /// entry, ending with that record. Returns the number of entries.
+    pub fn export_audit(&self, out: &mut impl Write) -> Result<u64, StoreError> {
+        let entries = self.chain()?.as_ref().map_or(0, |c| c.head.next_seq) + 1;
+        self.audit([AuditEvent::AuditExported { entries }])?;
+        let mut written = 0;
+        for entry in self.audit_entries()? {
+            writeln!(out, "{}", entry.to_line())?;
+            written += 1;
+        }
+        out.flush()?;
+        if written != entries {
+            return Err(StoreError::Corrupt(format!(
+                "the audit trail holds {written} entries, its head says {entries}"
+            )));
+        }
+        Ok(written)
     }
 
     /// Writes the initial state: version 0 and the pseudonym secret.
@@ -231,15 +441,21 @@ impl Store {
             weights,
         };
         let encoded = encode_model(&model);
-        (&self.models, &self.meta).transaction(|(models, meta)| {
+        let pending = self.seal([AuditEvent::Initialised {
+            model: spec.architecture.to_string(),
+            parameters: spec.param_count() as u64,
+        }])?;
+        (&self.models, &self.meta, &self.audit).transaction(|(models, meta, audit)| {
             models.insert(&0u64.to_be_bytes(), encoded.as_slice())?;
             meta.insert(CURRENT_VERSION, &0u64.to_be_bytes())?;
             meta.insert(NEXT_ROUND, &1u64.to_be_bytes())?;
             meta.insert(PSEUDONYM_KEY, pseudonym_key)?;
             meta.insert(SPEC, encode(&spec))?;
+            pending.insert(audit)?;
             Ok::<(), ConflictableTransactionError<()>>(())
         })?;
         self.db.flush()?;
+        pending.stored();
         Ok(())
     }
 
@@ -329,12 +545,15 @@ impl Store {
     pub fn begin_round(&self, record: &RoundRecord) -> Result<(), StoreError> {
         let value = encode(record);
         let next = record.round.next().0.to_be_bytes();
-        (&self.rounds, &self.meta).transaction(|(rounds, meta)| {
+        let pending = self.seal(round_event(record))?;
+        (&self.rounds, &self.meta, &self.audit).transaction(|(rounds, meta, audit)| {
             rounds.insert(&record.round.0.to_be_bytes(), value.as_slice())?;
             meta.insert(NEXT_ROUND, &next)?;
+            pending.insert(audit)?;
             Ok::<(), ConflictableTransactionError<()>>(())
         })?;
         self.db.flush()?;
+        pending.stored();
         Ok(())
     }
 
@@ -358,7 +577,9 @@ impl Store {
         let record_bytes = encode(record);
         let optimizer_bytes = encode(optimizer);
         let privacy_bytes = privacy.map(encode);
-        (&self.models, &self.rounds, &self.meta).transaction(|(models, rounds, meta)| {
+        let pending = self.seal(round_event(record))?;
+        let trees = (&self.models, &self.rounds, &self.meta, &self.audit);
+        trees.transaction(|(models, rounds, meta, audit)| {
             models.insert(&version.0.to_be_bytes(), model_bytes.as_slice())?;
             rounds.insert(&record.round.0.to_be_bytes(), record_bytes.as_slice())?;
             meta.insert(OPTIMIZER, optimizer_bytes.as_slice())?;
@@ -367,17 +588,25 @@ impl Store {
                 meta.insert(PRIVACY, bytes.as_slice())?;
             }
             meta.insert(CURRENT_VERSION, &version.0.to_be_bytes())?;
+            pending.insert(audit)?;
             Ok::<(), ConflictableTransactionError<()>>(())
         })?;
         self.db.flush()?;
+        pending.stored();
         Ok(())
     }
 
     /// Updates a round record that commits nothing (an abort).
     pub fn put_round(&self, record: &RoundRecord) -> Result<(), StoreError> {
-        self.rounds
-            .insert(record.round.0.to_be_bytes(), encode(record))?;
+        let value = encode(record);
+        let pending = self.seal(round_event(record))?;
+        (&self.rounds, &self.audit).transaction(|(rounds, audit)| {
+            rounds.insert(&record.round.0.to_be_bytes(), value.as_slice())?;
+            pending.insert(audit)?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        })?;
         self.db.flush()?;
+        pending.stored();
         Ok(())
     }
 
@@ -404,8 +633,18 @@ impl Store {
     }
 
     pub fn enroll(&self, e: &Enrollment) -> Result<(), StoreError> {
-        self.registry.insert(e.pseudonym.as_bytes(), encode(e))?;
+        let value = encode(e);
+        let pending = self.seal([AuditEvent::Enrolled {
+            client: e.pseudonym,
+            not_after_unix: e.not_after_unix,
+        }])?;
+        (&self.registry, &self.audit).transaction(|(registry, audit)| {
+            registry.insert(e.pseudonym.as_bytes(), value.as_slice())?;
+            pending.insert(audit)?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        })?;
         self.db.flush()?;
+        pending.stored();
         Ok(())
     }
 
@@ -420,16 +659,32 @@ impl Store {
     /// Revokes every active certificate enrolled under `name`; returns how
     /// many were revoked.
     pub fn revoke(&self, name: &str, now_unix: i64) -> Result<usize, StoreError> {
-        let mut count = 0;
-        for mut e in self.enrollments()? {
-            if e.name == name && e.revoked_unix.is_none() {
-                e.revoked_unix = Some(now_unix);
-                self.registry.insert(e.pseudonym.as_bytes(), encode(&e))?;
-                count += 1;
+        let revoked: Vec<Enrollment> = self
+            .enrollments()?
+            .into_iter()
+            .filter(|e| e.name == name && e.revoked_unix.is_none())
+            .map(|e| Enrollment {
+                revoked_unix: Some(now_unix),
+                ..e
+            })
+            .collect();
+        let rows: Vec<_> = revoked
+            .iter()
+            .map(|e| (e.pseudonym.as_bytes().to_vec(), encode(e)))
+            .collect();
+        let pending = self.seal(revoked.iter().map(|e| AuditEvent::Revoked {
+            client: e.pseudonym,
+        }))?;
+        (&self.registry, &self.audit).transaction(|(registry, audit)| {
+            for (key, value) in &rows {
+                registry.insert(key.as_slice(), value.as_slice())?;
             }
-        }
+            pending.insert(audit)?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        })?;
         self.db.flush()?;
-        Ok(count)
+        pending.stored();
+        Ok(revoked.len())
     }
 }
 

@@ -128,6 +128,10 @@ struct Args {
     /// (random when not given).
     #[arg(long, value_parser = parse_phase)]
     dropout_phase: Option<SecAggPhase>,
+    /// k: no model is released from fewer participants (rounds below k
+    /// commit nothing).
+    #[arg(long, default_value_t = 2)]
+    min_cohort: usize,
 }
 
 fn parse_phase(s: &str) -> Result<SecAggPhase, String> {
@@ -161,11 +165,12 @@ fn secagg_config(args: &Args) -> covey_server::config::SecureAggregation {
 /// Updates a round needs to commit: all of them, unless clients drop out
 /// or DP's Poisson cohorts vary.
 fn quorum(args: &Args) -> usize {
-    if args.dp == "off" && args.dropout == 0.0 {
+    let wanted = if args.dp == "off" && args.dropout == 0.0 {
         per_round(args)
     } else {
         per_round(args).div_ceil(2)
-    }
+    };
+    wanted.max(args.min_cohort)
 }
 
 /// What a malicious virtual client does to its update.
@@ -281,6 +286,13 @@ fn main() -> Result<()> {
     {
         bail!("--target-accuracy is a fraction in [0, 1], got {t}");
     }
+    if args.min_cohort == 0 || args.min_cohort > per_round(&args) {
+        bail!(
+            "--min-cohort must be between 1 and the {} clients per round (--clients x --fraction), got {}",
+            per_round(&args),
+            args.min_cohort
+        );
+    }
     // Refuse bad privacy flags before loading any data.
     let mut check = ServerConfig::default();
     check.rounds.clients_per_round = per_round(&args);
@@ -288,6 +300,7 @@ fn main() -> Result<()> {
     check.rounds.quorum = quorum(&args);
     check.privacy = privacy_config(&args)?;
     check.secure_aggregation = secagg_config(&args);
+    check.compliance.min_cohort = args.min_cohort;
     check.aggregation.aggregator = args.aggregator.clone();
     check.settings()?;
     if !(0.0..1.0).contains(&args.dropout) {
@@ -363,6 +376,7 @@ async fn simulate(args: Args) -> Result<()> {
     config.evaluation.test_data = data_dir.display().to_string();
     config.privacy = privacy_config(&args)?;
     config.secure_aggregation = secagg_config(&args);
+    config.compliance.min_cohort = args.min_cohort;
     if args.dp != "off" {
         // Poisson sampling: the cohort varies, so commit with half of it.
         config.rounds.min_clients = args.clients;

@@ -1,0 +1,89 @@
+//! What a compliance audit checks on a real server: no aggregate below k,
+//! and no identifying data in what the server keeps.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use covey_server::{
+    Server,
+    audit::AuditEvent,
+    store::{RoundOutcome, Store},
+};
+
+fn audit_events(store: &Store) -> Vec<AuditEvent> {
+    store
+        .audit_entries()
+        .unwrap()
+        .iter()
+        .map(|e| e.entry().unwrap().event)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_below_k_commits_nothing_and_is_on_the_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config("logreg", 1, 3);
+    cfg.compliance.min_cohort = 3;
+    let state = init(tmp.path(), &cfg);
+    let bundles = enroll(&state, &["a", "b", "leaver"]);
+    let server = Server::open(&state).unwrap();
+    let addr = server.local_addr().unwrap();
+    let stopper = server.stopper();
+    let mut commits = server.subscribe();
+    let running = tokio::spawn(server.run());
+
+    // The third member takes its task and leaves: two updates arrive.
+    let leaver = raw_connection(&bundles[2], addr).await;
+    let left = tokio::spawn(async move {
+        selected_task(&leaver).await;
+        leaver.close(0u32.into(), b"gone");
+    });
+    let honest = spawn_scripted(&bundles[..2], addr, Duration::from_millis(50));
+    left.await.unwrap();
+
+    // Wait until the round is recorded as aborted, then stop.
+    let mut aborted = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let snapshot = covey_server::status::read_snapshot(&state.status_path());
+        if let Ok(report) = snapshot
+            && report
+                .rounds
+                .iter()
+                .any(|r| r.outcome.starts_with("aborted"))
+        {
+            aborted = true;
+            break;
+        }
+    }
+    assert!(aborted, "the round below k was never aborted");
+    assert!(commits.try_recv().is_err(), "a model was released below k");
+    stopper.stop().await;
+    let summary = running.await.unwrap().unwrap();
+    assert_eq!(summary.final_version, 0);
+    for c in honest {
+        c.abort();
+    }
+
+    let store = state.open_store().unwrap();
+    assert_eq!(store.current_version().unwrap().0, 0);
+    assert_eq!(store.versions().unwrap().len(), 1);
+    let first = &store.rounds().unwrap()[0];
+    assert!(matches!(first.outcome, RoundOutcome::Aborted { .. }));
+    assert!(first.accepted < 3, "{first:?}");
+    let events = audit_events(&store);
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            AuditEvent::RoundAborted { round: 1, cohort, .. } if *cohort < 3
+        )),
+        "{events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, AuditEvent::RoundCommitted { .. }))
+    );
+}
