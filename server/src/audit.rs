@@ -142,6 +142,8 @@ pub enum AuditEvent {
     ModelExported {
         version: u64,
     },
+    /// The data key was re-wrapped under a new key-encryption key.
+    KeyRotated,
     /// The trail was exported; `entries` counts every entry up to and
     /// including this one, so a shortened file is detected.
     AuditExported {

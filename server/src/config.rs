@@ -23,6 +23,7 @@ use crate::{
     compliance::MinCohort,
     dp::{AdaptiveClip, DpMode, DpSettings},
     robust::Aggregator,
+    sealing::KekSource,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -41,6 +42,30 @@ pub struct ServerConfig {
     pub secure_aggregation: SecureAggregation,
     #[serde(default)]
     pub compliance: Compliance,
+    #[serde(default)]
+    pub storage: Storage,
+}
+
+/// Where the database's key-encryption key comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// `file:PATH` (relative to the state directory) or `env:VARIABLE`.
+    pub kek: String,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            kek: "file:kek.key".into(),
+        }
+    }
+}
+
+impl Storage {
+    pub fn kek_source(&self) -> Result<KekSource, ConfigError> {
+        KekSource::parse(&self.kek).map_err(|e| invalid("storage.kek", e))
+    }
 }
 
 /// What an auditor holds the server to.
@@ -445,6 +470,7 @@ impl Default for ServerConfig {
             privacy: Privacy::default(),
             secure_aggregation: SecureAggregation::default(),
             compliance: Compliance::default(),
+            storage: Storage::default(),
         }
     }
 }
@@ -600,6 +626,7 @@ impl ServerConfig {
             }
             _ => {}
         }
+        self.storage.kek_source()?;
         let min_cohort = MinCohort::new(self.compliance.min_cohort)
             .map_err(|e| invalid("compliance.min_cohort", e.to_string()))?;
         if r.quorum < min_cohort.get() {
@@ -778,7 +805,15 @@ bits = {s_bits}
 # nothing and is recorded as discarded. The quorum must be at least k. Use 10 or more in
 # production; 2 suits a demo.
 min_cohort = {min_cohort}
+
+[storage]
+# Every stored value is sealed with AES-256-GCM under a data key, which is wrapped by this
+# key-encryption key: file:PATH (64 hex digits; relative to this directory) or env:VARIABLE.
+# `init` creates a missing key file. Keep the key off the database's volume in production, and
+# change it with `covey-server rotate-key`, which re-wraps the data key and rewrites no data.
+kek = "{kek}"
 "#,
+            kek = self.storage.kek,
             min_cohort = self.compliance.min_cohort,
             listen = n.listen,
             public_addr = n.public_addr,

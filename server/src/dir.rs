@@ -7,6 +7,7 @@
 //! D/server.pem     server certificate (public)
 //! D/server.key     server key (0600)
 //! D/db/            sled database
+//! D/kek.key        default key-encryption key for the database (0600)
 //! D/audit.pub      the audit trail's public key (public)
 //! D/status.json    snapshot written by a running server for `status`
 //! D/control/       requests for a running server, and its answers
@@ -42,6 +43,8 @@ pub enum DirError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error(transparent)]
+    Seal(#[from] crate::sealing::SealError),
     #[error(
         "enrollment name must be 1 to 64 characters of letters, digits, '-', '_' or '.', got {0:?}"
     )]
@@ -279,7 +282,9 @@ impl StateDir {
             server.key_pem.as_bytes(),
             true,
         )?;
-        let store = Store::open(&self.db_path())?;
+        let kek = config.storage.kek_source()?;
+        kek.create_if_missing(&self.root)?;
+        let store = Store::open(&self.db_path(), &kek.load(&self.root)?)?;
         let secret: [u8; 32] = rand::random();
         let weights = settings.spec.initial_weights(config.model.init_seed);
         store.initialise(settings.spec, weights, &secret)?;
@@ -301,7 +306,8 @@ impl StateDir {
         if !self.config_path().exists() {
             return Err(StoreError::NotInitialised("config.toml").into());
         }
-        Ok(Store::open(&self.db_path())?)
+        let kek = self.config()?.storage.kek_source()?.load(&self.root)?;
+        Ok(Store::open(&self.db_path(), &kek)?)
     }
 
     pub fn ca_cert_pem(&self) -> Result<String, DirError> {
@@ -389,6 +395,48 @@ impl StateDir {
             }
             Err(_) => Some(Ok(())),
         }
+    }
+
+    /// Re-wraps the data key under the KEK `to` (`file:` or `env:`), then
+    /// points config.toml at it.
+    pub fn rotate_kek(&self, store: &Store, to: &str) -> Result<(), DirError> {
+        let source = crate::sealing::KekSource::parse(to).map_err(|e| ConfigError::Invalid {
+            setting: "--to",
+            problem: e,
+        })?;
+        source.create_if_missing(&self.root)?;
+        let new = source.load(&self.root)?;
+        let path = self.config_path();
+        let text = read_file(&path)?;
+        let line = format!("kek = \"{to}\"");
+        let mut replaced = false;
+        let mut lines: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.trim_start().starts_with("kek =") || l.trim_start().starts_with("kek=") {
+                    replaced = true;
+                    line.clone()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        if !replaced {
+            lines.extend(["".into(), "[storage]".into(), line]);
+        }
+        let updated = lines.join("\n") + "\n";
+        let parsed: ServerConfig =
+            toml::from_str(&updated).map_err(|source| ConfigError::Parse {
+                path: path.display().to_string(),
+                source: Box::new(source),
+            })?;
+        parsed.settings()?;
+        // The database first: if the config write fails, the error names
+        // the new key, which the operator then sets by hand.
+        store.rotate_kek(&new)?;
+        let tmp = path.with_extension("toml.tmp");
+        write_file(&tmp, updated.as_bytes(), false)?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 
     /// Where the audit public key is published.

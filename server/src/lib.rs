@@ -10,6 +10,7 @@ pub mod dp;
 pub mod export;
 pub mod pki;
 pub mod robust;
+pub mod sealing;
 pub mod serve;
 pub mod status;
 pub mod store;

@@ -47,6 +47,19 @@ enum Command {
         /// Held-out test set (MNIST t10k IDX files) to evaluate every new version on.
         #[arg(long)]
         test_data: Option<PathBuf>,
+        /// Key-encryption key for the database: file:PATH (created if
+        /// missing; relative to --dir) or env:VARIABLE (64 hex digits).
+        #[arg(long, default_value = "file:kek.key")]
+        kek: String,
+    },
+    /// Re-wrap the database's data key under a new key-encryption key and
+    /// point config.toml at it; no data is rewritten. Stop the server first.
+    RotateKey {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new key: file:PATH (created if missing) or env:VARIABLE.
+        #[arg(long)]
+        to: String,
     },
     /// Issue a client identity bundle (key, certificate, CA, server address).
     Enroll {
@@ -367,8 +380,10 @@ fn main() -> Result<()> {
             rounds,
             clients_per_round,
             test_data,
+            kek,
         } => {
             let mut config = ServerConfig::default();
+            config.storage.kek = kek;
             config.server.listen = listen;
             config.server.public_addr = public_addr.unwrap_or_else(|| listen.to_string());
             config.model.architecture = model;
@@ -426,6 +441,20 @@ fn main() -> Result<()> {
             };
             write_secret(&out, bundle.to_toml().as_bytes())?;
             println!("enrolled '{name}': identity written to {}", out.display());
+        }
+        Command::RotateKey { dir, to } => {
+            let state = StateDir::new(&dir);
+            let store = match state.open_store() {
+                Err(e) if holds_lock(&e) => {
+                    bail!("the server is running: stop it, then rotate the key")
+                }
+                other => other?,
+            };
+            let old = state.config()?.storage.kek;
+            state.rotate_kek(&store, &to)?;
+            println!(
+                "the data key is now wrapped by {to} and config.toml points at it; the old key ({old}) no longer opens this database"
+            );
         }
         Command::Revoke { dir, name } => {
             let state = StateDir::new(&dir);
@@ -543,13 +572,14 @@ fn main() -> Result<()> {
             let state = StateDir::new(&dir);
             let report = match state.open_store() {
                 Ok(store) => Report::from_store(&store, true)?,
-                Err(open_err) => {
+                Err(open_err) if holds_lock(&open_err) => {
                     // A running server holds the database: fall back to its snapshot.
                     let snapshot =
                         status::read_snapshot(&state.status_path()).map_err(|_| open_err)?;
                     eprintln!("(the server is running: showing its latest snapshot)");
                     snapshot
                 }
+                Err(e) => return Err(e.into()),
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -7,6 +7,11 @@
 //! the optimizer state, the current-version pointer and its audit entry in
 //! one transaction and then flushes, so a crash at any point leaves either
 //! the old state or the new one, and the trail always matches the state.
+//!
+//! Every value is sealed (AES-256-GCM, bound to its tree and key) under a
+//! data key that is stored wrapped by the operator's key-encryption key;
+//! see [`crate::sealing`]. Keys (version numbers, round ids, pseudonyms,
+//! sequence numbers) stay plain so sled can order them.
 
 use std::{
     io::Write,
@@ -26,6 +31,7 @@ use crate::{
     aggregate::OptimizerState,
     audit::{AuditEvent, AuditKeyError, AuditSigner, ChainHead, SealedEntry},
     dp::PrivacyLedger,
+    sealing::{DataKey, Kek, SealError},
 };
 
 const CURRENT_VERSION: &[u8] = b"current_version";
@@ -35,6 +41,8 @@ const PRIVACY: &[u8] = b"privacy";
 const PSEUDONYM_KEY: &[u8] = b"pseudonym_key";
 const AUDIT_KEY: &[u8] = b"audit_key";
 const CONFIG_SHA256: &[u8] = b"config_sha256";
+/// The data key, wrapped by the KEK; the one value not sealed under itself.
+const DATA_KEY: &[u8] = b"data_key";
 const SPEC: &[u8] = b"spec";
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +63,12 @@ pub enum StoreError {
     AuditKey(#[from] AuditKeyError),
     #[error("writing the audit export: {0}")]
     Write(#[from] std::io::Error),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error(
+        "this database was written without encryption at rest by an older covey-server; export what you need and start a new state directory"
+    )]
+    Unencrypted,
 }
 
 impl From<TransactionError<()>> for StoreError {
@@ -250,10 +264,18 @@ pub struct Store {
     audit: sled::Tree,
     meta: sled::Tree,
     chain: Mutex<Option<Chain>>,
+    data_key: DataKey,
+}
+
+/// Where a value lives, as the associated data of its seal.
+fn location(tree: &sled::Tree, key: &[u8]) -> Vec<u8> {
+    [tree.name().as_ref(), b"/", key].concat()
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) the database; `kek` unwraps its data key. A wrong
+    /// KEK is refused before anything is written.
+    pub fn open(path: &Path, kek: &Kek) -> Result<Self, StoreError> {
         // Every write flushes explicitly, so sled's background flusher is
         // off; it would also hold the file lock for a while after a drop.
         // sled's default 1 GiB cache would keep every model version written.
@@ -280,15 +302,66 @@ impl Store {
                 }
             }
         };
+        let meta = db.open_tree("meta")?;
+        let data_key = match meta.get(DATA_KEY)? {
+            Some(wrapped) => DataKey::unwrap(&wrapped, kek)?,
+            None if meta.get(CURRENT_VERSION)?.is_some() => return Err(StoreError::Unencrypted),
+            None => {
+                let key = DataKey::generate()?;
+                meta.insert(DATA_KEY, key.wrap(kek)?)?;
+                db.flush()?;
+                key
+            }
+        };
         Ok(Self {
             models: db.open_tree("models")?,
             rounds: db.open_tree("rounds")?,
             registry: db.open_tree("registry")?,
             audit: db.open_tree("audit")?,
-            meta: db.open_tree("meta")?,
+            meta,
             chain: Mutex::new(None),
+            data_key,
             db,
         })
+    }
+
+    /// Re-wraps the data key under `new`; no data is rewritten. The caller
+    /// opened the store with the current KEK, which proves it holds it.
+    pub fn rotate_kek(&self, new: &Kek) -> Result<(), StoreError> {
+        let wrapped = self.data_key.wrap(new)?;
+        let pending = self.seal([AuditEvent::KeyRotated])?;
+        (&self.meta, &self.audit)
+            .transaction(|(meta, audit)| {
+                meta.insert(DATA_KEY, wrapped.as_slice())?;
+                pending.insert(audit)?;
+                Ok(())
+            })
+            .map_err(StoreError::from)?;
+        self.db.flush()?;
+        pending.stored();
+        Ok(())
+    }
+
+    /// `plain`, sealed for `key` in `tree`.
+    fn sealed(&self, tree: &sled::Tree, key: &[u8], plain: &[u8]) -> Result<Vec<u8>, StoreError> {
+        Ok(self.data_key.seal(&location(tree, key), plain)?)
+    }
+
+    /// The plaintext stored at `key` in `tree`.
+    fn get(&self, tree: &sled::Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        tree.get(key)?
+            .map(|v| Ok(self.data_key.open(&location(tree, key), &v)?))
+            .transpose()
+    }
+
+    /// Every plaintext value in `tree`, in key order.
+    fn values(&self, tree: &sled::Tree) -> Result<Vec<Vec<u8>>, StoreError> {
+        tree.iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok(self.data_key.open(&location(tree, &k), &v)?)
+            })
+            .collect()
     }
 
     /// The audit chain, loading its key (made on first use by state
@@ -297,11 +370,12 @@ impl Store {
         // A panic elsewhere cannot leave the head half-moved: it moves in one store.
         let mut guard = self.chain.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
-            let pkcs8 = match self.meta.get(AUDIT_KEY)? {
-                Some(key) => key.to_vec(),
+            let pkcs8 = match self.get(&self.meta, AUDIT_KEY)? {
+                Some(key) => key,
                 None => {
                     let key = AuditSigner::generate()?;
-                    self.meta.insert(AUDIT_KEY, key.as_slice())?;
+                    self.meta
+                        .insert(AUDIT_KEY, self.sealed(&self.meta, AUDIT_KEY, &key)?)?;
                     self.db.flush()?;
                     key
                 }
@@ -312,6 +386,7 @@ impl Store {
                         .as_ref()
                         .try_into()
                         .map_err(|_| StoreError::Corrupt("audit entry key".into()))?;
+                    let value = self.data_key.open(&location(&self.audit, &key), &value)?;
                     let entry: SealedEntry = decode(&value, "audit entry")?;
                     ChainHead::after(&entry, u64::from_be_bytes(seq))
                 }
@@ -337,8 +412,11 @@ impl Store {
         let rows = sealed
             .iter()
             .enumerate()
-            .map(|(i, e)| ((head.next_seq + i as u64).to_be_bytes(), encode(e)))
-            .collect();
+            .map(|(i, e)| {
+                let key = (head.next_seq + i as u64).to_be_bytes();
+                Ok((key, self.sealed(&self.audit, &key, &encode(e))?))
+            })
+            .collect::<Result<_, StoreError>>()?;
         Ok(Pending {
             chain,
             rows,
@@ -361,8 +439,7 @@ impl Store {
     /// SHA-256 is `config_sha256`, noting when it changed.
     pub fn audit_start(&self, config_sha256: &str) -> Result<(), StoreError> {
         let previous = self
-            .meta
-            .get(CONFIG_SHA256)?
+            .get(&self.meta, CONFIG_SHA256)?
             .map(|v| String::from_utf8_lossy(&v).into_owned());
         let mut events = Vec::new();
         if previous.as_deref() != Some(config_sha256) {
@@ -375,10 +452,11 @@ impl Store {
             config_sha256: config_sha256.to_owned(),
         });
         let pending = self.seal(events)?;
+        let config = self.sealed(&self.meta, CONFIG_SHA256, config_sha256.as_bytes())?;
         (&self.audit, &self.meta)
             .transaction(|(audit, meta)| {
                 pending.insert(audit)?;
-                meta.insert(CONFIG_SHA256, config_sha256.as_bytes())?;
+                meta.insert(CONFIG_SHA256, config.as_slice())?;
                 Ok(())
             })
             .map_err(StoreError::from)?;
@@ -398,10 +476,9 @@ impl Store {
 
     /// Every stored audit entry, in order.
     pub fn audit_entries(&self) -> Result<Vec<SealedEntry>, StoreError> {
-        self.audit
+        self.values(&self.audit)?
             .iter()
-            .values()
-            .map(|v| decode(&v?, "audit entry"))
+            .map(|v| decode(v, "audit entry"))
             .collect()
     }
 
@@ -440,17 +517,26 @@ impl Store {
             },
             weights,
         };
-        let encoded = encode_model(&model);
+        let zero = 0u64.to_be_bytes();
+        let encoded = self.sealed(&self.models, &zero, &encode_model(&model))?;
+        let meta_rows = [
+            (CURRENT_VERSION, zero.to_vec()),
+            (NEXT_ROUND, 1u64.to_be_bytes().to_vec()),
+            (PSEUDONYM_KEY, pseudonym_key.to_vec()),
+            (SPEC, encode(&spec)),
+        ]
+        .into_iter()
+        .map(|(k, v)| Ok((k, self.sealed(&self.meta, k, &v)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
         let pending = self.seal([AuditEvent::Initialised {
             model: spec.architecture.to_string(),
             parameters: spec.param_count() as u64,
         }])?;
         (&self.models, &self.meta, &self.audit).transaction(|(models, meta, audit)| {
-            models.insert(&0u64.to_be_bytes(), encoded.as_slice())?;
-            meta.insert(CURRENT_VERSION, &0u64.to_be_bytes())?;
-            meta.insert(NEXT_ROUND, &1u64.to_be_bytes())?;
-            meta.insert(PSEUDONYM_KEY, pseudonym_key)?;
-            meta.insert(SPEC, encode(&spec))?;
+            models.insert(&zero, encoded.as_slice())?;
+            for (key, value) in &meta_rows {
+                meta.insert(*key, value.as_slice())?;
+            }
             pending.insert(audit)?;
             Ok::<(), ConflictableTransactionError<()>>(())
         })?;
@@ -461,11 +547,10 @@ impl Store {
 
     fn meta_u64(&self, key: &'static [u8]) -> Result<u64, StoreError> {
         let bytes = self
-            .meta
-            .get(key)?
+            .get(&self.meta, key)?
             .ok_or(StoreError::NotInitialised("meta record"))?;
         let arr: [u8; 8] = bytes
-            .as_ref()
+            .as_slice()
             .try_into()
             .map_err(|_| StoreError::Corrupt(format!("meta {}", String::from_utf8_lossy(key))))?;
         Ok(u64::from_be_bytes(arr))
@@ -481,22 +566,18 @@ impl Store {
 
     pub fn spec(&self) -> Result<ModelSpec, StoreError> {
         let bytes = self
-            .meta
-            .get(SPEC)?
+            .get(&self.meta, SPEC)?
             .ok_or(StoreError::NotInitialised("model spec"))?;
         decode(&bytes, "model spec")
     }
 
     pub fn pseudonym_key(&self) -> Result<Vec<u8>, StoreError> {
-        Ok(self
-            .meta
-            .get(PSEUDONYM_KEY)?
-            .ok_or(StoreError::NotInitialised("pseudonym key"))?
-            .to_vec())
+        self.get(&self.meta, PSEUDONYM_KEY)?
+            .ok_or(StoreError::NotInitialised("pseudonym key"))
     }
 
     pub fn optimizer_state(&self) -> Result<OptimizerState, StoreError> {
-        match self.meta.get(OPTIMIZER)? {
+        match self.get(&self.meta, OPTIMIZER)? {
             Some(bytes) => decode(&bytes, "optimizer state"),
             None => Ok(OptimizerState::default()),
         }
@@ -504,16 +585,14 @@ impl Store {
 
     /// The privacy spent so far, if any round committed under DP.
     pub fn privacy_ledger(&self) -> Result<Option<PrivacyLedger>, StoreError> {
-        self.meta
-            .get(PRIVACY)?
+        self.get(&self.meta, PRIVACY)?
             .map(|bytes| decode(&bytes, "privacy ledger"))
             .transpose()
     }
 
     pub fn model(&self, version: ModelVersion) -> Result<StoredModel, StoreError> {
         let bytes = self
-            .models
-            .get(version.0.to_be_bytes())?
+            .get(&self.models, &version.0.to_be_bytes())?
             .ok_or(StoreError::NoSuchVersion(version.0))?;
         let model = decode_model(&bytes)?;
         if model.header.version != version {
@@ -543,12 +622,13 @@ impl Store {
     /// Records the start of a round and reserves its id, durably, before
     /// any task is sent.
     pub fn begin_round(&self, record: &RoundRecord) -> Result<(), StoreError> {
-        let value = encode(record);
-        let next = record.round.next().0.to_be_bytes();
+        let key = record.round.0.to_be_bytes();
+        let value = self.sealed(&self.rounds, &key, &encode(record))?;
+        let next = self.sealed(&self.meta, NEXT_ROUND, &record.round.next().0.to_be_bytes())?;
         let pending = self.seal(round_event(record))?;
         (&self.rounds, &self.meta, &self.audit).transaction(|(rounds, meta, audit)| {
-            rounds.insert(&record.round.0.to_be_bytes(), value.as_slice())?;
-            meta.insert(NEXT_ROUND, &next)?;
+            rounds.insert(&key, value.as_slice())?;
+            meta.insert(NEXT_ROUND, next.as_slice())?;
             pending.insert(audit)?;
             Ok::<(), ConflictableTransactionError<()>>(())
         })?;
@@ -573,21 +653,26 @@ impl Store {
                 self.current_version()?
             )));
         }
-        let model_bytes = encode_model(model);
-        let record_bytes = encode(record);
-        let optimizer_bytes = encode(optimizer);
-        let privacy_bytes = privacy.map(encode);
+        let version_key = version.0.to_be_bytes();
+        let round_key = record.round.0.to_be_bytes();
+        let model_bytes = self.sealed(&self.models, &version_key, &encode_model(model))?;
+        let record_bytes = self.sealed(&self.rounds, &round_key, &encode(record))?;
+        let optimizer_bytes = self.sealed(&self.meta, OPTIMIZER, &encode(optimizer))?;
+        let privacy_bytes = privacy
+            .map(|p| self.sealed(&self.meta, PRIVACY, &encode(p)))
+            .transpose()?;
+        let current = self.sealed(&self.meta, CURRENT_VERSION, &version_key)?;
         let pending = self.seal(round_event(record))?;
         let trees = (&self.models, &self.rounds, &self.meta, &self.audit);
         trees.transaction(|(models, rounds, meta, audit)| {
-            models.insert(&version.0.to_be_bytes(), model_bytes.as_slice())?;
-            rounds.insert(&record.round.0.to_be_bytes(), record_bytes.as_slice())?;
+            models.insert(&version_key, model_bytes.as_slice())?;
+            rounds.insert(&round_key, record_bytes.as_slice())?;
             meta.insert(OPTIMIZER, optimizer_bytes.as_slice())?;
             if let Some(bytes) = &privacy_bytes {
                 // The version and the privacy it spent are stored together or not at all.
                 meta.insert(PRIVACY, bytes.as_slice())?;
             }
-            meta.insert(CURRENT_VERSION, &version.0.to_be_bytes())?;
+            meta.insert(CURRENT_VERSION, current.as_slice())?;
             pending.insert(audit)?;
             Ok::<(), ConflictableTransactionError<()>>(())
         })?;
@@ -598,10 +683,11 @@ impl Store {
 
     /// Updates a round record that commits nothing (an abort).
     pub fn put_round(&self, record: &RoundRecord) -> Result<(), StoreError> {
-        let value = encode(record);
+        let key = record.round.0.to_be_bytes();
+        let value = self.sealed(&self.rounds, &key, &encode(record))?;
         let pending = self.seal(round_event(record))?;
         (&self.rounds, &self.audit).transaction(|(rounds, audit)| {
-            rounds.insert(&record.round.0.to_be_bytes(), value.as_slice())?;
+            rounds.insert(&key, value.as_slice())?;
             pending.insert(audit)?;
             Ok::<(), ConflictableTransactionError<()>>(())
         })?;
@@ -611,10 +697,9 @@ impl Store {
     }
 
     pub fn rounds(&self) -> Result<Vec<RoundRecord>, StoreError> {
-        self.rounds
+        self.values(&self.rounds)?
             .iter()
-            .values()
-            .map(|v| decode(&v?, "round record"))
+            .map(|v| decode(v, "round record"))
             .collect()
     }
 
@@ -633,7 +718,7 @@ impl Store {
     }
 
     pub fn enroll(&self, e: &Enrollment) -> Result<(), StoreError> {
-        let value = encode(e);
+        let value = self.sealed(&self.registry, e.pseudonym.as_bytes(), &encode(e))?;
         let pending = self.seal([AuditEvent::Enrolled {
             client: e.pseudonym,
             not_after_unix: e.not_after_unix,
@@ -649,10 +734,9 @@ impl Store {
     }
 
     pub fn enrollments(&self) -> Result<Vec<Enrollment>, StoreError> {
-        self.registry
+        self.values(&self.registry)?
             .iter()
-            .values()
-            .map(|v| decode(&v?, "enrollment"))
+            .map(|v| decode(v, "enrollment"))
             .collect()
     }
 
@@ -668,10 +752,13 @@ impl Store {
                 ..e
             })
             .collect();
-        let rows: Vec<_> = revoked
+        let rows = revoked
             .iter()
-            .map(|e| (e.pseudonym.as_bytes().to_vec(), encode(e)))
-            .collect();
+            .map(|e| {
+                let key = e.pseudonym.as_bytes();
+                Ok((key.to_vec(), self.sealed(&self.registry, key, &encode(e))?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let pending = self.seal(revoked.iter().map(|e| AuditEvent::Revoked {
             client: e.pseudonym,
         }))?;
@@ -692,6 +779,114 @@ impl Store {
 mod tests {
     use super::*;
     use covey_protocol::model::Architecture;
+
+    fn kek() -> Kek {
+        Kek::from_bytes([7; 32], "test")
+    }
+
+    /// Every byte of the database's files.
+    fn db_bytes(dir: &Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        for entry in walk(dir) {
+            out.extend(std::fs::read(entry).unwrap());
+        }
+        out
+    }
+
+    fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files.extend(walk(&path));
+            } else {
+                files.push(path);
+            }
+        }
+        files
+    }
+
+    #[test]
+    fn values_are_sealed_and_a_wrong_kek_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::mnist(Architecture::LogReg);
+        // A recognisable weight pattern, and a recognisable name.
+        let weights: Vec<f32> = (0..spec.param_count())
+            .map(|i| 1.0 + i as f32 / 1024.0)
+            .collect();
+        let pattern: Vec<u8> = weights[100..116]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        {
+            let store = Store::open(dir.path(), &kek()).unwrap();
+            store.initialise(spec, weights.clone(), &[9; 32]).unwrap();
+            store
+                .enroll(&Enrollment {
+                    name: "alice-phone".into(),
+                    pseudonym: Pseudonym::from_bytes([1; 8]),
+                    enrolled_unix: 0,
+                    not_after_unix: 1,
+                    revoked_unix: None,
+                })
+                .unwrap();
+        }
+        let bytes = db_bytes(dir.path());
+        assert!(!bytes.windows(pattern.len()).any(|w| w == pattern));
+        assert!(!bytes.windows(11).any(|w| w == b"alice-phone"));
+
+        let wrong = Kek::from_bytes([8; 32], "env:WRONG");
+        let err = Store::open(dir.path(), &wrong).err().unwrap().to_string();
+        assert!(
+            err.contains("env:WRONG") && err.contains("wrong key"),
+            "{err}"
+        );
+        assert_eq!(
+            Store::open(dir.path(), &kek())
+                .unwrap()
+                .enrollments()
+                .unwrap()
+                .len(),
+            1
+        );
+
+        // Rotation: the new KEK opens, the old one no longer does, and the
+        // data is as it was.
+        let new = Kek::from_bytes([9; 32], "new");
+        {
+            let store = Store::open(dir.path(), &kek()).unwrap();
+            store.rotate_kek(&new).unwrap();
+        }
+        assert!(Store::open(dir.path(), &kek()).is_err());
+        let store = Store::open(dir.path(), &new).unwrap();
+        assert_eq!(store.model(ModelVersion(0)).unwrap().weights, weights);
+        assert_eq!(store.enrollments().unwrap()[0].name, "alice-phone");
+        let events: Vec<AuditEvent> = store
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .map(|e| e.entry().unwrap().event)
+            .collect();
+        assert!(matches!(events.last(), Some(AuditEvent::KeyRotated)));
+    }
+
+    #[test]
+    fn a_value_moved_to_another_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &kek()).unwrap();
+        let spec = ModelSpec::mnist(Architecture::LogReg);
+        store
+            .initialise(spec, spec.initial_weights(0), &[9; 32])
+            .unwrap();
+        store
+            .begin_round(&record(1, RoundOutcome::InFlight))
+            .unwrap();
+        // Someone with write access copies round 1's record over round 2.
+        let sealed = store.rounds.get(1u64.to_be_bytes()).unwrap().unwrap();
+        store.rounds.insert(2u64.to_be_bytes(), sealed).unwrap();
+        let err = store.rounds().unwrap_err().to_string();
+        assert!(err.contains("cannot be decrypted"), "{err}");
+    }
 
     fn record(round: u64, outcome: RoundOutcome) -> RoundRecord {
         RoundRecord {
@@ -719,7 +914,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = ModelSpec::mnist(Architecture::LogReg);
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = Store::open(dir.path(), &kek()).unwrap();
             store
                 .initialise(spec, spec.initial_weights(0), &[9; 32])
                 .unwrap();
@@ -765,7 +960,7 @@ mod tests {
                 .begin_round(&record(2, RoundOutcome::InFlight))
                 .unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), &kek()).unwrap();
         assert_eq!(store.current_version().unwrap(), ModelVersion(1));
         assert_eq!(store.next_round().unwrap(), RoundId(3));
         assert_eq!(store.model(ModelVersion(1)).unwrap().weights[0], 0.5);
@@ -812,7 +1007,7 @@ mod tests {
     #[test]
     fn an_uninitialised_directory_says_so() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), &kek()).unwrap();
         assert!(
             store
                 .current_version()

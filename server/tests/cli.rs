@@ -30,6 +30,24 @@ fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Every byte of every file under `dir`.
+fn files_under(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 fn fails_with(out: &Output, needle: &str) {
     assert!(!out.status.success(), "should have failed");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -143,6 +161,67 @@ async fn init_enroll_run_status_export_revoke() {
         ),
         "model version 9 is not stored",
     );
+
+    // At rest: no plaintext weights, names or addresses in the database
+    // files, and the audit export names no one either.
+    let weights = &bytes[bytes.len() - 256..];
+    let audit_file = tmp.path().join("audit.jsonl");
+    ok(&Command::new(env!("CARGO_BIN_EXE_covey-server"))
+        .args([
+            "audit",
+            "export",
+            "--out",
+            audit_file.to_str().unwrap(),
+            "--dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap());
+    let audit_text = std::fs::read(&audit_file).unwrap();
+    let db = files_under(&dir.join("db"));
+    for (what, needle) in [
+        ("weights", weights),
+        ("a name", b"alice-device".as_slice()),
+        ("an address", b"127.0.0.1".as_slice()),
+    ] {
+        assert!(
+            !contains(&db, needle),
+            "the database holds {what} in plaintext"
+        );
+        assert!(
+            !contains(&audit_text, needle),
+            "the audit export holds {what}"
+        );
+    }
+
+    // A wrong key-encryption key is refused by name; rotation moves to a
+    // new one and the old one stops working.
+    let config_path = dir.join("config.toml");
+    let original = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        original.replace(
+            "kek = \"file:kek.key\"",
+            "kek = \"env:COVEY_TEST_WRONG_KEK\"",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_covey-server"))
+        .args(["status", "--dir"])
+        .arg(&dir)
+        .env("COVEY_TEST_WRONG_KEK", "11".repeat(32))
+        .output()
+        .unwrap();
+    fails_with(&out, "env:COVEY_TEST_WRONG_KEK does not unwrap");
+    std::fs::write(&config_path, &original).unwrap();
+    let rotated = ok(&server(&["rotate-key", "--to", "file:next.key"], &dir));
+    assert!(rotated.contains("file:next.key"), "{rotated}");
+    assert!(ok(&server(&["status"], &dir)).contains("current version: 2"));
+    let rotated_config = std::fs::read_to_string(&config_path).unwrap();
+    assert!(rotated_config.contains("kek = \"file:next.key\""));
+    std::fs::write(&config_path, &original).unwrap();
+    fails_with(&server(&["status"], &dir), "file:kek.key does not unwrap");
+    std::fs::write(&config_path, &rotated_config).unwrap();
 
     ok(&server(&["revoke", "--name", "bob-device"], &dir));
     fails_with(
