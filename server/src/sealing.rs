@@ -233,14 +233,14 @@ fn seal_with(
     out.push(SEALED_V1);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plain);
-    let mut body = out.split_off(1 + NONCE_LEN);
-    key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::from(aad),
-        &mut body,
-    )
-    .map_err(|_| SealError::Random)?;
-    out.extend_from_slice(&body);
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut out[1 + NONCE_LEN..],
+        )
+        .map_err(|_| SealError::Random)?;
+    out.extend_from_slice(tag.as_ref());
     Ok(out)
 }
 
