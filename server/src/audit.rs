@@ -112,6 +112,10 @@ pub enum AuditEvent {
     Revoked {
         client: Pseudonym,
     },
+    /// The enrollment behind this pseudonym was erased on request.
+    Forgotten {
+        client: Pseudonym,
+    },
     RoundStarted {
         round: u64,
         base_version: u64,

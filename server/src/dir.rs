@@ -53,12 +53,18 @@ pub enum DirError {
     AlreadyEnrolled(String),
     #[error("no active enrollment named '{0}'")]
     NotEnrolled(String),
+    #[error("no enrollment named '{0}' (already forgotten, or never enrolled)")]
+    NeverEnrolled(String),
 }
 
 /// An operator request for a running server, which holds the database.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ControlRequest {
     Revoke {
+        name: String,
+    },
+    /// Erase the enrollment (right to erasure); also refuses the client.
+    Forget {
         name: String,
     },
     /// Register a certificate the CLI already signed.
@@ -117,20 +123,8 @@ fn apply(
     applied: &mut Applied,
 ) -> Result<(), DirError> {
     match request {
-        ControlRequest::Revoke { name } => {
-            check_name(&name)?;
-            let active: Vec<Pseudonym> = store
-                .enrollments()?
-                .into_iter()
-                .filter(|e| e.name == name && e.revoked_unix.is_none())
-                .map(|e| e.pseudonym)
-                .collect();
-            if active.is_empty() {
-                return Err(DirError::NotEnrolled(name));
-            }
-            store.revoke(&name, time::OffsetDateTime::now_utc().unix_timestamp())?;
-            applied.revoked.extend(active);
-        }
+        ControlRequest::Revoke { name } => applied.revoked.extend(dir.revoke(store, &name)?),
+        ControlRequest::Forget { name } => applied.revoked.extend(dir.forget(store, &name)?),
         ControlRequest::Enroll {
             name,
             cert_pem,
@@ -558,11 +552,22 @@ impl StateDir {
         Ok(applied)
     }
 
-    pub fn revoke(&self, store: &Store, name: &str) -> Result<usize, DirError> {
+    pub fn revoke(&self, store: &Store, name: &str) -> Result<Vec<Pseudonym>, DirError> {
+        check_name(name)?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        match store.revoke(name, now)? {
-            0 => Err(DirError::NotEnrolled(name.to_owned())),
-            n => Ok(n),
+        let revoked = store.revoke(name, now)?;
+        if revoked.is_empty() {
+            return Err(DirError::NotEnrolled(name.to_owned()));
         }
+        Ok(revoked)
+    }
+
+    pub fn forget(&self, store: &Store, name: &str) -> Result<Vec<Pseudonym>, DirError> {
+        check_name(name)?;
+        let forgotten = store.forget(name)?;
+        if forgotten.is_empty() {
+            return Err(DirError::NeverEnrolled(name.to_owned()));
+        }
+        Ok(forgotten)
     }
 }

@@ -80,6 +80,14 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Right to erasure: delete a client's enrollment (the only link from
+    /// its name to its pseudonym) and refuse it from then on.
+    Forget {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
     /// Serve rounds over QUIC until the configured number has committed.
     Run {
         #[arg(long)]
@@ -456,32 +464,26 @@ fn main() -> Result<()> {
                 "the data key is now wrapped by {to} and config.toml points at it; the old key ({old}) no longer opens this database"
             );
         }
-        Command::Revoke { dir, name } => {
-            let state = StateDir::new(&dir);
-            match state.open_store() {
-                Ok(store) => {
-                    let n = state.revoke(&store, &name)?;
-                    println!("revoked {n} certificate(s) of '{name}'");
-                }
-                Err(e) if holds_lock(&e) => {
-                    let request = state.queue(&ControlRequest::Revoke { name: name.clone() })?;
-                    match state.await_request(&request, LIVE_WAIT) {
-                        Some(Ok(())) => {
-                            println!(
-                                "the running server revoked '{name}' and closed its connection"
-                            )
-                        }
-                        Some(Err(reason)) => {
-                            bail!("the running server refused the revocation: {reason}")
-                        }
-                        None => println!(
-                            "queued the revocation of '{name}'; the server applies it when it runs"
-                        ),
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        Command::Revoke { dir, name } => offline_or_live(
+            &StateDir::new(&dir),
+            |state, store| {
+                let n = state.revoke(store, &name)?.len();
+                Ok(format!("revoked {n} certificate(s) of '{name}'"))
+            },
+            ControlRequest::Revoke { name: name.clone() },
+            &format!("the revocation of '{name}'"),
+        )?,
+        Command::Forget { dir, name } => offline_or_live(
+            &StateDir::new(&dir),
+            |state, store| {
+                let n = state.forget(store, &name)?.len();
+                Ok(format!(
+                    "forgot '{name}': {n} enrollment(s) erased and refused; the audit trail keeps only their pseudonyms"
+                ))
+            },
+            ControlRequest::Forget { name: name.clone() },
+            &format!("forgetting '{name}'"),
+        )?,
         Command::Run { dir, json } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let summary = runtime.block_on(async {
@@ -593,6 +595,29 @@ fn main() -> Result<()> {
 
 /// How long enroll and revoke wait for a running server to take a request.
 const LIVE_WAIT: Duration = Duration::from_secs(5);
+
+/// Applies a change to the database, or hands it to the running server
+/// that holds it (which applies it and closes affected connections).
+fn offline_or_live(
+    state: &StateDir,
+    offline: impl FnOnce(&StateDir, &covey_server::store::Store) -> Result<String>,
+    request: ControlRequest,
+    what: &str,
+) -> Result<()> {
+    match state.open_store() {
+        Ok(store) => println!("{}", offline(state, &store)?),
+        Err(e) if holds_lock(&e) => {
+            let queued = state.queue(&request)?;
+            match state.await_request(&queued, LIVE_WAIT) {
+                Some(Ok(())) => println!("the running server applied {what}"),
+                Some(Err(reason)) => bail!("the running server refused {what}: {reason}"),
+                None => println!("queued {what}; the server applies it when it runs"),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
 
 /// Whether opening the store failed because a running server holds it.
 fn holds_lock(e: &DirError) -> bool {

@@ -740,9 +740,9 @@ impl Store {
             .collect()
     }
 
-    /// Revokes every active certificate enrolled under `name`; returns how
-    /// many were revoked.
-    pub fn revoke(&self, name: &str, now_unix: i64) -> Result<usize, StoreError> {
+    /// Revokes every active certificate enrolled under `name`; returns
+    /// their pseudonyms.
+    pub fn revoke(&self, name: &str, now_unix: i64) -> Result<Vec<Pseudonym>, StoreError> {
         let revoked: Vec<Enrollment> = self
             .enrollments()?
             .into_iter()
@@ -756,22 +756,62 @@ impl Store {
             .iter()
             .map(|e| {
                 let key = e.pseudonym.as_bytes();
-                Ok((key.to_vec(), self.sealed(&self.registry, key, &encode(e))?))
+                Ok((
+                    key.to_vec(),
+                    Some(self.sealed(&self.registry, key, &encode(e))?),
+                ))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let pending = self.seal(revoked.iter().map(|e| AuditEvent::Revoked {
+        let events = revoked.iter().map(|e| AuditEvent::Revoked {
             client: e.pseudonym,
-        }))?;
+        });
+        self.write_registry(rows, events)?;
+        Ok(revoked.iter().map(|e| e.pseudonym).collect())
+    }
+
+    /// The right to erasure: deletes every enrollment under `name`, the only
+    /// link between that name and its pseudonyms, which leaves them
+    /// unadmitted. The audit trail keeps the pseudonyms alone, so its chain
+    /// stays whole. Returns the pseudonyms.
+    pub fn forget(&self, name: &str) -> Result<Vec<Pseudonym>, StoreError> {
+        let forgotten: Vec<Pseudonym> = self
+            .enrollments()?
+            .into_iter()
+            .filter(|e| e.name == name)
+            .map(|e| e.pseudonym)
+            .collect();
+        let rows = forgotten
+            .iter()
+            .map(|p| (p.as_bytes().to_vec(), None))
+            .collect();
+        let events = forgotten
+            .iter()
+            .map(|p| AuditEvent::Forgotten { client: *p });
+        self.write_registry(rows, events)?;
+        Ok(forgotten)
+    }
+
+    /// Writes (`Some`) or deletes (`None`) registry rows with their audit
+    /// entries, in one transaction.
+    fn write_registry(
+        &self,
+        rows: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        events: impl IntoIterator<Item = AuditEvent>,
+    ) -> Result<(), StoreError> {
+        let pending = self.seal(events)?;
         (&self.registry, &self.audit).transaction(|(registry, audit)| {
             for (key, value) in &rows {
-                registry.insert(key.as_slice(), value.as_slice())?;
+                match value {
+                    Some(v) => registry.insert(key.as_slice(), v.as_slice())?,
+                    None => registry.remove(key.as_slice())?,
+                };
             }
             pending.insert(audit)?;
             Ok::<(), ConflictableTransactionError<()>>(())
         })?;
         self.db.flush()?;
         pending.stored();
-        Ok(revoked.len())
+        Ok(())
     }
 }
 

@@ -230,6 +230,39 @@ async fn init_enroll_run_status_export_revoke() {
     );
     let text = ok(&server(&["status"], &dir));
     assert!(text.contains("revoked"), "{text}");
+
+    // Erasure: the name is gone from the registry, the pseudonym stays in
+    // the trail, and the chain still verifies.
+    let said = ok(&server(&["forget", "--name", "bob-device"], &dir));
+    assert!(said.contains("forgot 'bob-device'"), "{said}");
+    fails_with(
+        &server(&["forget", "--name", "bob-device"], &dir),
+        "no enrollment named 'bob-device'",
+    );
+    let text = ok(&server(&["status"], &dir));
+    assert!(!text.contains("bob-device"), "{text}");
+    assert!(text.contains("alice-device"), "{text}");
+    ok(&Command::new(env!("CARGO_BIN_EXE_covey-server"))
+        .args([
+            "audit",
+            "export",
+            "--out",
+            audit_file.to_str().unwrap(),
+            "--dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap());
+    let verified = ok(&Command::new(env!("CARGO_BIN_EXE_covey-server"))
+        .args(["audit", "verify", "--json", "--public-key"])
+        .arg(dir.join("audit.pub"))
+        .arg(&audit_file)
+        .output()
+        .unwrap());
+    let verified: serde_json::Value = serde_json::from_str(&verified).unwrap();
+    assert_eq!(verified["events"]["forgotten"], 1, "{verified}");
+    assert_eq!(verified["events"]["key_rotated"], 1, "{verified}");
+    assert_eq!(verified["events"]["model_exported"], 1, "{verified}");
 }
 
 #[test]

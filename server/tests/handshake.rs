@@ -28,20 +28,30 @@ fn anonymous_config(ca_pem: &str) -> quinn::ClientConfig {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strangers_revoked_and_anonymous_clients_are_refused_while_the_round_goes_on() {
+async fn strangers_revoked_forgotten_expired_and_anonymous_clients_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let state = init(&tmp.path().join("server"), &config("logreg", 2, 2));
     let honest = enroll(&state, &["a", "b"]);
     let revoked = enroll(&state, &["gone"]).remove(0);
-    state.revoke(&state.open_store().unwrap(), "gone").unwrap();
+    let forgotten = enroll(&state, &["erased"]).remove(0);
+    let expired = {
+        let store = state.open_store().unwrap();
+        state.revoke(&store, "gone").unwrap();
+        state.forget(&store, "erased").unwrap();
+        assert!(state.forget(&store, "erased").is_err());
+        state
+            .enroll(&store, "short", Duration::from_secs(1), None)
+            .unwrap()
+    };
+    // Let the short-lived certificate lapse.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     // Same software, other CA.
     let other = init(&tmp.path().join("other"), &config("logreg", 2, 2));
     let stranger = enroll(&other, &["a"]).remove(0);
 
     let (addr, server) = start(&state);
-    let clients = spawn_scripted(&honest, addr, Duration::from_millis(100));
 
-    for bundle in [stranger, revoked] {
+    for bundle in [stranger, revoked, forgotten, expired] {
         let trainer = Box::new(ScriptedTrainer {
             id: 9,
             pause: Duration::ZERO,
@@ -81,6 +91,8 @@ async fn strangers_revoked_and_anonymous_clients_are_refused_while_the_round_goe
         "anonymous refusal: {err}"
     );
 
+    // The refusals cost the enrolled clients nothing.
+    let clients = spawn_scripted(&honest, addr, Duration::from_millis(100));
     assert_eq!(server.await.unwrap().final_version, 2);
     for c in clients {
         assert_eq!(c.await.unwrap().final_version, Some(ModelVersion(2)));
@@ -147,7 +159,10 @@ async fn revoking_a_connected_client_on_a_live_server_closes_it_and_bars_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("the running server revoked 'victim'"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("the running server applied the revocation of 'victim'")
+    );
 
     // status works while the server holds the database: from its snapshot.
     let dir = tmp.path().to_path_buf();
