@@ -148,6 +148,11 @@ pub enum AuditEvent {
     },
     /// The data key was re-wrapped under a new key-encryption key.
     KeyRotated,
+    /// Retention deleted these round records and model versions.
+    Purged {
+        rounds: Vec<u64>,
+        versions: Vec<u64>,
+    },
     /// The trail was exported; `entries` counts every entry up to and
     /// including this one, so a shortened file is detected.
     AuditExported {

@@ -1,7 +1,25 @@
 //! Rules an auditor holds the server to, whatever the operator configures
-//! elsewhere: the smallest cohort any released aggregate may come from.
+//! elsewhere: the smallest cohort any released aggregate may come from, and
+//! how long round records and old model versions are kept.
 
-use std::fmt;
+use std::{fmt, num::NonZeroUsize, time::Duration};
+
+/// How long the store keeps what it may delete. The audit trail is kept
+/// whole: it is the record of what was deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Round records older than this (by their end) are deleted.
+    pub rounds: Option<Duration>,
+    /// Only this many of the newest model versions are kept; the current
+    /// one always is.
+    pub versions: Option<NonZeroUsize>,
+}
+
+impl Retention {
+    pub fn is_forever(&self) -> bool {
+        self.rounds.is_none() && self.versions.is_none()
+    }
+}
 
 /// k: no model version and no metric is released from fewer participants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -53,6 +71,11 @@ impl fmt::Display for MinCohort {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retention_defaults_to_keeping_everything() {
+        assert!(super::Retention::default().is_forever());
+    }
+
     use super::*;
 
     #[test]

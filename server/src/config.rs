@@ -1,7 +1,7 @@
 //! The operator's config file: TOML, every setting documented in the file
 //! `init` writes.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, num::NonZeroUsize, path::Path, time::Duration};
 
 use covey_privacy::{
     ClipNorm,
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     aggregate::OptimizerKind,
-    compliance::MinCohort,
+    compliance::{MinCohort, Retention},
     dp::{AdaptiveClip, DpMode, DpSettings},
     robust::Aggregator,
     sealing::KekSource,
@@ -74,11 +74,35 @@ impl Storage {
 pub struct Compliance {
     /// k: the fewest participants any released aggregate may come from.
     pub min_cohort: usize,
+    /// Days round records are kept after they end; 0 keeps them forever.
+    pub keep_rounds_days: f64,
+    /// Newest model versions kept; 0 keeps all.
+    pub keep_versions: usize,
 }
 
 impl Default for Compliance {
     fn default() -> Self {
-        Self { min_cohort: 2 }
+        Self {
+            min_cohort: 2,
+            keep_rounds_days: 0.0,
+            keep_versions: 0,
+        }
+    }
+}
+
+impl Compliance {
+    pub fn retention(&self) -> Result<Retention, ConfigError> {
+        let days = self.keep_rounds_days;
+        if !(days.is_finite() && (0.0..=36_500.0).contains(&days)) {
+            return Err(invalid(
+                "compliance.keep_rounds_days",
+                format!("must be between 0 (forever) and 36500, got {days}"),
+            ));
+        }
+        Ok(Retention {
+            rounds: (days > 0.0).then(|| Duration::from_secs_f64(days * 86_400.0)),
+            versions: NonZeroUsize::new(self.keep_versions),
+        })
     }
 }
 
@@ -489,6 +513,7 @@ pub struct Settings {
     /// Secure aggregation, when on (with distributed DP).
     pub secagg: Option<SecAggSettings>,
     pub min_cohort: MinCohort,
+    pub retention: Retention,
 }
 
 impl ServerConfig {
@@ -663,6 +688,7 @@ impl ServerConfig {
             secagg: self.secure_aggregation.settings(dp.as_ref(), spec, r)?,
             dp,
             min_cohort,
+            retention: self.compliance.retention()?,
         })
     }
 
@@ -805,6 +831,11 @@ bits = {s_bits}
 # nothing and is recorded as discarded. The quorum must be at least k. Use 10 or more in
 # production; 2 suits a demo.
 min_cohort = {min_cohort}
+# Retention: round records are deleted this many days after they end, and only the newest
+# keep_versions model versions are kept (the current one always is); 0 keeps everything. Each
+# purge is recorded in the audit trail, which is itself kept whole.
+keep_rounds_days = {keep_rounds_days:?}
+keep_versions = {keep_versions}
 
 [storage]
 # Every stored value is sealed with AES-256-GCM under a data key, which is wrapped by this
@@ -815,6 +846,8 @@ kek = "{kek}"
 "#,
             kek = self.storage.kek,
             min_cohort = self.compliance.min_cohort,
+            keep_rounds_days = self.compliance.keep_rounds_days,
+            keep_versions = self.compliance.keep_versions,
             listen = n.listen,
             public_addr = n.public_addr,
             max_frame_bytes = n.max_frame_bytes,
@@ -880,6 +913,8 @@ mod tests {
         c.privacy.population = 100;
         c.privacy.adaptive_clip = true;
         c.compliance.min_cohort = 2;
+        c.compliance.keep_rounds_days = 30.0;
+        c.compliance.keep_versions = 5;
         let text = c.to_documented_toml();
         let back: ServerConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
@@ -949,6 +984,10 @@ mod tests {
         c.compliance.min_cohort = 0;
         let err = c.settings().unwrap_err().to_string();
         assert!(err.contains("compliance.min_cohort"), "{err}");
+        c.compliance.min_cohort = 2;
+        c.compliance.keep_rounds_days = -1.0;
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("compliance.keep_rounds_days"), "{err}");
 
         let mut c = ServerConfig::default();
         c.server.max_frame_bytes = 1000;

@@ -88,6 +88,12 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Apply the retention policy ([compliance] keep_rounds_days,
+    /// keep_versions) now; a running server applies it after every commit.
+    Purge {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Serve rounds over QUIC until the configured number has committed.
     Run {
         #[arg(long)]
@@ -484,6 +490,28 @@ fn main() -> Result<()> {
             ControlRequest::Forget { name: name.clone() },
             &format!("forgetting '{name}'"),
         )?,
+        Command::Purge { dir } => {
+            let state = StateDir::new(&dir);
+            let retention = state.config()?.settings()?.retention;
+            if retention.is_forever() {
+                println!("nothing to purge: [compliance] keeps everything");
+                return Ok(());
+            }
+            let store = match state.open_store() {
+                Err(e) if holds_lock(&e) => {
+                    bail!(
+                        "the running server purges after every commit; run this while it is stopped"
+                    )
+                }
+                other => other?,
+            };
+            let purged = store.purge(retention, covey_server::store::unix_ms_now())?;
+            println!(
+                "purged {} round record(s) and {} model version(s)",
+                purged.rounds.len(),
+                purged.versions.len()
+            );
+        }
         Command::Run { dir, json } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let summary = runtime.block_on(async {

@@ -48,6 +48,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
     aggregate::{OptimizerState, WeightedSum},
+    compliance::Retention,
     config::Settings,
     dir::{DirError, EvalOutcome, StateDir, VersionMetrics},
     dp::{DpMode, DpSettings, PrivacyLedger},
@@ -249,6 +250,7 @@ impl Server {
         }
         store.audit_start(&dir.config_sha256()?)?;
         dir.publish_audit_key(&store)?;
+        purge(&store, settings.retention)?;
         let abandoned = store.recover()?;
         if abandoned > 0 {
             warn!(
@@ -461,6 +463,22 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                 .await;
         });
     }
+}
+
+/// Applies the retention policy now.
+fn purge(store: &Store, retention: Retention) -> Result<(), crate::store::StoreError> {
+    if retention.is_forever() {
+        return Ok(());
+    }
+    let purged = store.purge(retention, unix_ms_now())?;
+    if !purged.is_empty() {
+        info!(
+            rounds = purged.rounds.len(),
+            versions = purged.versions.len(),
+            "retention purged old records"
+        );
+    }
+    Ok(())
 }
 
 fn peer_pseudonym(conn: &quinn::Connection, key: &PseudonymKey) -> Option<Pseudonym> {
@@ -2090,6 +2108,7 @@ impl Hub {
         if let (Some(p), Some(ledger)) = (&mut self.privacy, ledger) {
             p.ledger = ledger;
         }
+        purge(&self.store, self.settings.retention)?;
         Ok(record)
     }
 

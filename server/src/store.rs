@@ -30,6 +30,7 @@ use sled::{
 use crate::{
     aggregate::OptimizerState,
     audit::{AuditEvent, AuditKeyError, AuditSigner, ChainHead, SealedEntry},
+    compliance::Retention,
     dp::PrivacyLedger,
     sealing::{DataKey, Kek, SealError},
 };
@@ -143,6 +144,19 @@ pub struct Enrollment {
     pub enrolled_unix: i64,
     pub not_after_unix: i64,
     pub revoked_unix: Option<i64>,
+}
+
+/// What a purge deleted.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Purged {
+    pub rounds: Vec<RoundId>,
+    pub versions: Vec<ModelVersion>,
+}
+
+impl Purged {
+    pub fn is_empty(&self) -> bool {
+        self.rounds.is_empty() && self.versions.is_empty()
+    }
 }
 
 pub fn unix_ms_now() -> u64 {
@@ -769,6 +783,53 @@ impl Store {
         Ok(revoked.iter().map(|e| e.pseudonym).collect())
     }
 
+    /// Deletes what `retention` no longer keeps, as of `now_ms`, with the
+    /// audit entry that lists it, in one transaction. Rounds in flight and
+    /// the current version are never deleted.
+    pub fn purge(&self, retention: Retention, now_ms: u64) -> Result<Purged, StoreError> {
+        let mut purged = Purged::default();
+        if let Some(keep) = retention.rounds {
+            let cutoff = now_ms.saturating_sub(keep.as_millis() as u64);
+            purged.rounds = self
+                .rounds()?
+                .iter()
+                .filter(|r| r.outcome != RoundOutcome::InFlight)
+                .filter(|r| r.ended_unix_ms.unwrap_or(r.started_unix_ms) < cutoff)
+                .map(|r| r.round)
+                .collect();
+        }
+        if let Some(keep) = retention.versions {
+            let current = self.current_version()?;
+            let versions = self.versions()?;
+            let old = versions.len().saturating_sub(keep.get());
+            purged.versions = versions[..old]
+                .iter()
+                .copied()
+                .filter(|v| *v != current)
+                .collect();
+        }
+        if purged.is_empty() {
+            return Ok(purged);
+        }
+        let pending = self.seal([AuditEvent::Purged {
+            rounds: purged.rounds.iter().map(|r| r.0).collect(),
+            versions: purged.versions.iter().map(|v| v.0).collect(),
+        }])?;
+        (&self.rounds, &self.models, &self.audit).transaction(|(rounds, models, audit)| {
+            for r in &purged.rounds {
+                rounds.remove(&r.0.to_be_bytes())?;
+            }
+            for v in &purged.versions {
+                models.remove(&v.0.to_be_bytes())?;
+            }
+            pending.insert(audit)?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        })?;
+        self.db.flush()?;
+        pending.stored();
+        Ok(purged)
+    }
+
     /// The right to erasure: deletes every enrollment under `name`, the only
     /// link between that name and its pseudonyms, which leaves them
     /// unadmitted. The audit trail keeps the pseudonyms alone, so its chain
@@ -908,6 +969,87 @@ mod tests {
             .map(|e| e.entry().unwrap().event)
             .collect();
         assert!(matches!(events.last(), Some(AuditEvent::KeyRotated)));
+    }
+
+    #[test]
+    fn retention_purges_old_rounds_and_versions_but_never_the_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &kek()).unwrap();
+        let spec = ModelSpec::mnist(Architecture::LogReg);
+        store
+            .initialise(spec, spec.initial_weights(0), &[9; 32])
+            .unwrap();
+        let day = 86_400_000u64;
+        for round in 1..=4u64 {
+            let mut r = record(
+                round,
+                RoundOutcome::Committed {
+                    version: ModelVersion(round),
+                },
+            );
+            r.ended_unix_ms = Some(round * day);
+            store
+                .begin_round(&record(round, RoundOutcome::InFlight))
+                .unwrap();
+            let model = StoredModel {
+                header: ModelHeader {
+                    version: ModelVersion(round),
+                    spec,
+                    round: Some(RoundId(round)),
+                    created_unix_ms: 0,
+                },
+                weights: vec![0.0; spec.param_count()],
+            };
+            store
+                .commit_round(&model, &r, &OptimizerState::default(), None)
+                .unwrap();
+        }
+        store
+            .begin_round(&record(5, RoundOutcome::InFlight))
+            .unwrap();
+        assert!(
+            store
+                .purge(Retention::default(), 100 * day)
+                .unwrap()
+                .is_empty()
+        );
+        let retention = Retention {
+            rounds: Some(std::time::Duration::from_secs(86_400 * 2)),
+            versions: std::num::NonZeroUsize::new(2),
+        };
+        // At day 4.5, rounds that ended before day 2.5 go: 1 and 2.
+        let purged = store.purge(retention, 4 * day + day / 2).unwrap();
+        assert_eq!(purged.rounds, vec![RoundId(1), RoundId(2)]);
+        assert_eq!(
+            purged.versions,
+            vec![ModelVersion(0), ModelVersion(1), ModelVersion(2)]
+        );
+        let left: Vec<u64> = store.rounds().unwrap().iter().map(|r| r.round.0).collect();
+        assert_eq!(left, vec![3, 4, 5]);
+        assert_eq!(
+            store.versions().unwrap(),
+            vec![ModelVersion(3), ModelVersion(4)]
+        );
+        assert!(matches!(
+            store
+                .audit_entries()
+                .unwrap()
+                .last()
+                .unwrap()
+                .entry()
+                .unwrap()
+                .event,
+            AuditEvent::Purged { .. }
+        ));
+        // Nothing more to do: nothing more recorded.
+        let entries = store.audit_entries().unwrap().len();
+        assert!(
+            store
+                .purge(retention, 4 * day + day / 2)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.audit_entries().unwrap().len(), entries);
     }
 
     #[test]

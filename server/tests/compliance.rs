@@ -87,3 +87,34 @@ async fn a_round_below_k_commits_nothing_and_is_on_the_record() {
             .any(|e| matches!(e, AuditEvent::RoundCommitted { .. }))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_only_the_newest_versions_during_a_run_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config("logreg", 3, 2);
+    cfg.compliance.keep_versions = 2;
+    let state = init(tmp.path(), &cfg);
+    let bundles = enroll(&state, &["a", "b"]);
+    let (addr, server) = start(&state);
+    let clients = spawn_scripted(&bundles, addr, Duration::ZERO);
+    assert_eq!(server.await.unwrap().final_version, 3);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let store = state.open_store().unwrap();
+    let versions: Vec<u64> = store.versions().unwrap().iter().map(|v| v.0).collect();
+    assert_eq!(versions, vec![2, 3]);
+    // All three round records stay: only versions have a limit here.
+    assert_eq!(store.rounds().unwrap().len(), 3);
+    let purged: Vec<u64> = audit_events(&store)
+        .into_iter()
+        .flat_map(|e| match e {
+            AuditEvent::Purged { rounds, versions } => {
+                assert!(rounds.is_empty());
+                versions
+            }
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(purged, vec![0, 1]);
+}
