@@ -317,6 +317,28 @@ fn adaptive_clipping_moves_the_clip_between_rounds() {
         ledger.clip.get() != clips[2],
         "the next round's clip is stored"
     );
+
+    // The auditor's report of the same run.
+    let out = dir.path().join("report");
+    let report = covey_server::StateDir::new(&state)
+        .write_report(&store, &out)
+        .unwrap();
+    assert!(report.audit.valid, "{:?}", report.audit.problem);
+    assert_eq!(report.privacy.mode, "central");
+    assert_eq!(report.cohorts.committed_rounds, 3);
+    assert_eq!(report.cohorts.committed_below_k, 0);
+    let last = rounds.last().unwrap()["epsilon"].as_f64().unwrap();
+    assert!((report.privacy.epsilon_spent.unwrap() - last).abs() < 1e-9);
+    let per_round: f64 = report.rounds.iter().filter_map(|r| r.epsilon_round).sum();
+    assert!((per_round - last).abs() < 1e-9, "{per_round} vs {last}");
+    assert_eq!(report.enrollments.enrolled_total, 4);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["audit"]["head"], report.audit.head.clone().unwrap());
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), 3, "three plots");
+    assert!(html.contains("Verified: the hash chain"));
+    assert!(html.contains("Cumulative privacy loss"));
 }
 
 /// The plan of [`zero_update_run`] under distributed DP: the 2NN, C = 1, z = 1, a

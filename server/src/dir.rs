@@ -45,6 +45,8 @@ pub enum DirError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Seal(#[from] crate::sealing::SealError),
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
     #[error(
         "enrollment name must be 1 to 64 characters of letters, digits, '-', '_' or '.', got {0:?}"
     )]
@@ -81,6 +83,10 @@ pub enum ControlRequest {
     },
     /// Export the audit trail to `control/audit-<id>.jsonl`.
     ExportAudit {
+        id: u64,
+    },
+    /// Write the compliance report to `control/report-<id>/`.
+    Report {
         id: u64,
     },
 }
@@ -143,6 +149,9 @@ fn apply(
         } => applied.evaluations.push((id, versions, timeout_secs)),
         ControlRequest::ExportAudit { id } => {
             dir.export_audit(store, &dir.audit_export_path(id))?;
+        }
+        ControlRequest::Report { id } => {
+            dir.write_report(store, &dir.report_path(id))?;
         }
     }
     Ok(())
@@ -469,6 +478,38 @@ impl StateDir {
         drop(writer);
         fs::rename(&tmp, out).map_err(io_err(out))?;
         Ok(entries)
+    }
+
+    /// Writes `report.json` and `report.html` into `out` (created if
+    /// needed); returns the report.
+    pub fn write_report(
+        &self,
+        store: &Store,
+        out: &Path,
+    ) -> Result<crate::report::ComplianceReport, DirError> {
+        let config = self.config()?;
+        let settings = config.settings()?;
+        let report = crate::report::ComplianceReport::build(store, &config, &settings)?;
+        let html = report.to_html()?;
+        fs::create_dir_all(out).map_err(io_err(out))?;
+        write_file(&out.join("report.json"), report.to_json().as_bytes(), false)?;
+        write_file(&out.join("report.html"), html.as_bytes(), false)?;
+        Ok(report)
+    }
+
+    fn report_path(&self, id: u64) -> PathBuf {
+        self.control_path().join(format!("report-{id:016x}"))
+    }
+
+    /// Moves a running server's report `id` into `out`.
+    pub fn take_report(&self, id: u64, out: &Path) -> Result<(), DirError> {
+        let from = self.report_path(id);
+        fs::create_dir_all(out).map_err(io_err(out))?;
+        for name in ["report.json", "report.html"] {
+            let (src, dst) = (from.join(name), out.join(name));
+            fs::copy(&src, &dst).map_err(io_err(&dst))?;
+        }
+        fs::remove_dir_all(&from).map_err(io_err(&from))
     }
 
     fn audit_export_path(&self, id: u64) -> PathBuf {

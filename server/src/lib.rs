@@ -9,6 +9,7 @@ pub mod dir;
 pub mod dp;
 pub mod export;
 pub mod pki;
+pub mod report;
 pub mod robust;
 pub mod sealing;
 pub mod serve;

@@ -136,6 +136,14 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Write the compliance report (report.json and report.html with plots)
+    /// into a directory; works while the server runs.
+    Report {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Show rounds, the current version and the enrolled clients.
     Status {
         #[arg(long)]
@@ -490,6 +498,39 @@ fn main() -> Result<()> {
             ControlRequest::Forget { name: name.clone() },
             &format!("forgetting '{name}'"),
         )?,
+        Command::Report { dir, out } => {
+            let state = StateDir::new(&dir);
+            let valid = match state.open_store() {
+                Ok(store) => state.write_report(&store, &out)?.audit.valid,
+                Err(e) if holds_lock(&e) => {
+                    let id: u64 = rand::random();
+                    let request = state.queue(&ControlRequest::Report { id })?;
+                    match state.await_request(&request, LIVE_WAIT) {
+                        Some(Ok(())) => state.take_report(id, &out)?,
+                        Some(Err(reason)) => {
+                            bail!("the running server refused the report: {reason}")
+                        }
+                        None if state.withdraw(&request) => {
+                            bail!("the database is locked but no server took the request")
+                        }
+                        None => bail!("the server took the request but did not answer in time"),
+                    }
+                    let json = std::fs::read_to_string(out.join("report.json"))?;
+                    serde_json::from_str::<serde_json::Value>(&json)?["audit"]["valid"]
+                        .as_bool()
+                        .unwrap_or(false)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            println!(
+                "wrote {} and {}",
+                out.join("report.json").display(),
+                out.join("report.html").display()
+            );
+            if !valid {
+                bail!("the audit trail did not verify: see the report");
+            }
+        }
         Command::Purge { dir } => {
             let state = StateDir::new(&dir);
             let retention = state.config()?.settings()?.retention;
