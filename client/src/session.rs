@@ -130,6 +130,15 @@ pub fn client_config(
     identity: &IdentityBundle,
     idle_timeout: Duration,
 ) -> Result<quinn::ClientConfig, SessionError> {
+    client_config_for(identity, idle_timeout, ALPN)
+}
+
+/// The same mutual-TLS configuration for another ALPN (the operator API).
+pub fn client_config_for(
+    identity: &IdentityBundle,
+    idle_timeout: Duration,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, SessionError> {
     let bad =
         |what: &str, e: &dyn std::fmt::Display| SessionError::Identity(format!("{what}: {e}"));
     let ca = CertificateDer::from_pem_slice(identity.ca_cert_pem.as_bytes())
@@ -147,7 +156,7 @@ pub fn client_config(
         .with_root_certificates(roots)
         .with_client_auth_cert(vec![cert], key)
         .map_err(|e| bad("certificate and key", &e))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| bad("QUIC", &e))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

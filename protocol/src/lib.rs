@@ -21,6 +21,8 @@ pub mod tensor;
 
 /// ALPN protocol id; a peer that does not offer it fails the TLS handshake.
 pub const ALPN: &[u8] = b"covey/1";
+/// ALPN of the operator API: operator, admin and auditor certificates only.
+pub const ADMIN_ALPN: &[u8] = b"covey-admin/1";
 
 /// Version of the message set carried over `covey/1`. `Hello` and `Welcome`
 /// keep their layout across versions so any two peers can refuse each other

@@ -11,6 +11,8 @@
 use std::{collections::BTreeMap, fmt, io::BufRead};
 
 use covey_privacy::Pseudonym;
+
+use crate::admin::Role;
 use ring::{
     digest,
     rand::SystemRandom,
@@ -107,10 +109,18 @@ pub enum AuditEvent {
     },
     Enrolled {
         client: Pseudonym,
+        role: Role,
         not_after_unix: i64,
     },
     Revoked {
         client: Pseudonym,
+    },
+    /// A request to the operator API, allowed or refused.
+    AdminRequest {
+        actor: Pseudonym,
+        role: Role,
+        action: String,
+        allowed: bool,
     },
     /// The enrollment behind this pseudonym was erased on request.
     Forgotten {

@@ -23,6 +23,7 @@ use covey_privacy::Pseudonym;
 use covey_protocol::{SERVER_NAME, identity::IdentityBundle};
 
 use crate::{
+    admin::Role,
     config::{ConfigError, ServerConfig},
     pki::{self, PkiError, ServerIdentity},
     store::{Enrollment, Store, StoreError},
@@ -74,6 +75,8 @@ pub enum ControlRequest {
         name: String,
         cert_pem: String,
         not_after_unix: i64,
+        #[serde(default)]
+        role: Role,
     },
     /// Federated evaluation of `versions` on idle clients' held-out data.
     Evaluate {
@@ -117,7 +120,7 @@ pub struct VersionMetrics {
 #[derive(Debug, Default)]
 pub struct Applied {
     pub revoked: Vec<Pseudonym>,
-    pub admitted: Vec<Pseudonym>,
+    pub admitted: Vec<(Pseudonym, Role)>,
     /// Evaluations to start: (id, versions, timeout in seconds).
     pub evaluations: Vec<(u64, Vec<u64>, u64)>,
 }
@@ -135,12 +138,12 @@ fn apply(
             name,
             cert_pem,
             not_after_unix,
+            role,
         } => {
             check_name(&name)?;
             refuse_duplicate(store, &name)?;
-            applied
-                .admitted
-                .push(register(store, &name, &cert_pem, not_after_unix)?);
+            let pseudonym = register(store, &name, &cert_pem, not_after_unix, role)?;
+            applied.admitted.push((pseudonym, role));
         }
         ControlRequest::Evaluate {
             id,
@@ -174,6 +177,7 @@ fn register(
     name: &str,
     cert_pem: &str,
     not_after_unix: i64,
+    role: Role,
 ) -> Result<Pseudonym, DirError> {
     let der = pki::parse_cert(cert_pem, "device certificate")?;
     let key = covey_privacy::PseudonymKey::from_bytes(&store.pseudonym_key()?)
@@ -182,6 +186,7 @@ fn register(
     store.enroll(&Enrollment {
         name: name.to_owned(),
         pseudonym,
+        role,
         enrolled_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
         not_after_unix,
         revoked_unix: None,
@@ -332,11 +337,25 @@ impl StateDir {
         lifetime: Duration,
         server_addr: Option<&str>,
     ) -> Result<IdentityBundle, DirError> {
+        self.enroll_as(store, name, lifetime, server_addr, Role::Device)
+            .map(|(bundle, _)| bundle)
+    }
+
+    /// Issues an identity with `role` and registers it; returns the bundle
+    /// and its pseudonym.
+    pub fn enroll_as(
+        &self,
+        store: &Store,
+        name: &str,
+        lifetime: Duration,
+        server_addr: Option<&str>,
+        role: Role,
+    ) -> Result<(IdentityBundle, Pseudonym), DirError> {
         check_name(name)?;
         refuse_duplicate(store, name)?;
         let (bundle, not_after_unix) = self.issue_identity(name, lifetime, server_addr)?;
-        register(store, name, &bundle.cert_pem, not_after_unix)?;
-        Ok(bundle)
+        let pseudonym = register(store, name, &bundle.cert_pem, not_after_unix, role)?;
+        Ok((bundle, pseudonym))
     }
 
     /// Signs a device certificate without touching the database (the CA

@@ -1,6 +1,7 @@
 //! covey-server: enrollment CA, rounds over QUIC, aggregation, state in sled.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod aggregate;
 pub mod audit;
 pub mod compliance;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use covey_protocol::ModelVersion;
 use covey_server::{
     Server, ServerConfig, StateDir,
+    admin::Role,
     dir::{ControlRequest, DirError},
     status::{self, Report},
 };
@@ -72,6 +73,9 @@ enum Command {
         /// Certificate lifetime in days.
         #[arg(long, default_value_t = 30)]
         days: u64,
+        /// device (trains), or auditor, operator or admin (the operator API).
+        #[arg(long, default_value = "device")]
+        role: Role,
     },
     /// Revoke a client; it is refused at the TLS handshake from then on.
     Revoke {
@@ -144,6 +148,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Use a running server's operator API from any machine, with an
+    /// auditor, operator or admin identity (`enroll --role`).
+    Remote {
+        /// The identity bundle `enroll --role ...` wrote.
+        #[arg(long)]
+        identity: PathBuf,
+        #[command(subcommand)]
+        command: RemoteCommand,
+    },
     /// Show rounds, the current version and the enrolled clients.
     Status {
         #[arg(long)]
@@ -151,6 +164,111 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum RemoteCommand {
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// report.json and report.html into a directory.
+    Report {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    AuditExport {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    AuditPublicKey {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    Enroll {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        #[arg(long, default_value = "device")]
+        role: Role,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    Revoke {
+        #[arg(long)]
+        name: String,
+    },
+    Forget {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn remote(identity: &std::path::Path, command: RemoteCommand) -> Result<()> {
+    use covey_server::admin::{AdminReply, AdminRequest, call};
+    let bundle = covey_protocol::identity::IdentityBundle::load(identity)
+        .with_context(|| format!("reading the identity {}", identity.display()))?;
+    let request = match &command {
+        RemoteCommand::Status { .. } => AdminRequest::Status,
+        RemoteCommand::Report { .. } => AdminRequest::Report,
+        RemoteCommand::AuditExport { .. } => AdminRequest::AuditExport,
+        RemoteCommand::AuditPublicKey { .. } => AdminRequest::AuditPublicKey,
+        RemoteCommand::Enroll {
+            name, days, role, ..
+        } => AdminRequest::Enroll {
+            name: name.clone(),
+            days: *days,
+            role: *role,
+        },
+        RemoteCommand::Revoke { name } => AdminRequest::Revoke { name: name.clone() },
+        RemoteCommand::Forget { name } => AdminRequest::Forget { name: name.clone() },
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let reply = runtime.block_on(call(&bundle, &request))?;
+    let write = |path: &std::path::Path, text: &str| {
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    match (command, reply) {
+        (RemoteCommand::Status { json }, AdminReply::Status(report)) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render_text());
+            }
+        }
+        (RemoteCommand::Report { out }, AdminReply::Report { json, html }) => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            write(&out.join("report.json"), &json)?;
+            write(&out.join("report.html"), &html)?;
+            println!("wrote the report to {}", out.display());
+        }
+        (RemoteCommand::AuditExport { out }, AdminReply::AuditExport { jsonl }) => {
+            write(&out, &jsonl)?;
+            println!(
+                "wrote {} audit entries to {}",
+                jsonl.lines().count(),
+                out.display()
+            );
+        }
+        (RemoteCommand::AuditPublicKey { out }, AdminReply::AuditPublicKey { text }) => {
+            write(&out, &text)?;
+            println!("wrote the audit public key to {}", out.display());
+        }
+        (RemoteCommand::Enroll { name, out, .. }, AdminReply::Enrolled { identity }) => {
+            write_secret(&out, identity.as_bytes())?;
+            println!("enrolled '{name}': identity written to {}", out.display());
+        }
+        (_, AdminReply::Revoked { certificates }) => {
+            println!("revoked {certificates} certificate(s)")
+        }
+        (_, AdminReply::Forgotten { enrollments }) => {
+            println!("forgot {enrollments} enrollment(s)")
+        }
+        // Never printed: an answer may hold an identity's private key.
+        (_, _) => bail!("the server answered a different request"),
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -394,6 +512,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Privacy { command } => privacy(command)?,
         Command::Audit { command } => audit(command)?,
+        Command::Remote { identity, command } => remote(&identity, command)?,
         Command::Init {
             dir,
             listen,
@@ -431,6 +550,7 @@ fn main() -> Result<()> {
             name,
             out,
             days,
+            role,
         } => {
             if days == 0 {
                 bail!("--days must be at least 1");
@@ -438,13 +558,14 @@ fn main() -> Result<()> {
             let state = StateDir::new(&dir);
             let lifetime = Duration::from_secs(days * 86_400);
             let bundle = match state.open_store() {
-                Ok(store) => state.enroll(&store, &name, lifetime, None)?,
+                Ok(store) => state.enroll_as(&store, &name, lifetime, None, role)?.0,
                 Err(e) if holds_lock(&e) => {
                     let (bundle, not_after_unix) = state.issue_identity(&name, lifetime, None)?;
                     let request = state.queue(&ControlRequest::Enroll {
                         name: name.clone(),
                         cert_pem: bundle.cert_pem.clone(),
                         not_after_unix,
+                        role,
                     })?;
                     match state.await_request(&request, LIVE_WAIT) {
                         Some(Ok(())) => bundle,
@@ -462,7 +583,10 @@ fn main() -> Result<()> {
                 Err(e) => return Err(e.into()),
             };
             write_secret(&out, bundle.to_toml().as_bytes())?;
-            println!("enrolled '{name}': identity written to {}", out.display());
+            println!(
+                "enrolled '{name}' as {role}: identity written to {}",
+                out.display()
+            );
         }
         Command::RotateKey { dir, to } => {
             let state = StateDir::new(&dir);

@@ -2,13 +2,15 @@
 //! the only way in, and only certificates still in the registry pass.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     sync::{Arc, RwLock},
     time::Duration,
 };
 
 use covey_privacy::{Pseudonym, PseudonymKey};
-use covey_protocol::{ALPN, SERVER_NAME};
+use covey_protocol::{ADMIN_ALPN, ALPN, SERVER_NAME};
+
+use crate::admin::Role;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
@@ -165,23 +167,27 @@ pub fn parse_key(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>
     })
 }
 
-/// Pseudonyms of the certificates allowed in. Shared with the verifier, so
-/// the running server can revoke without a restart.
+/// Pseudonyms of the certificates allowed in, with their roles. Shared
+/// with the verifier, so the running server can revoke without a restart.
 #[derive(Debug, Default)]
-pub struct Admitted(RwLock<HashSet<Pseudonym>>);
+pub struct Admitted(RwLock<HashMap<Pseudonym, Role>>);
 
 impl Admitted {
-    pub fn new(pseudonyms: impl IntoIterator<Item = Pseudonym>) -> Self {
-        Self(RwLock::new(pseudonyms.into_iter().collect()))
+    pub fn new(entries: impl IntoIterator<Item = (Pseudonym, Role)>) -> Self {
+        Self(RwLock::new(entries.into_iter().collect()))
     }
 
     pub fn contains(&self, p: &Pseudonym) -> bool {
-        self.0.read().map(|s| s.contains(p)).unwrap_or(false)
+        self.role(p).is_some()
     }
 
-    pub fn insert(&self, p: Pseudonym) {
+    pub fn role(&self, p: &Pseudonym) -> Option<Role> {
+        self.0.read().ok().and_then(|s| s.get(p).copied())
+    }
+
+    pub fn insert(&self, p: Pseudonym, role: Role) {
         if let Ok(mut s) = self.0.write() {
-            s.insert(p);
+            s.insert(p, role);
         }
     }
 
@@ -249,7 +255,8 @@ impl ClientCertVerifier for EnrolledClientVerifier {
     }
 }
 
-/// TLS 1.3 with client certificates required, ALPN `covey/1`, ring provider.
+/// TLS 1.3 with client certificates required, ALPN `covey/1` (training) or
+/// `covey-admin/1` (the operator API), ring provider.
 pub fn server_tls_config(
     ca_cert_pem: &str,
     server: &ServerIdentity,
@@ -273,7 +280,7 @@ pub fn server_tls_config(
             vec![parse_cert(&server.cert_pem, "server certificate")?],
             parse_key(&server.key_pem, "server key")?,
         )?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![ALPN.to_vec(), ADMIN_ALPN.to_vec()];
     Ok(config)
 }
 

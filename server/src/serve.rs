@@ -24,7 +24,7 @@ use covey_privacy::{
     ClipNorm, Pseudonym, PseudonymKey, clip_l2, l2_norm, noise::NoiseRng, quantize::Quantizer,
 };
 use covey_protocol::{
-    ModelVersion, PROTOCOL_VERSION, RoundId, UpdateEncoding,
+    ADMIN_ALPN, ModelVersion, PROTOCOL_VERSION, RoundId, UpdateEncoding,
     frame::{FrameError, FrameLimits},
     io::{StreamError, read_message, read_tensor, read_words, write_message, write_tensor},
     message::{
@@ -47,14 +47,18 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
+    admin::{AdminReply, AdminRequest, AdminResponse, MAX_REQUEST_BYTES, Role},
     aggregate::{OptimizerState, WeightedSum},
+    audit::AuditEvent,
     compliance::Retention,
     config::Settings,
     dir::{DirError, EvalOutcome, StateDir, VersionMetrics},
     dp::{DpMode, DpSettings, PrivacyLedger},
     pki::{self, Admitted},
+    report::ComplianceReport,
     robust::Aggregator,
     status,
+    status::Report,
     store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
 };
 
@@ -178,6 +182,13 @@ struct Received {
 }
 
 enum Event {
+    /// A request to the operator API from a certificate with `role`.
+    Admin {
+        actor: Pseudonym,
+        role: Role,
+        request: AdminRequest,
+        reply: oneshot::Sender<AdminResponse>,
+    },
     CheckIn {
         client: Pseudonym,
         conn: u64,
@@ -226,6 +237,8 @@ struct Shared {
     next_conn: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
+    /// Who may connect, and in which role.
+    admitted: Arc<Admitted>,
 }
 
 /// A bound, ready server. `run` drives it until the run finishes.
@@ -276,7 +289,7 @@ impl Server {
                 .enrollments()?
                 .into_iter()
                 .filter(|e| e.revoked_unix.is_none() && e.not_after_unix > now_unix)
-                .map(|e| e.pseudonym),
+                .map(|e| (e.pseudonym, e.role)),
         ));
         let tls = pki::server_tls_config(
             &dir.ca_cert_pem()?,
@@ -370,6 +383,7 @@ impl Server {
             next_conn: AtomicU64::new(1),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
+            admitted: admitted.clone(),
         });
         let hub = Hub {
             machine,
@@ -456,12 +470,77 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                 close(&conn, CloseCode::ProtocolViolation, "no client certificate");
                 return;
             };
+            let role = shared.admitted.role(&client).unwrap_or_default();
+            let admin_alpn = conn
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|d| d.protocol)
+                .is_some_and(|p| p == ADMIN_ALPN);
+            match (admin_alpn, role) {
+                (true, Role::Device) => {
+                    close(
+                        &conn,
+                        CloseCode::Revoked,
+                        "a device certificate has no operator role",
+                    );
+                    return;
+                }
+                (true, role) => {
+                    let span = info_span!("operator", client = %client, %role);
+                    serve_admin(conn, client, role, shared)
+                        .instrument(span)
+                        .await;
+                    return;
+                }
+                (false, Role::Device) => {}
+                (false, _) => {
+                    close(
+                        &conn,
+                        CloseCode::Revoked,
+                        "operator certificates cannot train",
+                    );
+                    return;
+                }
+            }
             let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
             let span = info_span!("client", client = %client);
             serve_connection(conn, client, id, shared)
                 .instrument(span)
                 .await;
         });
+    }
+}
+
+/// The operator API: one JSON request per stream, answered on it.
+async fn serve_admin(conn: quinn::Connection, actor: Pseudonym, role: Role, shared: Arc<Shared>) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let response = match recv.read_to_end(MAX_REQUEST_BYTES).await {
+            Err(e) => AdminResponse::Refused {
+                reason: format!("request unreadable or over {MAX_REQUEST_BYTES} bytes: {e}"),
+            },
+            Ok(body) => match serde_json::from_slice::<AdminRequest>(&body) {
+                Err(e) => AdminResponse::Refused {
+                    reason: format!("not an operator request: {e}"),
+                },
+                Ok(request) => {
+                    let asked = ask(&shared, |reply| Event::Admin {
+                        actor,
+                        role,
+                        request,
+                        reply,
+                    })
+                    .await;
+                    asked.unwrap_or(AdminResponse::Refused {
+                        reason: "the server is stopping".into(),
+                    })
+                }
+            },
+        };
+        let body = serde_json::to_vec(&response).unwrap_or_default();
+        if send.write_all(&body).await.is_err() {
+            break;
+        }
+        let _ = send.finish();
     }
 }
 
@@ -1006,6 +1085,14 @@ impl Hub {
     async fn handle(&mut self, event: Event, shared: &Shared) -> Result<(), ServeError> {
         let now = Instant::now();
         match event {
+            Event::Admin {
+                actor,
+                role,
+                request,
+                reply,
+            } => {
+                let _ = reply.send(self.admin(actor, role, request)?);
+            }
             Event::Connected {
                 client,
                 conn,
@@ -1802,17 +1889,10 @@ impl Hub {
         let dir = StateDir::new(&self.state_root);
         match dir.apply_requests(&self.store) {
             Ok(applied) => {
-                for p in applied.admitted {
-                    self.admitted.insert(p);
-                    info!(client = %p, "enrolled by the operator");
+                for (p, role) in applied.admitted {
+                    self.admit(p, role);
                 }
-                for p in applied.revoked {
-                    self.admitted.remove(&p);
-                    if let Some((_, conn)) = self.live.get(&p) {
-                        close(conn, CloseCode::Revoked, "enrollment revoked");
-                    }
-                    warn!(client = %p, "revoked by the operator; connection closed");
-                }
+                self.bar(applied.revoked);
                 for (id, versions, timeout) in applied.evaluations {
                     actions.extend(self.start_evaluation(id, versions, timeout, now));
                 }
@@ -1823,6 +1903,105 @@ impl Hub {
             self.finish_evaluation();
         }
         actions
+    }
+
+    fn admit(&mut self, p: Pseudonym, role: Role) {
+        self.admitted.insert(p, role);
+        info!(client = %p, %role, "enrolled by the operator");
+    }
+
+    /// Revoked or forgotten: refused from now on, and disconnected.
+    fn bar(&mut self, pseudonyms: Vec<Pseudonym>) {
+        for p in pseudonyms {
+            self.admitted.remove(&p);
+            if let Some((_, conn)) = self.live.get(&p) {
+                close(conn, CloseCode::Revoked, "enrollment revoked");
+            }
+            warn!(client = %p, "revoked by the operator; connection closed");
+        }
+    }
+
+    /// Answers an operator API request, after checking the caller's role;
+    /// the request goes into the audit trail either way.
+    fn admin(
+        &mut self,
+        actor: Pseudonym,
+        role: Role,
+        request: AdminRequest,
+    ) -> Result<AdminResponse, ServeError> {
+        let allowed = role.may(&request);
+        self.store.audit([AuditEvent::AdminRequest {
+            actor,
+            role,
+            action: request.action().to_owned(),
+            allowed: allowed.is_ok(),
+        }])?;
+        if let Err(denied) = allowed {
+            warn!(client = %actor, %role, "operator request refused: {denied}");
+            return Ok(AdminResponse::Refused {
+                reason: denied.to_string(),
+            });
+        }
+        let dir = StateDir::new(&self.state_root);
+        let reply = match request {
+            AdminRequest::Status => Ok(AdminReply::Status(Box::new(Report::from_store(
+                &self.store,
+                role != Role::Auditor,
+            )?))),
+            AdminRequest::Report => dir.config().and_then(|config| {
+                let report = ComplianceReport::build(&self.store, &config, &self.settings)?;
+                Ok(AdminReply::Report {
+                    json: report.to_json(),
+                    html: report.to_html()?,
+                })
+            }),
+            AdminRequest::AuditExport => {
+                let mut out = Vec::new();
+                self.store.export_audit(&mut out)?;
+                Ok(AdminReply::AuditExport {
+                    jsonl: String::from_utf8_lossy(&out).into_owned(),
+                })
+            }
+            AdminRequest::AuditPublicKey => Ok(AdminReply::AuditPublicKey {
+                text: self.store.audit_public_key()?,
+            }),
+            AdminRequest::Enroll { name, days, role } => {
+                if days == 0 || days > 3650 {
+                    return Ok(AdminResponse::Refused {
+                        reason: format!("days must be between 1 and 3650, got {days}"),
+                    });
+                }
+                dir.enroll_as(
+                    &self.store,
+                    &name,
+                    Duration::from_secs(days * 86_400),
+                    None,
+                    role,
+                )
+                .map(|(bundle, p)| {
+                    self.admit(p, role);
+                    AdminReply::Enrolled {
+                        identity: bundle.to_toml(),
+                    }
+                })
+            }
+            AdminRequest::Revoke { name } => dir.revoke(&self.store, &name).map(|revoked| {
+                let certificates = revoked.len();
+                self.bar(revoked);
+                AdminReply::Revoked { certificates }
+            }),
+            AdminRequest::Forget { name } => dir.forget(&self.store, &name).map(|forgotten| {
+                let enrollments = forgotten.len();
+                self.bar(forgotten);
+                AdminReply::Forgotten { enrollments }
+            }),
+        };
+        Ok(match reply {
+            Ok(reply) => AdminResponse::Ok { reply },
+            Err(e) => AdminResponse::Refused {
+                reason: e.to_string(),
+            },
+        })
     }
 
     /// Sends every idle client the versions to evaluate.

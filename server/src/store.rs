@@ -28,6 +28,7 @@ use sled::{
 };
 
 use crate::{
+    admin::Role,
     aggregate::OptimizerState,
     audit::{AuditEvent, AuditKeyError, AuditSigner, ChainHead, SealedEntry},
     compliance::Retention,
@@ -141,6 +142,7 @@ pub struct RoundRecord {
 pub struct Enrollment {
     pub name: String,
     pub pseudonym: Pseudonym,
+    pub role: Role,
     pub enrolled_unix: i64,
     pub not_after_unix: i64,
     pub revoked_unix: Option<i64>,
@@ -735,6 +737,7 @@ impl Store {
         let value = self.sealed(&self.registry, e.pseudonym.as_bytes(), &encode(e))?;
         let pending = self.seal([AuditEvent::Enrolled {
             client: e.pseudonym,
+            role: e.role,
             not_after_unix: e.not_after_unix,
         }])?;
         (&self.registry, &self.audit).transaction(|(registry, audit)| {
@@ -926,6 +929,7 @@ mod tests {
                 .enroll(&Enrollment {
                     name: "alice-phone".into(),
                     pseudonym: Pseudonym::from_bytes([1; 8]),
+                    role: Role::Device,
                     enrolled_unix: 0,
                     not_after_unix: 1,
                     revoked_unix: None,

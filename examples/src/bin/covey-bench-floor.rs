@@ -29,7 +29,10 @@ fn main() -> Result<()> {
     let bundle = state.enroll(&store, "floor", Duration::from_secs(3600), None)?;
     let key = Arc::new(PseudonymKey::from_bytes(&store.pseudonym_key()?)?);
     let admitted = Arc::new(Admitted::new(
-        store.enrollments()?.into_iter().map(|e| e.pseudonym),
+        store
+            .enrollments()?
+            .into_iter()
+            .map(|e| (e.pseudonym, e.role)),
     ));
     let tls = pki::server_tls_config(
         &state.ca_cert_pem()?,
