@@ -160,11 +160,14 @@ fn apply(
     Ok(())
 }
 
+/// One live certificate per name. An expired or revoked one does not
+/// count, so a device re-enrolls under the same CA and name.
 fn refuse_duplicate(store: &Store, name: &str) -> Result<(), DirError> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if store
         .enrollments()?
         .iter()
-        .any(|e| e.name == name && e.revoked_unix.is_none())
+        .any(|e| e.name == name && e.revoked_unix.is_none() && e.not_after_unix > now)
     {
         return Err(DirError::AlreadyEnrolled(name.to_owned()));
     }

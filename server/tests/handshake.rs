@@ -43,8 +43,17 @@ async fn strangers_revoked_forgotten_expired_and_anonymous_clients_are_refused()
             .enroll(&store, "short", Duration::from_secs(1), None)
             .unwrap()
     };
-    // Let the short-lived certificate lapse.
+    // Let the short-lived certificate lapse; the device then re-enrolls
+    // under the same name and the same CA.
     tokio::time::sleep(Duration::from_millis(2100)).await;
+    let reenrolled = state
+        .enroll(
+            &state.open_store().unwrap(),
+            "short",
+            Duration::from_secs(3600),
+            None,
+        )
+        .unwrap();
     // Same software, other CA.
     let other = init(&tmp.path().join("other"), &config("logreg", 2, 2));
     let stranger = enroll(&other, &["a"]).remove(0);
@@ -90,6 +99,13 @@ async fn strangers_revoked_forgotten_expired_and_anonymous_clients_are_refused()
         err.to_string().contains("certificate"),
         "anonymous refusal: {err}"
     );
+
+    let conn = raw_connection(&reenrolled, addr).await;
+    assert!(
+        conn.close_reason().is_none(),
+        "the re-enrolled device was refused"
+    );
+    conn.close(0u32.into(), b"bye");
 
     // The refusals cost the enrolled clients nothing.
     let clients = spawn_scripted(&honest, addr, Duration::from_millis(100));
