@@ -62,7 +62,8 @@ fn main() -> Result<()> {
             server,
             give_up_after,
         } => {
-            let identity = IdentityBundle::load(&identity)?;
+            let identity_path = identity;
+            let identity = IdentityBundle::load(&identity_path)?;
             let device = select_device(&device)?;
             let dataset = Mnist::load(&data, "train")
                 .with_context(|| format!("loading local data from {}", data.display()))?;
@@ -81,6 +82,7 @@ fn main() -> Result<()> {
             let options = ClientOptions {
                 server_addr: server,
                 give_up_after: give_up_after.map(Duration::from_secs),
+                identity_path: Some(identity_path.clone()),
                 ..ClientOptions::default()
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

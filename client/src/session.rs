@@ -18,10 +18,10 @@ use covey_privacy::{
 use covey_protocol::{
     ALPN, ModelVersion, PROTOCOL_VERSION, UpdateEncoding,
     frame::FrameLimits,
-    identity::IdentityBundle,
+    identity::{IdentityBundle, renewal_message},
     io::{StreamError, read_message, read_tensor, write_message, write_tensor, write_words},
     message::{
-        CloseCode, EvalReport, EvalTask, Hello, Message, Payload, Task, UpdateHeader,
+        CloseCode, EvalReport, EvalTask, Hello, Message, Payload, RenewRequest, Task, UpdateHeader,
         UpdatePrivacy, UpdateReceipt,
     },
     secagg::{
@@ -87,6 +87,9 @@ pub struct ClientOptions {
     pub require_secure_aggregation: bool,
     /// Simulation only: vanish from rounds at random (see [`Dropout`]).
     pub dropout: Option<Dropout>,
+    /// Where a renewed identity is saved (the file the bundle came from).
+    /// Without it, a renewal lasts only as long as this process.
+    pub identity_path: Option<std::path::PathBuf>,
 }
 
 /// Simulated dropouts for covey-sim: with `probability`, a round's client
@@ -109,6 +112,7 @@ impl Default for ClientOptions {
             protocol_version: PROTOCOL_VERSION,
             require_secure_aggregation: false,
             dropout: None,
+            identity_path: None,
         }
     }
 }
@@ -249,15 +253,14 @@ pub async fn run(
     };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(SessionError::Socket)?;
     endpoint.set_default_client_config(config);
-    let secagg_identity = KeySigner::from_pem(&identity.key_pem).and_then(|signer| {
-        PeerVerifier::from_ca_pem(&identity.ca_cert_pem).map(|v| Arc::new((signer, v)))
-    });
     let mut session = Session {
         trainer: Some(trainer),
         summary: ClientSummary::default(),
         options: options.clone(),
         rng: ChaCha8Rng::from_os_rng(),
-        secagg_identity: secagg_identity.map_err(|e| e.to_string()),
+        secagg_identity: secagg_identity_of(identity),
+        identity: identity.clone(),
+        config: client_config(identity, options.idle_timeout)?,
     };
     let mut backoff = Backoff {
         initial: options.initial_backoff,
@@ -308,6 +311,24 @@ struct Session {
     rng: ChaCha8Rng,
     /// Signs this device's secure-aggregation keys and checks its peers'.
     secagg_identity: Result<Arc<(KeySigner, PeerVerifier)>, String>,
+    /// The identity the next connection uses; renewal replaces it.
+    identity: IdentityBundle,
+    config: quinn::ClientConfig,
+}
+
+fn secagg_identity_of(identity: &IdentityBundle) -> Result<Arc<(KeySigner, PeerVerifier)>, String> {
+    KeySigner::from_pem(&identity.key_pem)
+        .and_then(|signer| {
+            PeerVerifier::from_ca_pem(&identity.ca_cert_pem).map(|v| Arc::new((signer, v)))
+        })
+        .map_err(|e| e.to_string())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// 96 bytes from the OS for a round's secure-aggregation secrets.
@@ -358,6 +379,52 @@ fn drop_out(
 }
 
 impl Session {
+    /// Renews this device's certificate onto a key generated here, proving
+    /// possession; the next connection uses it. Returns the new expiry.
+    async fn renew(&mut self, conn: &quinn::Connection) -> Result<i64, String> {
+        use rcgen::{KeyPair, SigningKey};
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let current = CertificateDer::from_pem_slice(self.identity.cert_pem.as_bytes())
+            .map_err(|e| format!("current certificate: {e}"))?;
+        let proof = key
+            .sign(&renewal_message(&current))
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let request = Message::Renew(RenewRequest {
+            public_key: key.public_key_raw().to_vec(),
+            proof,
+        });
+        write_message(&mut send, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let renewed = match read_message(&mut recv, FrameLimits::default())
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Message::Renewed(r) => r,
+            Message::Error(report) => return Err(report.detail),
+            other => return Err(format!("unexpected {}", other.kind())),
+        };
+        let bundle = IdentityBundle {
+            cert_pem: renewed.cert_pem,
+            key_pem: key.serialize_pem(),
+            issued_unix: Some(renewed.issued_unix),
+            not_after_unix: Some(renewed.not_after_unix),
+            ..self.identity.clone()
+        };
+        let config =
+            client_config(&bundle, self.options.idle_timeout).map_err(|e| e.to_string())?;
+        if let Some(path) = &self.options.identity_path {
+            bundle
+                .save(path)
+                .map_err(|e| format!("saving {}: {e}", path.display()))?;
+        }
+        self.identity = bundle;
+        self.config = config;
+        Ok(renewed.not_after_unix)
+    }
+
     async fn attempt(
         &mut self,
         endpoint: &quinn::Endpoint,
@@ -366,7 +433,9 @@ impl Session {
         backoff: &mut Backoff,
         last_progress: &mut Instant,
     ) -> Ended {
-        let connecting = match endpoint.connect(addr, server_name) {
+        // Keys the peers check must match the certificate this connection shows.
+        self.secagg_identity = secagg_identity_of(&self.identity);
+        let connecting = match endpoint.connect_with(self.config.clone(), addr, server_name) {
             Ok(c) => c,
             Err(e) => return Ended::Fatal(SessionError::Address(e.to_string())),
         };
@@ -439,6 +508,12 @@ impl Session {
         debug!("connected");
         backoff.attempt = 0;
         *last_progress = Instant::now();
+        if self.identity.renewal_due(unix_now()) {
+            match self.renew(conn).await {
+                Ok(not_after) => info!(not_after_unix = not_after, "certificate renewed"),
+                Err(e) => warn!("certificate renewal failed; retrying at the next connection: {e}"),
+            }
+        }
         loop {
             let (mut send, mut recv) = conn.open_bi().await?;
             write_message(&mut send, &Message::CheckIn).await?;

@@ -18,6 +18,22 @@ pub struct IdentityBundle {
     pub cert_pem: String,
     /// The device's private key. Keep this file secret.
     pub key_pem: String,
+    /// When the certificate was issued and when it expires (unix seconds);
+    /// the device renews it once two thirds of its life have passed.
+    #[serde(default)]
+    pub issued_unix: Option<i64>,
+    #[serde(default)]
+    pub not_after_unix: Option<i64>,
+}
+
+/// Domain separation for the proof that a renewing device holds its new key.
+const RENEWAL_CONTEXT: &[u8] = b"covey certificate renewal v1\0";
+
+/// What a renewing device signs with its new key: bound to the certificate
+/// it renews, so the proof cannot be replayed for another device.
+pub fn renewal_message(current_cert_der: &[u8]) -> Vec<u8> {
+    let digest = ring::digest::digest(&ring::digest::SHA256, current_cert_der);
+    [RENEWAL_CONTEXT, digest.as_ref()].concat()
 }
 
 impl std::fmt::Debug for IdentityBundle {
@@ -40,6 +56,28 @@ pub enum IdentityError {
 }
 
 impl IdentityBundle {
+    /// Whether two thirds of the certificate's life have passed at `now`.
+    pub fn renewal_due(&self, now_unix: i64) -> bool {
+        match (self.issued_unix, self.not_after_unix) {
+            (Some(issued), Some(not_after)) if not_after > issued => {
+                now_unix >= issued + (not_after - issued) * 2 / 3
+            }
+            _ => false,
+        }
+    }
+
+    /// Writes the bundle to `path` whole (temporary file, then rename),
+    /// readable by its owner only.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("renewing");
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        std::io::Write::write_all(&mut options.open(&tmp)?, self.to_toml().as_bytes())?;
+        std::fs::rename(&tmp, path)
+    }
+
     pub fn to_toml(&self) -> String {
         let body = toml::to_string(self).unwrap_or_default();
         format!(
@@ -85,8 +123,22 @@ mod tests {
             ca_cert_pem: "-----BEGIN CERTIFICATE-----\nAA\n-----END CERTIFICATE-----\n".into(),
             cert_pem: "-----BEGIN CERTIFICATE-----\nBB\n-----END CERTIFICATE-----\n".into(),
             key_pem: "-----BEGIN PRIVATE KEY-----\nCC\n-----END PRIVATE KEY-----\n".into(),
+            issued_unix: Some(1_000),
+            not_after_unix: Some(4_000),
         };
         assert_eq!(IdentityBundle::parse(&b.to_toml()).unwrap(), b);
+        // Bundles from before renewal (no dates) still load, and never renew.
+        let old = b
+            .to_toml()
+            .replace("issued_unix = 1000\n", "")
+            .replace("not_after_unix = 4000\n", "");
+        let old = IdentityBundle::parse(&old).unwrap();
+        assert_eq!(old.not_after_unix, None);
+        assert!(!old.renewal_due(i64::MAX));
+        // Renewal comes due at two thirds of the certificate's life.
+        assert!(!b.renewal_due(2_999));
+        assert!(b.renewal_due(3_000));
+        assert_ne!(renewal_message(b"a"), renewal_message(b"b"));
         let broken = b.to_toml().replace("BEGIN PRIVATE KEY", "nothing");
         assert_eq!(
             IdentityBundle::parse(&broken).unwrap_err(),

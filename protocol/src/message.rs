@@ -40,6 +40,25 @@ pub enum Message {
     /// A secure-aggregation step: each request on its own stream, answered
     /// when its phase closes.
     SecAgg(SecAggMessage),
+    /// A device renewing its certificate before it expires.
+    Renew(RenewRequest),
+    /// The renewed certificate, for the key the request proved.
+    Renewed(RenewedCertificate),
+}
+
+/// A fresh P-256 public key (uncompressed SEC1 point) and, signed with it,
+/// [`crate::identity::renewal_message`] of the current certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    pub public_key: Vec<u8>,
+    pub proof: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewedCertificate {
+    pub cert_pem: String,
+    pub issued_unix: i64,
+    pub not_after_unix: i64,
 }
 
 impl Message {
@@ -57,6 +76,8 @@ impl Message {
             Self::Evaluate(_) => "Evaluate",
             Self::EvalReport(_) => "EvalReport",
             Self::SecAgg(_) => "SecAgg",
+            Self::Renew(_) => "Renew",
+            Self::Renewed(_) => "Renewed",
         }
     }
 }

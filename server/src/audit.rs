@@ -122,6 +122,12 @@ pub enum AuditEvent {
         action: String,
         allowed: bool,
     },
+    /// A device renewed its certificate onto a new key before it expired.
+    Renewed {
+        from: Pseudonym,
+        to: Pseudonym,
+        not_after_unix: i64,
+    },
     /// The enrollment behind this pseudonym was erased on request.
     Forgotten {
         client: Pseudonym,

@@ -20,7 +20,7 @@ use std::{
 };
 
 use covey_privacy::Pseudonym;
-use covey_protocol::{SERVER_NAME, identity::IdentityBundle};
+use covey_protocol::{SERVER_NAME, identity::IdentityBundle, message::RenewedCertificate};
 
 use crate::{
     admin::Role,
@@ -381,8 +381,51 @@ impl StateDir {
             ca_cert_pem: self.ca_cert_pem()?,
             cert_pem: issued.cert_pem,
             key_pem: issued.key_pem,
+            issued_unix: Some(time::OffsetDateTime::now_utc().unix_timestamp()),
+            not_after_unix: Some(issued.not_after_unix),
         };
         Ok((bundle, issued.not_after_unix))
+    }
+
+    /// Renews the live enrollment `current` onto the device's new P-256
+    /// key, for the same lifetime, name and role. The old certificate stays
+    /// valid until it expires, so a device that lost the answer can retry.
+    /// Returns the new certificate and its pseudonym.
+    pub fn renew(
+        &self,
+        store: &Store,
+        current: &Enrollment,
+        public_key: &[u8],
+    ) -> Result<(RenewedCertificate, Pseudonym), DirError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let lifetime = (current.not_after_unix - current.enrolled_unix).max(60) as u64;
+        let ca_key = read_file(&self.ca_key_path())?;
+        let (cert_pem, _, not_after_unix) = pki::issue_client_cert_for(
+            &ca_key,
+            &current.name,
+            public_key,
+            Duration::from_secs(lifetime),
+        )?;
+        let pseudonym = register(
+            store,
+            &current.name,
+            &cert_pem,
+            not_after_unix,
+            current.role,
+        )?;
+        store.audit([crate::audit::AuditEvent::Renewed {
+            from: current.pseudonym,
+            to: pseudonym,
+            not_after_unix,
+        }])?;
+        Ok((
+            RenewedCertificate {
+                cert_pem,
+                issued_unix: now,
+                not_after_unix,
+            },
+            pseudonym,
+        ))
     }
 
     /// Hands `request` to the running server, which holds the database; it

@@ -102,12 +102,61 @@ fn issue(
     usage: ExtendedKeyUsagePurpose,
     lifetime: Duration,
 ) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate()?;
+    let (cert_pem, cert_der, not_after_unix) =
+        sign(ca_key_pem, common_name, san, usage, lifetime, &key)?;
+    Ok(Issued {
+        cert_pem,
+        key_pem: key.serialize_pem(),
+        cert_der,
+        not_after_unix,
+    })
+}
+
+/// A P-256 public key received as its uncompressed SEC1 point.
+struct P256PublicKey<'a>(&'a [u8]);
+
+impl rcgen::PublicKeyData for P256PublicKey<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// A device certificate for `name` on a key the device generated and
+/// holds (renewal); returns PEM, DER and expiry.
+pub fn issue_client_cert_for(
+    ca_key_pem: &str,
+    name: &str,
+    p256_public_key: &[u8],
+    lifetime: Duration,
+) -> Result<(String, Vec<u8>, i64), PkiError> {
+    sign(
+        ca_key_pem,
+        name,
+        Vec::new(),
+        ExtendedKeyUsagePurpose::ClientAuth,
+        lifetime,
+        &P256PublicKey(p256_public_key),
+    )
+}
+
+fn sign(
+    ca_key_pem: &str,
+    common_name: &str,
+    san: Vec<String>,
+    usage: ExtendedKeyUsagePurpose,
+    lifetime: Duration,
+    key: &impl rcgen::PublicKeyData,
+) -> Result<(String, Vec<u8>, i64), PkiError> {
     let ca_key = KeyPair::from_pem(ca_key_pem).map_err(|e| PkiError::Pem {
         what: "CA key",
         detail: e.to_string(),
     })?;
     let issuer = Issuer::new(ca_params()?, ca_key);
-    let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(san)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
@@ -118,13 +167,8 @@ fn issue(
     params.use_authority_key_identifier_extension = true;
     validity(&mut params, lifetime);
     let not_after_unix = params.not_after.unix_timestamp();
-    let cert = params.signed_by(&key, &issuer)?;
-    Ok(Issued {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        cert_der: cert.der().to_vec(),
-        not_after_unix,
-    })
+    let cert = params.signed_by(key, &issuer)?;
+    Ok((cert.pem(), cert.der().to_vec(), not_after_unix))
 }
 
 /// The server's certificate, named [`SERVER_NAME`] rather than an address.

@@ -26,10 +26,11 @@ use covey_privacy::{
 use covey_protocol::{
     ADMIN_ALPN, ModelVersion, PROTOCOL_VERSION, RoundId, UpdateEncoding,
     frame::{FrameError, FrameLimits},
+    identity::renewal_message,
     io::{StreamError, read_message, read_tensor, read_words, write_message, write_tensor},
     message::{
-        CloseCode, ErrorReport, EvalReport, EvalTask, Message, Payload, RejectReason, Task,
-        UpdateHeader, UpdatePrivacy, UpdateReceipt, Welcome,
+        CloseCode, ErrorReport, EvalReport, EvalTask, Message, Payload, RejectReason, RenewRequest,
+        RenewedCertificate, Task, UpdateHeader, UpdatePrivacy, UpdateReceipt, Welcome,
     },
     round::{AbortReason, Action, Coordinator, FinishReason, RoundStats},
     secagg::{
@@ -182,6 +183,13 @@ struct Received {
 }
 
 enum Event {
+    /// A device renewing its certificate (`certificate`: the one it holds).
+    Renew {
+        client: Pseudonym,
+        request: RenewRequest,
+        certificate: Vec<u8>,
+        reply: oneshot::Sender<Result<RenewedCertificate, String>>,
+    },
     /// A request to the operator API from a certificate with `role`.
     Admin {
         actor: Pseudonym,
@@ -887,6 +895,29 @@ async fn serve_stream(
             let _ = send.finish();
             Ok(())
         }
+        Message::Renew(request) => {
+            let certificate = peer_certificate(conn)
+                .map(|c| c.to_vec())
+                .unwrap_or_default();
+            let answer = ask(shared, |reply| Event::Renew {
+                client,
+                request,
+                certificate,
+                reply,
+            })
+            .await;
+            let message = match answer {
+                Some(Ok(renewed)) => Message::Renewed(renewed),
+                Some(Err(detail)) => Message::Error(ErrorReport {
+                    code: CloseCode::ProtocolViolation,
+                    detail,
+                }),
+                None => return Ok(()),
+            };
+            let _ = write_message(&mut send, &message).await;
+            let _ = send.finish();
+            Ok(())
+        }
         other => Err(PeerFault::new(
             CloseCode::ProtocolViolation,
             format!("unexpected {} at the start of a stream", other.kind()),
@@ -1085,6 +1116,14 @@ impl Hub {
     async fn handle(&mut self, event: Event, shared: &Shared) -> Result<(), ServeError> {
         let now = Instant::now();
         match event {
+            Event::Renew {
+                client,
+                request,
+                certificate,
+                reply,
+            } => {
+                let _ = reply.send(self.renew(client, &request, &certificate));
+            }
             Event::Admin {
                 actor,
                 role,
@@ -1919,6 +1958,35 @@ impl Hub {
             }
             warn!(client = %p, "revoked by the operator; connection closed");
         }
+    }
+
+    /// Signs a new certificate for a device's new key, once the device has
+    /// proved it holds that key; refuses anything else with a reason.
+    fn renew(
+        &mut self,
+        client: Pseudonym,
+        request: &RenewRequest,
+        certificate: &[u8],
+    ) -> Result<RenewedCertificate, String> {
+        let proof = ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            &request.public_key,
+        );
+        proof
+            .verify(&renewal_message(certificate), &request.proof)
+            .map_err(|_| "the renewal proof does not verify for that P-256 key".to_owned())?;
+        let enrollments = self.store.enrollments().map_err(|e| e.to_string())?;
+        let current = enrollments
+            .iter()
+            .find(|e| e.pseudonym == client && e.revoked_unix.is_none())
+            .ok_or_else(|| "no live enrollment for this certificate".to_owned())?;
+        let dir = StateDir::new(&self.state_root);
+        let (renewed, pseudonym) = dir
+            .renew(&self.store, current, &request.public_key)
+            .map_err(|e| e.to_string())?;
+        self.admitted.insert(pseudonym, current.role);
+        info!(client = %client, renewed = %pseudonym, "certificate renewed");
+        Ok(renewed)
     }
 
     /// Answers an operator API request, after checking the caller's role;

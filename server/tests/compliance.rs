@@ -118,3 +118,52 @@ async fn retention_keeps_only_the_newest_versions_during_a_run_and_says_so() {
         .collect();
     assert_eq!(purged, vec![0, 1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_renews_its_short_lived_certificate_before_it_expires() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = init(tmp.path(), &config("logreg", 1, 1));
+    let bundle = state
+        .enroll(
+            &state.open_store().unwrap(),
+            "brief",
+            Duration::from_secs(3),
+            None,
+        )
+        .unwrap();
+    let path = tmp.path().join("brief.identity");
+    std::fs::write(&path, bundle.to_toml()).unwrap();
+    // Two thirds of its three-second life.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert!(bundle.renewal_due(time::OffsetDateTime::now_utc().unix_timestamp()));
+
+    let (addr, server) = start(&state);
+    let trainer = Box::new(ScriptedTrainer {
+        id: 0,
+        pause: Duration::ZERO,
+    });
+    let options = covey_client::ClientOptions {
+        identity_path: Some(path.clone()),
+        ..options(addr)
+    };
+    let summary = covey_client::run(&bundle, trainer, options).await.unwrap();
+    assert_eq!(summary.updates_accepted, 1);
+    assert_eq!(server.await.unwrap().final_version, 1);
+
+    // The saved identity holds a new key and a certificate that outlives the old one.
+    let renewed = covey_protocol::identity::IdentityBundle::load(&path).unwrap();
+    assert_ne!(renewed.key_pem, bundle.key_pem);
+    assert_ne!(renewed.cert_pem, bundle.cert_pem);
+    assert!(renewed.not_after_unix.unwrap() > bundle.not_after_unix.unwrap());
+    let store = state.open_store().unwrap();
+    let events = audit_events(&store);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, AuditEvent::Renewed { .. })),
+        "{events:?}"
+    );
+    let names: Vec<_> = store.enrollments().unwrap();
+    assert_eq!(names.len(), 2);
+    assert!(names.iter().all(|e| e.name == "brief"));
+}
