@@ -228,7 +228,13 @@ pub async fn call(
             }
             other => connect_err(other.to_string()),
         })?;
-    let stream = |e: &dyn fmt::Display| AdminClientError::Stream(e.to_string());
+    // The server may close the connection with its reason at any step.
+    let stream = |e: &dyn fmt::Display| match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            AdminClientError::Refused(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => AdminClientError::Stream(e.to_string()),
+    };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(&e))?;
     let body = serde_json::to_vec(request).map_err(|e| stream(&e))?;
     send.write_all(&body).await.map_err(|e| stream(&e))?;
@@ -236,12 +242,7 @@ pub async fn call(
     let answer = recv
         .read_to_end(MAX_RESPONSE_BYTES)
         .await
-        .map_err(|e| match e {
-            quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(
-                quinn::ConnectionError::ApplicationClosed(c),
-            )) => AdminClientError::Refused(String::from_utf8_lossy(&c.reason).into_owned()),
-            other => stream(&other),
-        })?;
+        .map_err(|e| stream(&e))?;
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
     match serde_json::from_slice(&answer).map_err(|e| AdminClientError::Malformed(e.to_string()))? {
