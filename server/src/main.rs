@@ -313,17 +313,8 @@ fn audit(command: AuditCommand) -> Result<()> {
                 Ok(store) => state.export_audit(&store, &out)?,
                 Err(e) if holds_lock(&e) => {
                     let id: u64 = rand::random();
-                    let request = state.queue(&ControlRequest::ExportAudit { id })?;
-                    match state.await_request(&request, LIVE_WAIT) {
-                        Some(Ok(())) => state.take_audit_export(id, &out)?,
-                        Some(Err(reason)) => {
-                            bail!("the running server refused the export: {reason}")
-                        }
-                        None if state.withdraw(&request) => {
-                            bail!("the database is locked but no server took the request")
-                        }
-                        None => bail!("the server took the request but did not answer in time"),
-                    }
+                    live_answer(&state, &ControlRequest::ExportAudit { id }, "the export")?;
+                    state.take_audit_export(id, &out)?;
                     count_lines(&out)?
                 }
                 Err(e) => return Err(e.into()),
@@ -628,17 +619,8 @@ fn main() -> Result<()> {
                 Ok(store) => state.write_report(&store, &out)?.audit.valid,
                 Err(e) if holds_lock(&e) => {
                     let id: u64 = rand::random();
-                    let request = state.queue(&ControlRequest::Report { id })?;
-                    match state.await_request(&request, LIVE_WAIT) {
-                        Some(Ok(())) => state.take_report(id, &out)?,
-                        Some(Err(reason)) => {
-                            bail!("the running server refused the report: {reason}")
-                        }
-                        None if state.withdraw(&request) => {
-                            bail!("the database is locked but no server took the request")
-                        }
-                        None => bail!("the server took the request but did not answer in time"),
-                    }
+                    live_answer(&state, &ControlRequest::Report { id }, "the report")?;
+                    state.take_report(id, &out)?;
                     let json = std::fs::read_to_string(out.join("report.json"))?;
                     serde_json::from_str::<serde_json::Value>(&json)?["audit"]["valid"]
                         .as_bool()
@@ -810,6 +792,20 @@ fn offline_or_live(
         Err(e) => return Err(e.into()),
     }
     Ok(())
+}
+
+/// Hands a request whose answer is a file to the running server and waits
+/// until it has written it.
+fn live_answer(state: &StateDir, request: &ControlRequest, what: &str) -> Result<()> {
+    let queued = state.queue(request)?;
+    match state.await_request(&queued, LIVE_WAIT) {
+        Some(Ok(())) => Ok(()),
+        Some(Err(reason)) => bail!("the running server refused {what}: {reason}"),
+        None if state.withdraw(&queued) => {
+            bail!("the database is locked but no server took the request")
+        }
+        None => bail!("the server took the request but did not answer in time"),
+    }
 }
 
 /// Whether opening the store failed because a running server holds it.
