@@ -43,6 +43,9 @@ enum Command {
         /// Give up after this many seconds without reaching the server.
         #[arg(long)]
         give_up_after: Option<u64>,
+        /// Refuse to download a global model larger than this (bytes of f32 weights).
+        #[arg(long, default_value_t = 1 << 30)]
+        max_model_bytes: u64,
     },
 }
 
@@ -61,6 +64,7 @@ fn main() -> Result<()> {
             device,
             server,
             give_up_after,
+            max_model_bytes,
         } => {
             let identity_path = identity;
             let identity = IdentityBundle::load(&identity_path)?;
@@ -83,6 +87,7 @@ fn main() -> Result<()> {
                 server_addr: server,
                 give_up_after: give_up_after.map(Duration::from_secs),
                 identity_path: Some(identity_path.clone()),
+                max_model_bytes,
                 ..ClientOptions::default()
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -16,7 +16,7 @@ use covey_privacy::{
     noise::{DiscreteGaussian, NoiseRng},
 };
 use covey_protocol::{
-    ALPN, ModelVersion, PROTOCOL_VERSION, UpdateEncoding,
+    ALPN, ModelVersion, PROTOCOL_VERSION, RoundId, UpdateEncoding,
     frame::FrameLimits,
     identity::{IdentityBundle, renewal_message},
     io::{StreamError, read_message, read_tensor, write_message, write_tensor, write_words},
@@ -63,6 +63,10 @@ pub enum SessionError {
         "the server sent a task without secure aggregation, and this client requires it: refusing to send an unmasked update"
     )]
     Downgrade,
+    #[error(
+        "the server's model is {bytes} bytes, over this device's limit of {limit} (--max-model-bytes)"
+    )]
+    ModelTooLarge { bytes: u64, limit: u64 },
 }
 
 /// Most model versions one federated evaluation may compare.
@@ -90,6 +94,8 @@ pub struct ClientOptions {
     /// Where a renewed identity is saved (the file the bundle came from).
     /// Without it, a renewal lasts only as long as this process.
     pub identity_path: Option<std::path::PathBuf>,
+    /// Largest global model (f32 bytes) this device accepts to download.
+    pub max_model_bytes: u64,
 }
 
 /// Simulated dropouts for covey-sim: with `probability`, a round's client
@@ -113,6 +119,7 @@ impl Default for ClientOptions {
             require_secure_aggregation: false,
             dropout: None,
             identity_path: None,
+            max_model_bytes: 1 << 30,
         }
     }
 }
@@ -261,6 +268,7 @@ pub async fn run(
         secagg_identity: secagg_identity_of(identity),
         identity: identity.clone(),
         config: client_config(identity, options.idle_timeout)?,
+        pending: None,
     };
     let mut backoff = Backoff {
         initial: options.initial_backoff,
@@ -314,6 +322,8 @@ struct Session {
     /// The identity the next connection uses; renewal replaces it.
     identity: IdentityBundle,
     config: quinn::ClientConfig,
+    /// An update a lost connection cut off, sent again on the next one.
+    pending: Option<PendingUpload>,
 }
 
 fn secagg_identity_of(identity: &IdentityBundle) -> Result<Arc<(KeySigner, PeerVerifier)>, String> {
@@ -514,6 +524,7 @@ impl Session {
                 Err(e) => warn!("certificate renewal failed; retrying at the next connection: {e}"),
             }
         }
+        self.resume_upload(conn).await?;
         loop {
             let (mut send, mut recv) = conn.open_bi().await?;
             write_message(&mut send, &Message::CheckIn).await?;
@@ -736,6 +747,13 @@ impl Session {
         recv: &mut quinn::RecvStream,
     ) -> Result<(), ConverseError> {
         let params = task.spec.param_count();
+        let model_bytes = params as u64 * 4;
+        if model_bytes > self.options.max_model_bytes {
+            return Err(ConverseError::Fatal(SessionError::ModelTooLarge {
+                bytes: model_bytes,
+                limit: self.options.max_model_bytes,
+            }));
+        }
         let plan = ChunkPlan::new(params, task.chunk_len);
         let limits = FrameLimits {
             max_frame: plan
@@ -869,47 +887,113 @@ impl Session {
             metrics: output.metrics,
             within_clip,
         };
-        let (mut send, mut recv) = conn.open_bi().await?;
-        write_message(&mut send, &Message::Update(header)).await?;
-        let up_plan = ChunkPlan::new(param_count, task.chunk_len);
-        let sent = match &update {
-            Outgoing::Floats(values) => {
-                write_tensor(
-                    &mut send,
-                    values,
-                    up_plan,
-                    task.update_encoding,
-                    &mut self.rng,
-                )
-                .await
-            }
-            Outgoing::Ring(words, _) => write_words(&mut send, words, up_plan).await,
+        let upload = PendingUpload {
+            header,
+            update,
+            chunk_len: task.chunk_len,
+            encoding: task.update_encoding,
+            until: Instant::now() + Duration::from_millis(task.deadline_ms),
         };
-        // The server may stop reading early to refuse; its receipt says why.
-        if let Ok(n) = sent {
-            self.summary.bytes_up += n;
-        }
-        let _ = send.finish();
-        match read_message(&mut recv, FrameLimits::default()).await? {
-            Message::UpdateReceipt(UpdateReceipt::Accepted) => {
-                self.summary.updates_accepted += 1;
-                debug!(round = %task.round, "update accepted");
-                if let Some(p) = participant {
-                    self.unmask_phase(conn, &task, p, dropout).await?;
+        let receipt = match send_update(conn, &upload, &mut self.rng).await {
+            Ok((receipt, bytes)) => {
+                self.summary.bytes_up += bytes;
+                receipt
+            }
+            Err(e) => {
+                // A masked update cannot be resent: its keys died with
+                // the connection. A plain or noised one can.
+                if participant.is_none() {
+                    self.pending = Some(upload);
                 }
+                return Err(e);
             }
-            Message::UpdateReceipt(UpdateReceipt::Rejected(reason)) => {
-                self.summary.updates_rejected += 1;
-                warn!(round = %task.round, "update rejected: {reason}");
-            }
-            other => {
-                return Err(ConverseError::Stream(StreamError::Unexpected {
-                    expected: "UpdateReceipt",
-                    got: other.kind(),
-                }));
-            }
+        };
+        if self.note_receipt(task.round, receipt)
+            && let Some(p) = participant
+        {
+            self.unmask_phase(conn, &task, p, dropout).await?;
         }
         Ok(())
+    }
+
+    /// Counts the server's verdict on an update; true when accepted.
+    fn note_receipt(&mut self, round: RoundId, receipt: UpdateReceipt) -> bool {
+        match receipt {
+            UpdateReceipt::Accepted => {
+                self.summary.updates_accepted += 1;
+                debug!(round = %round, "update accepted");
+                true
+            }
+            UpdateReceipt::Rejected(reason) => {
+                self.summary.updates_rejected += 1;
+                warn!(round = %round, "update rejected: {reason}");
+                false
+            }
+        }
+    }
+
+    /// Sends again the update a lost connection cut off, while its round
+    /// may still take it.
+    async fn resume_upload(&mut self, conn: &quinn::Connection) -> Result<(), ConverseError> {
+        let Some(upload) = self.pending.take() else {
+            return Ok(());
+        };
+        if Instant::now() >= upload.until {
+            debug!(round = %upload.header.round, "the cut-off update's round is over; dropping it");
+            return Ok(());
+        }
+        info!(round = %upload.header.round, "sending again the update a lost connection cut off");
+        match send_update(conn, &upload, &mut self.rng).await {
+            Ok((receipt, bytes)) => {
+                self.summary.bytes_up += bytes;
+                self.note_receipt(upload.header.round, receipt);
+                Ok(())
+            }
+            Err(e) => {
+                self.pending = Some(upload);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// An update whose receipt has not arrived: kept so that a connection lost
+/// mid-upload costs the round nothing (the server waits for the client a
+/// grace period).
+struct PendingUpload {
+    header: UpdateHeader,
+    update: Outgoing,
+    chunk_len: u32,
+    encoding: UpdateEncoding,
+    /// The round's deadline; after it, resending is pointless.
+    until: Instant,
+}
+
+/// Sends one update and reads the server's receipt; returns it and the
+/// bytes sent.
+async fn send_update(
+    conn: &quinn::Connection,
+    upload: &PendingUpload,
+    rng: &mut ChaCha8Rng,
+) -> Result<(UpdateReceipt, u64), ConverseError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_message(&mut send, &Message::Update(upload.header.clone())).await?;
+    let plan = ChunkPlan::new(upload.header.param_count as usize, upload.chunk_len);
+    let sent = match &upload.update {
+        Outgoing::Floats(values) => {
+            write_tensor(&mut send, values, plan, upload.encoding, rng).await
+        }
+        Outgoing::Ring(words, _) => write_words(&mut send, words, plan).await,
+    };
+    // The server may stop reading early to refuse; its receipt says why.
+    let bytes = sent.unwrap_or(0);
+    let _ = send.finish();
+    match read_message(&mut recv, FrameLimits::default()).await? {
+        Message::UpdateReceipt(receipt) => Ok((receipt, bytes)),
+        other => Err(ConverseError::Stream(StreamError::Unexpected {
+            expected: "UpdateReceipt",
+            got: other.kind(),
+        })),
     }
 }
 

@@ -266,6 +266,10 @@ pub enum CloseCode {
     Internal = 7,
     /// The client's enrollment was revoked while it was connected.
     Revoked = 8,
+    /// The server is at a connection or rate limit; retry later.
+    Busy = 9,
+    /// The client connected again; this older connection is closed.
+    Superseded = 10,
 }
 
 impl CloseCode {
@@ -280,6 +284,8 @@ impl CloseCode {
             6 => Self::ServerShutdown,
             7 => Self::Internal,
             8 => Self::Revoked,
+            9 => Self::Busy,
+            10 => Self::Superseded,
             _ => return None,
         })
     }

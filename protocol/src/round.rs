@@ -40,6 +40,9 @@ pub struct RoundConfig {
     pub target_version: ModelVersion,
     /// How a round's cohort is drawn from the waiting clients.
     pub selection: Selection,
+    /// How long a member whose connection broke may take to reconnect and
+    /// (re)send its update before it counts as dropped; zero drops at once.
+    pub rejoin_grace: Duration,
 }
 
 /// How a round's cohort is drawn from the waiting clients.
@@ -201,6 +204,10 @@ pub struct RoundStats {
 enum Member {
     Training,
     Uploading,
+    /// Its connection broke; it may come back with its update until then.
+    Away {
+        until: Instant,
+    },
     Submitted,
     Dropped,
 }
@@ -216,19 +223,45 @@ struct ActiveRound<C> {
 }
 
 impl<C> ActiveRound<C> {
+    /// Members still away when the round closes count as dropped.
     fn stats(&self) -> RoundStats {
-        let count = |m: Member| self.members.values().filter(|&&v| v == m).count();
+        let count = |f: fn(&Member) -> bool| self.members.values().filter(|m| f(m)).count();
         RoundStats {
             selected: self.members.len(),
-            accepted: count(Member::Submitted),
-            dropped: count(Member::Dropped),
+            accepted: count(|m| *m == Member::Submitted),
+            dropped: count(|m| matches!(m, Member::Dropped | Member::Away { .. })),
         }
     }
 
     fn pending(&self) -> bool {
+        self.members.values().any(|m| {
+            matches!(
+                m,
+                Member::Training | Member::Uploading | Member::Away { .. }
+            )
+        })
+    }
+
+    /// When the first away member's grace ends.
+    fn next_return_deadline(&self) -> Option<Instant> {
         self.members
             .values()
-            .any(|m| matches!(m, Member::Training | Member::Uploading))
+            .filter_map(|m| match m {
+                Member::Away { until } => Some(*until),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Drops away members whose grace ended by `now`.
+    fn expire_away(&mut self, now: Instant) {
+        for m in self.members.values_mut() {
+            if let Member::Away { until } = m
+                && *until <= now
+            {
+                *m = Member::Dropped;
+            }
+        }
     }
 }
 
@@ -341,13 +374,46 @@ impl<C: Copy + Ord> Coordinator<C> {
     }
 
     /// The client is gone (connection closed or timed out).
-    pub fn disconnected(&mut self, client: C, now: Instant) -> Vec<Action<C>> {
+    ///
+    /// With `may_return`, a member of the round in progress gets the
+    /// configured grace to reconnect and send its update; without it (its
+    /// state died with the connection, as under secure aggregation) it
+    /// counts as dropped at once.
+    pub fn disconnected(&mut self, client: C, may_return: bool, now: Instant) -> Vec<Action<C>> {
         self.pool.remove(&client);
+        let grace = self.config.rejoin_grace;
         if let Phase::Collecting(round) = &mut self.phase
             && let Some(m) = round.members.get_mut(&client)
             && matches!(m, Member::Training | Member::Uploading)
         {
-            *m = Member::Dropped;
+            *m = if may_return && !grace.is_zero() {
+                Member::Away { until: now + grace }
+            } else {
+                Member::Dropped
+            };
+        }
+        let actions = self.check_round_end();
+        self.then_start(actions, now)
+    }
+
+    /// The upload `client` started for `round` broke off with its
+    /// connection: it may send the update again within the grace.
+    pub fn upload_interrupted(
+        &mut self,
+        client: C,
+        round: RoundId,
+        now: Instant,
+    ) -> Vec<Action<C>> {
+        let grace = self.config.rejoin_grace;
+        if let Phase::Collecting(active) = &mut self.phase
+            && active.id == round
+            && let Some(m @ Member::Uploading) = active.members.get_mut(&client)
+        {
+            *m = if grace.is_zero() {
+                Member::Dropped
+            } else {
+                Member::Away { until: now + grace }
+            };
         }
         let actions = self.check_round_end();
         self.then_start(actions, now)
@@ -372,7 +438,7 @@ impl<C: Copy + Ord> Coordinator<C> {
         match active.members.get_mut(&client) {
             None | Some(Member::Dropped) => Err(RejectReason::NotSelected),
             Some(Member::Submitted | Member::Uploading) => Err(RejectReason::Duplicate),
-            Some(m @ Member::Training) => {
+            Some(m @ (Member::Training | Member::Away { .. })) => {
                 *m = Member::Uploading;
                 Ok(())
             }
@@ -450,6 +516,15 @@ impl<C: Copy + Ord> Coordinator<C> {
 
     /// Time passed; closes a round whose deadline is over.
     pub fn tick(&mut self, now: Instant) -> Vec<Action<C>> {
+        if let Phase::Collecting(active) = &mut self.phase
+            && active.next_return_deadline().is_some_and(|at| at <= now)
+        {
+            active.expire_away(now);
+            if now < active.deadline {
+                let actions = self.check_round_end();
+                return self.then_start(actions, now);
+            }
+        }
         match &self.phase {
             Phase::Collecting(active) if now >= active.deadline => {
                 let quorum = active.stats().accepted >= self.config.quorum;
@@ -464,7 +539,11 @@ impl<C: Copy + Ord> Coordinator<C> {
     /// The next deadline the driver should tick at, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
         match &self.phase {
-            Phase::Collecting(active) => Some(active.deadline),
+            Phase::Collecting(active) => Some(
+                active
+                    .next_return_deadline()
+                    .map_or(active.deadline, |at| at.min(active.deadline)),
+            ),
             Phase::Waiting => self.redraw_at,
             _ => None,
         }
@@ -617,6 +696,7 @@ mod tests {
             round_timeout: Duration::from_secs(60),
             target_version: ModelVersion(rounds),
             selection: Selection::Fixed,
+            rejoin_grace: Duration::ZERO,
         }
     }
 
@@ -807,7 +887,7 @@ mod tests {
         let mut c = Coordinator::new(config(3, 2, 5), ModelVersion(0), RoundId(1), 1).unwrap();
         let (round, _) = start(&mut c, &[1, 2, 3], now);
         submit(&mut c, 1, round, now);
-        assert!(c.disconnected(2, now).is_empty());
+        assert!(c.disconnected(2, true, now).is_empty());
         c.begin_update(3, round).unwrap();
         let actions = c.reject_update(3, round, now);
         assert!(matches!(
@@ -826,7 +906,7 @@ mod tests {
         let (round, _) = start(&mut c, &[1, 2, 3], now);
         submit(&mut c, 1, round, now);
         submit(&mut c, 2, round, now);
-        let actions = c.disconnected(3, now);
+        let actions = c.disconnected(3, true, now);
         assert!(matches!(
             actions.as_slice(),
             [Action::Commit {
@@ -837,6 +917,74 @@ mod tests {
                 },
                 ..
             }]
+        ));
+    }
+
+    #[test]
+    fn a_member_cut_off_mid_upload_may_send_again_within_the_grace() {
+        let now = Instant::now();
+        let mut cfg = config(3, 3, 5);
+        cfg.rejoin_grace = Duration::from_secs(10);
+        let mut c = Coordinator::new(cfg, ModelVersion(0), RoundId(1), 1).unwrap();
+        let (round, _) = start(&mut c, &[1, 2, 3], now);
+        submit(&mut c, 1, round, now);
+        submit(&mut c, 2, round, now);
+        c.begin_update(3, round).unwrap();
+        assert!(c.upload_interrupted(3, round, now).is_empty());
+        // The old connection's end changes nothing more.
+        assert!(c.disconnected(3, true, now).is_empty());
+        assert_eq!(c.next_deadline(), Some(now + Duration::from_secs(10)));
+        let back = now + Duration::from_secs(4);
+        c.begin_update(3, round).unwrap();
+        let actions = c.accept_update(3, round, back).unwrap();
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Commit {
+                stats: RoundStats {
+                    accepted: 3,
+                    dropped: 0,
+                    ..
+                },
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn an_away_member_counts_as_dropped_once_its_grace_ends() {
+        let now = Instant::now();
+        let mut cfg = config(3, 2, 5);
+        cfg.rejoin_grace = Duration::from_secs(10);
+        let mut c = Coordinator::new(cfg, ModelVersion(0), RoundId(1), 1).unwrap();
+        let (round, _) = start(&mut c, &[1, 2, 3], now);
+        submit(&mut c, 1, round, now);
+        submit(&mut c, 2, round, now);
+        assert!(c.disconnected(3, true, now).is_empty());
+        assert!(c.tick(now + Duration::from_secs(9)).is_empty());
+        let actions = c.tick(now + Duration::from_secs(10));
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Commit {
+                stats: RoundStats {
+                    accepted: 2,
+                    dropped: 1,
+                    ..
+                },
+                ..
+            }]
+        ));
+        // Too late now: the round it belonged to is closed.
+        assert_eq!(c.begin_update(3, round), Err(RejectReason::RoundClosed));
+
+        // A member whose state died with its connection drops at once.
+        let later = now + Duration::from_secs(20);
+        c.commit_done(round, ModelVersion(1), later);
+        let (round, _) = start(&mut c, &[1, 2, 3], later);
+        submit(&mut c, 1, round, later);
+        submit(&mut c, 2, round, later);
+        assert!(matches!(
+            c.disconnected(3, false, later).as_slice(),
+            [Action::Commit { .. }]
         ));
     }
 

@@ -44,6 +44,16 @@ pub struct ServerConfig {
     pub compliance: Compliance,
     #[serde(default)]
     pub storage: Storage,
+    #[serde(default)]
+    pub metrics: MetricsEndpoint,
+}
+
+/// Where Prometheus scrapes the server; off unless an address is given.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsEndpoint {
+    /// TCP address serving `GET /metrics` (OpenMetrics text).
+    pub listen: Option<SocketAddr>,
 }
 
 /// Where the database's key-encryption key comes from.
@@ -232,6 +242,34 @@ pub struct Network {
     pub max_concurrent_uploads: usize,
     pub idle_timeout_secs: u64,
     pub keep_alive_secs: u64,
+    #[serde(default = "Network::default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "Network::default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
+    #[serde(default = "Network::default_client_requests_per_sec")]
+    pub client_requests_per_sec: f64,
+    #[serde(default = "Network::default_client_request_burst")]
+    pub client_request_burst: u32,
+    #[serde(default = "Network::default_max_model_bytes")]
+    pub max_model_bytes: u64,
+}
+
+impl Network {
+    fn default_max_connections() -> usize {
+        4096
+    }
+    fn default_max_connections_per_client() -> usize {
+        4
+    }
+    fn default_client_requests_per_sec() -> f64 {
+        20.0
+    }
+    fn default_client_request_burst() -> u32 {
+        100
+    }
+    fn default_max_model_bytes() -> u64 {
+        1 << 30
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -251,6 +289,14 @@ pub struct Rounds {
     pub quorum: usize,
     pub round_timeout_secs: f64,
     pub selection_seed: u64,
+    #[serde(default = "Rounds::default_rejoin_grace_secs")]
+    pub rejoin_grace_secs: f64,
+}
+
+impl Rounds {
+    fn default_rejoin_grace_secs() -> f64 {
+        10.0
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -459,6 +505,11 @@ impl Default for ServerConfig {
                 max_concurrent_uploads: 8,
                 idle_timeout_secs: 30,
                 keep_alive_secs: 5,
+                max_connections: Network::default_max_connections(),
+                max_connections_per_client: Network::default_max_connections_per_client(),
+                client_requests_per_sec: Network::default_client_requests_per_sec(),
+                client_request_burst: Network::default_client_request_burst(),
+                max_model_bytes: Network::default_max_model_bytes(),
             },
             model: Model {
                 architecture: "2nn".into(),
@@ -472,6 +523,7 @@ impl Default for ServerConfig {
                 quorum: 2,
                 round_timeout_secs: 600.0,
                 selection_seed: 0,
+                rejoin_grace_secs: Rounds::default_rejoin_grace_secs(),
             },
             training: Training {
                 epochs: 1,
@@ -495,6 +547,7 @@ impl Default for ServerConfig {
             secure_aggregation: SecureAggregation::default(),
             compliance: Compliance::default(),
             storage: Storage::default(),
+            metrics: MetricsEndpoint::default(),
         }
     }
 }
@@ -546,6 +599,12 @@ impl ServerConfig {
         if r.rounds == 0 {
             return Err(invalid("rounds.rounds", "must be at least 1"));
         }
+        if !(r.rejoin_grace_secs.is_finite() && r.rejoin_grace_secs >= 0.0) {
+            return Err(invalid(
+                "rounds.rejoin_grace_secs",
+                "must be zero (drop at once) or a positive number",
+            ));
+        }
         if !(r.round_timeout_secs.is_finite() && r.round_timeout_secs > 0.0) {
             return Err(invalid(
                 "rounds.round_timeout_secs",
@@ -553,6 +612,16 @@ impl ServerConfig {
             ));
         }
         let spec = ModelSpec::mnist(architecture);
+        let model_bytes = spec.param_count() as u64 * 4;
+        if model_bytes > self.server.max_model_bytes {
+            return Err(invalid(
+                "server.max_model_bytes",
+                format!(
+                    "the {architecture} model is {model_bytes} bytes, over the limit of {}",
+                    self.server.max_model_bytes
+                ),
+            ));
+        }
         let dp = self.privacy.settings(spec, r)?;
         let round = RoundConfig {
             min_clients: r.min_clients,
@@ -560,6 +629,7 @@ impl ServerConfig {
             over_selection: r.over_selection,
             quorum: r.quorum,
             round_timeout: Duration::from_secs_f64(r.round_timeout_secs),
+            rejoin_grace: Duration::from_secs_f64(r.rejoin_grace_secs),
             target_version: ModelVersion(r.rounds),
             selection: match &dp {
                 Some(dp) => Selection::Poisson {
@@ -608,6 +678,23 @@ impl ServerConfig {
             return Err(invalid(
                 "server.max_concurrent_uploads",
                 "must be at least 1",
+            ));
+        }
+        if n.max_connections == 0 || n.max_connections_per_client == 0 {
+            return Err(invalid(
+                "server.max_connections",
+                "max_connections and max_connections_per_client must be at least 1",
+            ));
+        }
+        if !(n.client_requests_per_sec.is_finite() && n.client_requests_per_sec > 0.0)
+            || n.client_request_burst == 0
+        {
+            return Err(invalid(
+                "server.client_requests_per_sec",
+                format!(
+                    "the rate must be a positive number and the burst at least 1, got {} and {}",
+                    n.client_requests_per_sec, n.client_request_burst
+                ),
             ));
         }
         if n.idle_timeout_secs == 0 || n.keep_alive_secs >= n.idle_timeout_secs {
@@ -716,6 +803,16 @@ max_concurrent_uploads = {max_concurrent_uploads}
 idle_timeout_secs = {idle_timeout_secs}
 # Keep-alive interval, in seconds; must be below idle_timeout_secs.
 keep_alive_secs = {keep_alive_secs}
+# Connections open at once; new ones beyond this are refused before their TLS handshake.
+max_connections = {max_connections}
+# Connections one enrolled client may hold open at once.
+max_connections_per_client = {max_connections_per_client}
+# Per-client rate limit (a token bucket over connections and requests): sustained rate
+# per second, and the burst allowed above it. A client over it is disconnected and retries later.
+client_requests_per_sec = {client_requests_per_sec}
+client_request_burst = {client_request_burst}
+# Largest global model this server will train, in bytes of f32 weights.
+max_model_bytes = {max_model_bytes}
 
 [model]
 # Architecture of the global model: logreg, 2nn (784-200-200-10) or cnn (McMahan et al. 2017).
@@ -738,6 +835,9 @@ quorum = {quorum}
 round_timeout_secs = {round_timeout_secs:?}
 # Seed of client selection, for reproducible runs.
 selection_seed = {selection_seed}
+# Seconds a selected client whose connection broke (mid-upload, say) may take to reconnect
+# and send its update before it counts as dropped; 0 drops it at once.
+rejoin_grace_secs = {rejoin_grace_secs:?}
 
 [training]
 # Local epochs per round (E).
@@ -843,8 +943,21 @@ keep_versions = {keep_versions}
 # `init` creates a missing key file. Keep the key off the database's volume in production, and
 # change it with `covey-server rotate-key`, which re-wraps the data key and rewrites no data.
 kek = "{kek}"
+
+[metrics]
+# TCP address of the Prometheus endpoint (GET /metrics, OpenMetrics text); off when absent.
+{metrics_listen}
 "#,
             kek = self.storage.kek,
+            metrics_listen = match self.metrics.listen {
+                Some(addr) => format!("listen = \"{addr}\""),
+                None => "# listen = \"127.0.0.1:9464\"".to_owned(),
+            },
+            max_connections = n.max_connections,
+            max_connections_per_client = n.max_connections_per_client,
+            client_requests_per_sec = n.client_requests_per_sec,
+            client_request_burst = n.client_request_burst,
+            max_model_bytes = n.max_model_bytes,
             min_cohort = self.compliance.min_cohort,
             keep_rounds_days = self.compliance.keep_rounds_days,
             keep_versions = self.compliance.keep_versions,
@@ -863,6 +976,7 @@ kek = "{kek}"
             quorum = r.quorum,
             round_timeout_secs = r.round_timeout_secs,
             selection_seed = r.selection_seed,
+            rejoin_grace_secs = r.rejoin_grace_secs,
             epochs = t.epochs,
             batch_size = t.batch_size,
             learning_rate = t.learning_rate,

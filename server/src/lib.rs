@@ -9,6 +9,8 @@ pub mod config;
 pub mod dir;
 pub mod dp;
 pub mod export;
+pub mod limits;
+pub mod metrics;
 pub mod pki;
 pub mod report;
 pub mod robust;

@@ -55,6 +55,8 @@ use crate::{
     config::Settings,
     dir::{DirError, EvalOutcome, StateDir, VersionMetrics},
     dp::{DpMode, DpSettings, PrivacyLedger},
+    limits::Limits,
+    metrics::{Metrics, OpenConnection, Outcome, Reason},
     pki::{self, Admitted},
     report::ComplianceReport,
     robust::Aggregator,
@@ -69,6 +71,11 @@ pub enum ServeError {
     Dir(#[from] DirError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot serve metrics on {addr}: {source}")]
+    MetricsBind {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -204,13 +211,15 @@ enum Event {
     },
     BeginUpdate {
         client: Pseudonym,
+        conn: u64,
         header: UpdateHeader,
         reply: oneshot::Sender<Result<ChunkPlan, RejectReason>>,
     },
     FinishUpdate {
         client: Pseudonym,
+        conn: u64,
         round: RoundId,
-        result: Result<Received, RejectReason>,
+        result: Result<Received, Undelivered>,
         reply: oneshot::Sender<UpdateReceipt>,
     },
     Connected {
@@ -221,6 +230,8 @@ enum Event {
     Disconnected {
         client: Pseudonym,
         conn: u64,
+        /// The link died (timeout, reset) rather than being closed.
+        lost: bool,
     },
     EvalReport {
         client: Pseudonym,
@@ -235,6 +246,15 @@ enum Event {
     Stop,
 }
 
+/// Why an announced update never arrived whole.
+enum Undelivered {
+    Rejected(RejectReason),
+    /// The link failed mid-upload; the client may send it again.
+    Interrupted,
+    /// The client closed its connection or stream mid-upload.
+    Abandoned,
+}
+
 /// What every connection task needs.
 struct Shared {
     events: mpsc::Sender<Event>,
@@ -243,8 +263,8 @@ struct Shared {
     downloads: Semaphore,
     key: Arc<PseudonymKey>,
     next_conn: AtomicU64,
-    bytes_up: AtomicU64,
-    bytes_down: AtomicU64,
+    metrics: Arc<Metrics>,
+    connection_limits: Arc<Limits>,
     /// Who may connect, and in which role.
     admitted: Arc<Admitted>,
 }
@@ -252,6 +272,7 @@ struct Shared {
 /// A bound, ready server. `run` drives it until the run finishes.
 pub struct Server {
     endpoint: quinn::Endpoint,
+    metrics_listener: Option<std::net::TcpListener>,
     shared: Arc<Shared>,
     hub: Hub,
     events: mpsc::Receiver<Event>,
@@ -379,6 +400,18 @@ impl Server {
                 })
             }
         };
+        let metrics_listener = match config.metrics.listen {
+            None => None,
+            Some(addr) => Some(
+                crate::metrics::bind(addr)
+                    .map_err(|source| ServeError::MetricsBind { addr, source })?,
+            ),
+        };
+        let metrics = Arc::new(Metrics::new());
+        metrics.model_version.set(version.0 as i64);
+        if let Some(p) = &privacy {
+            metrics.epsilon.set(p.ledger.epsilon(p.dp.delta));
+        }
         let (tx, rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
             events: tx,
@@ -389,8 +422,8 @@ impl Server {
             downloads: Semaphore::new(config.server.max_concurrent_uploads),
             key,
             next_conn: AtomicU64::new(1),
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
+            metrics: metrics.clone(),
+            connection_limits: Arc::new(Limits::new(&config.server)),
             admitted: admitted.clone(),
         });
         let hub = Hub {
@@ -402,6 +435,7 @@ impl Server {
             model: Arc::new(model),
             waiters: HashMap::new(),
             live: HashMap::new(),
+            uploads: HashMap::new(),
             round: None,
             finished: None,
             rng: ChaCha8Rng::seed_from_u64(config.rounds.selection_seed.wrapping_add(version.0)),
@@ -414,9 +448,11 @@ impl Server {
             evaluation: None,
             privacy,
             secagg: None,
+            metrics,
         };
         Ok(Self {
             endpoint,
+            metrics_listener,
             shared,
             hub,
             events: rx,
@@ -425,6 +461,13 @@ impl Server {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Where the Prometheus endpoint listens, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Commits as they happen; a slow subscriber misses old notices.
@@ -440,10 +483,25 @@ impl Server {
     pub async fn run(self) -> Result<RunSummary, ServeError> {
         let Self {
             endpoint,
+            metrics_listener,
             shared,
             hub,
             events,
         } = self;
+        let metrics_task = match metrics_listener {
+            None => None,
+            Some(listener) => {
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .map_err(|e| ServeError::Internal(format!("metrics endpoint: {e}")))?;
+                if let Ok(addr) = listener.local_addr() {
+                    info!(%addr, "metrics endpoint listening");
+                }
+                Some(tokio::spawn(crate::metrics::serve(
+                    listener,
+                    shared.metrics.clone(),
+                )))
+            }
+        };
         info!(
             version = %hub.machine.version(),
             "serving; waiting for clients"
@@ -452,11 +510,14 @@ impl Server {
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         let result = hub.run(events, shared.clone()).await;
         accept.abort();
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
         endpoint.close(VarInt::from_u32(CloseCode::Done as u32), b"run finished");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         let mut summary = result?;
-        summary.bytes_up = shared.bytes_up.load(Ordering::Relaxed);
-        summary.bytes_down = shared.bytes_down.load(Ordering::Relaxed);
+        summary.bytes_up = shared.metrics.bytes_in.get();
+        summary.bytes_down = shared.metrics.bytes_out.get();
         summary.peak_rss_bytes = peak_rss_bytes();
         Ok(summary)
     }
@@ -464,13 +525,34 @@ impl Server {
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
+        // Refusing before the handshake costs one packet, not a TLS exchange.
+        let slot = match shared.connection_limits.admit() {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                shared.metrics.refuse_connection(refusal.as_str());
+                incoming.refuse();
+                continue;
+            }
+        };
+        if shared.connection_limits.under_pressure() && !incoming.remote_address_validated() {
+            // A spoofed source never answers the retry, so floods from
+            // forged addresses cost no handshake.
+            if incoming.retry().is_err() {
+                shared
+                    .metrics
+                    .refuse_connection("address validation failed");
+            }
+            continue;
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let conn = match incoming.await {
                 Ok(conn) => conn,
                 Err(e) => {
                     // No address in the log: the refusal reason is enough.
                     info!("handshake refused: {e}");
+                    shared.metrics.refuse_connection("handshake failed");
                     return;
                 }
             };
@@ -478,6 +560,16 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                 close(&conn, CloseCode::ProtocolViolation, "no client certificate");
                 return;
             };
+            let _client_slot = match shared.connection_limits.admit_client(client) {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    debug!(client = %client, "refused: {refusal}");
+                    shared.metrics.refuse_connection(refusal.as_str());
+                    close(&conn, CloseCode::Busy, refusal.as_str());
+                    return;
+                }
+            };
+            let _open = OpenConnection::new(shared.metrics.clone());
             let role = shared.admitted.role(&client).unwrap_or_default();
             let admin_alpn = conn
                 .handshake_data()
@@ -615,7 +707,13 @@ async fn serve_connection(
     id: u64,
     shared: Arc<Shared>,
 ) {
-    match handshake(&conn, &shared).await {
+    let handshake = tokio::time::timeout(HELLO_TIMEOUT, handshake(&conn, &shared));
+    match handshake.await.unwrap_or_else(|_| {
+        Err(Some(PeerFault::new(
+            CloseCode::ProtocolViolation,
+            format!("no Hello within {}s", HELLO_TIMEOUT.as_secs()),
+        )))
+    }) {
         Ok(()) => {}
         Err(Some(fault)) => {
             warn!(code = ?fault.code, "closing connection: {}", fault.reason);
@@ -625,6 +723,7 @@ async fn serve_connection(
         Err(None) => return,
     }
     debug!("connected");
+    shared.metrics.connections_accepted.inc();
     let _ = shared
         .events
         .send(Event::Connected {
@@ -638,6 +737,12 @@ async fn serve_connection(
         tokio::select! {
             accepted = conn.accept_bi() => {
                 let Ok((send, recv)) = accepted else { break };
+                if let Err(refusal) = shared.connection_limits.allow_request(client) {
+                    warn!("closing connection: {refusal}");
+                    shared.metrics.refuse_connection(refusal.as_str());
+                    close(&conn, CloseCode::Busy, refusal.as_str());
+                    break;
+                }
                 let (conn2, shared2) = (conn.clone(), shared.clone());
                 streams.spawn(async move {
                     if let Err(fault) = serve_stream(&conn2, send, recv, client, id, &shared2).await {
@@ -651,11 +756,28 @@ async fn serve_connection(
     }
     streams.shutdown().await;
     debug!("disconnected");
+    let lost = link_lost(&conn);
     let _ = shared
         .events
-        .send(Event::Disconnected { client, conn: id })
+        .send(Event::Disconnected {
+            client,
+            conn: id,
+            lost,
+        })
         .await;
 }
+
+/// A link that died (timeout, reset) may come back; a peer that closed its
+/// connection or stream meant to leave.
+fn link_lost(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset)
+    )
+}
+
+/// A connection that says nothing holds a slot; it gets this long to speak.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The first stream: `Hello` → `Welcome`, or a clear refusal.
 async fn handshake(conn: &quinn::Connection, shared: &Shared) -> Result<(), Option<PeerFault>> {
@@ -747,7 +869,7 @@ async fn serve_stream(
                     }
                     .await;
                     if let Ok(n) = sent {
-                        shared.bytes_down.fetch_add(n, Ordering::Relaxed);
+                        shared.metrics.bytes_out.inc_by(n);
                     }
                 }
                 Some(Assignment::Evaluate(pkg)) => {
@@ -766,7 +888,7 @@ async fn serve_stream(
                     }
                     .await;
                     if let Ok(n) = sent {
-                        shared.bytes_down.fetch_add(n, Ordering::Relaxed);
+                        shared.metrics.bytes_out.inc_by(n);
                     }
                 }
                 Some(Assignment::Finished(version)) => {
@@ -791,6 +913,7 @@ async fn serve_stream(
             let payload = header.payload;
             let Some(decision) = ask(shared, |reply| Event::BeginUpdate {
                 client,
+                conn: conn_id,
                 header,
                 reply,
             })
@@ -833,7 +956,7 @@ async fn serve_stream(
             drop(permit);
             let (result, fault) = match read {
                 Ok((values, bytes)) => {
-                    shared.bytes_up.fetch_add(bytes, Ordering::Relaxed);
+                    shared.metrics.bytes_in.inc_by(bytes);
                     (
                         Ok(Received {
                             values,
@@ -847,12 +970,18 @@ async fn serve_stream(
                 Err(StreamError::Tensor(AssembleError::NonFinite { index })) => {
                     warn!(chunk = index, "rejected an update with non-finite values");
                     let _ = recv.stop(VarInt::from_u32(0));
-                    (Err(RejectReason::NonFinite), None)
+                    (Err(Undelivered::Rejected(RejectReason::NonFinite)), None)
                 }
-                Err(e) => (Err(RejectReason::ShapeMismatch), stream_fault(&e)),
+                Err(StreamError::Io(_)) if link_lost(conn) => (Err(Undelivered::Interrupted), None),
+                Err(StreamError::Io(_)) => (Err(Undelivered::Abandoned), None),
+                Err(e) => (
+                    Err(Undelivered::Rejected(RejectReason::ShapeMismatch)),
+                    stream_fault(&e),
+                ),
             };
             let receipt = ask(shared, |reply| Event::FinishUpdate {
                 client,
+                conn: conn_id,
                 round,
                 result,
                 reply,
@@ -960,6 +1089,7 @@ struct RoundInProgress {
     within_clip: usize,
     bytes_up_start: u64,
     bytes_down_start: u64,
+    started: Instant,
 }
 
 /// Owns the state machine and everything a commit touches.
@@ -973,6 +1103,8 @@ struct Hub {
     waiters: HashMap<Pseudonym, (u64, oneshot::Sender<Assignment>)>,
     /// The latest connection of each connected client.
     live: HashMap<Pseudonym, (u64, quinn::Connection)>,
+    /// The connection each update being read arrives on.
+    uploads: HashMap<Pseudonym, u64>,
     round: Option<RoundInProgress>,
     finished: Option<Instant>,
     rng: ChaCha8Rng,
@@ -990,12 +1122,15 @@ struct Hub {
     privacy: Option<Privacy>,
     /// The round's secure aggregation, when on.
     secagg: Option<SecAggRound>,
+    metrics: Arc<Metrics>,
 }
 
 /// Secure aggregation of the round in progress: the session, the clients
 /// waiting for the current phase to close, and the commit it holds back.
 struct SecAggRound {
     round: RoundId,
+    /// When the current phase opened, for its timing.
+    phase_started: Instant,
     session: Session<Pseudonym>,
     waiters: HashMap<Pseudonym, oneshot::Sender<SecAggMessage>>,
     /// When the current phase stops waiting for stragglers.
@@ -1137,7 +1272,25 @@ impl Hub {
                 conn,
                 handle,
             } => {
-                self.live.insert(client, (conn, handle));
+                if let Some((old, old_handle)) = self.live.insert(client, (conn, handle))
+                    && old != conn
+                {
+                    // A device reconnects when it lost its link; whatever the
+                    // old connection was doing is over.
+                    close(
+                        &old_handle,
+                        CloseCode::Superseded,
+                        "replaced by a newer connection",
+                    );
+                    if self.uploads.get(&client) == Some(&old) {
+                        self.uploads.remove(&client);
+                        self.metrics.uploads_interrupted.inc();
+                        if let Some(round) = self.machine.current_round() {
+                            let actions = self.machine.upload_interrupted(client, round, now);
+                            self.execute(actions, shared).await?;
+                        }
+                    }
+                }
             }
             Event::EvalReport { client, report } => self.eval_report(client, report),
             Event::SecAgg {
@@ -1186,7 +1339,7 @@ impl Hub {
                 let actions = self.machine.check_in(client, now);
                 self.execute(actions, shared).await?;
             }
-            Event::Disconnected { client, conn } => {
+            Event::Disconnected { client, conn, lost } => {
                 if self.live.get(&client).map(|(id, _)| *id) == Some(conn) {
                     self.live.remove(&client);
                     self.waiters.remove(&client);
@@ -1194,13 +1347,17 @@ impl Hub {
                         s.session.drop_member(client);
                         s.waiters.remove(&client);
                     }
-                    let actions = self.machine.disconnected(client, now);
+                    // Under secure aggregation its keys died with the
+                    // connection: it cannot come back this round.
+                    let may_return = lost && self.secagg.is_none();
+                    let actions = self.machine.disconnected(client, may_return, now);
                     self.execute(actions, shared).await?;
                     self.advance_secagg(shared).await?;
                 }
             }
             Event::BeginUpdate {
                 client,
+                conn,
                 header,
                 reply,
             } => {
@@ -1209,15 +1366,25 @@ impl Hub {
                     return Ok(());
                 }
                 let (decision, actions) = self.begin_update(client, &header, now);
+                if decision.is_ok() {
+                    self.uploads.insert(client, conn);
+                }
                 let _ = reply.send(decision);
                 self.execute(actions, shared).await?;
             }
             Event::FinishUpdate {
                 client,
+                conn,
                 round,
                 result,
                 reply,
             } => {
+                if self.uploads.get(&client) != Some(&conn) {
+                    // A superseded connection's upload: already written off.
+                    let _ = reply.send(UpdateReceipt::Rejected(RejectReason::RoundClosed));
+                    return Ok(());
+                }
+                self.uploads.remove(&client);
                 let receipt = self
                     .finish_update(client, round, result, shared, now)
                     .await?;
@@ -1380,6 +1547,11 @@ impl Hub {
             match answers {
                 Ok(mut answers) => {
                     s.deadline = now + timeout;
+                    self.metrics.observe_phase(
+                        phase.as_str(),
+                        now.saturating_duration_since(s.phase_started),
+                    );
+                    s.phase_started = now;
                     debug!(round = %round, phase = phase.as_str(), members = answers.len(), "secure aggregation phase closed");
                     let answered: HashSet<Pseudonym> = answers.keys().copied().collect();
                     for (client, tx) in s.waiters.drain() {
@@ -1424,6 +1596,11 @@ impl Hub {
         match s.session.close_masked_input() {
             Ok(requests) => {
                 s.deadline = now + timeout;
+                self.metrics.observe_phase(
+                    SecAggPhase::MaskedInput.as_str(),
+                    now.saturating_duration_since(s.phase_started),
+                );
+                s.phase_started = now;
                 s.requests = requests.into_iter().collect();
                 for (client, tx) in s.waiters.drain() {
                     let _ = tx.send(match s.requests.get(&client) {
@@ -1453,6 +1630,7 @@ impl Hub {
             session,
             waiters,
             commit: Some((base, new_version, stats)),
+            phase_started,
             ..
         }) = self.secagg.take()
         else {
@@ -1465,6 +1643,10 @@ impl Hub {
             .map_err(|e| ServeError::Internal(format!("unmasking panicked: {e}")))?;
         match finished {
             Ok((sum, count)) => {
+                self.metrics.observe_phase(
+                    SecAggPhase::Unmask.as_str(),
+                    now.saturating_duration_since(phase_started) + started.elapsed(),
+                );
                 info!(
                     round = %round,
                     survivors = count,
@@ -1511,13 +1693,34 @@ impl Hub {
             record.ended_unix_ms = Some(unix_ms_now());
             self.store.put_round(&record)?;
         }
-        self.summary.rounds_aborted += 1;
+        self.count_round(false);
         self.write_status();
         Ok(self.machine.commit_failed(round, now))
     }
 
+    /// Counts an ended round in the run summary and the metrics.
+    fn count_round(&mut self, committed: bool) {
+        let outcome = if committed {
+            self.summary.rounds_committed += 1;
+            "committed"
+        } else {
+            self.summary.rounds_aborted += 1;
+            "aborted"
+        };
+        self.metrics
+            .rounds
+            .get_or_create(&Outcome { outcome })
+            .inc();
+    }
+
     /// Counts a refused update by reason, for the run and its round.
     fn count_rejection(&mut self, reason: RejectReason) {
+        self.metrics
+            .rejected
+            .get_or_create(&Reason {
+                reason: reason.as_str(),
+            })
+            .inc();
         *self
             .summary
             .rejected
@@ -1561,7 +1764,7 @@ impl Hub {
         &mut self,
         client: Pseudonym,
         round_id: RoundId,
-        result: Result<Received, RejectReason>,
+        result: Result<Received, Undelivered>,
         shared: &Shared,
         now: Instant,
     ) -> Result<UpdateReceipt, ServeError> {
@@ -1595,6 +1798,7 @@ impl Hub {
                 }
                 match self.machine.accept_update(client, round_id, now) {
                     Ok(actions) => {
+                        self.metrics.updates_accepted.inc();
                         if let Some(round) = &mut self.round {
                             // Under DP every update weighs the same: weighting by
                             // example count would let one client's count leak.
@@ -1649,12 +1853,27 @@ impl Hub {
                     }
                 }
             }
-            Err(reason) => {
+            Err(Undelivered::Rejected(reason)) => {
                 warn!(client = %client, "rejected update: {reason}");
                 self.count_rejection(reason);
                 let actions = self.machine.reject_update(client, round_id, now);
                 self.execute(actions, shared).await?;
                 Ok(UpdateReceipt::Rejected(reason))
+            }
+            Err(Undelivered::Abandoned) => {
+                debug!(client = %client, "upload abandoned by the client");
+                let actions = self.machine.reject_update(client, round_id, now);
+                self.execute(actions, shared).await?;
+                Ok(UpdateReceipt::Rejected(RejectReason::RoundClosed))
+            }
+            Err(Undelivered::Interrupted) => {
+                // Not the client's fault: it may send the update again.
+                debug!(client = %client, "upload cut off by a lost connection");
+                self.metrics.uploads_interrupted.inc();
+                let actions = self.machine.upload_interrupted(client, round_id, now);
+                self.execute(actions, shared).await?;
+                // Nobody reads this receipt: the stream is gone.
+                Ok(UpdateReceipt::Rejected(RejectReason::RoundClosed))
             }
         }
     }
@@ -1718,6 +1937,7 @@ impl Hub {
                             ),
                             waiters: HashMap::new(),
                             deadline: now + sa.phase_timeout,
+                            phase_started: now,
                             phase_timeout: sa.phase_timeout,
                             requests: HashMap::new(),
                             commit: None,
@@ -1743,6 +1963,7 @@ impl Hub {
                         rejected: Default::default(),
                     };
                     self.store.begin_round(&record)?;
+                    self.metrics.selected.set(cohort.len() as i64);
                     info!(round = %round, base = %base, cohort = cohort.len(), "round started");
                     let package = Arc::new(TaskPackage {
                         task,
@@ -1764,8 +1985,9 @@ impl Hub {
                         loss_weighted: 0.0,
                         examples: 0.0,
                         within_clip: 0,
-                        bytes_up_start: shared.bytes_up.load(Ordering::Relaxed),
-                        bytes_down_start: shared.bytes_down.load(Ordering::Relaxed),
+                        bytes_up_start: shared.metrics.bytes_in.get(),
+                        bytes_down_start: shared.metrics.bytes_out.get(),
+                        started: now,
                     });
                     for client in cohort {
                         let sent = self
@@ -1774,7 +1996,7 @@ impl Hub {
                             .map(|(_, tx)| tx.send(Assignment::Task(package.clone())).is_ok())
                             .unwrap_or(false);
                         if !sent {
-                            queue.extend(self.machine.disconnected(client, now));
+                            queue.extend(self.machine.disconnected(client, false, now));
                         }
                     }
                     self.write_status();
@@ -1798,6 +2020,9 @@ impl Hub {
                         queue.extend(self.machine.commit_failed(round, now));
                         continue;
                     };
+                    self.metrics
+                        .observe_phase("collect", now.saturating_duration_since(progress.started));
+                    self.metrics.participants.set(stats.accepted as i64);
                     let mut record = progress.record;
                     record.accepted = stats.accepted;
                     record.dropped = stats.dropped;
@@ -1811,7 +2036,7 @@ impl Hub {
                         record.outcome = RoundOutcome::Aborted {
                             reason: format!("discarded: {below}"),
                         };
-                        self.summary.rounds_aborted += 1;
+                        self.count_round(false);
                         self.store.put_round(&record)?;
                         queue.extend(self.machine.commit_failed(round, now));
                         self.write_status();
@@ -1819,10 +2044,8 @@ impl Hub {
                     }
                     record.mean_client_loss = (progress.examples > 0.0)
                         .then(|| (progress.loss_weighted / progress.examples) as f32);
-                    record.bytes_up =
-                        shared.bytes_up.load(Ordering::Relaxed) - progress.bytes_up_start;
-                    record.bytes_down =
-                        shared.bytes_down.load(Ordering::Relaxed) - progress.bytes_down_start;
+                    record.bytes_up = shared.metrics.bytes_in.get() - progress.bytes_up_start;
+                    record.bytes_down = shared.metrics.bytes_out.get() - progress.bytes_down_start;
                     record.outcome = RoundOutcome::Committed {
                         version: new_version,
                     };
@@ -1835,9 +2058,14 @@ impl Hub {
                             round,
                         )
                         .await;
+                    self.metrics.observe_phase("commit", now.elapsed());
                     match committed {
                         Ok(record) => {
-                            self.summary.rounds_committed += 1;
+                            self.count_round(true);
+                            self.metrics.model_version.set(new_version.0 as i64);
+                            if let Some(epsilon) = record.epsilon {
+                                self.metrics.epsilon.set(epsilon);
+                            }
                             info!(
                                 round = %round,
                                 version = %new_version,
@@ -1860,7 +2088,7 @@ impl Hub {
                             record.outcome = RoundOutcome::Aborted {
                                 reason: format!("commit failed: {e}"),
                             };
-                            self.summary.rounds_aborted += 1;
+                            self.count_round(false);
                             self.store.put_round(&record)?;
                             queue.extend(self.machine.commit_failed(round, now));
                         }
@@ -1885,7 +2113,7 @@ impl Hub {
                         record.ended_unix_ms = Some(unix_ms_now());
                         self.store.put_round(&record)?;
                     }
-                    self.summary.rounds_aborted += 1;
+                    self.count_round(false);
                     warn!(
                         round = %round,
                         accepted = stats.accepted,
@@ -2134,7 +2362,7 @@ impl Hub {
                 asked.insert(client);
             }
             // Out of the pool while it evaluates; it checks in again after.
-            actions.extend(self.machine.disconnected(client, now));
+            actions.extend(self.machine.disconnected(client, false, now));
         }
         info!(id, clients = asked.len(), "federated evaluation started");
         self.evaluation = Some(PendingEval {

@@ -255,3 +255,111 @@ async fn under_distributed_dp_an_unnoised_update_is_refused() {
         1
     );
 }
+
+/// A UDP relay between one client and the server that black-holes all
+/// traffic for `cut_for`, once `cut_after` bytes went towards the server:
+/// a network that fails in the middle of an upload.
+async fn flaky_relay(
+    server: std::net::SocketAddr,
+    cut_after: u64,
+    cut_for: Duration,
+) -> std::net::SocketAddr {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    };
+    use tokio::net::UdpSocket;
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = front.local_addr().unwrap();
+    let upstream_bytes = Arc::new(AtomicU64::new(0));
+    let cut: Arc<Mutex<Option<tokio::time::Instant>>> = Arc::new(Mutex::new(None));
+    let is_cut = {
+        let cut = cut.clone();
+        move || {
+            cut.lock()
+                .unwrap()
+                .is_some_and(|from| from.elapsed() < cut_for)
+        }
+    };
+    tokio::spawn(async move {
+        let mut upstreams: std::collections::HashMap<std::net::SocketAddr, Arc<UdpSocket>> =
+            Default::default();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, from)) = front.recv_from(&mut buf).await else {
+                return;
+            };
+            let upstream = match upstreams.get(&from) {
+                Some(u) => u.clone(),
+                None => {
+                    let u = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                    u.connect(server).await.unwrap();
+                    upstreams.insert(from, u.clone());
+                    let (front, u2, is_cut) = (front.clone(), u.clone(), is_cut.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(n) = u2.recv(&mut buf).await {
+                            if !is_cut() {
+                                let _ = front.send_to(&buf[..n], from).await;
+                            }
+                        }
+                    });
+                    u
+                }
+            };
+            let total = upstream_bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+            if total > cut_after {
+                cut.lock()
+                    .unwrap()
+                    .get_or_insert_with(tokio::time::Instant::now);
+            }
+            if !is_cut() {
+                let _ = upstream.send(&buf[..n]).await;
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cut_off_mid_upload_reconnects_and_the_round_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Every member is needed: the round can only commit if the cut-off
+    // update arrives after all.
+    let mut config = config("2nn", 2, 3);
+    config.server.idle_timeout_secs = 2;
+    config.server.keep_alive_secs = 1;
+    config.rounds.rejoin_grace_secs = 20.0;
+    let state = init(tmp.path(), &config);
+    let bundles = enroll(&state, &["a", "b", "c"]);
+    let (addr, server) = start(&state);
+    // The 2NN update is 797 kB; the handshake, check-in and acknowledgements
+    // of the model download send far less than 200 kB towards the server.
+    let relay = flaky_relay(addr, 200_000, Duration::from_secs(4)).await;
+    let clients = spawn_scripted(&bundles[..2], addr, Duration::ZERO);
+    let cut_off = {
+        let bundle = bundles[2].clone();
+        tokio::spawn(async move {
+            let trainer = Box::new(ScriptedTrainer {
+                id: 2,
+                pause: Duration::ZERO,
+            });
+            covey_client::run(&bundle, trainer, options(relay))
+                .await
+                .unwrap()
+        })
+    };
+    let summary = server.await.unwrap();
+    assert_eq!(summary.final_version, 2);
+    assert_eq!(summary.rounds_aborted, 0);
+    let cut_off = cut_off.await.unwrap();
+    assert!(cut_off.connections >= 2, "the relay never cut the link");
+    assert_eq!(cut_off.updates_accepted, 2);
+    for c in clients {
+        assert_eq!(c.await.unwrap().updates_accepted, 2);
+    }
+    let rounds = state.open_store().unwrap().rounds().unwrap();
+    assert!(rounds.iter().all(|r| r.accepted == 3), "{rounds:?}");
+    // An interruption is not the client's fault: nothing was rejected.
+    assert!(summary.rejected.is_empty(), "{:?}", summary.rejected);
+}
