@@ -978,6 +978,17 @@ async fn send_update(
 ) -> Result<(UpdateReceipt, u64), ConverseError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     write_message(&mut send, &Message::Update(upload.header.clone())).await?;
+    // The server says when it has room, or refuses at once.
+    match read_message(&mut recv, FrameLimits::default()).await? {
+        Message::SendUpdate => {}
+        Message::UpdateReceipt(receipt) => return Ok((receipt, 0)),
+        other => {
+            return Err(ConverseError::Stream(StreamError::Unexpected {
+                expected: "SendUpdate or UpdateReceipt",
+                got: other.kind(),
+            }));
+        }
+    }
     let plan = ChunkPlan::new(upload.header.param_count as usize, upload.chunk_len);
     let sent = match &upload.update {
         Outgoing::Floats(values) => {

@@ -29,7 +29,9 @@ pub const ADMIN_ALPN: &[u8] = b"covey-admin/1";
 /// clearly.
 /// 2: tasks carry the update privacy settings, updates the clip count.
 /// 3: secure aggregation (tasks say whether, `SecAgg` messages).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 4: certificate renewal (`Renew`, `Renewed`).
+/// 5: updates wait for `SendUpdate`, so waiting uploads hold no server memory.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The DNS name the server certificate carries and clients verify; an
 /// enrollment-internal name, so certificates never embed an address.

@@ -44,6 +44,10 @@ pub enum Message {
     Renew(RenewRequest),
     /// The renewed certificate, for the key the request proved.
     Renewed(RenewedCertificate),
+    /// Server → client after `Update`: a buffer is free, send the chunks
+    /// now. Until then nothing of the update is in flight, so thousands of
+    /// waiting uploads cost the server nothing.
+    SendUpdate,
 }
 
 /// A fresh P-256 public key (uncompressed SEC1 point) and, signed with it,
@@ -78,6 +82,7 @@ impl Message {
             Self::SecAgg(_) => "SecAgg",
             Self::Renew(_) => "Renew",
             Self::Renewed(_) => "Renewed",
+            Self::SendUpdate => "SendUpdate",
         }
     }
 }

@@ -818,6 +818,17 @@ async fn handshake(conn: &quinn::Connection, shared: &Shared) -> Result<(), Opti
     Ok(())
 }
 
+/// Finishes a model download and waits until the client has it all, so the
+/// download permit (held by the caller) bounds what sits in send buffers,
+/// not just what is being written.
+async fn settle(send: &mut quinn::SendStream, conn: &quinn::Connection) {
+    let _ = send.finish();
+    tokio::select! {
+        _ = send.stopped() => {}
+        _ = conn.closed() => {}
+    }
+}
+
 async fn ask<T>(shared: &Shared, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Option<T> {
     let (tx, rx) = oneshot::channel();
     shared.events.send(make(tx)).await.ok()?;
@@ -871,6 +882,7 @@ async fn serve_stream(
                     if let Ok(n) = sent {
                         shared.metrics.bytes_out.inc_by(n);
                     }
+                    settle(&mut send, conn).await;
                 }
                 Some(Assignment::Evaluate(pkg)) => {
                     let _permit = shared.downloads.acquire().await;
@@ -890,6 +902,7 @@ async fn serve_stream(
                     if let Ok(n) = sent {
                         shared.metrics.bytes_out.inc_by(n);
                     }
+                    settle(&mut send, conn).await;
                 }
                 Some(Assignment::Finished(version)) => {
                     let _ = write_message(
@@ -940,12 +953,17 @@ async fn serve_stream(
                     return Ok(());
                 }
             };
-            // Bounds how many model-sized buffers exist at once.
+            // Bounds how many model-sized buffers exist at once; the client
+            // sends nothing until it has one.
             let permit = shared.uploads.acquire().await;
             let limits = FrameLimits {
                 max_frame: shared.limits.max_frame,
             };
+            let go = write_message(&mut send, &Message::SendUpdate).await;
             let read = match payload {
+                _ if go.is_err() => Err(StreamError::Io(std::io::Error::other(
+                    "stream closed before the update was sent",
+                ))),
                 Payload::Floats(encoding) => read_tensor(&mut recv, plan, encoding, limits)
                     .await
                     .map(|v| (Values::Floats(v), plan.wire_bytes(encoding))),

@@ -110,6 +110,12 @@ async fn a_nan_update_is_rejected_with_a_reason_and_never_aggregated() {
         write_message(&mut send, &Message::Update(header))
             .await
             .unwrap();
+        assert_eq!(
+            read_message(&mut recv, FrameLimits::default())
+                .await
+                .unwrap(),
+            Message::SendUpdate
+        );
         let mut values = vec![0.0f32; n];
         values[5] = f32::NAN;
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);

@@ -261,6 +261,14 @@ pub async fn send_update(
     write_message(&mut send, &Message::Update(header))
         .await
         .unwrap();
+    // A refusal comes at once; otherwise the server asks for the chunks.
+    match read_message(&mut recv, FrameLimits::default())
+        .await
+        .unwrap()
+    {
+        Message::SendUpdate => {}
+        refusal => return refusal,
+    }
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
     let _ =
         covey_protocol::io::write_tensor(&mut send, values, plan, UpdateEncoding::F32, &mut rng)
