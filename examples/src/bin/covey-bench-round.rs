@@ -1,10 +1,11 @@
-//! One round on loopback with many clients and CNN-sized synthetic updates
-//! (no training): wall time, bytes moved and the server's peak memory, for
-//! each update encoding. The server runs as its own `covey-server` process
+//! One round on loopback with many clients and synthetic updates (no
+//! training; CNN-sized by default): wall time, bytes moved and the server's
+//! peak memory, for each update encoding. The server runs as its own `covey-server` process
 //! so its memory is measured alone.
 //!
 //! `cargo build --release -p covey-server -p covey-examples &&
-//!  target/release/covey-bench-round --clients 100`
+//!  target/release/covey-bench-round --clients 100`; the load test is
+//! `--clients 1000 --model 2nn`.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -30,6 +31,9 @@ struct Args {
     /// Encodings to measure (comma-separated).
     #[arg(long, default_value = "f32,f16,bf16,int8", value_delimiter = ',')]
     encodings: Vec<UpdateEncoding>,
+    /// Model architecture: cnn (1,663,370 parameters), 2nn or logreg.
+    #[arg(long, default_value = "cnn")]
+    model: String,
     /// The covey-server binary (defaults to the one beside this binary).
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -65,9 +69,9 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "| encoding | clients | round wall time (s) | bytes up | bytes down | server peak RSS (MiB) |"
+        "| model | encoding | clients | round wall time (s) | bytes up | bytes down | server peak RSS (MiB) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     let runtime = tokio::runtime::Runtime::new()?;
     for encoding in args.encodings {
         let tmp = tempfile::tempdir()?;
@@ -77,7 +81,7 @@ fn main() -> Result<()> {
         let mut config = ServerConfig::default();
         config.server.listen = format!("127.0.0.1:{port}").parse()?;
         config.server.public_addr = config.server.listen.to_string();
-        config.model.architecture = "cnn".into();
+        config.model.architecture = args.model.clone();
         config.rounds.rounds = 1;
         config.rounds.clients_per_round = args.clients;
         config.rounds.min_clients = args.clients;
@@ -134,7 +138,8 @@ fn main() -> Result<()> {
         let report = covey_server::status::Report::from_store(&state.open_store()?, false)?;
         let round = report.rounds.first().context("no round recorded")?;
         println!(
-            "| {encoding} | {} | {:.2} (process {:.2}) | {} | {} | {:.0} |",
+            "| {} | {encoding} | {} | {:.2} (process {:.2}) | {} | {} | {:.0} |",
+            args.model,
             args.clients,
             round.seconds.unwrap_or(f64::NAN),
             wall.as_secs_f64(),
