@@ -265,6 +265,9 @@ struct Shared {
     next_conn: AtomicU64,
     metrics: Arc<Metrics>,
     connection_limits: Arc<Limits>,
+    /// A connection that says nothing holds a slot; it gets this long (the
+    /// idle timeout) to say Hello.
+    hello_timeout: Duration,
     /// Who may connect, and in which role.
     admitted: Arc<Admitted>,
 }
@@ -424,6 +427,7 @@ impl Server {
             next_conn: AtomicU64::new(1),
             metrics: metrics.clone(),
             connection_limits: Arc::new(Limits::new(&config.server)),
+            hello_timeout: Duration::from_secs(config.server.idle_timeout_secs),
             admitted: admitted.clone(),
         });
         let hub = Hub {
@@ -707,11 +711,12 @@ async fn serve_connection(
     id: u64,
     shared: Arc<Shared>,
 ) {
-    let handshake = tokio::time::timeout(HELLO_TIMEOUT, handshake(&conn, &shared));
+    let hello_timeout = shared.hello_timeout;
+    let handshake = tokio::time::timeout(hello_timeout, handshake(&conn, &shared));
     match handshake.await.unwrap_or_else(|_| {
         Err(Some(PeerFault::new(
             CloseCode::ProtocolViolation,
-            format!("no Hello within {}s", HELLO_TIMEOUT.as_secs()),
+            format!("no Hello within {}s", hello_timeout.as_secs()),
         )))
     }) {
         Ok(()) => {}
@@ -775,9 +780,6 @@ fn link_lost(conn: &quinn::Connection) -> bool {
         Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset)
     )
 }
-
-/// A connection that says nothing holds a slot; it gets this long to speak.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The first stream: `Hello` → `Welcome`, or a clear refusal.
 async fn handshake(conn: &quinn::Connection, shared: &Shared) -> Result<(), Option<PeerFault>> {
