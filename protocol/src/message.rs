@@ -226,6 +226,8 @@ pub enum RejectReason {
     ClipExceeded,
     /// The update ignored the task's privacy settings.
     PrivacyMismatch,
+    /// Buffered mode: the update's base is too many versions old.
+    Stale,
 }
 
 impl RejectReason {
@@ -240,6 +242,7 @@ impl RejectReason {
             Self::NoExamples => "no examples",
             Self::ClipExceeded => "norm above clip",
             Self::PrivacyMismatch => "privacy settings ignored",
+            Self::Stale => "base version too stale",
         }
     }
 }

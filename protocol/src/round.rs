@@ -158,6 +158,14 @@ pub enum Action<C> {
         new_version: ModelVersion,
         stats: RoundStats,
     },
+    /// Buffered mode: send `client` the task of `round` (training on
+    /// `base`), due by `deadline`.
+    Assign {
+        client: C,
+        round: RoundId,
+        base: ModelVersion,
+        deadline: Instant,
+    },
     /// Discard whatever was aggregated for `round`.
     Abort {
         round: RoundId,

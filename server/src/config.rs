@@ -11,6 +11,7 @@ use covey_privacy::{
 };
 use covey_protocol::{
     ModelVersion, UpdateEncoding,
+    buffered::BufferConfig,
     message::Hyperparameters,
     model::{Architecture, ModelSpec},
     round::{RoundConfig, Selection},
@@ -291,11 +292,60 @@ pub struct Rounds {
     pub selection_seed: u64,
     #[serde(default = "Rounds::default_rejoin_grace_secs")]
     pub rejoin_grace_secs: f64,
+    /// `sync` (rounds) or `fedbuff` (asynchronous buffered aggregation).
+    #[serde(default = "Rounds::default_mode")]
+    pub mode: String,
+    /// FedBuff: clients training at once; 0 means twice clients_per_round.
+    #[serde(default)]
+    pub concurrency: usize,
+    /// FedBuff: updates whose base is more versions old are refused.
+    #[serde(default = "Rounds::default_max_staleness")]
+    pub max_staleness: u64,
 }
 
 impl Rounds {
     fn default_rejoin_grace_secs() -> f64 {
         10.0
+    }
+    fn default_mode() -> String {
+        "sync".into()
+    }
+    fn default_max_staleness() -> u64 {
+        4
+    }
+
+    pub fn is_fedbuff(&self) -> bool {
+        self.mode == "fedbuff"
+    }
+
+    /// FedBuff's buffer, or `None` in synchronous mode.
+    fn buffer(&self) -> Result<Option<BufferConfig>, ConfigError> {
+        match self.mode.as_str() {
+            "sync" => Ok(None),
+            "fedbuff" => {
+                let size = self.clients_per_round;
+                let config = BufferConfig {
+                    size,
+                    concurrency: if self.concurrency == 0 {
+                        2 * size
+                    } else {
+                        self.concurrency
+                    },
+                    max_staleness: self.max_staleness,
+                    task_timeout: Duration::from_secs_f64(self.round_timeout_secs),
+                    rejoin_grace: Duration::from_secs_f64(self.rejoin_grace_secs),
+                    target_version: ModelVersion(self.rounds),
+                };
+                config
+                    .validate()
+                    .map_err(|e| invalid("rounds.concurrency", e.to_string()))?;
+                Ok(Some(config))
+            }
+            other => Err(invalid(
+                "rounds.mode",
+                format!("unknown mode '{other}': expected sync or fedbuff"),
+            )),
+        }
     }
 }
 
@@ -430,8 +480,15 @@ impl Privacy {
                 ),
             ));
         }
-        let q = SamplingRate::new(clients_per_round as f64 / self.population as f64)
-            .map_err(|e| invalid("privacy.population", e.to_string()))?;
+        // FedBuff picks whoever is free, not a Poisson sample: no
+        // amplification by sampling is claimed (q = 1).
+        let rate = if rounds.is_fedbuff() {
+            1.0
+        } else {
+            clients_per_round as f64 / self.population as f64
+        };
+        let q =
+            SamplingRate::new(rate).map_err(|e| invalid("privacy.population", e.to_string()))?;
         let delta = Delta::new(self.delta).map_err(|e| invalid("privacy.delta", e.to_string()))?;
         if !(self.target_epsilon.is_finite() && self.target_epsilon > 0.0) {
             return Err(invalid(
@@ -524,6 +581,9 @@ impl Default for ServerConfig {
                 round_timeout_secs: 600.0,
                 selection_seed: 0,
                 rejoin_grace_secs: Rounds::default_rejoin_grace_secs(),
+                mode: Rounds::default_mode(),
+                concurrency: 0,
+                max_staleness: Rounds::default_max_staleness(),
             },
             training: Training {
                 epochs: 1,
@@ -565,6 +625,8 @@ pub struct Settings {
     pub dp: Option<DpSettings>,
     /// Secure aggregation, when on (with distributed DP).
     pub secagg: Option<SecAggSettings>,
+    /// FedBuff's buffer, in buffered mode.
+    pub buffer: Option<BufferConfig>,
     pub min_cohort: MinCohort,
     pub retention: Retention,
 }
@@ -738,6 +800,30 @@ impl ServerConfig {
             }
             _ => {}
         }
+        let buffer = r.buffer()?;
+        if buffer.is_some() {
+            // FedBuff sees updates one at a time, against a moving model.
+            let refusal = if self.secure_aggregation.enabled {
+                Some("secure aggregation needs a fixed cohort per round")
+            } else if dp
+                .as_ref()
+                .is_some_and(|d| matches!(d.mode, DpMode::Distributed(_)))
+            {
+                Some("distributed DP sizes each client's noise for a fixed cohort")
+            } else if aggregator != Aggregator::Mean {
+                Some(
+                    "robust aggregators compare a round's updates, which FedBuff never holds together",
+                )
+            } else {
+                None
+            };
+            if let Some(why) = refusal {
+                return Err(invalid(
+                    "rounds.mode",
+                    format!("fedbuff cannot be combined with this config: {why}"),
+                ));
+            }
+        }
         self.storage.kek_source()?;
         let min_cohort = MinCohort::new(self.compliance.min_cohort)
             .map_err(|e| invalid("compliance.min_cohort", e.to_string()))?;
@@ -773,6 +859,7 @@ impl ServerConfig {
             optimizer,
             aggregator,
             secagg: self.secure_aggregation.settings(dp.as_ref(), spec, r)?,
+            buffer,
             dp,
             min_cohort,
             retention: self.compliance.retention()?,
@@ -838,6 +925,15 @@ selection_seed = {selection_seed}
 # Seconds a selected client whose connection broke (mid-upload, say) may take to reconnect
 # and send its update before it counts as dropped; 0 drops it at once.
 rejoin_grace_secs = {rejoin_grace_secs:?}
+# sync: rounds (select a cohort, wait for it or the deadline, commit). fedbuff: asynchronous
+# buffered aggregation (Nguyen et al. 2022): free clients train on the newest model, and every
+# clients_per_round updates are applied, each weighted 1/sqrt(1 + staleness). round_timeout_secs
+# is then each task's deadline. Works with central DP (no amplification by sampling is claimed).
+mode = "{mode}"
+# fedbuff: clients training at once (0 = twice clients_per_round).
+concurrency = {concurrency}
+# fedbuff: updates whose base version is more than this many versions old are refused.
+max_staleness = {max_staleness}
 
 [training]
 # Local epochs per round (E).
@@ -977,6 +1073,9 @@ kek = "{kek}"
             round_timeout_secs = r.round_timeout_secs,
             selection_seed = r.selection_seed,
             rejoin_grace_secs = r.rejoin_grace_secs,
+            mode = r.mode,
+            concurrency = r.concurrency,
+            max_staleness = r.max_staleness,
             epochs = t.epochs,
             batch_size = t.batch_size,
             learning_rate = t.learning_rate,
@@ -1155,6 +1254,57 @@ mod tests {
         c.privacy.mode = "local".into();
         let err = c.settings().unwrap_err().to_string();
         assert!(err.contains("privacy.mode"), "{err}");
+    }
+
+    #[test]
+    fn fedbuff_is_configured_and_refused_where_it_cannot_work() {
+        let mut c = ServerConfig::default();
+        c.rounds.mode = "fedbuff".into();
+        c.rounds.clients_per_round = 4;
+        c.rounds.min_clients = 4;
+        c.rounds.quorum = 4;
+        c.rounds.concurrency = 6;
+        c.rounds.max_staleness = 3;
+        let text = c.to_documented_toml();
+        let back: ServerConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+        let buffer = back.settings().unwrap().buffer.unwrap();
+        assert_eq!(
+            (buffer.size, buffer.concurrency, buffer.max_staleness),
+            (4, 6, 3)
+        );
+
+        // Central DP claims no amplification by sampling in FedBuff.
+        c.privacy.mode = "central".into();
+        c.privacy.population = 1000;
+        let dp = c.settings().unwrap().dp.unwrap();
+        assert_eq!(dp.sampling_rate.get(), 1.0);
+        assert_eq!(dp.expected_cohort, 4.0);
+        c.privacy.mode = "off".into();
+
+        for (edit, why) in [
+            (
+                (|c: &mut ServerConfig| c.rounds.concurrency = 3) as fn(&mut ServerConfig),
+                "concurrency",
+            ),
+            (|c| c.rounds.mode = "async".into(), "unknown mode 'async'"),
+            (
+                |c| c.aggregation.aggregator = "median".into(),
+                "robust aggregators",
+            ),
+            (
+                |c| {
+                    c.privacy.mode = "distributed".into();
+                    c.privacy.population = 100;
+                },
+                "distributed DP",
+            ),
+        ] {
+            let mut bad = c.clone();
+            edit(&mut bad);
+            let err = bad.settings().unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
     }
 
     #[test]

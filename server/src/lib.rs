@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod pki;
 pub mod report;
 pub mod robust;
+pub mod schedule;
 pub mod sealing;
 pub mod serve;
 pub mod status;

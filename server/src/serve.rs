@@ -25,6 +25,7 @@ use covey_privacy::{
 };
 use covey_protocol::{
     ADMIN_ALPN, ModelVersion, PROTOCOL_VERSION, RoundId, UpdateEncoding,
+    buffered::Buffered,
     frame::{FrameError, FrameLimits},
     identity::renewal_message,
     io::{StreamError, read_message, read_tensor, read_words, write_message, write_tensor},
@@ -60,6 +61,7 @@ use crate::{
     pki::{self, Admitted},
     report::ComplianceReport,
     robust::Aggregator,
+    schedule::Machine,
     status,
     status::Report,
     store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
@@ -360,18 +362,27 @@ impl Server {
         };
         let version = store.current_version()?;
         let model = store.model(version)?.weights;
-        let mut machine = Coordinator::new(
-            settings.round.clone(),
-            version,
-            store.next_round()?,
-            config.rounds.selection_seed ^ version.0,
-        )
-        .map_err(|e| {
+        let invalid_rounds = |problem: String| {
             DirError::from(crate::config::ConfigError::Invalid {
                 setting: "rounds",
-                problem: e.to_string(),
+                problem,
             })
-        })?;
+        };
+        let mut machine = match &settings.buffer {
+            None => Machine::Rounds(
+                Coordinator::new(
+                    settings.round.clone(),
+                    version,
+                    store.next_round()?,
+                    config.rounds.selection_seed ^ version.0,
+                )
+                .map_err(|e| invalid_rounds(e.to_string()))?,
+            ),
+            Some(buffer) => Machine::Buffered(
+                Buffered::new(buffer.clone(), version, store.next_round()?)
+                    .map_err(|e| invalid_rounds(e.to_string()))?,
+            ),
+        };
         let privacy = match settings.dp {
             None => None,
             Some(dp) => {
@@ -432,6 +443,7 @@ impl Server {
         });
         let hub = Hub {
             machine,
+            package: None,
             optimizer_state: store.optimizer_state()?,
             store: Arc::new(store),
             settings,
@@ -1114,7 +1126,9 @@ struct RoundInProgress {
 
 /// Owns the state machine and everything a commit touches.
 struct Hub {
-    machine: Coordinator<Pseudonym>,
+    machine: Machine,
+    /// The task of the round (or FedBuff buffer) in progress.
+    package: Option<Arc<TaskPackage>>,
     store: Arc<Store>,
     settings: Settings,
     chunk_len: u32,
@@ -1438,7 +1452,7 @@ impl Hub {
             RejectReason::PrivacyMismatch
         } else if header.param_count != values as u64
             || header.payload != payload
-            || header.base_version != round.record.base
+            || self.machine.expected_base(&client, round.record.base) != Some(header.base_version)
         {
             RejectReason::ShapeMismatch
         } else if header.num_examples == 0 {
@@ -1816,13 +1830,18 @@ impl Hub {
                     self.execute(actions, shared).await?;
                     return Ok(UpdateReceipt::Rejected(reason));
                 }
+                // Read before the machine forgets the client's task.
+                let staleness_weight = self.machine.update_weight(&client);
                 match self.machine.accept_update(client, round_id, now) {
                     Ok(actions) => {
                         self.metrics.updates_accepted.inc();
                         if let Some(round) = &mut self.round {
-                            // Under DP every update weighs the same: weighting by
-                            // example count would let one client's count leak.
-                            let weight = if self.privacy.is_some() {
+                            // FedBuff weighs by staleness alone. Under DP every
+                            // update weighs the same: weighting by example
+                            // count would let one client's count leak.
+                            let weight = if self.machine.is_buffered() {
+                                staleness_weight
+                            } else if self.privacy.is_some() {
                                 1.0
                             } else {
                                 update.num_examples as f64
@@ -1989,6 +2008,7 @@ impl Hub {
                         task,
                         model: self.model.clone(),
                     });
+                    self.package = Some(package.clone());
                     self.round = Some(RoundInProgress {
                         record,
                         sum: match self.ring_quantizer() {
@@ -2020,6 +2040,36 @@ impl Hub {
                         }
                     }
                     self.write_status();
+                }
+                Action::Assign {
+                    client,
+                    round,
+                    base,
+                    deadline,
+                } => {
+                    let Some(current) = self
+                        .package
+                        .as_ref()
+                        .filter(|p| p.task.round == round && p.task.base_version == base)
+                    else {
+                        queue.extend(self.machine.disconnected(client, false, now));
+                        continue;
+                    };
+                    let mut task = current.task.clone();
+                    task.deadline_ms = deadline.saturating_duration_since(now).as_millis() as u64;
+                    task.seed = self.rng.random();
+                    let package = Arc::new(TaskPackage {
+                        task,
+                        model: current.model.clone(),
+                    });
+                    let sent = self
+                        .waiters
+                        .remove(&client)
+                        .map(|(_, tx)| tx.send(Assignment::Task(package)).is_ok())
+                        .unwrap_or(false);
+                    if !sent {
+                        queue.extend(self.machine.disconnected(client, false, now));
+                    }
                 }
                 Action::Commit {
                     round,
@@ -2488,9 +2538,17 @@ impl Hub {
         // Under DP: noise on the sum, a fixed denominator, and the ledger
         // entry that goes into the same transaction as the version.
         let (mean, ledger) = match (&self.privacy, sum) {
-            (None, Aggregate::Weighted(sum)) => {
-                (sum.mean().map_err(|e| corrupt(e.to_string()))?, None)
-            }
+            (None, Aggregate::Weighted(sum)) => match &self.settings.buffer {
+                // FedBuff: the staleness-weighted sum over K, not a mean,
+                // so stale updates move the model less.
+                Some(buffer) => {
+                    let mut total = sum.into_sum().map_err(|e| corrupt(e.to_string()))?;
+                    let inv = 1.0 / buffer.size as f32;
+                    total.iter_mut().for_each(|v| *v *= inv);
+                    (total, None)
+                }
+                None => (sum.mean().map_err(|e| corrupt(e.to_string()))?, None),
+            },
             (Some(p), Aggregate::Ring { sum, count }) => {
                 if count == 0 {
                     return Err(corrupt("no update was aggregated".into()));

@@ -64,6 +64,17 @@ struct Args {
     /// Server learning rate.
     #[arg(long, default_value_t = 1.0)]
     server_lr: f32,
+    /// sync (rounds) or fedbuff (asynchronous buffered aggregation: an
+    /// aggregate every clients x fraction updates, weighted by staleness;
+    /// each --rounds step is then one aggregate).
+    #[arg(long, default_value = "sync")]
+    mode: String,
+    /// fedbuff: clients training at once (0 = twice the buffer).
+    #[arg(long, default_value_t = 0)]
+    concurrency: usize,
+    /// fedbuff: updates more versions old than this are refused.
+    #[arg(long, default_value_t = 4)]
+    max_staleness: u64,
     /// Rounds (R).
     #[arg(long, default_value_t = 5)]
     rounds: u64,
@@ -302,12 +313,20 @@ fn main() -> Result<()> {
     check.secure_aggregation = secagg_config(&args);
     check.compliance.min_cohort = args.min_cohort;
     check.aggregation.aggregator = args.aggregator.clone();
+    set_mode(&mut check, &args);
     check.settings()?;
     if !(0.0..1.0).contains(&args.dropout) {
         bail!("--dropout is a probability in [0, 1), got {}", args.dropout);
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(simulate(args))
+}
+
+/// The scheduling flags: sync rounds or FedBuff's buffer.
+fn set_mode(config: &mut ServerConfig, args: &Args) {
+    config.rounds.mode = args.mode.clone();
+    config.rounds.concurrency = args.concurrency;
+    config.rounds.max_staleness = args.max_staleness;
 }
 
 fn per_round(args: &Args) -> usize {
@@ -377,6 +396,7 @@ async fn simulate(args: Args) -> Result<()> {
     config.privacy = privacy_config(&args)?;
     config.secure_aggregation = secagg_config(&args);
     config.compliance.min_cohort = args.min_cohort;
+    set_mode(&mut config, &args);
     if args.dp != "off" {
         // Poisson sampling: the cohort varies, so commit with half of it.
         config.rounds.min_clients = args.clients;
