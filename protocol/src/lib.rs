@@ -7,6 +7,7 @@
 //! actions into I/O, so all the deciding is testable in memory.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod buffered;
 pub mod encoding;
 pub mod frame;

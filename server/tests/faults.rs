@@ -369,3 +369,40 @@ async fn a_client_cut_off_mid_upload_reconnects_and_the_round_completes() {
     // An interruption is not the client's fault: nothing was rejected.
     assert!(summary.rejected.is_empty(), "{:?}", summary.rejected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_mid_upload_is_dropped_after_the_grace_and_the_round_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = config("2nn", 1, 3);
+    config.rounds.quorum = 2;
+    config.server.idle_timeout_secs = 2;
+    config.server.keep_alive_secs = 1;
+    config.rounds.rejoin_grace_secs = 1.0;
+    let state = init(tmp.path(), &config);
+    let bundles = enroll(&state, &["a", "b", "killed"]);
+    let (addr, server) = start(&state);
+    // Its link goes silent mid-upload and never comes back, as when the
+    // device loses power: no close, no reset.
+    let relay = flaky_relay(addr, 200_000, Duration::from_secs(3600)).await;
+    let killed = {
+        let bundle = bundles[2].clone();
+        tokio::spawn(async move {
+            let trainer = Box::new(ScriptedTrainer {
+                id: 2,
+                pause: Duration::ZERO,
+            });
+            covey_client::run(&bundle, trainer, options(relay)).await
+        })
+    };
+    let clients = spawn_scripted(&bundles[..2], addr, Duration::from_millis(300));
+    let summary = server.await.unwrap();
+    killed.abort();
+    assert_eq!(summary.final_version, 1);
+    for c in clients {
+        assert_eq!(c.await.unwrap().updates_accepted, 1);
+    }
+    let round = &state.open_store().unwrap().rounds().unwrap()[0];
+    assert_eq!((round.selected, round.accepted, round.dropped), (3, 2, 1));
+    // Losing a device is not a rejection.
+    assert!(summary.rejected.is_empty(), "{:?}", summary.rejected);
+}
