@@ -1,5 +1,5 @@
 //! A few trials of the crash soak in CI: the server is SIGKILLed at random
-//! moments and restarted, and every run must finish with each model version
+//! moments and restarted, devices are killed and restarted too, and every run must finish with each model version
 //! committed exactly once and the exact final model. The full soak (20
 //! trials) is `covey-soak --trials 20`; its results are in BENCHMARKS.md.
 

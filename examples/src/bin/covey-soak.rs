@@ -1,7 +1,8 @@
 //! Crash soak: runs federations whose server is SIGKILLed at random moments
 //! (start-up, waiting, mid-round, mid-upload, mid-commit) and restarted,
-//! then checks that every run finished with no model version lost,
-//! duplicated or half-applied.
+//! and whose devices are killed at random moments and restarted, then
+//! checks that every run finished with no model version lost, duplicated
+//! or half-applied.
 //!
 //! The server runs in a child process (this binary, `serve` mode, which is
 //! `covey-server run`'s code path), so the kill is a real SIGKILL of a real
@@ -25,7 +26,7 @@ use covey_protocol::{
     message::{LocalMetrics, Task},
 };
 use covey_server::{Server, ServerConfig, StateDir, store::RoundOutcome};
-use rand::{Rng, SeedableRng};
+use rand::{Rng, SeedableRng, seq::SliceRandom};
 
 #[derive(Parser)]
 struct Args {
@@ -42,6 +43,10 @@ struct Args {
     rounds: u64,
     #[arg(long, default_value_t = 3)]
     clients: u32,
+    /// Devices killed per federation (their task aborted mid-whatever,
+    /// connection and all) and started again with the same identity.
+    #[arg(long, default_value_t = 2)]
+    client_kills: u32,
     /// Latest moment of a kill after a (re)start, in milliseconds.
     #[arg(long, default_value_t = 1500)]
     max_kill_ms: u64,
@@ -162,6 +167,11 @@ fn run_trial(args: &Args, trial: u32) -> Result<String> {
     config.rounds.clients_per_round = args.clients as usize;
     config.rounds.quorum = args.clients as usize;
     config.rounds.round_timeout_secs = 30.0;
+    // A killed device sends nothing: notice within seconds, not the
+    // production defaults' half minute.
+    config.server.idle_timeout_secs = 3;
+    config.server.keep_alive_secs = 1;
+    config.rounds.rejoin_grace_secs = 2.0;
     config.compliance.min_cohort = 1;
     let state = StateDir::new(tmp.path());
     state.init(&config)?;
@@ -181,37 +191,50 @@ fn run_trial(args: &Args, trial: u32) -> Result<String> {
     let addr = config.server.listen;
 
     let runtime = tokio::runtime::Runtime::new()?;
-    let clients: Vec<_> = bundles
-        .into_iter()
-        .enumerate()
-        .map(|(i, bundle)| {
-            runtime.spawn(async move {
-                let options = ClientOptions {
-                    server_addr: Some(addr),
-                    initial_backoff: Duration::from_millis(50),
-                    max_backoff: Duration::from_millis(500),
-                    give_up_after: Some(Duration::from_secs(60)),
-                    idle_timeout: Duration::from_secs(2),
-                    ..ClientOptions::default()
-                };
-                covey_client::run(&bundle, Box::new(Scripted { id: i as u32 }), options).await
-            })
+    let spawn_client = |i: usize| {
+        let bundle = bundles[i].clone();
+        runtime.spawn(async move {
+            let options = ClientOptions {
+                server_addr: Some(addr),
+                initial_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(500),
+                give_up_after: Some(Duration::from_secs(60)),
+                idle_timeout: Duration::from_secs(2),
+                ..ClientOptions::default()
+            };
+            covey_client::run(&bundle, Box::new(Scripted { id: i as u32 }), options).await
         })
-        .collect();
+    };
+    let mut clients: Vec<_> = (0..bundles.len()).map(spawn_client).collect();
 
+    // Server and device kills in a random order, each a random time after
+    // the previous event.
+    let mut events: Vec<bool> = (0..args.kills)
+        .map(|_| true)
+        .chain((0..args.client_kills).map(|_| false))
+        .collect();
+    events.shuffle(&mut rng);
     let started = Instant::now();
     let mut kill_times = Vec::new();
+    let mut device_kills = Vec::new();
     let mut server = spawn_server(tmp.path())?;
-    for _ in 0..args.kills {
+    for kill_server in events {
         let after = Duration::from_millis(rng.random_range(0..=args.max_kill_ms));
         std::thread::sleep(after);
         if server.0.try_wait()?.is_some() {
             break; // The run finished first.
         }
-        server.0.kill()?; // SIGKILL
-        server.0.wait()?;
-        kill_times.push(after.as_millis());
-        server = spawn_server(tmp.path())?;
+        if kill_server {
+            server.0.kill()?; // SIGKILL
+            server.0.wait()?;
+            kill_times.push(after.as_millis());
+            server = spawn_server(tmp.path())?;
+        } else {
+            let victim = rng.random_range(0..clients.len());
+            clients[victim].abort();
+            device_kills.push(after.as_millis());
+            clients[victim] = spawn_client(victim);
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(180);
     let status = loop {
@@ -230,15 +253,16 @@ fn run_trial(args: &Args, trial: u32) -> Result<String> {
             summary.final_version
         );
     }
-    let abandoned = check_store(&state, args)?;
+    let (abandoned, aborted) = check_store(&state, args)?;
     Ok(format!(
-        "killed at {kill_times:?} ms after (re)starts, {abandoned} rounds abandoned, {:.1} s",
+        "server killed at {kill_times:?} ms, devices at {device_kills:?} ms after the previous event, {abandoned} rounds abandoned and {aborted} aborted (then retried), {:.1} s",
         started.elapsed().as_secs_f64()
     ))
 }
 
-/// Every version once, every round id once, and the exact final model.
-fn check_store(state: &StateDir, args: &Args) -> Result<usize> {
+/// Every version once, every round id once, and the exact final model;
+/// returns the rounds abandoned by a server kill and aborted otherwise.
+fn check_store(state: &StateDir, args: &Args) -> Result<(usize, usize)> {
     let store = state.open_store()?;
     let versions: Vec<u64> = store.versions()?.into_iter().map(|v| v.0).collect();
     ensure!(
@@ -287,8 +311,9 @@ fn check_store(state: &StateDir, args: &Args) -> Result<usize> {
         worst <= 1e-5,
         "the final model is off by {worst}: a round was lost, repeated or half-applied"
     );
-    Ok(records
-        .iter()
-        .filter(|r| r.outcome == RoundOutcome::Abandoned)
-        .count())
+    let count = |f: fn(&RoundOutcome) -> bool| records.iter().filter(|r| f(&r.outcome)).count();
+    Ok((
+        count(|o| *o == RoundOutcome::Abandoned),
+        count(|o| matches!(o, RoundOutcome::Aborted { .. })),
+    ))
 }
