@@ -253,6 +253,8 @@ pub struct Network {
     pub client_request_burst: u32,
     #[serde(default = "Network::default_max_model_bytes")]
     pub max_model_bytes: u64,
+    #[serde(default = "Network::default_transfer_timeout_secs")]
+    pub transfer_timeout_secs: f64,
 }
 
 impl Network {
@@ -270,6 +272,9 @@ impl Network {
     }
     fn default_max_model_bytes() -> u64 {
         1 << 30
+    }
+    fn default_transfer_timeout_secs() -> f64 {
+        300.0
     }
 }
 
@@ -567,6 +572,7 @@ impl Default for ServerConfig {
                 client_requests_per_sec: Network::default_client_requests_per_sec(),
                 client_request_burst: Network::default_client_request_burst(),
                 max_model_bytes: Network::default_max_model_bytes(),
+                transfer_timeout_secs: Network::default_transfer_timeout_secs(),
             },
             model: Model {
                 architecture: "2nn".into(),
@@ -759,6 +765,12 @@ impl ServerConfig {
                 ),
             ));
         }
+        if !(n.transfer_timeout_secs.is_finite() && n.transfer_timeout_secs > 0.0) {
+            return Err(invalid(
+                "server.transfer_timeout_secs",
+                format!("must be a positive number, got {}", n.transfer_timeout_secs),
+            ));
+        }
         if n.idle_timeout_secs == 0 || n.keep_alive_secs >= n.idle_timeout_secs {
             return Err(invalid(
                 "server.keep_alive_secs",
@@ -900,6 +912,9 @@ client_requests_per_sec = {client_requests_per_sec}
 client_request_burst = {client_request_burst}
 # Largest global model this server will train, in bytes of f32 weights.
 max_model_bytes = {max_model_bytes}
+# Seconds one model download or update upload may take once it starts; a device that stalls
+# longer is disconnected, so it cannot hold one of the max_concurrent_uploads slots.
+transfer_timeout_secs = {transfer_timeout_secs:?}
 
 [model]
 # Architecture of the global model: logreg, 2nn (784-200-200-10) or cnn (McMahan et al. 2017).
@@ -1054,6 +1069,7 @@ kek = "{kek}"
             client_requests_per_sec = n.client_requests_per_sec,
             client_request_burst = n.client_request_burst,
             max_model_bytes = n.max_model_bytes,
+            transfer_timeout_secs = n.transfer_timeout_secs,
             min_cohort = self.compliance.min_cohort,
             keep_rounds_days = self.compliance.keep_rounds_days,
             keep_versions = self.compliance.keep_versions,
@@ -1201,6 +1217,11 @@ mod tests {
         c.compliance.keep_rounds_days = -1.0;
         let err = c.settings().unwrap_err().to_string();
         assert!(err.contains("compliance.keep_rounds_days"), "{err}");
+
+        let mut c = ServerConfig::default();
+        c.server.transfer_timeout_secs = 0.0;
+        let err = c.settings().unwrap_err().to_string();
+        assert!(err.contains("server.transfer_timeout_secs"), "{err}");
 
         let mut c = ServerConfig::default();
         c.server.max_frame_bytes = 1000;

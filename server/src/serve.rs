@@ -270,6 +270,8 @@ struct Shared {
     /// A connection that says nothing holds a slot; it gets this long (the
     /// idle timeout) to say Hello.
     hello_timeout: Duration,
+    /// How long one download or upload may take once it has its permit.
+    transfer_timeout: Duration,
     /// Who may connect, and in which role.
     admitted: Arc<Admitted>,
 }
@@ -439,6 +441,7 @@ impl Server {
             metrics: metrics.clone(),
             connection_limits: Arc::new(Limits::new(&config.server)),
             hello_timeout: Duration::from_secs(config.server.idle_timeout_secs),
+            transfer_timeout: Duration::from_secs_f64(config.server.transfer_timeout_secs),
             admitted: admitted.clone(),
         });
         let hub = Hub {
@@ -876,47 +879,83 @@ async fn serve_stream(
                 Some(Assignment::Task(pkg)) => {
                     // Bounds how many models sit in send buffers at once.
                     let _permit = shared.downloads.acquire().await;
-                    let plan = ChunkPlan::new(pkg.model.len(), pkg.task.chunk_len);
-                    // Models go out as f32, which draws no randomness.
-                    let mut rng = ChaCha8Rng::seed_from_u64(0);
-                    let sent = async {
-                        let mut n =
-                            write_message(&mut send, &Message::Task(pkg.task.clone())).await?;
-                        n += write_tensor(
-                            &mut send,
-                            &pkg.model,
-                            plan,
-                            UpdateEncoding::F32,
-                            &mut rng,
-                        )
-                        .await?;
-                        Ok::<u64, StreamError>(n)
+                    let download = async {
+                        let plan = ChunkPlan::new(pkg.model.len(), pkg.task.chunk_len);
+                        // Models go out as f32, which draws no randomness.
+                        let mut rng = ChaCha8Rng::seed_from_u64(0);
+                        let sent = async {
+                            let mut n =
+                                write_message(&mut send, &Message::Task(pkg.task.clone())).await?;
+                            n += write_tensor(
+                                &mut send,
+                                &pkg.model,
+                                plan,
+                                UpdateEncoding::F32,
+                                &mut rng,
+                            )
+                            .await?;
+                            Ok::<u64, StreamError>(n)
+                        }
+                        .await;
+                        if let Ok(n) = sent {
+                            shared.metrics.bytes_out.inc_by(n);
+                        }
+                        settle(&mut send, conn).await;
+                    };
+                    // A device that stops reading must not keep the slot.
+                    if tokio::time::timeout(shared.transfer_timeout, download)
+                        .await
+                        .is_err()
+                    {
+                        return Err(PeerFault::new(
+                            CloseCode::ProtocolViolation,
+                            format!(
+                                "model not received within {}s",
+                                shared.transfer_timeout.as_secs_f64()
+                            ),
+                        ));
                     }
-                    .await;
-                    if let Ok(n) = sent {
-                        shared.metrics.bytes_out.inc_by(n);
-                    }
-                    settle(&mut send, conn).await;
                 }
                 Some(Assignment::Evaluate(pkg)) => {
                     let _permit = shared.downloads.acquire().await;
-                    let plan = ChunkPlan::new(pkg.task.spec.param_count(), pkg.task.chunk_len);
-                    let mut rng = ChaCha8Rng::seed_from_u64(0);
-                    let sent = async {
-                        let mut n =
-                            write_message(&mut send, &Message::Evaluate(pkg.task.clone())).await?;
-                        for model in &pkg.models {
-                            n +=
-                                write_tensor(&mut send, model, plan, UpdateEncoding::F32, &mut rng)
+                    let download = async {
+                        let plan = ChunkPlan::new(pkg.task.spec.param_count(), pkg.task.chunk_len);
+                        let mut rng = ChaCha8Rng::seed_from_u64(0);
+                        let sent = async {
+                            let mut n =
+                                write_message(&mut send, &Message::Evaluate(pkg.task.clone()))
                                     .await?;
+                            for model in &pkg.models {
+                                n += write_tensor(
+                                    &mut send,
+                                    model,
+                                    plan,
+                                    UpdateEncoding::F32,
+                                    &mut rng,
+                                )
+                                .await?;
+                            }
+                            Ok::<u64, StreamError>(n)
                         }
-                        Ok::<u64, StreamError>(n)
+                        .await;
+                        if let Ok(n) = sent {
+                            shared.metrics.bytes_out.inc_by(n);
+                        }
+                        settle(&mut send, conn).await;
+                    };
+                    // A device that stops reading must not keep the slot.
+                    if tokio::time::timeout(shared.transfer_timeout, download)
+                        .await
+                        .is_err()
+                    {
+                        return Err(PeerFault::new(
+                            CloseCode::ProtocolViolation,
+                            format!(
+                                "model not received within {}s",
+                                shared.transfer_timeout.as_secs_f64()
+                            ),
+                        ));
                     }
-                    .await;
-                    if let Ok(n) = sent {
-                        shared.metrics.bytes_out.inc_by(n);
-                    }
-                    settle(&mut send, conn).await;
                 }
                 Some(Assignment::Finished(version)) => {
                     let _ = write_message(
@@ -974,16 +1013,37 @@ async fn serve_stream(
                 max_frame: shared.limits.max_frame,
             };
             let go = write_message(&mut send, &Message::SendUpdate).await;
-            let read = match payload {
-                _ if go.is_err() => Err(StreamError::Io(std::io::Error::other(
-                    "stream closed before the update was sent",
-                ))),
-                Payload::Floats(encoding) => read_tensor(&mut recv, plan, encoding, limits)
-                    .await
-                    .map(|v| (Values::Floats(v), plan.wire_bytes(encoding))),
-                Payload::Ring { bits } => read_words(&mut recv, plan, bits, limits)
-                    .await
-                    .map(|w| (Values::Words(w), plan.ring_wire_bytes())),
+            let reading = async {
+                match payload {
+                    _ if go.is_err() => Err(StreamError::Io(std::io::Error::other(
+                        "stream closed before the update was sent",
+                    ))),
+                    Payload::Floats(encoding) => read_tensor(&mut recv, plan, encoding, limits)
+                        .await
+                        .map(|v| (Values::Floats(v), plan.wire_bytes(encoding))),
+                    Payload::Ring { bits } => read_words(&mut recv, plan, bits, limits)
+                        .await
+                        .map(|w| (Values::Words(w), plan.ring_wire_bytes())),
+                }
+            };
+            // A device that stalls must not keep the slot from the others.
+            let Ok(read) = tokio::time::timeout(shared.transfer_timeout, reading).await else {
+                drop(permit);
+                let _ = ask(shared, |reply| Event::FinishUpdate {
+                    client,
+                    conn: conn_id,
+                    round,
+                    result: Err(Undelivered::Abandoned),
+                    reply,
+                })
+                .await;
+                return Err(PeerFault::new(
+                    CloseCode::ProtocolViolation,
+                    format!(
+                        "update not sent within {}s",
+                        shared.transfer_timeout.as_secs_f64()
+                    ),
+                ));
             };
             drop(permit);
             let (result, fault) = match read {

@@ -279,3 +279,49 @@ async fn floods_of_connections_requests_and_garbage_do_not_starve_honest_clients
         "{scraped}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_cannot_hold_the_only_upload_slot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = config("logreg", 1, 3);
+    config.rounds.quorum = 2;
+    config.server.max_concurrent_uploads = 1;
+    config.server.transfer_timeout_secs = 1.0;
+    let state = init(tmp.path(), &config);
+    let bundles = enroll(&state, &["a", "b", "staller"]);
+    let (addr, server) = start(&state);
+    let staller = raw_connection(&bundles[2], addr).await;
+    let honest = spawn_scripted(&bundles[..2], addr, Duration::from_millis(300));
+    // Takes the only upload slot, then sends nothing.
+    let task = selected_task(&staller).await;
+    let (mut send, mut recv) = staller.open_bi().await.unwrap();
+    let header = UpdateHeader {
+        round: task.round,
+        base_version: task.base_version,
+        payload: Payload::Floats(UpdateEncoding::F32),
+        param_count: task.spec.param_count() as u64,
+        num_examples: 1,
+        metrics: LocalMetrics::default(),
+        within_clip: None,
+    };
+    write_message(&mut send, &Message::Update(header))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_message(&mut recv, FrameLimits::default())
+            .await
+            .unwrap(),
+        Message::SendUpdate
+    );
+    let (code, reason) = close_of(&staller).await;
+    assert_eq!(code, CloseCode::ProtocolViolation as u64);
+    assert!(reason.contains("update not sent within 1s"), "{reason}");
+
+    let summary = server.await.unwrap();
+    assert_eq!(summary.final_version, 1);
+    for c in honest {
+        assert_eq!(c.await.unwrap().updates_accepted, 1);
+    }
+    let round = &state.open_store().unwrap().rounds().unwrap()[0];
+    assert_eq!((round.accepted, round.dropped), (2, 1));
+}
