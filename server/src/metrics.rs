@@ -43,7 +43,8 @@ pub struct Metrics {
     pub rounds: Family<Outcome, Counter>,
     /// The current global model version.
     pub model_version: Gauge,
-    /// Members selected for the round in progress (or the last one).
+    /// Members selected for the round in progress (or the last one); in
+    /// FedBuff mode, tasks handed out for the open buffer.
     pub selected: Gauge,
     /// Updates accepted into the last ended round.
     pub participants: Gauge,
@@ -89,7 +90,7 @@ impl Metrics {
         let selected = Gauge::default();
         registry.register(
             "round_selected",
-            "Members selected for the current or last round",
+            "Members selected for the current or last round (FedBuff: tasks handed out for the open buffer)",
             selected.clone(),
         );
         let participants = Gauge::default();

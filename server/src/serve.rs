@@ -2127,7 +2127,10 @@ impl Hub {
                         .remove(&client)
                         .map(|(_, tx)| tx.send(Assignment::Task(package)).is_ok())
                         .unwrap_or(false);
-                    if !sent {
+                    if sent {
+                        // FedBuff: tasks handed out for the open buffer.
+                        self.metrics.selected.inc();
+                    } else {
                         queue.extend(self.machine.disconnected(client, false, now));
                     }
                 }

@@ -138,7 +138,12 @@ async fn the_metrics_endpoint_shows_rounds_bytes_rejections_and_connections_movi
     let received = "covey_received_bytes_total";
     assert!(value(&during, received) > 0.0);
     assert!(value(&later, received) > value(&during, received));
-    assert!(value(&later, "covey_sent_bytes_total") > value(&during, "covey_sent_bytes_total"));
+    // Round 2's downloads may land before or after the first scrape; round
+    // 2's uploads always land between the two.
+    let sent = "covey_sent_bytes_total";
+    assert_eq!(value(&before, sent), 0.0);
+    assert!(value(&during, sent) > 0.0);
+    assert!(value(&later, sent) >= value(&during, sent));
     assert!(value(&later, "covey_phase_seconds_count{phase=\"collect\"}") >= 2.0);
     assert!(value(&later, "covey_phase_seconds_count{phase=\"commit\"}") >= 2.0);
     assert_eq!(
@@ -197,11 +202,18 @@ async fn floods_of_connections_requests_and_garbage_do_not_starve_honest_clients
     for _ in 0..4 {
         held.push(connect(&greedy, addr).await);
     }
+    // The server refuses right after the handshake; allow a loaded machine
+    // time to get there, then check nothing else was refused.
+    let closed =
+        |held: &[quinn::Connection]| held.iter().filter(|c| c.close_reason().is_some()).count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while closed(&held) < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut busy = 0;
     for conn in &held {
-        if let Ok(quinn::ConnectionError::ApplicationClosed(c)) =
-            tokio::time::timeout(Duration::from_millis(500), conn.closed()).await
-        {
+        if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
             assert_eq!(c.error_code.into_inner(), CloseCode::Busy as u64, "{c:?}");
             busy += 1;
         }
