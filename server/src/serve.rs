@@ -835,15 +835,50 @@ async fn handshake(conn: &quinn::Connection, shared: &Shared) -> Result<(), Opti
     Ok(())
 }
 
-/// Finishes a model download and waits until the client has it all, so the
-/// download permit (held by the caller) bounds what sits in send buffers,
-/// not just what is being written.
-async fn settle(send: &mut quinn::SendStream, conn: &quinn::Connection) {
-    let _ = send.finish();
-    tokio::select! {
-        _ = send.stopped() => {}
-        _ = conn.closed() => {}
-    }
+/// Sends `head` and then each model as f32 chunks, holding a download
+/// permit until the device has acknowledged every byte, so the permits
+/// bound what sits in send buffers, not just what is being written. A
+/// device that stops reading is cut off after the transfer timeout.
+async fn send_models(
+    send: &mut quinn::SendStream,
+    conn: &quinn::Connection,
+    shared: &Shared,
+    head: &Message,
+    models: &[&[f32]],
+    plan: ChunkPlan,
+) -> Result<(), PeerFault> {
+    let _permit = shared.downloads.acquire().await;
+    let download = async {
+        // Models go out as f32, which draws no randomness.
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let sent = async {
+            let mut n = write_message(send, head).await?;
+            for model in models {
+                n += write_tensor(send, model, plan, UpdateEncoding::F32, &mut rng).await?;
+            }
+            Ok::<u64, StreamError>(n)
+        }
+        .await;
+        if let Ok(n) = sent {
+            shared.metrics.bytes_out.inc_by(n);
+        }
+        let _ = send.finish();
+        tokio::select! {
+            _ = send.stopped() => {}
+            _ = conn.closed() => {}
+        }
+    };
+    tokio::time::timeout(shared.transfer_timeout, download)
+        .await
+        .map_err(|_| {
+            PeerFault::new(
+                CloseCode::ProtocolViolation,
+                format!(
+                    "model not received within {}s",
+                    shared.transfer_timeout.as_secs_f64()
+                ),
+            )
+        })
 }
 
 async fn ask<T>(shared: &Shared, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Option<T> {
@@ -877,85 +912,23 @@ async fn serve_stream(
             };
             match assignment {
                 Some(Assignment::Task(pkg)) => {
-                    // Bounds how many models sit in send buffers at once.
-                    let _permit = shared.downloads.acquire().await;
-                    let download = async {
-                        let plan = ChunkPlan::new(pkg.model.len(), pkg.task.chunk_len);
-                        // Models go out as f32, which draws no randomness.
-                        let mut rng = ChaCha8Rng::seed_from_u64(0);
-                        let sent = async {
-                            let mut n =
-                                write_message(&mut send, &Message::Task(pkg.task.clone())).await?;
-                            n += write_tensor(
-                                &mut send,
-                                &pkg.model,
-                                plan,
-                                UpdateEncoding::F32,
-                                &mut rng,
-                            )
-                            .await?;
-                            Ok::<u64, StreamError>(n)
-                        }
-                        .await;
-                        if let Ok(n) = sent {
-                            shared.metrics.bytes_out.inc_by(n);
-                        }
-                        settle(&mut send, conn).await;
-                    };
-                    // A device that stops reading must not keep the slot.
-                    if tokio::time::timeout(shared.transfer_timeout, download)
-                        .await
-                        .is_err()
-                    {
-                        return Err(PeerFault::new(
-                            CloseCode::ProtocolViolation,
-                            format!(
-                                "model not received within {}s",
-                                shared.transfer_timeout.as_secs_f64()
-                            ),
-                        ));
-                    }
+                    let plan = ChunkPlan::new(pkg.model.len(), pkg.task.chunk_len);
+                    let head = Message::Task(pkg.task.clone());
+                    send_models(
+                        &mut send,
+                        conn,
+                        shared,
+                        &head,
+                        &[pkg.model.as_slice()],
+                        plan,
+                    )
+                    .await?;
                 }
                 Some(Assignment::Evaluate(pkg)) => {
-                    let _permit = shared.downloads.acquire().await;
-                    let download = async {
-                        let plan = ChunkPlan::new(pkg.task.spec.param_count(), pkg.task.chunk_len);
-                        let mut rng = ChaCha8Rng::seed_from_u64(0);
-                        let sent = async {
-                            let mut n =
-                                write_message(&mut send, &Message::Evaluate(pkg.task.clone()))
-                                    .await?;
-                            for model in &pkg.models {
-                                n += write_tensor(
-                                    &mut send,
-                                    model,
-                                    plan,
-                                    UpdateEncoding::F32,
-                                    &mut rng,
-                                )
-                                .await?;
-                            }
-                            Ok::<u64, StreamError>(n)
-                        }
-                        .await;
-                        if let Ok(n) = sent {
-                            shared.metrics.bytes_out.inc_by(n);
-                        }
-                        settle(&mut send, conn).await;
-                    };
-                    // A device that stops reading must not keep the slot.
-                    if tokio::time::timeout(shared.transfer_timeout, download)
-                        .await
-                        .is_err()
-                    {
-                        return Err(PeerFault::new(
-                            CloseCode::ProtocolViolation,
-                            format!(
-                                "model not received within {}s",
-                                shared.transfer_timeout.as_secs_f64()
-                            ),
-                        ));
-                    }
+                    let plan = ChunkPlan::new(pkg.task.spec.param_count(), pkg.task.chunk_len);
+                    let head = Message::Evaluate(pkg.task.clone());
+                    let models: Vec<&[f32]> = pkg.models.iter().map(|m| m.as_slice()).collect();
+                    send_models(&mut send, conn, shared, &head, &models, plan).await?;
                 }
                 Some(Assignment::Finished(version)) => {
                     let _ = write_message(

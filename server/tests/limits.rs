@@ -337,3 +337,28 @@ async fn a_stalled_upload_cannot_hold_the_only_upload_slot() {
     let round = &state.open_store().unwrap().rounds().unwrap()[0];
     assert_eq!((round.accepted, round.dropped), (2, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_reading_its_model_is_cut_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The CNN (6.65 MB) is larger than what flow control lets the server
+    // push into a device that does not read.
+    let mut config = config("cnn", 1, 1);
+    config.server.transfer_timeout_secs = 1.0;
+    let state = init(tmp.path(), &config);
+    let bundle = enroll(&state, &["reader"]).remove(0);
+    let (addr, server) = start(&state);
+    let conn = raw_connection(&bundle, addr).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_message(&mut send, &Message::CheckIn).await.unwrap();
+    send.finish().unwrap();
+    let first = read_message(&mut recv, FrameLimits::default())
+        .await
+        .unwrap();
+    assert!(matches!(first, Message::Task(_)), "got {}", first.kind());
+    // ...and reads no further.
+    let (code, reason) = close_of(&conn).await;
+    assert_eq!(code, CloseCode::ProtocolViolation as u64);
+    assert!(reason.contains("model not received within 1s"), "{reason}");
+    server.abort();
+}
