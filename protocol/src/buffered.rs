@@ -89,7 +89,7 @@ struct Buffer<C> {
 enum Phase {
     Filling,
     Committing(RoundId),
-    Finished(FinishReason),
+    Finished,
 }
 
 #[derive(Debug)]
@@ -112,7 +112,7 @@ impl<C: Copy + Ord> Buffered<C> {
     ) -> Result<Self, BufferConfigError> {
         config.validate()?;
         let phase = if version >= config.target_version {
-            Phase::Finished(FinishReason::TargetReached)
+            Phase::Finished
         } else {
             Phase::Filling
         };
@@ -132,13 +132,6 @@ impl<C: Copy + Ord> Buffered<C> {
         self.budget_rounds = Some(rounds);
     }
 
-    pub fn finish_reason(&self) -> Option<FinishReason> {
-        match self.phase {
-            Phase::Finished(reason) => Some(reason),
-            _ => None,
-        }
-    }
-
     pub fn version(&self) -> ModelVersion {
         self.version
     }
@@ -152,11 +145,7 @@ impl<C: Copy + Ord> Buffered<C> {
     }
 
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Finished(_))
-    }
-
-    pub fn pool_len(&self) -> usize {
-        self.pool.len()
+        matches!(self.phase, Phase::Finished)
     }
 
     /// The version `client`'s task was built on, while it holds one.
@@ -343,7 +332,7 @@ impl<C: Copy + Ord> Buffered<C> {
     }
 
     fn finish(&mut self, reason: FinishReason) -> Vec<Action<C>> {
-        self.phase = Phase::Finished(reason);
+        self.phase = Phase::Finished;
         self.leases.clear();
         vec![Action::Finished {
             version: self.version,

@@ -10,7 +10,6 @@ use common::*;
 use covey_protocol::{
     ModelVersion, RoundId, UpdateEncoding,
     frame::FrameLimits,
-    identity::IdentityBundle,
     io::{read_message, write_message},
     message::{
         CloseCode, LocalMetrics, Message, Payload, RejectReason, UpdateHeader, UpdateReceipt,
@@ -42,19 +41,6 @@ fn value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// An authenticated connection, or how the server closed it.
-async fn connect(bundle: &IdentityBundle, addr: SocketAddr) -> quinn::Connection {
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(
-        covey_client::session::client_config(bundle, Duration::from_secs(10)).unwrap(),
-    );
-    endpoint
-        .connect(addr, &bundle.server_name)
-        .unwrap()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_shows_rounds_bytes_rejections_and_connections_moving() {
     let tmp = tempfile::tempdir().unwrap();
@@ -80,17 +66,7 @@ async fn the_metrics_endpoint_shows_rounds_bytes_rejections_and_connections_movi
     assert_eq!(value(&before, "covey_epsilon_spent"), 0.0);
 
     // A certificate from another CA fails the handshake.
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(
-        covey_client::session::client_config(&stranger, Duration::from_secs(5)).unwrap(),
-    );
-    assert!(
-        endpoint
-            .connect(addr, &stranger.server_name)
-            .unwrap()
-            .await
-            .is_err()
-    );
+    assert!(try_connect(&stranger, addr).await.is_err());
     // An enrolled client announces an update for a round that does not exist.
     let conn = raw_connection(&odd, addr).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -200,7 +176,7 @@ async fn floods_of_connections_requests_and_garbage_do_not_starve_honest_clients
     // An enrolled client holds more connections than it may...
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(connect(&greedy, addr).await);
+        held.push(try_connect(&greedy, addr).await.unwrap());
     }
     // The server refuses right after the handshake; allow a loaded machine
     // time to get there, then check nothing else was refused.
@@ -246,12 +222,7 @@ async fn floods_of_connections_requests_and_garbage_do_not_starve_honest_clients
         .map(|_| {
             let stranger = stranger.clone();
             tokio::spawn(async move {
-                let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-                endpoint.set_default_client_config(
-                    covey_client::session::client_config(&stranger, Duration::from_secs(3))
-                        .unwrap(),
-                );
-                let attempt = endpoint.connect(addr, &stranger.server_name).unwrap();
+                let attempt = try_connect(&stranger, addr);
                 let _ = tokio::time::timeout(Duration::from_secs(10), attempt).await;
             })
         })

@@ -140,15 +140,20 @@ pub fn assert_close(actual: &[f32], expected: &[f32], tol: f32) {
     }
 }
 
-/// A raw, authenticated QUIC connection for sending hand-made frames.
-pub async fn raw_connection(bundle: &IdentityBundle, addr: SocketAddr) -> quinn::Connection {
+/// A QUIC connection with `bundle`'s certificate, before any message, or
+/// why the TLS handshake failed.
+pub async fn try_connect(
+    bundle: &IdentityBundle,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(client_config(bundle, Duration::from_secs(10)).unwrap());
-    let conn = endpoint
-        .connect(addr, &bundle.server_name)
-        .unwrap()
-        .await
-        .unwrap();
+    endpoint.connect(addr, &bundle.server_name).unwrap().await
+}
+
+/// A raw, authenticated QUIC connection for sending hand-made frames.
+pub async fn raw_connection(bundle: &IdentityBundle, addr: SocketAddr) -> quinn::Connection {
+    let conn = try_connect(bundle, addr).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     write_message(
         &mut send,
