@@ -1,15 +1,27 @@
 //! Exact discrete Gaussian noise drawn from a cryptographically secure RNG.
 //!
-//! opendp's exact samplers run at about 0.3 M samples/s, so noising one
-//! 1.66 M-parameter update would take 5 s of a core. This is the same
-//! algorithm (Canonne, Kamath and Steinke 2020, Algorithms 1 to 3), written
-//! with `u128` rationals instead of big integers: every comparison is exact,
-//! and it runs about 35 times faster (see BENCHMARKS.md).
-//! `tests::matches_opendp` checks the two agree in distribution.
+//! opendp's exact samplers run at about 0.2 M samples/s, so noising one
+//! 1.66 M-parameter update would take seconds of a core. This keeps the
+//! algorithm (Canonne, Kamath and Steinke 2020, Algorithm 3: a discrete
+//! Laplace proposal accepted with probability exp(−…)) but decides each
+//! random comparison the way exact arithmetic would, fast:
+//! - every event is "U < exp(−a/b)" for a uniform U and rationals a, b;
+//! - the first 64 digits of U and an f64 estimate of exp settle it unless
+//!   the two lie within a margin thousands of times the float error;
+//! - only then does [`lazy::LazyUniform`] draw more digits of the same U and
+//!   compare against bounds computed in big integers.
+//!
+//! So the output distribution is exactly CKS20's, with one 64-bit draw per
+//! comparison instead of about twenty exact Bernoulli trials.
+//! `tests::matches_opendp` checks it against opendp's sampler, and tests
+//! that widen the margin push most comparisons through the slow path.
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use ring::rand::{SecureRandom, SystemRandom};
+
+mod lazy;
+use lazy::LazyUniform;
 
 /// σ² is held as `num / 2^16`, rounded up: the noise is never smaller than
 /// the σ asked for.
@@ -17,6 +29,13 @@ const SIGMA2_DEN_BITS: u32 = 16;
 
 /// The largest σ this sampler accepts; it keeps every intermediate in `u128`.
 pub const MAX_SIGMA: f64 = (1u64 << 20) as f64;
+
+/// How far from an f64 estimate the true value may be before the fast path
+/// defers to exact arithmetic. The estimates' own error is below 2^-50, so a
+/// libm a thousand times worse than a conforming one still decides exactly.
+const FAST_MARGIN: f64 = 1.0 / (1u64 << 40) as f64;
+
+const TWO_POW_M32: f64 = 1.0 / 4_294_967_296.0;
 
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum NoiseError {
@@ -36,6 +55,8 @@ pub struct NoiseRng {
     /// Unused random bits, consumed from the low end.
     bits: u64,
     bits_left: u32,
+    /// The unused low half of a word [`Self::uniform32`] split.
+    spare_half: Option<u32>,
 }
 
 impl NoiseRng {
@@ -57,6 +78,7 @@ impl NoiseRng {
             stream,
             bits: 0,
             bits_left: 0,
+            spare_half: None,
         }
     }
 
@@ -75,94 +97,80 @@ impl NoiseRng {
         bit
     }
 
-    /// Uniform in `[0, bound)`, without bias, for `0 < bound < 2^64`
-    /// (Lemire's multiply-and-reject; the division runs only near a boundary).
-    fn below(&mut self, bound: u64) -> u64 {
-        debug_assert!(bound > 0);
-        let mut wide = u128::from(self.next_u64()) * u128::from(bound);
-        if (wide as u64) < bound {
-            let threshold = bound.wrapping_neg() % bound;
-            while (wide as u64) < threshold {
-                wide = u128::from(self.next_u64()) * u128::from(bound);
-            }
+    /// The first 32 digits of a fresh uniform: half a ChaCha20 word. The
+    /// fast paths below settle all but about one comparison in 2^31 with
+    /// that many, so spending 64 would only double the generator's cost.
+    fn uniform32(&mut self) -> u32 {
+        if let Some(low) = self.spare_half.take() {
+            return low;
         }
-        (wide >> 64) as u64
+        let word = self.next_u64();
+        self.spare_half = Some(word as u32);
+        (word >> 32) as u32
     }
 
-    /// True with probability `num / den` exactly, for `num ≤ den < 2^127`.
-    ///
-    /// Compares a uniform U in [0, 1) with p = num/den one binary digit at a
-    /// time, both expansions generated lazily: two random bits on average,
-    /// and no division.
-    fn bernoulli(&mut self, num: u128, den: u128) -> bool {
-        debug_assert!(num <= den && den < 1 << 127);
-        if num == den {
-            return true;
+    /// True with probability exp(−a/b) exactly: U < exp(−a/b) for a fresh
+    /// uniform U, settled by its first 32 digits unless they fall within
+    /// `margin` of exp(−estimate), where `estimate` is a/b to within a
+    /// relative 2^-50. `a` comes as √a, squared only on the slow path.
+    fn bernoulli_exp(&mut self, sqrt_a: u64, b: u128, estimate: f64, margin: f64) -> bool {
+        let first = self.uniform32();
+        let p = (-estimate).exp();
+        // U lies in [first, first + 1) / 2^32.
+        let low = f64::from(first) * TWO_POW_M32;
+        let high = (f64::from(first) + 1.0) * TWO_POW_M32;
+        if high <= p - margin {
+            true
+        } else if low >= p + margin {
+            false
+        } else {
+            let a = u128::from(sqrt_a) * u128::from(sqrt_a);
+            LazyUniform::starting_with(first).less_than_exp_neg(self, a, b)
         }
-        let mut rest = num;
-        while rest != 0 {
-            rest <<= 1;
-            let p_bit = rest >= den;
-            if p_bit {
-                rest -= den;
-            }
-            let u_bit = self.bit();
-            if u_bit != p_bit {
-                return p_bit;
-            }
-        }
-        // U's digits so far equal p's finite expansion, so U ≥ p.
-        false
     }
 
-    /// True with probability exp(−num/den) for num/den in [0, 1]
-    /// (CKS20 Algorithm 1, first part).
-    fn bernoulli_exp_unit(&mut self, num: u128, den: u128) -> bool {
-        let mut k: u128 = 1;
-        loop {
-            // k grows past 2^40 with probability below 1/(2^40)!; stopping
-            // there cannot be observed.
-            let Some(scaled) = den.checked_mul(k).filter(|d| *d < 1 << 127) else {
-                return k % 2 == 1;
-            };
-            if self.bernoulli(num, scaled) {
+    /// m ≥ 0 with P(m ≥ k) = exp(−k/t): the largest k with U < exp(−k/t),
+    /// that is ⌈−t·ln U⌉ − 1, from one uniform (CKS20's Algorithm 2 spends
+    /// a uniform draw and a geometric run of Bernoulli trials on the same
+    /// law). `None` when m would reach `limit`.
+    fn geometric(&mut self, g: &DiscreteGaussian) -> Option<u64> {
+        let first = self.uniform32();
+        if first > 0 {
+            // For U in the cell, |ln U − ln(mid)| ≤ 1/first; t·margin and
+            // the margin cover the float error of ln and of the product.
+            let mid = (f64::from(first) + 0.5) * TWO_POW_M32;
+            let estimate = -g.t_f * mid.ln();
+            let slack = g.t_f / f64::from(first) + g.slack;
+            let (low, high) = (estimate - slack, estimate + slack);
+            // Both are non-negative here, so truncation is floor.
+            if low >= 0.0 && low as u64 == high as u64 {
+                let m = low as u64;
+                return (m < g.limit).then_some(m);
+            }
+        }
+        // Too close to call: settle it on the same U, one threshold at a time.
+        let t = u128::from(g.t);
+        let limit = u128::from(g.limit);
+        let mut u = LazyUniform::starting_with(first);
+        let start = -g.t_f * ((f64::from(first) + 0.5) * TWO_POW_M32).ln();
+        let mut k = (start.max(0.0) as u128).min(limit);
+        if u.less_than_exp_neg(self, k, t) {
+            while k + 1 < limit {
+                if !u.less_than_exp_neg(self, k + 1, t) {
+                    return Some(k as u64);
+                }
                 k += 1;
-            } else {
-                return k % 2 == 1;
             }
-        }
-    }
-
-    /// True with probability exp(−num/den) for any num/den ≥ 0.
-    fn bernoulli_exp(&mut self, mut num: u128, den: u128) -> bool {
-        while num > den {
-            if !self.bernoulli_exp_unit(1, 1) {
-                return false;
+            None
+        } else {
+            // U < exp(0) always holds, so this stops at k = 0 at the latest.
+            while k > 0 {
+                k -= 1;
+                if u.less_than_exp_neg(self, k, t) {
+                    break;
+                }
             }
-            num -= den;
-        }
-        self.bernoulli_exp_unit(num, den)
-    }
-
-    /// Discrete Laplace with integer scale t: P(x) ∝ exp(−|x|/t)
-    /// (CKS20 Algorithm 2).
-    fn discrete_laplace(&mut self, t: u128) -> i128 {
-        loop {
-            let u = u128::from(self.below(t as u64));
-            if !self.bernoulli_exp(u, t) {
-                continue;
-            }
-            let mut v: u128 = 0;
-            while self.bernoulli_exp_unit(1, 1) {
-                v += 1;
-            }
-            let magnitude = u + t * v;
-            let negative = self.bit();
-            if negative && magnitude == 0 {
-                continue;
-            }
-            let magnitude = magnitude as i128;
-            return if negative { -magnitude } else { magnitude };
+            Some(k as u64)
         }
     }
 }
@@ -176,7 +184,19 @@ pub struct DiscreteGaussian {
     /// σ² = sigma2_num / 2^16.
     sigma2_num: u128,
     /// floor(σ) + 1, the Laplace scale of the proposal.
-    t: u128,
+    t: u64,
+    t_f: f64,
+    /// [`FAST_MARGIN`]; tests widen it to exercise the exact path.
+    margin: f64,
+    /// t·margin + margin: the float error −t·ln U may carry.
+    slack: f64,
+    /// t · 2^16: |y| in the scale of σ².
+    scaled_t: u64,
+    /// Magnitudes from here on are refused (see [`Self::sample`]).
+    limit: u64,
+    /// 2 · σ²·2^16 · t² · 2^16, the denominator of the acceptance exponent.
+    bias_den: u128,
+    bias_den_f: f64,
 }
 
 impl DiscreteGaussian {
@@ -194,10 +214,36 @@ impl DiscreteGaussian {
         while floor > 0 && (floor * floor) << SIGMA2_DEN_BITS > sigma2_num {
             floor -= 1;
         }
-        Ok(Self {
-            sigma2_num,
-            t: floor + 1,
-        })
+        // σ ≤ 2^20, so t ≤ 2^20 + 1 and t·2^16 fits a u64 with room.
+        let t = floor as u64 + 1;
+        let scaled_t = t << SIGMA2_DEN_BITS;
+        // |y|·t·2^16 below 2^63 keeps the square below 2^126. Candidates
+        // past that lie beyond 64σ, where the exact algorithm accepts with
+        // probability below exp(−2000); rejecting them cannot be observed.
+        let limit = (1u64 << 63) / scaled_t;
+        let bias_den = (2 * sigma2_num * u128::from(t) * u128::from(t)) << SIGMA2_DEN_BITS;
+        Ok(Self::with_margin(
+            Self {
+                sigma2_num,
+                t,
+                t_f: t as f64,
+                margin: 0.0,
+                slack: 0.0,
+                scaled_t,
+                limit,
+                bias_den,
+                bias_den_f: bias_den as f64,
+            },
+            FAST_MARGIN,
+        ))
+    }
+
+    fn with_margin(self, margin: f64) -> Self {
+        Self {
+            margin,
+            slack: self.t_f * margin + margin,
+            ..self
+        }
     }
 
     /// The σ actually used: the one asked for, rounded up by at most 2^-16 in σ².
@@ -207,24 +253,25 @@ impl DiscreteGaussian {
 
     /// One exact sample (CKS20 Algorithm 3).
     pub fn sample(&self, rng: &mut NoiseRng) -> i64 {
-        let den = 1u128 << SIGMA2_DEN_BITS;
-        let scaled_t = self.t * den;
-        // |y|·t·2^16 below 2^63 keeps the square below 2^126. Candidates
-        // past that lie beyond 64σ, where the exact algorithm accepts with
-        // probability below exp(−2000); rejecting them cannot be observed.
-        let limit = (1u128 << 63) / scaled_t;
-        let bias_den = 2 * self.sigma2_num * self.t * self.t;
         loop {
-            let y = rng.discrete_laplace(self.t);
-            let magnitude = y.unsigned_abs();
-            if magnitude >= limit {
+            // Discrete Laplace of scale t: a geometric magnitude and a sign,
+            // with −0 refused so that 0 is not counted twice.
+            let Some(magnitude) = rng.geometric(self) else {
+                continue;
+            };
+            let negative = rng.bit();
+            if negative && magnitude == 0 {
                 continue;
             }
-            // (|y| − σ²/t)² / (2σ²) = (|y|·t·2^16 − σ²·2^16)² / (2 · σ²·2^16 · t² · 2^16)
-            let gap = (magnitude * scaled_t).abs_diff(self.sigma2_num);
-            let bias_num = gap * gap;
-            if rng.bernoulli_exp(bias_num, bias_den * den) {
-                return y as i64;
+            // Accept with exp(−(|y| − σ²/t)²/(2σ²)), that is
+            // (|y|·t·2^16 − σ²·2^16)² / (2 · σ²·2^16 · t² · 2^16);
+            // below `limit` the gap is under 2^63.
+            let gap = (magnitude * self.scaled_t).abs_diff(self.sigma2_num as u64);
+            let gap_f = gap as f64;
+            let estimate = gap_f * gap_f / self.bias_den_f;
+            if rng.bernoulli_exp(gap, self.bias_den, estimate, self.margin) {
+                let magnitude = magnitude as i64;
+                return if negative { -magnitude } else { magnitude };
             }
         }
     }
@@ -266,7 +313,7 @@ mod tests {
             let g = DiscreteGaussian::new(sigma).unwrap();
             assert!(g.sigma() >= sigma, "{sigma} became {}", g.sigma());
             assert!(g.sigma() - sigma < 1e-4 * sigma.max(1.0));
-            assert_eq!(g.t, sigma.floor() as u128 + 1);
+            assert_eq!(g.t, sigma.floor() as u64 + 1);
         }
     }
 
@@ -309,6 +356,51 @@ mod tests {
             .sum();
         // 4 degrees of freedom: P(χ² > 23.5) ≈ 1e-4.
         assert!(chi2 < 23.5, "chi2 {chi2}, counts {counts:?}");
+    }
+
+    /// χ² of `g`'s samples against the exact probabilities ∝ exp(−x²/2σ²)
+    /// over [−range, range], the tails pooled into the end buckets.
+    fn chi2_against_exact(g: &DiscreteGaussian, range: i64, n: usize, seed: u64) -> f64 {
+        let s2 = g.sigma2_num as f64 / f64::from(1u32 << SIGMA2_DEN_BITS);
+        let weight = |x: i64| (-((x * x) as f64) / (2.0 * s2)).exp();
+        let total: f64 = (-50 * range..=50 * range).map(weight).sum();
+        let mut expected = vec![0f64; (2 * range + 1) as usize];
+        for x in -50 * range..=50 * range {
+            expected[(x.clamp(-range, range) + range) as usize] += weight(x) / total * n as f64;
+        }
+        let mut counts = vec![0f64; expected.len()];
+        let mut rng = NoiseRng::insecure_from_seed(seed);
+        for _ in 0..n {
+            counts[(g.sample(&mut rng).clamp(-range, range) + range) as usize] += 1.0;
+        }
+        counts
+            .iter()
+            .zip(&expected)
+            .map(|(c, e)| (c - e).powi(2) / e)
+            .sum()
+    }
+
+    #[test]
+    fn exact_path_alone_gives_the_same_law() {
+        // A margin of 2 sends every comparison through the big-integer path.
+        let g = DiscreteGaussian::new(1.5).unwrap().with_margin(2.0);
+        // 9 buckets, 8 degrees of freedom: P(χ² > 26.1) ≈ 1e-3.
+        let chi2 = chi2_against_exact(&g, 4, 30_000, 21);
+        assert!(chi2 < 26.1, "chi2 {chi2}");
+    }
+
+    #[test]
+    fn fast_and_exact_paths_mix_without_bias() {
+        // A margin of 2^-6 hands a few percent of the comparisons, the ones
+        // nearest their thresholds, to the exact path. Any bias in how the
+        // two paths split a uniform would show here.
+        let g = DiscreteGaussian::new(3.5).unwrap().with_margin(1.0 / 64.0);
+        // 21 buckets, 20 degrees of freedom: P(χ² > 45.3) ≈ 1e-3.
+        let chi2 = chi2_against_exact(&g, 10, 300_000, 22);
+        assert!(chi2 < 45.3, "chi2 {chi2}");
+        // And at the production margin, over more samples.
+        let chi2 = chi2_against_exact(&DiscreteGaussian::new(3.5).unwrap(), 10, 1_000_000, 23);
+        assert!(chi2 < 45.3, "chi2 {chi2}");
     }
 
     #[test]
