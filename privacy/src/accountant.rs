@@ -249,12 +249,21 @@ pub fn noise_for_epsilon(
     rounds: u64,
     delta: Delta,
 ) -> Option<NoiseMultiplier> {
-    let eps = |z: f64| dp_fedavg_epsilon(q, NoiseMultiplier(z), rounds, delta).get();
+    smallest_noise(target, |z| dp_fedavg_epsilon(q, z, rounds, delta).get())
+}
+
+/// The smallest z in [0.01, 1000] (to 0.1%) with `epsilon(z)` at most
+/// `target`, for any accountant whose ε falls as z grows.
+pub fn smallest_noise(
+    target: Epsilon,
+    epsilon: impl Fn(NoiseMultiplier) -> f64,
+) -> Option<NoiseMultiplier> {
+    let eps = |z: f64| epsilon(NoiseMultiplier(z));
     let (mut low, mut high) = (1e-2, 1e3);
     if eps(high) > target.get() {
         return None;
     }
-    // ε falls as z grows: bisect on a log scale, keep the side that meets it.
+    // Bisect on a log scale, keeping the side that meets the target.
     while high / low > 1.001 {
         let mid = (low * high).sqrt();
         if eps(mid) <= target.get() {

@@ -8,6 +8,7 @@ pub mod accountant;
 mod clip;
 pub mod distributed;
 pub mod noise;
+pub mod pld;
 mod pseudonym;
 pub mod quantize;
 

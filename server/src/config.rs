@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     aggregate::OptimizerKind,
     compliance::{MinCohort, Retention},
-    dp::{AdaptiveClip, DpMode, DpSettings},
+    dp::{AccountantKind, AdaptiveClip, DpMode, DpSettings},
     robust::Aggregator,
     sealing::KekSource,
 };
@@ -402,6 +402,13 @@ pub struct Privacy {
     pub target_epsilon: f64,
     pub delta: f64,
     pub bits: u32,
+    /// rdp or pld; configs written before it existed mean rdp.
+    #[serde(default = "default_accountant")]
+    pub accountant: String,
+}
+
+fn default_accountant() -> String {
+    "rdp".into()
 }
 
 impl Default for Privacy {
@@ -418,6 +425,7 @@ impl Default for Privacy {
             target_epsilon: 8.0,
             delta: 1e-5,
             bits: 20,
+            accountant: default_accountant(),
         }
     }
 }
@@ -503,6 +511,22 @@ impl Privacy {
         }
         let target = Epsilon::new(self.target_epsilon)
             .map_err(|e| invalid("privacy.target_epsilon", e.to_string()))?;
+        let accountant = match self.accountant.as_str() {
+            "rdp" => AccountantKind::Rdp,
+            "pld" if distributed => {
+                return Err(invalid(
+                    "privacy.accountant",
+                    "pld accounts the subsampled Gaussian of central DP; distributed DP's sum of discrete Gaussians is accounted by zCDP, so use rdp",
+                ));
+            }
+            "pld" => AccountantKind::Pld,
+            other => {
+                return Err(invalid(
+                    "privacy.accountant",
+                    format!("unknown accountant '{other}': expected rdp or pld"),
+                ));
+            }
+        };
         let expected_cohort = clients_per_round as f64;
         if distributed && self.adaptive_clip {
             return Err(invalid(
@@ -553,6 +577,7 @@ impl Privacy {
             expected_cohort,
             delta,
             target_epsilon: target,
+            accountant,
         }))
     }
 }
@@ -1015,6 +1040,10 @@ population = {p_population}
 # The run stops cleanly before the privacy loss would exceed (target_epsilon, delta).
 target_epsilon = {p_target:?}
 delta = {p_delta:?}
+# How rounds become epsilon: rdp (Renyi DP, improved conversion) or pld (privacy loss
+# distributions: tighter, so more rounds fit the same budget; central DP only, and a run whose
+# noise or sampling rate changed part-way is accounted by RDP).
+accountant = "{p_accountant}"
 # Distributed: the sum lives modulo 2^bits (up to 32); the server derives the quantization
 # step so that the sum of `population` clients fits, and refuses a config where it cannot.
 bits = {p_bits}
@@ -1116,6 +1145,7 @@ kek = "{kek}"
             p_population = self.privacy.population,
             p_target = self.privacy.target_epsilon,
             p_delta = self.privacy.delta,
+            p_accountant = self.privacy.accountant,
             p_bits = self.privacy.bits,
             s_enabled = self.secure_aggregation.enabled,
             s_neighbors = self.secure_aggregation.neighbors,
@@ -1260,7 +1290,26 @@ mod tests {
         c.privacy.clip = 1.0;
         let dp = c.settings().unwrap().dp.unwrap();
         assert_eq!(dp.sampling_rate.get(), 0.2);
+        assert_eq!(dp.accountant, AccountantKind::Rdp);
+        c.privacy.accountant = "pld".into();
+        assert_eq!(
+            c.settings().unwrap().dp.unwrap().accountant,
+            AccountantKind::Pld
+        );
+        c.privacy.accountant = "moments".into();
+        let err = c.settings().unwrap_err().to_string();
+        assert!(
+            err.contains("privacy.accountant") && err.contains("moments"),
+            "{err}"
+        );
+        c.privacy.accountant = "pld".into();
         c.privacy.mode = "distributed".into();
+        let err = c.settings().unwrap_err().to_string();
+        assert!(
+            err.contains("privacy.accountant") && err.contains("zCDP"),
+            "{err}"
+        );
+        c.privacy.accountant = "rdp".into();
         assert!(matches!(
             c.settings().unwrap().dp.unwrap().mode,
             DpMode::Distributed(_)

@@ -12,6 +12,7 @@ use covey_privacy::{
     },
     distributed::DistributedPlan,
     noise::{DiscreteGaussian, NoiseError, NoiseRng},
+    pld::pld_epsilon,
     quantize::QuantizeError,
 };
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,18 @@ pub struct DpSettings {
     pub delta: Delta,
     /// The run stops before ε would exceed this; a DP run always has one.
     pub target_epsilon: Epsilon,
+    /// Which accountant turns the rounds into ε.
+    pub accountant: AccountantKind,
+}
+
+/// How the ledger turns committed rounds into ε.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccountantKind {
+    /// RDP with the improved conversion: composes any history.
+    Rdp,
+    /// Privacy loss distributions: tighter, for a run whose every round
+    /// was the same subsampled Gaussian; anything else falls back to RDP.
+    Pld,
 }
 
 /// Who adds the noise.
@@ -186,6 +199,29 @@ pub struct PrivacyLedger {
     pub rounds: u64,
     /// Clip of the next round.
     pub clip: ClipNorm,
+    /// The rounds as runs of identical mechanisms, oldest first: what the
+    /// PLD accountant composes. Empty in ledgers written before it existed.
+    pub history: Vec<(RoundMechanism, u64)>,
+}
+
+/// A ledger as written before `history` was kept; its rounds are accounted
+/// by RDP alone, since their mechanisms are not known one by one.
+#[derive(Deserialize)]
+pub struct LegacyPrivacyLedger {
+    accountant: RdpAccountant,
+    rounds: u64,
+    clip: ClipNorm,
+}
+
+impl From<LegacyPrivacyLedger> for PrivacyLedger {
+    fn from(old: LegacyPrivacyLedger) -> Self {
+        Self {
+            accountant: old.accountant,
+            rounds: old.rounds,
+            clip: old.clip,
+            history: Vec::new(),
+        }
+    }
 }
 
 impl PrivacyLedger {
@@ -194,38 +230,91 @@ impl PrivacyLedger {
             accountant: RdpAccountant::new(),
             rounds: 0,
             clip,
+            history: Vec::new(),
         }
     }
 
-    pub fn epsilon(&self, delta: Delta) -> f64 {
-        self.accountant.epsilon(delta, Conversion::Improved).0.get()
+    /// ε spent so far, by the run's accountant.
+    pub fn epsilon(&self, dp: &DpSettings) -> f64 {
+        let rdp = self
+            .accountant
+            .epsilon(dp.delta, Conversion::Improved)
+            .0
+            .get();
+        match self.pld_case(dp, 0) {
+            // Both bounds are proven; the smaller one is the claim.
+            Some((q, z, rounds)) => {
+                pld_epsilon(q, z, rounds, dp.delta).map_or(rdp, |e| e.get().min(rdp))
+            }
+            None => rdp,
+        }
+    }
+
+    /// (q, z, rounds) when PLD applies to the history plus `more` rounds of
+    /// `dp`'s mechanism: every round the same subsampled Gaussian.
+    fn pld_case(&self, dp: &DpSettings, more: u64) -> Option<(SamplingRate, NoiseMultiplier, u64)> {
+        if dp.accountant != AccountantKind::Pld {
+            return None;
+        }
+        let RoundMechanism::SubsampledGaussian { q, z } = dp.mechanism() else {
+            return None;
+        };
+        let known: u64 = self.history.iter().map(|(_, n)| n).sum();
+        let same = self.history.iter().all(|(m, _)| *m == dp.mechanism());
+        (known == self.rounds && same).then_some((q, z, self.rounds + more))
     }
 
     /// Accounts one committed round.
     pub fn spend(&mut self, dp: &DpSettings) {
+        let mechanism = dp.mechanism();
         // Central mechanisms are valid by construction.
-        let _ = self.accountant.compose(dp.mechanism(), 1);
+        let _ = self.accountant.compose(mechanism, 1);
         self.rounds += 1;
+        match self.history.last_mut() {
+            Some((last, n)) if *last == mechanism => *n += 1,
+            _ => self.history.push((mechanism, 1)),
+        }
     }
 
     /// Rounds the budget still admits, at most `cap`.
     pub fn rounds_left(&self, dp: &DpSettings, cap: u64) -> u64 {
-        // An invalid mechanism (unreachable: settings are checked) admits nothing.
-        rounds_within_budget(
+        let rdp = rounds_within_budget(
             &self.accountant,
             dp.mechanism(),
             dp.target_epsilon,
             dp.delta,
             cap,
         )
-        .unwrap_or(0)
+        // An invalid mechanism (unreachable: settings are checked) admits nothing.
+        .unwrap_or(0);
+        let Some((q, z, spent)) = self.pld_case(dp, 0) else {
+            return rdp;
+        };
+        // PLD admits at least what RDP does; search above that.
+        let fits = |k: u64| {
+            pld_epsilon(q, z, spent + k, dp.delta)
+                .is_some_and(|e| e.get() <= dp.target_epsilon.get())
+        };
+        let (mut good, mut bad) = (rdp, cap.saturating_add(1));
+        if good < cap && !fits(good + 1) {
+            return good;
+        }
+        while bad - good > 1 {
+            let mid = good + (bad - good) / 2;
+            if fits(mid) {
+                good = mid;
+            } else {
+                bad = mid;
+            }
+        }
+        good
     }
 
     /// ε if one more round were committed.
     pub fn epsilon_after_next(&self, dp: &DpSettings) -> f64 {
         let mut next = self.clone();
         next.spend(dp);
-        next.epsilon(dp.delta)
+        next.epsilon(dp)
     }
 }
 
@@ -245,6 +334,7 @@ mod tests {
             expected_cohort: 10.0,
             delta: Delta::new(1e-5).unwrap(),
             target_epsilon: Epsilon::new(5.0).unwrap(),
+            accountant: AccountantKind::Rdp,
         }
     }
 
@@ -302,8 +392,73 @@ mod tests {
         for _ in 0..left {
             ledger.spend(&dp);
         }
-        assert!(ledger.epsilon(dp.delta) <= 5.0);
+        assert!(ledger.epsilon(&dp) <= 5.0);
         assert_eq!(ledger.rounds_left(&dp, 1000), 0);
         assert!(ledger.epsilon_after_next(&dp) > 5.0);
+    }
+
+    #[test]
+    fn pld_admits_more_rounds_within_the_same_budget() {
+        let rdp = DpSettings {
+            sampling_rate: SamplingRate::new(0.1).unwrap(),
+            target_epsilon: Epsilon::new(2.0).unwrap(),
+            ..dp(false)
+        };
+        let pld = DpSettings {
+            accountant: AccountantKind::Pld,
+            ..rdp
+        };
+        let fresh = PrivacyLedger::new(rdp.initial_clip);
+        let (by_rdp, by_pld) = (
+            fresh.rounds_left(&rdp, 10_000),
+            fresh.rounds_left(&pld, 10_000),
+        );
+        assert!(by_pld > by_rdp, "pld {by_pld} rdp {by_rdp}");
+        let mut ledger = fresh.clone();
+        for _ in 0..by_pld {
+            ledger.spend(&pld);
+        }
+        // Exactly at the edge: within the budget now, over it after one more.
+        assert!(ledger.epsilon(&pld) <= 2.0);
+        assert!(ledger.epsilon_after_next(&pld) > 2.0);
+        assert!(ledger.epsilon(&pld) < ledger.epsilon(&rdp));
+        assert_eq!(ledger.history, vec![(pld.mechanism(), by_pld)]);
+        // A round of another mechanism in the history: back to RDP.
+        ledger.spend(&DpSettings {
+            noise_multiplier: NoiseMultiplier::new(2.0).unwrap(),
+            ..pld
+        });
+        assert_eq!(ledger.epsilon(&pld), ledger.epsilon(&rdp));
+    }
+
+    #[test]
+    fn a_ledger_from_before_the_history_still_loads() {
+        #[derive(Serialize)]
+        struct Old {
+            accountant: RdpAccountant,
+            rounds: u64,
+            clip: ClipNorm,
+        }
+        let dp = dp(false);
+        let mut ledger = PrivacyLedger::new(dp.initial_clip);
+        ledger.spend(&dp);
+        let old = postcard::to_stdvec(&Old {
+            accountant: ledger.accountant.clone(),
+            rounds: 1,
+            clip: ledger.clip,
+        })
+        .unwrap();
+        assert!(postcard::from_bytes::<PrivacyLedger>(&old).is_err());
+        let loaded: PrivacyLedger = postcard::from_bytes::<LegacyPrivacyLedger>(&old)
+            .unwrap()
+            .into();
+        assert_eq!(loaded.rounds, 1);
+        assert!(loaded.history.is_empty());
+        // With PLD asked for, an unknown history is accounted by RDP.
+        let pld = DpSettings {
+            accountant: AccountantKind::Pld,
+            ..dp
+        };
+        assert_eq!(loaded.epsilon(&pld), ledger.epsilon(&dp));
     }
 }

@@ -408,8 +408,9 @@ enum PrivacyCommand {
         rounds: u64,
         #[arg(long)]
         delta: f64,
-        /// Only rdp for now.
-        #[arg(long, default_value = "rdp", value_parser = ["rdp"])]
+        /// rdp (Rényi DP, improved conversion) or pld (privacy loss
+        /// distributions, tighter).
+        #[arg(long, default_value = "rdp", value_parser = ["rdp", "pld"])]
         accountant: String,
         #[arg(long)]
         json: bool,
@@ -424,14 +425,40 @@ enum PrivacyCommand {
         sampling_rate: f64,
         #[arg(long)]
         rounds: u64,
+        /// The accountant whose ε must meet the target: rdp or pld.
+        #[arg(long, default_value = "rdp", value_parser = ["rdp", "pld"])]
+        accountant: String,
         #[arg(long)]
         json: bool,
     },
 }
 
+/// ε after `rounds` by the named accountant; +∞ where PLD proves no finite ε.
+fn accounted_epsilon(
+    accountant: &str,
+    q: covey_privacy::accountant::SamplingRate,
+    z: covey_privacy::accountant::NoiseMultiplier,
+    rounds: u64,
+    delta: covey_privacy::accountant::Delta,
+) -> f64 {
+    match accountant {
+        "pld" => {
+            covey_privacy::pld::pld_epsilon(q, z, rounds, delta).map_or(f64::INFINITY, |e| e.get())
+        }
+        _ => covey_privacy::accountant::dp_fedavg_epsilon(q, z, rounds, delta).get(),
+    }
+}
+
+fn accountant_name(accountant: &str) -> &'static str {
+    match accountant {
+        "pld" => "PLD accountant, connect-the-dots",
+        _ => "RDP accountant, improved conversion",
+    }
+}
+
 fn privacy(command: PrivacyCommand) -> Result<()> {
     use covey_privacy::accountant::{
-        Delta, Epsilon, NoiseMultiplier, SamplingRate, dp_fedavg_epsilon, noise_for_epsilon,
+        Delta, Epsilon, NoiseMultiplier, SamplingRate, smallest_noise,
     };
     match command {
         PrivacyCommand::Epsilon {
@@ -439,24 +466,30 @@ fn privacy(command: PrivacyCommand) -> Result<()> {
             sampling_rate,
             rounds,
             delta,
-            accountant: _,
+            accountant,
             json,
         } => {
-            let eps = dp_fedavg_epsilon(
+            let eps = accounted_epsilon(
+                &accountant,
                 SamplingRate::new(sampling_rate)?,
                 NoiseMultiplier::new(noise_multiplier)?,
                 rounds,
                 Delta::new(delta)?,
             );
+            if !eps.is_finite() {
+                bail!(
+                    "no finite epsilon holds at delta = {delta}: more than delta of the privacy loss is unbounded at this noise"
+                );
+            }
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({ "epsilon": eps.get(), "delta": delta, "accountant": "rdp" })
+                    serde_json::json!({ "epsilon": eps, "delta": delta, "accountant": accountant })
                 );
             } else {
                 println!(
-                    "epsilon = {:.4} at delta = {delta} (RDP accountant, improved conversion)",
-                    eps.get()
+                    "epsilon = {eps:.4} at delta = {delta} ({})",
+                    accountant_name(&accountant)
                 );
             }
         }
@@ -465,23 +498,31 @@ fn privacy(command: PrivacyCommand) -> Result<()> {
             delta,
             sampling_rate,
             rounds,
+            accountant,
             json,
         } => {
-            let z = noise_for_epsilon(
+            let (target, q, d) = (
                 Epsilon::new(epsilon)?,
                 SamplingRate::new(sampling_rate)?,
-                rounds,
                 Delta::new(delta)?,
-            )
-            .with_context(|| {
-                format!(
-                    "no noise multiplier up to 1000 keeps {rounds} rounds within epsilon {epsilon}"
-                )
-            })?;
+            );
+            let z = smallest_noise(target, |z| accounted_epsilon(&accountant, q, z, rounds, d))
+                .with_context(|| {
+                    format!(
+                        "no noise multiplier up to 1000 keeps {rounds} rounds within epsilon {epsilon}"
+                    )
+                })?;
             if json {
-                println!("{}", serde_json::json!({ "noise_multiplier": z.get() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "noise_multiplier": z.get(), "accountant": accountant })
+                );
             } else {
-                println!("noise multiplier = {:.4}", z.get());
+                println!(
+                    "noise multiplier = {:.4} ({})",
+                    z.get(),
+                    accountant_name(&accountant)
+                );
             }
         }
     }

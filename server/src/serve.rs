@@ -395,7 +395,7 @@ impl Server {
                 let left = ledger.rounds_left(&dp, cap);
                 machine.limit_rounds(left);
                 info!(
-                    epsilon_spent = ledger.epsilon(dp.delta),
+                    epsilon_spent = ledger.epsilon(&dp),
                     rounds_left = left,
                     "differential privacy on; the budget admits {left} more rounds"
                 );
@@ -426,7 +426,7 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         metrics.model_version.set(version.0 as i64);
         if let Some(p) = &privacy {
-            metrics.epsilon.set(p.ledger.epsilon(p.dp.delta));
+            metrics.epsilon.set(p.ledger.epsilon(&p.dp));
         }
         let (tx, rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
@@ -2233,7 +2233,7 @@ impl Hub {
                     if self.finished.is_none() {
                         self.summary.finish_reason = Some(reason.as_str().to_owned());
                         if let Some(p) = &self.privacy {
-                            let spent = p.ledger.epsilon(p.dp.delta);
+                            let spent = p.ledger.epsilon(&p.dp);
                             self.summary.epsilon = Some(spent);
                             if reason == FinishReason::BudgetExhausted {
                                 warn!(
@@ -2604,7 +2604,7 @@ impl Hub {
                 }
                 let mut ledger = p.ledger.clone();
                 ledger.spend(&p.dp);
-                record.epsilon = Some(ledger.epsilon(p.dp.delta));
+                record.epsilon = Some(ledger.epsilon(&p.dp));
                 (mean, Some(ledger))
             }
             (Some(p), Aggregate::Weighted(sum)) => {
@@ -2624,7 +2624,7 @@ impl Hub {
                 .await
                 .map_err(|e| corrupt(format!("noise task: {e}")))?
                 .map_err(corrupt)?;
-                record.epsilon = Some(ledger.epsilon(p.dp.delta));
+                record.epsilon = Some(ledger.epsilon(&p.dp));
                 (total, Some(ledger))
             }
             (None, Aggregate::Buffered { updates, weights }) => {

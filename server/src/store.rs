@@ -602,7 +602,14 @@ impl Store {
     /// The privacy spent so far, if any round committed under DP.
     pub fn privacy_ledger(&self) -> Result<Option<PrivacyLedger>, StoreError> {
         self.get(&self.meta, PRIVACY)?
-            .map(|bytes| decode(&bytes, "privacy ledger"))
+            .map(|bytes| {
+                decode(&bytes, "privacy ledger").or_else(|e| {
+                    // Written before the ledger kept its history.
+                    decode::<crate::dp::LegacyPrivacyLedger>(&bytes, "privacy ledger")
+                        .map(Into::into)
+                        .map_err(|_| e)
+                })
+            })
             .transpose()
     }
 

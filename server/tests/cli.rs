@@ -361,4 +361,65 @@ fn privacy_epsilon_and_noise_match_published_values() {
         ]),
         "sampling rate must be in (0, 1], got 2",
     );
+    // The PLD accountant on the same setting: tighter than RDP's 2.21, and
+    // dp_accounting's PLDAccountant gives 2.0334.
+    let abadi = |accountant: &str| {
+        let out = run(&[
+            "privacy",
+            "epsilon",
+            "--noise-multiplier",
+            "4",
+            "--sampling-rate",
+            "0.01",
+            "--rounds",
+            "40000",
+            "--delta",
+            "1e-5",
+            "--accountant",
+            accountant,
+            "--json",
+        ]);
+        let json: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+        assert_eq!(json["accountant"], accountant);
+        json["epsilon"].as_f64().unwrap()
+    };
+    let pld = abadi("pld");
+    assert!((pld / 2.0334 - 1.0).abs() < 0.01, "{pld}");
+    assert!(pld < abadi("rdp"));
+    // Less noise meets the same target under the tighter accountant.
+    let out = run(&[
+        "privacy",
+        "noise",
+        "--epsilon",
+        "2.21",
+        "--delta",
+        "1e-5",
+        "--sampling-rate",
+        "0.01",
+        "--rounds",
+        "40000",
+        "--accountant",
+        "pld",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let z_pld = json["noise_multiplier"].as_f64().unwrap();
+    assert!(z_pld < z && z_pld > 3.0, "{z_pld} against rdp's {z}");
+    fails_with(
+        &run(&[
+            "privacy",
+            "epsilon",
+            "--noise-multiplier",
+            "1",
+            "--sampling-rate",
+            "0.1",
+            "--rounds",
+            "1",
+            "--delta",
+            "1e-5",
+            "--accountant",
+            "moments",
+        ]),
+        "invalid value 'moments'",
+    );
 }
