@@ -66,3 +66,39 @@ async fn spent_privacy_is_remembered_across_a_restart() {
         .unwrap();
     assert_eq!(ledger.rounds, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pld_accountant_fits_a_round_more_into_the_same_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config("logreg", 10, 2);
+    cfg.privacy.mode = "central".into();
+    cfg.privacy.population = 2;
+    cfg.privacy.noise_multiplier = 5.0;
+    // At q = 1 and z = 5, RDP: 1.4456 after three rounds, 1.6937 after
+    // four; PLD: 1.5550 after four, 1.7601 after five.
+    cfg.privacy.target_epsilon = 1.6;
+    cfg.privacy.accountant = "pld".into();
+    let state = init(tmp.path(), &cfg);
+    let bundles = enroll(&state, &["a", "b"]);
+    let (addr, running) = start(&state);
+    let clients = spawn_scripted(&bundles, addr, Duration::from_millis(50));
+    let summary = running.await.unwrap();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(summary.final_version, 4, "four rounds fit by PLD");
+    assert_eq!(
+        summary.finish_reason.as_deref(),
+        Some("privacy budget exhausted")
+    );
+    let spent = summary.epsilon.unwrap();
+    assert!((spent - 1.5550).abs() < 1e-3, "spent {spent}");
+    let ledger = state
+        .open_store()
+        .unwrap()
+        .privacy_ledger()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ledger.rounds, 4);
+    assert_eq!(ledger.history.len(), 1, "one mechanism throughout");
+}

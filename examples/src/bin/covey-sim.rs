@@ -111,6 +111,9 @@ struct Args {
     target_epsilon: f64,
     #[arg(long, default_value_t = 1e-5)]
     delta: f64,
+    /// How rounds become ε under central DP: rdp or pld (tighter).
+    #[arg(long, default_value = "rdp", value_parser = ["rdp", "pld"])]
+    accountant: String,
     /// Simulated attack by some clients: none, sign-flip, scale:F,
     /// label-flip or noise.
     #[arg(long, default_value = "none")]
@@ -353,6 +356,7 @@ fn privacy_config(args: &Args) -> Result<covey_server::config::Privacy> {
     p.noise_multiplier = args.noise_multiplier;
     p.target_epsilon = args.target_epsilon;
     p.delta = args.delta;
+    p.accountant = args.accountant.clone();
     p.bits = args.bits;
     p.population = args.clients as u64;
     Ok(p)
