@@ -1,6 +1,7 @@
 //! covey-client: trains on local data and sends updates over QUIC.
 #![forbid(unsafe_code)]
 
+mod conv;
 pub mod data;
 pub mod partition;
 pub mod session;

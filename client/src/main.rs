@@ -1,6 +1,12 @@
 //! The `covey-client` command line.
 #![forbid(unsafe_code)]
 
+/// Training frees and re-allocates tensors of megabytes every step; glibc
+/// hands them back to the kernel and page-faults them in again, mimalloc
+/// reuses them (15% more CNN samples/s, BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};

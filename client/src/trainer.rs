@@ -12,7 +12,10 @@ use covey_protocol::{
 use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
-use crate::data::DataView;
+use crate::{
+    conv::{conv2d_same_cnhw, relu_max_pool2, relu_max_pool2_portable},
+    data::DataView,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -123,28 +126,50 @@ impl Network {
                 let h = Self::linear(&h, &v[2], &v[3])?.relu()?;
                 Self::linear(&h, &v[4], &v[5])
             }
-            Architecture::Cnn => {
-                let input = self.spec.input;
-                let b = x.dim(0)?;
-                let x = x.reshape((
-                    b,
-                    input.channels as usize,
-                    input.height as usize,
-                    input.width as usize,
-                ))?;
-                let conv = |x: &Tensor, w: &Var, bias: &Var| -> candle_core::Result<Tensor> {
-                    let y = x.conv2d(w, 2, 1, 1, 1)?;
-                    y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?
-                        .relu()?
-                        .max_pool2d(2)
-                };
-                let h = conv(&x, &v[0], &v[1])?;
-                let h = conv(&h, &v[2], &v[3])?;
-                let h = h.flatten_from(1)?;
-                let h = Self::linear(&h, &v[4], &v[5])?.relu()?;
-                Self::linear(&h, &v[6], &v[7])
-            }
+            Architecture::Cnn if x.device().is_cpu() => self.cnn_cpu(x),
+            Architecture::Cnn => self.cnn_portable(x),
         }
+    }
+
+    /// The CNN with channel-major activations and one matrix product per
+    /// convolution (see `conv`); pooling treats [K, B] like [N, C].
+    fn cnn_cpu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (v, input) = (&self.vars, self.spec.input);
+        let b = x.dim(0)?;
+        let x = x
+            .reshape((
+                b,
+                input.channels as usize,
+                input.height as usize,
+                input.width as usize,
+            ))?
+            .transpose(0, 1)?;
+        let h = relu_max_pool2(&conv2d_same_cnhw(&x, &v[0], &v[1])?)?;
+        let h = relu_max_pool2(&conv2d_same_cnhw(&h, &v[2], &v[3])?)?;
+        let h = h.transpose(0, 1)?.contiguous()?.flatten_from(1)?;
+        let h = Self::linear(&h, &v[4], &v[5])?.relu()?;
+        Self::linear(&h, &v[6], &v[7])
+    }
+
+    /// The same CNN from candle's own ops, for CUDA.
+    fn cnn_portable(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (v, input) = (&self.vars, self.spec.input);
+        let b = x.dim(0)?;
+        let x = x.reshape((
+            b,
+            input.channels as usize,
+            input.height as usize,
+            input.width as usize,
+        ))?;
+        let conv = |x: &Tensor, w: &Var, bias: &Var| -> candle_core::Result<Tensor> {
+            let y = x.conv2d(w, 2, 1, 1, 1)?;
+            relu_max_pool2_portable(&y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?)
+        };
+        let h = conv(&x, &v[0], &v[1])?;
+        let h = conv(&h, &v[2], &v[3])?;
+        let h = h.flatten_from(1)?;
+        let h = Self::linear(&h, &v[4], &v[5])?.relu()?;
+        Self::linear(&h, &v[6], &v[7])
     }
 
     pub fn flat(&self) -> Result<Vec<f32>, TrainError> {
@@ -430,6 +455,58 @@ mod tests {
             seed: 1,
             privacy: covey_protocol::message::UpdatePrivacy::Plain,
             secure_aggregation: None,
+        }
+    }
+
+    #[test]
+    fn the_cpu_cnn_matches_the_portable_one_in_logits_and_gradients() {
+        let spec = ModelSpec::mnist(Architecture::Cnn);
+        let net = Network::from_flat(spec, &spec.initial_weights(3), &Device::Cpu).unwrap();
+        let view = toy(12);
+        let data = DeviceData::new(&view, &Device::Cpu).unwrap();
+        let (x, y) = data.batch(&(0..12).collect::<Vec<u32>>()).unwrap();
+        let fast = net.cnn_cpu(&x).unwrap();
+        let portable = net.cnn_portable(&x).unwrap();
+        let gap = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(
+            gap(&fast, &portable) < 1e-4,
+            "logits differ by {}",
+            gap(&fast, &portable)
+        );
+        let grads = |logits: &Tensor| {
+            candle_nn::loss::cross_entropy(logits, &y)
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (a, b) = (grads(&fast), grads(&portable));
+        for (i, var) in net.vars().iter().enumerate() {
+            let (ga, gb) = (a.get(var).unwrap(), b.get(var).unwrap());
+            let scale = gb
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                gap(ga, gb) <= 1e-4 * scale.max(1e-3),
+                "tensor {i}: {} of {scale}",
+                gap(ga, gb)
+            );
         }
     }
 

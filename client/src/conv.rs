@@ -1,0 +1,432 @@
+//! The CNN's convolutions on the CPU as one matrix product each.
+//!
+//! candle 0.11's CPU conv2d spends most of a training step in its backward
+//! pass (a direct transposed convolution and a kernel-gradient convolution;
+//! see BENCHMARKS.md). Here activations stay in channel-major [C, B, H, W]
+//! layout, a 'same' k×k convolution becomes W[K, C·k²] · cols[C·k², B·H·W],
+//! and candle's matmul autograd (gemm on every core) gives both gradients as
+//! single large products. Only the unfolding (im2col) and its adjoint are
+//! written here, since candle has no unfold op with a backward.
+
+use candle_core::{CpuStorage, CustomOp1, D, Layout, Result, Shape, Tensor};
+
+/// Unfolds a [C, B, H, W] tensor into the [C·k², B·H·W] patch matrix of a
+/// stride-1 convolution with zero padding k/2 (so the output keeps H × W).
+#[derive(Clone, Copy, Debug)]
+struct Unfold {
+    kernel: usize,
+}
+
+/// The adjoint of [`Unfold`]: sums each patch entry back onto the input
+/// pixel it came from.
+#[derive(Clone, Copy, Debug)]
+struct Fold {
+    kernel: usize,
+    channels: usize,
+    batch: usize,
+    height: usize,
+    width: usize,
+}
+
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} needs a contiguous input");
+    };
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+/// For output column x and kernel column kx, the input column is
+/// x + kx − pad; the x for which it lies inside [0, width).
+fn valid_columns(kx: usize, pad: usize, width: usize) -> (usize, usize) {
+    let low = pad.saturating_sub(kx);
+    let high = (width + pad).saturating_sub(kx).min(width);
+    (low, high.max(low))
+}
+
+impl CustomOp1 for Unfold {
+    fn name(&self) -> &'static str {
+        "covey-unfold"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (channels, batch, height, width) = layout.shape().dims4()?;
+        let input = contiguous_f32(storage, layout, self.name())?;
+        let (k, pad) = (self.kernel, self.kernel / 2);
+        let plane = height * width;
+        let row_len = batch * plane;
+        let mut cols = vec![0f32; channels * k * k * row_len];
+        for (r, row) in cols.chunks_exact_mut(row_len).enumerate() {
+            let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+            let (x_low, x_high) = valid_columns(kx, pad, width);
+            for b in 0..batch {
+                let src = &input[(c * batch + b) * plane..][..plane];
+                let dst = &mut row[b * plane..][..plane];
+                for y in 0..height {
+                    let Some(y_in) = (y + ky).checked_sub(pad).filter(|v| *v < height) else {
+                        continue;
+                    };
+                    let from = y_in * width + x_low + kx - pad;
+                    dst[y * width + x_low..y * width + x_high]
+                        .copy_from_slice(&src[from..from + (x_high - x_low)]);
+                }
+            }
+        }
+        let shape = Shape::from((channels * k * k, row_len));
+        Ok((CpuStorage::F32(cols), shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (channels, batch, height, width) = arg.dims4()?;
+        let fold = Fold {
+            kernel: self.kernel,
+            channels,
+            batch,
+            height,
+            width,
+        };
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&fold)?))
+    }
+}
+
+impl CustomOp1 for Fold {
+    fn name(&self) -> &'static str {
+        "covey-fold"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cols = contiguous_f32(storage, layout, self.name())?;
+        let (k, pad) = (self.kernel, self.kernel / 2);
+        let (channels, batch, height, width) = (self.channels, self.batch, self.height, self.width);
+        let plane = height * width;
+        let row_len = batch * plane;
+        if cols.len() != channels * k * k * row_len {
+            candle_core::bail!("{} got {} values for its shape", self.name(), cols.len());
+        }
+        let mut image = vec![0f32; channels * row_len];
+        for (c, channel) in image.chunks_exact_mut(row_len).enumerate() {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = &cols[((c * k + ky) * k + kx) * row_len..][..row_len];
+                    let (x_low, x_high) = valid_columns(kx, pad, width);
+                    for b in 0..batch {
+                        let src = &row[b * plane..][..plane];
+                        let dst = &mut channel[b * plane..][..plane];
+                        for y in 0..height {
+                            let Some(y_in) = (y + ky).checked_sub(pad).filter(|v| *v < height)
+                            else {
+                                continue;
+                            };
+                            let to = y_in * width + x_low + kx - pad;
+                            let from = &src[y * width + x_low..y * width + x_high];
+                            for (d, s) in dst[to..to + from.len()].iter_mut().zip(from) {
+                                *d += s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok((
+            CpuStorage::F32(image),
+            Shape::from((channels, batch, height, width)),
+        ))
+    }
+}
+
+/// ReLU then 2×2 max pooling (stride 2) over the last two dimensions, in
+/// one pass: candle's max_pool2d backward alone takes several full-size
+/// passes (upsample, compare, average). ReLU and max commute, so this is
+/// max(0, window max); the gradient goes to the window's first maximum
+/// when it is positive.
+#[derive(Clone, Copy, Debug)]
+struct ReluPool;
+
+/// The backward of [`ReluPool`]: (input, gradient of the output) → gradient
+/// of the input.
+#[derive(Clone, Copy, Debug)]
+struct ReluPoolGrad;
+
+/// Index within a 2×2 window (0..4) of its first maximum, and that maximum.
+fn window_max(input: &[f32], width: usize, y: usize, x: usize) -> (usize, f32) {
+    let at = |dy: usize, dx: usize| input[(2 * y + dy) * width + 2 * x + dx];
+    let mut best = (0, at(0, 0));
+    for (i, (dy, dx)) in [(0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+        let v = at(dy, dx);
+        if v > best.1 {
+            best = (i + 1, v);
+        }
+    }
+    best
+}
+
+impl CustomOp1 for ReluPool {
+    fn name(&self) -> &'static str {
+        "covey-relu-pool"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, height, width) = layout.shape().dims4()?;
+        let input = contiguous_f32(storage, layout, self.name())?;
+        let (oh, ow) = (height / 2, width / 2);
+        let mut out = Vec::with_capacity(n * c * oh * ow);
+        for plane in input.chunks_exact(height * width) {
+            for y in 0..oh {
+                for x in 0..ow {
+                    out.push(window_max(plane, width, y, x).1.max(0.0));
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &ReluPoolGrad,
+        )?))
+    }
+}
+
+impl candle_core::CustomOp2 for ReluPoolGrad {
+    fn name(&self) -> &'static str {
+        "covey-relu-pool-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, height, width) = l1.shape().dims4()?;
+        let input = contiguous_f32(s1, l1, self.name())?;
+        let grad = contiguous_f32(s2, l2, self.name())?;
+        let (oh, ow) = (height / 2, width / 2);
+        if grad.len() != n * c * oh * ow {
+            candle_core::bail!("{} got a gradient of {} values", self.name(), grad.len());
+        }
+        let mut out = vec![0f32; input.len()];
+        for ((plane, grad), dst) in input
+            .chunks_exact(height * width)
+            .zip(grad.chunks_exact(oh * ow))
+            .zip(out.chunks_exact_mut(height * width))
+        {
+            for y in 0..oh {
+                for x in 0..ow {
+                    let (i, v) = window_max(plane, width, y, x);
+                    if v > 0.0 {
+                        dst[(2 * y + i / 2) * width + 2 * x + i % 2] = grad[y * ow + x];
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `max_pool2d(2)` of `relu(x)` for an NCHW-like x with even H and W.
+pub fn relu_max_pool2(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if h % 2 != 0 || w % 2 != 0 {
+        candle_core::bail!("relu_max_pool2 needs even sides, got {h}x{w}");
+    }
+    x.contiguous()?.apply_op1(ReluPool)
+}
+
+/// The same as [`relu_max_pool2`] from candle's own ops, for devices the
+/// custom op does not run on. Not `max_pool2d`: candle 0.11's backward for
+/// it multiplies the gradient by (number of maxima)/4, so a unique maximum
+/// gets a quarter of its gradient; nor a plain max over each window, whose
+/// backward hands every tied maximum the whole gradient (blank MNIST
+/// background ties everywhere). Here a one-hot mask of each window's first
+/// maximum carries it, as PyTorch does.
+pub fn relu_max_pool2_portable(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if h % 2 != 0 || w % 2 != 0 {
+        candle_core::bail!("relu_max_pool2 needs even sides, got {h}x{w}");
+    }
+    let windows = x
+        .reshape((n, c, h / 2, 2, w / 2, 2))?
+        .permute((0, 1, 2, 4, 3, 5))?
+        .contiguous()?
+        .reshape((n, c, h / 2, w / 2, 4))?;
+    let first = windows.detach().argmax_keepdim(D::Minus1)?;
+    let slots = Tensor::arange(0u32, 4, x.device())?.reshape((1, 1, 1, 1, 4))?;
+    let mask = first
+        .broadcast_as(windows.shape())?
+        .eq(&slots.broadcast_as(windows.shape())?)?
+        .to_dtype(windows.dtype())?;
+    (windows * mask)?.sum(D::Minus1)?.relu()
+}
+
+/// The most patch-matrix entries one product unfolds at once (16 MiB of
+/// f32): a batch of 1,000 MNIST images would otherwise unfold the CNN's
+/// second layer into 627 MB.
+const MAX_UNFOLD: usize = 1 << 22;
+
+/// A stride-1 'same' convolution of a channel-major [C, B, H, W] input with
+/// weights [K, C, k, k] and bias [K], giving [K, B, H, W]. Large batches go
+/// in slices of at most [`MAX_UNFOLD`] patch entries.
+pub fn conv2d_same_cnhw(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (_, batch, height, width) = x.dims4()?;
+    let (filters, channels, k, k2) = weight.dims4()?;
+    if k != k2 || k % 2 == 0 {
+        candle_core::bail!("conv2d_same_cnhw needs an odd square kernel, got {k}x{k2}");
+    }
+    let w = weight.reshape((filters, channels * k * k))?;
+    let bias = bias.reshape((filters, 1))?;
+    let per_image = channels * k * k * height * width;
+    let slice = (MAX_UNFOLD / per_image).max(1);
+    let mut parts = (0..batch)
+        .step_by(slice)
+        .map(|start| {
+            let len = slice.min(batch - start);
+            let cols = x
+                .narrow(1, start, len)?
+                .contiguous()?
+                .apply_op1(Unfold { kernel: k })?;
+            w.matmul(&cols)?
+                .broadcast_add(&bias)?
+                .reshape((filters, len, height, width))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    match parts.len() {
+        1 => Ok(parts.remove(0)),
+        _ => Tensor::cat(&parts, 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_candles_conv2d_forward_and_backward() {
+        for (b, c, h, w, k, kern) in [(3, 1, 28, 28, 4, 5), (2, 3, 7, 9, 5, 5), (4, 2, 5, 5, 3, 3)]
+        {
+            let x = Var::from_tensor(&random(&[b, c, h, w], 1)).unwrap();
+            let weight = Var::from_tensor(&random(&[k, c, kern, kern], 2)).unwrap();
+            let bias = Var::from_tensor(&random(&[k], 3)).unwrap();
+            let upstream = random(&[b, k, h, w], 4);
+
+            let reference = x
+                .conv2d(&weight, kern / 2, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, k, 1, 1)).unwrap())
+                .unwrap();
+            let ours = conv2d_same_cnhw(&x.transpose(0, 1).unwrap(), &weight, &bias)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap();
+            assert!(max_gap(&reference, &ours) < 1e-4, "forward {b} {c} {h} {w}");
+
+            let grads = |y: &Tensor| {
+                (y * &upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            };
+            let (g_ref, g_ours) = (grads(&reference), grads(&ours));
+            for var in [&x, &weight, &bias] {
+                let a = g_ref.get(var).unwrap();
+                let o = g_ours.get(var).unwrap();
+                assert!(
+                    max_gap(a, o) < 1e-3,
+                    "gradient {:?} for {b} {c} {h} {w}",
+                    a.dims()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn relu_pool_matches_candle() {
+        let x = Var::from_tensor(&random(&[3, 4, 8, 6], 5)).unwrap();
+        let upstream = random(&[3, 4, 4, 3], 6);
+        let reference = relu_max_pool2_portable(&x).unwrap();
+        let ours = relu_max_pool2(&x).unwrap();
+        let candle = x.relu().unwrap().max_pool2d(2).unwrap();
+        assert!(max_gap(&reference, &candle) < 1e-7);
+        assert!(max_gap(&reference, &ours) < 1e-7);
+        let grads = |y: &Tensor| {
+            (y * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (a, b) = (grads(&reference), grads(&ours));
+        assert!(max_gap(a.get(&x).unwrap(), b.get(&x).unwrap()) < 1e-6);
+        // candle's max_pool2d backward hands a unique maximum a quarter of
+        // its gradient; if that is ever fixed, the portable path can use it.
+        let c = grads(&candle);
+        let (ours, theirs) = (b.get(&x).unwrap(), c.get(&x).unwrap());
+        assert!(max_gap(&(theirs * 4.0).unwrap(), ours) < 1e-5);
+        // Ties: a window of equal positive values passes its gradient to
+        // its first element only, in both versions.
+        let ones = Tensor::ones((1, 1, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        let tied = Var::from_tensor(&ones).unwrap();
+        for pooled in [
+            relu_max_pool2(&tied).unwrap(),
+            relu_max_pool2_portable(&tied).unwrap(),
+        ] {
+            let g = pooled.sum_all().unwrap().backward().unwrap();
+            let g: Vec<f32> = g
+                .get(&tied)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(g, [1.0, 0.0, 0.0, 0.0]);
+        }
+        assert!(relu_max_pool2(&random(&[1, 1, 3, 4], 1)).is_err());
+    }
+
+    #[test]
+    fn column_ranges_stay_inside_the_image() {
+        for width in 1..8 {
+            for kx in 0..5 {
+                let (low, high) = valid_columns(kx, 2, width);
+                for x in 0..width {
+                    let inside = (x + kx).checked_sub(2).is_some_and(|v| v < width);
+                    assert_eq!(inside, x >= low && x < high, "w {width} kx {kx} x {x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_kernels_are_refused() {
+        let x = random(&[1, 1, 4, 4], 1);
+        let w = random(&[2, 1, 4, 4], 2);
+        let b = random(&[2], 3);
+        assert!(conv2d_same_cnhw(&x, &w, &b).is_err());
+    }
+}
