@@ -265,36 +265,144 @@ pub fn relu_max_pool2_portable(x: &Tensor) -> Result<Tensor> {
 /// second layer into 627 MB.
 const MAX_UNFOLD: usize = 1 << 22;
 
+/// A stride-1 'same' convolution as one autograd node: (x [C, B, H, W],
+/// weights [K, C, k, k], bias [K]) → [K, B, H, W]. As separate candle ops,
+/// the patch matrix's gradient alone (31 MB at batch 50) would be zeroed,
+/// added into and read back every step; here the backward goes straight
+/// from the output's gradient to those of x, the weights and the bias.
+#[derive(Clone, Copy, Debug)]
+struct ConvSame {
+    kernel: usize,
+}
+
+impl ConvSame {
+    /// Batch slices [start, start + len) of at most [`MAX_UNFOLD`] patch entries.
+    fn slices(
+        &self,
+        channels: usize,
+        batch: usize,
+        plane: usize,
+    ) -> impl Iterator<Item = (usize, usize)> {
+        let per_image = channels * self.kernel * self.kernel * plane;
+        let slice = (MAX_UNFOLD / per_image).max(1);
+        (0..batch)
+            .step_by(slice)
+            .map(move |start| (start, slice.min(batch - start)))
+    }
+}
+
+impl candle_core::CustomOp3 for ConvSame {
+    fn name(&self) -> &'static str {
+        "covey-conv-same"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cpu = candle_core::Device::Cpu;
+        let (channels, batch, height, width) = l1.shape().dims4()?;
+        let (filters, _, k, _) = l2.shape().dims4()?;
+        let x = Tensor::from_slice(contiguous_f32(s1, l1, self.name())?, l1.shape(), &cpu)?;
+        let w = Tensor::from_slice(
+            contiguous_f32(s2, l2, self.name())?,
+            (filters, channels * k * k),
+            &cpu,
+        )?;
+        let bias = Tensor::from_slice(contiguous_f32(s3, l3, self.name())?, (filters, 1), &cpu)?;
+        let plane = height * width;
+        let mut out = vec![0f32; filters * batch * plane];
+        for (start, len) in self.slices(channels, batch, plane) {
+            let cols = x
+                .narrow(1, start, len)?
+                .contiguous()?
+                .apply_op1_no_bwd(&Unfold { kernel: k })?;
+            let y = w.matmul(&cols)?.broadcast_add(&bias)?;
+            let y: Vec<Vec<f32>> = y.to_vec2()?;
+            for (row, values) in y.iter().enumerate() {
+                out[(row * batch + start) * plane..][..len * plane].copy_from_slice(values);
+            }
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((filters, batch, height, width)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
+        let (channels, batch, height, width) = x.dims4()?;
+        let (filters, _, k, _) = weight.dims4()?;
+        let w_t = weight.reshape((filters, channels * k * k))?.t()?;
+        let plane = height * width;
+        let mut grad_w: Option<Tensor> = None;
+        let mut grad_x = Vec::new();
+        for (start, len) in self.slices(channels, batch, plane) {
+            let cols = x
+                .narrow(1, start, len)?
+                .contiguous()?
+                .apply_op1_no_bwd(&Unfold { kernel: k })?;
+            let g = grad
+                .narrow(1, start, len)?
+                .contiguous()?
+                .reshape((filters, len * plane))?;
+            let part = g.matmul(&cols.t()?)?;
+            grad_w = Some(match grad_w {
+                Some(sum) => (sum + part)?,
+                None => part,
+            });
+            let fold = Fold {
+                kernel: k,
+                channels,
+                batch: len,
+                height,
+                width,
+            };
+            grad_x.push(w_t.matmul(&g)?.apply_op1_no_bwd(&fold)?);
+        }
+        let grad_x = match grad_x.len() {
+            1 => grad_x.remove(0),
+            _ => Tensor::cat(&grad_x, 1)?,
+        };
+        let grad_w = grad_w.map(|g| g.reshape(weight.shape())).transpose()?;
+        let grad_b = grad.sum((1, 2, 3))?;
+        Ok((Some(grad_x), grad_w, Some(grad_b)))
+    }
+}
+
 /// A stride-1 'same' convolution of a channel-major [C, B, H, W] input with
 /// weights [K, C, k, k] and bias [K], giving [K, B, H, W]. Large batches go
 /// in slices of at most [`MAX_UNFOLD`] patch entries.
 pub fn conv2d_same_cnhw(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let (_, batch, height, width) = x.dims4()?;
-    let (filters, channels, k, k2) = weight.dims4()?;
+    let (channels, _, _, _) = x.dims4()?;
+    let (filters, w_channels, k, k2) = weight.dims4()?;
     if k != k2 || k % 2 == 0 {
         candle_core::bail!("conv2d_same_cnhw needs an odd square kernel, got {k}x{k2}");
     }
-    let w = weight.reshape((filters, channels * k * k))?;
-    let bias = bias.reshape((filters, 1))?;
-    let per_image = channels * k * k * height * width;
-    let slice = (MAX_UNFOLD / per_image).max(1);
-    let mut parts = (0..batch)
-        .step_by(slice)
-        .map(|start| {
-            let len = slice.min(batch - start);
-            let cols = x
-                .narrow(1, start, len)?
-                .contiguous()?
-                .apply_op1(Unfold { kernel: k })?;
-            w.matmul(&cols)?
-                .broadcast_add(&bias)?
-                .reshape((filters, len, height, width))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    match parts.len() {
-        1 => Ok(parts.remove(0)),
-        _ => Tensor::cat(&parts, 1),
+    if w_channels != channels || bias.dims() != [filters] {
+        candle_core::bail!(
+            "conv2d_same_cnhw: {channels} input channels against weights {:?} and bias {:?}",
+            weight.dims(),
+            bias.dims()
+        );
     }
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        ConvSame { kernel: k },
+    )
 }
 
 #[cfg(test)]
@@ -428,5 +536,7 @@ mod tests {
         let w = random(&[2, 1, 4, 4], 2);
         let b = random(&[2], 3);
         assert!(conv2d_same_cnhw(&x, &w, &b).is_err());
+        let w = random(&[2, 3, 3, 3], 2);
+        assert!(conv2d_same_cnhw(&x, &w, &b).is_err(), "channel mismatch");
     }
 }
