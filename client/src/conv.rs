@@ -43,6 +43,17 @@ fn valid_columns(kx: usize, pad: usize, width: usize) -> (usize, usize) {
     (low, high.max(low))
 }
 
+/// For kernel row ky, the output rows y whose input row y + ky − pad lies
+/// inside [0, height), with that input row.
+fn shifted_rows(ky: usize, pad: usize, height: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..height).filter_map(move |y| {
+        (y + ky)
+            .checked_sub(pad)
+            .filter(|v| *v < height)
+            .map(|y_in| (y, y_in))
+    })
+}
+
 impl CustomOp1 for Unfold {
     fn name(&self) -> &'static str {
         "covey-unfold"
@@ -61,10 +72,7 @@ impl CustomOp1 for Unfold {
             for b in 0..batch {
                 let src = &input[(c * batch + b) * plane..][..plane];
                 let dst = &mut row[b * plane..][..plane];
-                for y in 0..height {
-                    let Some(y_in) = (y + ky).checked_sub(pad).filter(|v| *v < height) else {
-                        continue;
-                    };
+                for (y, y_in) in shifted_rows(ky, pad, height) {
                     let from = y_in * width + x_low + kx - pad;
                     dst[y * width + x_low..y * width + x_high]
                         .copy_from_slice(&src[from..from + (x_high - x_low)]);
@@ -73,18 +81,6 @@ impl CustomOp1 for Unfold {
         }
         let shape = Shape::from((channels * k * k, row_len));
         Ok((CpuStorage::F32(cols), shape))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (channels, batch, height, width) = arg.dims4()?;
-        let fold = Fold {
-            kernel: self.kernel,
-            channels,
-            batch,
-            height,
-            width,
-        };
-        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&fold)?))
     }
 }
 
@@ -111,11 +107,7 @@ impl CustomOp1 for Fold {
                     for b in 0..batch {
                         let src = &row[b * plane..][..plane];
                         let dst = &mut channel[b * plane..][..plane];
-                        for y in 0..height {
-                            let Some(y_in) = (y + ky).checked_sub(pad).filter(|v| *v < height)
-                            else {
-                                continue;
-                            };
+                        for (y, y_in) in shifted_rows(ky, pad, height) {
                             let to = y_in * width + x_low + kx - pad;
                             let from = &src[y * width + x_low..y * width + x_high];
                             for (d, s) in dst[to..to + from.len()].iter_mut().zip(from) {
@@ -406,7 +398,7 @@ pub fn conv2d_same_cnhw(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
@@ -418,10 +410,9 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
+    /// The largest |entry| of `t`.
+    pub(crate) fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -429,6 +420,10 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    pub(crate) fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+        max_abs(&(a - b).unwrap())
     }
 
     #[test]

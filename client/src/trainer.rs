@@ -467,18 +467,7 @@ mod tests {
         let (x, y) = data.batch(&(0..12).collect::<Vec<u32>>()).unwrap();
         let fast = net.cnn_cpu(&x).unwrap();
         let portable = net.cnn_portable(&x).unwrap();
-        let gap = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        use crate::conv::tests::{max_abs, max_gap as gap};
         assert!(
             gap(&fast, &portable) < 1e-4,
             "logits differ by {}",
@@ -493,15 +482,7 @@ mod tests {
         let (a, b) = (grads(&fast), grads(&portable));
         for (i, var) in net.vars().iter().enumerate() {
             let (ga, gb) = (a.get(var).unwrap(), b.get(var).unwrap());
-            let scale = gb
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(gb);
             assert!(
                 gap(ga, gb) <= 1e-4 * scale.max(1e-3),
                 "tensor {i}: {} of {scale}",
