@@ -1,24 +1,36 @@
-//! The privacy budget survives a restart: ε spent before the server stopped
-//! counts against the same target afterwards.
+//! The privacy budget: ε spent before the server stopped counts against the
+//! same target afterwards, and the PLD accountant fits more rounds into it.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use covey_server::Server;
+use covey_protocol::identity::IdentityBundle;
+use covey_server::{Server, StateDir};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spent_privacy_is_remembered_across_a_restart() {
-    let tmp = tempfile::tempdir().unwrap();
+/// Two enrolled devices, both in every round (q = 1), central DP at z = 5.
+fn central_dp_state(
+    dir: &std::path::Path,
+    target_epsilon: f64,
+    accountant: &str,
+) -> (StateDir, Vec<IdentityBundle>) {
     let mut cfg = config("logreg", 10, 2);
     cfg.privacy.mode = "central".into();
     cfg.privacy.population = 2;
     cfg.privacy.noise_multiplier = 5.0;
-    // At q = 1 and z = 5: three rounds spend 1.4456, a fourth 1.6937.
-    cfg.privacy.target_epsilon = 1.5;
-    let state = init(tmp.path(), &cfg);
+    cfg.privacy.target_epsilon = target_epsilon;
+    cfg.privacy.accountant = accountant.into();
+    let state = init(dir, &cfg);
     let bundles = enroll(&state, &["a", "b"]);
+    (state, bundles)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spent_privacy_is_remembered_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    // At q = 1 and z = 5: three rounds spend 1.4456, a fourth 1.6937.
+    let (state, bundles) = central_dp_state(tmp.path(), 1.5, "rdp");
 
     // First run: stop after the first commit.
     let server = Server::open(&state).unwrap();
@@ -70,16 +82,9 @@ async fn spent_privacy_is_remembered_across_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pld_accountant_fits_a_round_more_into_the_same_budget() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config("logreg", 10, 2);
-    cfg.privacy.mode = "central".into();
-    cfg.privacy.population = 2;
-    cfg.privacy.noise_multiplier = 5.0;
     // At q = 1 and z = 5, RDP: 1.4456 after three rounds, 1.6937 after
     // four; PLD: 1.5550 after four, 1.7601 after five.
-    cfg.privacy.target_epsilon = 1.6;
-    cfg.privacy.accountant = "pld".into();
-    let state = init(tmp.path(), &cfg);
-    let bundles = enroll(&state, &["a", "b"]);
+    let (state, bundles) = central_dp_state(tmp.path(), 1.6, "pld");
     let (addr, running) = start(&state);
     let clients = spawn_scripted(&bundles, addr, Duration::from_millis(50));
     let summary = running.await.unwrap();
