@@ -28,7 +28,11 @@ struct Fold {
     width: usize,
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("{op} needs a contiguous input");
     };
@@ -334,6 +338,8 @@ impl candle_core::CustomOp3 for ConvSame {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // No input gradient for a batch of data (the first layer).
+        let wants_grad_x = x.track_op();
         let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
         let (channels, batch, height, width) = x.dims4()?;
         let (filters, _, k, _) = weight.dims4()?;
@@ -355,22 +361,25 @@ impl candle_core::CustomOp3 for ConvSame {
                 Some(sum) => (sum + part)?,
                 None => part,
             });
-            let fold = Fold {
-                kernel: k,
-                channels,
-                batch: len,
-                height,
-                width,
-            };
-            grad_x.push(w_t.matmul(&g)?.apply_op1_no_bwd(&fold)?);
+            if wants_grad_x {
+                let fold = Fold {
+                    kernel: k,
+                    channels,
+                    batch: len,
+                    height,
+                    width,
+                };
+                grad_x.push(w_t.matmul(&g)?.apply_op1_no_bwd(&fold)?);
+            }
         }
         let grad_x = match grad_x.len() {
-            1 => grad_x.remove(0),
-            _ => Tensor::cat(&grad_x, 1)?,
+            0 => None,
+            1 => Some(grad_x.remove(0)),
+            _ => Some(Tensor::cat(&grad_x, 1)?),
         };
         let grad_w = grad_w.map(|g| g.reshape(weight.shape())).transpose()?;
         let grad_b = grad.sum((1, 2, 3))?;
-        Ok((Some(grad_x), grad_w, Some(grad_b)))
+        Ok((grad_x, grad_w, Some(grad_b)))
     }
 }
 
@@ -402,7 +411,7 @@ pub(crate) mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn random(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n = shape.iter().product();
@@ -523,6 +532,17 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn data_inputs_get_no_gradient() {
+        let x = random(&[1, 2, 6, 6], 1);
+        let w = Var::from_tensor(&random(&[3, 1, 5, 5], 2)).unwrap();
+        let b = Var::from_tensor(&random(&[3], 3)).unwrap();
+        let y = conv2d_same_cnhw(&x, &w, &b).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_none());
+        assert!(grads.get(&w).is_some() && grads.get(&b).is_some());
     }
 
     #[test]

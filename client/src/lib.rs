@@ -3,6 +3,8 @@
 
 mod conv;
 pub mod data;
+mod dense;
+mod optim;
 pub mod partition;
 pub mod session;
 pub mod trainer;

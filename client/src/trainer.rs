@@ -4,7 +4,6 @@
 use std::io::IsTerminal;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use candle_nn::{Optimizer, SGD};
 use covey_protocol::{
     message::{LocalMetrics, Task},
     model::{Architecture, ModelSpec},
@@ -15,6 +14,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::{
     conv::{conv2d_same_cnhw, relu_max_pool2, relu_max_pool2_portable},
     data::DataView,
+    dense::dense_cpu,
+    optim::Sgd,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -112,19 +113,24 @@ impl Network {
         &self.vars
     }
 
-    fn linear(x: &Tensor, w: &Var, b: &Var) -> candle_core::Result<Tensor> {
-        x.matmul(&w.t()?)?.broadcast_add(b)
+    /// `x · Wᵀ + b`, then ReLU when `relu` is set: one fused node on the CPU.
+    fn linear(x: &Tensor, w: &Var, b: &Var, relu: bool) -> candle_core::Result<Tensor> {
+        if x.device().is_cpu() {
+            return dense_cpu(x, w, b, relu);
+        }
+        let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
+        if relu { y.relu() } else { Ok(y) }
     }
 
     /// Logits for a batch of flattened inputs `[B, features]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let v = &self.vars;
         match self.spec.architecture {
-            Architecture::LogReg => Self::linear(x, &v[0], &v[1]),
+            Architecture::LogReg => Self::linear(x, &v[0], &v[1], false),
             Architecture::Mlp2nn => {
-                let h = Self::linear(x, &v[0], &v[1])?.relu()?;
-                let h = Self::linear(&h, &v[2], &v[3])?.relu()?;
-                Self::linear(&h, &v[4], &v[5])
+                let h = Self::linear(x, &v[0], &v[1], true)?;
+                let h = Self::linear(&h, &v[2], &v[3], true)?;
+                Self::linear(&h, &v[4], &v[5], false)
             }
             Architecture::Cnn if x.device().is_cpu() => self.cnn_cpu(x),
             Architecture::Cnn => self.cnn_portable(x),
@@ -147,8 +153,8 @@ impl Network {
         let h = relu_max_pool2(&conv2d_same_cnhw(&x, &v[0], &v[1])?)?;
         let h = relu_max_pool2(&conv2d_same_cnhw(&h, &v[2], &v[3])?)?;
         let h = h.transpose(0, 1)?.contiguous()?.flatten_from(1)?;
-        let h = Self::linear(&h, &v[4], &v[5])?.relu()?;
-        Self::linear(&h, &v[6], &v[7])
+        let h = Self::linear(&h, &v[4], &v[5], true)?;
+        Self::linear(&h, &v[6], &v[7], false)
     }
 
     /// The same CNN from candle's own ops, for CUDA.
@@ -168,8 +174,8 @@ impl Network {
         let h = conv(&x, &v[0], &v[1])?;
         let h = conv(&h, &v[2], &v[3])?;
         let h = h.flatten_from(1)?;
-        let h = Self::linear(&h, &v[4], &v[5])?.relu()?;
-        Self::linear(&h, &v[6], &v[7])
+        let h = Self::linear(&h, &v[4], &v[5], true)?;
+        Self::linear(&h, &v[6], &v[7], false)
     }
 
     pub fn flat(&self) -> Result<Vec<f32>, TrainError> {
@@ -327,7 +333,7 @@ impl Trainer for CandleTrainer {
         } else {
             Vec::new()
         };
-        let mut sgd = SGD::new(net.vars().to_vec(), f64::from(task.hyper.learning_rate))?;
+        let mut sgd = Sgd::new(net.vars().to_vec(), f64::from(task.hyper.learning_rate));
         let mut rng = ChaCha8Rng::seed_from_u64(task.seed);
         let batch = task.hyper.batch_size.max(1) as usize;
         let mut order: Vec<u32> = (0..self.data.len as u32).collect();
