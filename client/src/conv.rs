@@ -8,7 +8,9 @@
 //! single large products. Only the unfolding (im2col) and its adjoint are
 //! written here, since candle has no unfold op with a backward.
 
-use candle_core::{CpuStorage, CustomOp1, D, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, D, Layout, Result, Shape, Tensor, backend::BackendStorage,
+};
 
 /// Unfolds a [C, B, H, W] tensor into the [C·k², B·H·W] patch matrix of a
 /// stride-1 convolution with zero padding k/2 (so the output keeps H × W).
@@ -58,32 +60,47 @@ fn shifted_rows(ky: usize, pad: usize, height: usize) -> impl Iterator<Item = (u
     })
 }
 
+/// The patch matrix [C·k², len·H·W] of images [start, start + len) of a
+/// [C, B, H, W] input, for a stride-1 convolution with zero padding k/2.
+fn unfold(
+    input: &[f32],
+    dims: (usize, usize, usize, usize),
+    images: (usize, usize),
+    k: usize,
+) -> Vec<f32> {
+    let (channels, batch, height, width) = dims;
+    let (start, len) = images;
+    let pad = k / 2;
+    let plane = height * width;
+    let row_len = len * plane;
+    let mut cols = vec![0f32; channels * k * k * row_len];
+    for (r, row) in cols.chunks_exact_mut(row_len).enumerate() {
+        let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+        let (x_low, x_high) = valid_columns(kx, pad, width);
+        for b in 0..len {
+            let src = &input[(c * batch + start + b) * plane..][..plane];
+            let dst = &mut row[b * plane..][..plane];
+            for (y, y_in) in shifted_rows(ky, pad, height) {
+                let from = y_in * width + x_low + kx - pad;
+                dst[y * width + x_low..y * width + x_high]
+                    .copy_from_slice(&src[from..from + (x_high - x_low)]);
+            }
+        }
+    }
+    cols
+}
+
 impl CustomOp1 for Unfold {
     fn name(&self) -> &'static str {
         "covey-unfold"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (channels, batch, height, width) = layout.shape().dims4()?;
+        let dims = layout.shape().dims4()?;
         let input = contiguous_f32(storage, layout, self.name())?;
-        let (k, pad) = (self.kernel, self.kernel / 2);
-        let plane = height * width;
-        let row_len = batch * plane;
-        let mut cols = vec![0f32; channels * k * k * row_len];
-        for (r, row) in cols.chunks_exact_mut(row_len).enumerate() {
-            let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
-            let (x_low, x_high) = valid_columns(kx, pad, width);
-            for b in 0..batch {
-                let src = &input[(c * batch + b) * plane..][..plane];
-                let dst = &mut row[b * plane..][..plane];
-                for (y, y_in) in shifted_rows(ky, pad, height) {
-                    let from = y_in * width + x_low + kx - pad;
-                    dst[y * width + x_low..y * width + x_high]
-                        .copy_from_slice(&src[from..from + (x_high - x_low)]);
-                }
-            }
-        }
-        let shape = Shape::from((channels * k * k, row_len));
+        let (channels, batch, height, width) = dims;
+        let cols = unfold(input, dims, (0, batch), self.kernel);
+        let shape = Shape::from((channels * self.kernel * self.kernel, batch * height * width));
         Ok((CpuStorage::F32(cols), shape))
     }
 }
@@ -301,27 +318,46 @@ impl candle_core::CustomOp3 for ConvSame {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let cpu = candle_core::Device::Cpu;
-        let (channels, batch, height, width) = l1.shape().dims4()?;
+        let dims = l1.shape().dims4()?;
+        let (channels, batch, height, width) = dims;
         let (filters, _, k, _) = l2.shape().dims4()?;
-        let x = Tensor::from_slice(contiguous_f32(s1, l1, self.name())?, l1.shape(), &cpu)?;
-        let w = Tensor::from_slice(
-            contiguous_f32(s2, l2, self.name())?,
-            (filters, channels * k * k),
-            &cpu,
-        )?;
-        let bias = Tensor::from_slice(contiguous_f32(s3, l3, self.name())?, (filters, 1), &cpu)?;
+        let input = contiguous_f32(s1, l1, self.name())?;
+        let bias = contiguous_f32(s3, l3, self.name())?;
+        if !l2.is_contiguous() {
+            candle_core::bail!("{} needs contiguous weights", self.name());
+        }
+        // The weights read in place as [K, C·k²], the patches as [C·k², n]:
+        // the product comes out in [K, B, H, W] order with no copies.
+        let weights =
+            Layout::contiguous_with_offset((filters, channels * k * k), l2.start_offset());
         let plane = height * width;
-        let mut out = vec![0f32; filters * batch * plane];
+        let mut out = Vec::new();
         for (start, len) in self.slices(channels, batch, plane) {
-            let cols = x
-                .narrow(1, start, len)?
-                .contiguous()?
-                .apply_op1_no_bwd(&Unfold { kernel: k })?;
-            let y = w.matmul(&cols)?.broadcast_add(&bias)?;
-            let y: Vec<Vec<f32>> = y.to_vec2()?;
-            for (row, values) in y.iter().enumerate() {
+            let cols = CpuStorage::F32(unfold(input, dims, (start, len), k));
+            let cols_layout = Layout::contiguous((channels * k * k, len * plane));
+            let y = s2.matmul(
+                &cols,
+                (1, filters, len * plane, channels * k * k),
+                &weights,
+                &cols_layout,
+            )?;
+            let CpuStorage::F32(y) = y else {
+                candle_core::bail!("{} needs f32", self.name());
+            };
+            if len == batch {
+                out = y;
+                break;
+            }
+            if out.is_empty() {
+                out = vec![0f32; filters * batch * plane];
+            }
+            for (row, values) in y.chunks_exact(len * plane).enumerate() {
                 out[(row * batch + start) * plane..][..len * plane].copy_from_slice(values);
+            }
+        }
+        for (values, b) in out.chunks_exact_mut(batch * plane).zip(bias) {
+            for v in values {
+                *v += b;
             }
         }
         Ok((
@@ -437,8 +473,16 @@ pub(crate) mod tests {
 
     #[test]
     fn matches_candles_conv2d_forward_and_backward() {
-        for (b, c, h, w, k, kern) in [(3, 1, 28, 28, 4, 5), (2, 3, 7, 9, 5, 5), (4, 2, 5, 5, 3, 3)]
-        {
+        // The last case unfolds 4.7 M patch entries, so it runs in two slices.
+        for (b, c, h, w, k, kern) in [
+            (3, 1, 28, 28, 4, 5),
+            (2, 3, 7, 9, 5, 5),
+            (4, 2, 5, 5, 3, 3),
+            (30, 32, 14, 14, 4, 5),
+        ] {
+            if b * c * kern * kern * h * w > MAX_UNFOLD {
+                assert!(ConvSame { kernel: kern }.slices(c, b, h * w).count() > 1);
+            }
             let x = Var::from_tensor(&random(&[b, c, h, w], 1)).unwrap();
             let weight = Var::from_tensor(&random(&[k, c, kern, kern], 2)).unwrap();
             let bias = Var::from_tensor(&random(&[k], 3)).unwrap();

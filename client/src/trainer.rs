@@ -581,6 +581,65 @@ mod tests {
         assert_eq!(metrics, direct);
     }
 
+    /// Built with `cuda`, on a machine with a GPU: the same weights and data
+    /// give the same logits, gradients and trained update on the GPU (candle's
+    /// ops) as on the CPU (the fused ops), within float tolerance.
+    /// `cargo test -p covey-client --features cuda cuda_`
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_matches_the_cpu_on_fixed_inputs() {
+        let gpu = Device::new_cuda(0).expect("built with cuda: this test needs a GPU");
+        let view = toy(100);
+        for arch in [Architecture::Mlp2nn, Architecture::Cnn] {
+            let spec = ModelSpec::mnist(arch);
+            let weights = spec.initial_weights(5);
+            let mut logits = Vec::new();
+            let mut grads = Vec::new();
+            for device in [&Device::Cpu, &gpu] {
+                let net = Network::from_flat(spec, &weights, device).unwrap();
+                let data = DeviceData::new(&view, device).unwrap();
+                let (x, y) = data.batch(&(0..32).collect::<Vec<u32>>()).unwrap();
+                let out = net.forward(&x).unwrap();
+                let g = candle_nn::loss::cross_entropy(&out, &y)
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                logits.push(out.to_device(&Device::Cpu).unwrap());
+                grads.push(
+                    net.vars()
+                        .iter()
+                        .map(|v| g.get(v).unwrap().to_device(&Device::Cpu).unwrap())
+                        .collect::<Vec<_>>(),
+                );
+            }
+            use crate::conv::tests::{max_abs, max_gap as gap};
+            assert!(gap(&logits[0], &logits[1]) < 1e-4, "{arch} logits");
+            for (i, (a, b)) in grads[0].iter().zip(&grads[1]).enumerate() {
+                let scale = max_abs(a).max(1e-3);
+                assert!(gap(a, b) <= 1e-4 * scale, "{arch} gradient {i}");
+            }
+            // A whole local epoch (10 SGD steps): rounding differences grow,
+            // but stay far below the update itself.
+            let t = task(arch, 0.05, 1);
+            let cpu = CandleTrainer::new(&view, &Device::Cpu)
+                .unwrap()
+                .train(&t, &weights)
+                .unwrap();
+            let cuda = CandleTrainer::new(&view, &gpu)
+                .unwrap()
+                .train(&t, &weights)
+                .unwrap();
+            let largest = cpu.delta.iter().fold(0f32, |m, d| m.max(d.abs()));
+            let worst = cpu
+                .delta
+                .iter()
+                .zip(&cuda.delta)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= 1e-3 * largest, "{arch}: {worst} of {largest}");
+            assert!((cpu.metrics.loss - cuda.metrics.loss).abs() < 1e-3);
+        }
+    }
+
     #[test]
     fn wrong_weights_and_devices_are_named() {
         let spec = ModelSpec::mnist(Architecture::LogReg);
