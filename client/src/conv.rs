@@ -471,6 +471,16 @@ pub(crate) mod tests {
         max_abs(&(a - b).unwrap())
     }
 
+    /// Gradients of Σ y ⊙ upstream: each input's pullback of `upstream`.
+    pub(crate) fn pullback(y: &Tensor, upstream: &Tensor) -> candle_core::backprop::GradStore {
+        (y * upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
     #[test]
     fn matches_candles_conv2d_forward_and_backward() {
         // The last case unfolds 4.7 M patch entries, so it runs in two slices.
@@ -499,14 +509,7 @@ pub(crate) mod tests {
                 .unwrap();
             assert!(max_gap(&reference, &ours) < 1e-4, "forward {b} {c} {h} {w}");
 
-            let grads = |y: &Tensor| {
-                (y * &upstream)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap()
-            };
+            let grads = |y: &Tensor| pullback(y, &upstream);
             let (g_ref, g_ours) = (grads(&reference), grads(&ours));
             for var in [&x, &weight, &bias] {
                 let a = g_ref.get(var).unwrap();
@@ -529,14 +532,7 @@ pub(crate) mod tests {
         let candle = x.relu().unwrap().max_pool2d(2).unwrap();
         assert!(max_gap(&reference, &candle) < 1e-7);
         assert!(max_gap(&reference, &ours) < 1e-7);
-        let grads = |y: &Tensor| {
-            (y * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
+        let grads = |y: &Tensor| pullback(y, &upstream);
         let (a, b) = (grads(&reference), grads(&ours));
         assert!(max_gap(a.get(&x).unwrap(), b.get(&x).unwrap()) < 1e-6);
         // candle's max_pool2d backward hands a unique maximum a quarter of

@@ -100,7 +100,7 @@ pub fn dense_cpu(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conv::tests::{max_gap, random};
+    use crate::conv::tests::{max_gap, pullback, random};
     use candle_core::Var;
 
     #[test]
@@ -121,14 +121,7 @@ mod tests {
                 }
                 let ours = dense_cpu(&x, &w, &bias, relu).unwrap();
                 assert!(max_gap(&reference, &ours) < 1e-5, "forward {b} {inputs}");
-                let grads = |y: &Tensor| {
-                    (y * &upstream)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .backward()
-                        .unwrap()
-                };
+                let grads = |y: &Tensor| pullback(y, &upstream);
                 let (g_ref, g_ours) = (grads(&reference), grads(&ours));
                 for var in [&x, &w, &bias] {
                     let (a, o) = (g_ref.get(var).unwrap(), g_ours.get(var).unwrap());
