@@ -40,6 +40,13 @@ impl CustomOp3 for Dense {
         let (batch, inputs) = l1.shape().dims2()?;
         let (outputs, _) = l2.shape().dims2()?;
         let bias = contiguous_f32(s3, l3, self.name())?;
+        if bias.len() != outputs {
+            candle_core::bail!(
+                "{}: {} biases for {outputs} outputs",
+                self.name(),
+                bias.len()
+            );
+        }
         // The product reads W through a transposed layout: no copy of it.
         let y = s1.matmul(s2, (1, batch, outputs, inputs), l1, &l2.transpose(0, 1)?)?;
         let CpuStorage::F32(mut y) = y else {
