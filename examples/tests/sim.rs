@@ -464,3 +464,106 @@ fn secure_aggregation_without_dp_trains_like_plain_fedavg() {
         .fold(0.0, f64::max);
     assert!(best >= 0.90, "best test accuracy {best}");
 }
+
+/// covey-sim with `args`; its exit status, stdout and stderr.
+fn sim_raw(args: &[&str], state: &std::path::Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_covey-sim"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_stopped_run_resumes_from_its_last_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            "logreg",
+            "--clients",
+            "4",
+            "--epochs",
+            "1",
+            "--seed",
+            "2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        sim_raw(&args, &state)
+    };
+    let (ok, stdout, stderr) = run(&["--rounds", "2"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let version_2 = |state: &std::path::Path| {
+        let store = covey_server::StateDir::new(state).open_store().unwrap();
+        let model = store.model(covey_protocol::ids::ModelVersion(2)).unwrap();
+        (store.current_version().unwrap().0, model.weights)
+    };
+    let (at, weights) = version_2(&state);
+    assert_eq!(at, 2);
+
+    // Refusals leave the stored run as it was.
+    for (extra, needle) in [
+        (
+            &["--rounds", "3", "--resume", "--lr", "0.5"][..],
+            "learning_rate = 0.5",
+        ),
+        (
+            &["--rounds", "3", "--resume", "--fraction", "0.5"][..],
+            "[rounds]",
+        ),
+        (&["--rounds", "2", "--resume"][..], "already at round 2"),
+        (&["--rounds", "3"][..], "refusing to overwrite"),
+    ] {
+        let (ok, _, stderr) = run(extra);
+        assert!(!ok, "{extra:?} was accepted");
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+    }
+    assert_eq!(version_2(&state), (2, weights.clone()));
+
+    let (ok, stdout, stderr) = run(&["--rounds", "3", "--resume"]);
+    assert!(ok, "{stderr}");
+    let rounds: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rounds.len(), 1, "{stdout}");
+    assert_eq!(rounds[0]["round"], 3);
+    assert_eq!(rounds[0]["participants"], 4);
+    let store = covey_server::StateDir::new(&state).open_store().unwrap();
+    assert_eq!(store.current_version().unwrap().0, 3);
+    assert_eq!(
+        store
+            .model(covey_protocol::ids::ModelVersion(2))
+            .unwrap()
+            .weights,
+        weights
+    );
+}
+
+#[test]
+fn resume_needs_a_stored_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = sim_raw(&["--resume"], &dir.path().join("none"));
+    assert!(!ok);
+    assert!(stderr.contains("no run to resume"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_covey-sim"))
+        .arg("--resume")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--state-dir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

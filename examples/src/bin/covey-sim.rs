@@ -98,6 +98,10 @@ struct Args {
     /// Where the server keeps its state (a temporary directory by default).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Continue the run kept in --state-dir from its last committed round,
+    /// with the same flags (only --rounds may grow).
+    #[arg(long, requires = "state_dir")]
+    resume: bool,
     /// One JSON object per round on stdout.
     #[arg(long)]
     json: bool,
@@ -331,6 +335,70 @@ fn main() -> Result<()> {
     runtime.block_on(simulate(args))
 }
 
+/// Checks that `state` holds an unfinished run made with `wanted`'s
+/// settings, and lets it run to `wanted`'s round count.
+fn resume(state: &StateDir, wanted: &ServerConfig) -> Result<()> {
+    let root = state.root().display();
+    let stored = state
+        .config()
+        .with_context(|| format!("--resume: no run to resume in {root}"))?;
+    let mut same_length = wanted.clone();
+    same_length.rounds.rounds = stored.rounds.rounds;
+    if let Some((kept, asked)) = first_difference(&stored, &same_length) {
+        bail!(
+            "--resume: the run in {root} was made with other settings: it has `{kept}`, these flags give `{asked}`"
+        );
+    }
+    let version = state.open_store()?.current_version()?.0;
+    if version >= wanted.rounds.rounds {
+        bail!(
+            "--resume: the run in {root} is already at round {version}; pass a --rounds above it to go on"
+        );
+    }
+    if stored.rounds.rounds != wanted.rounds.rounds {
+        let path = state.config_path();
+        std::fs::write(&path, wanted.to_documented_toml())
+            .with_context(|| format!("updating the round count in {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The first setting, as `[section] key = value`, where two configs differ.
+fn first_difference(a: &ServerConfig, b: &ServerConfig) -> Option<(String, String)> {
+    if a == b {
+        return None;
+    }
+    let (a, b) = (a.to_documented_toml(), b.to_documented_toml());
+    let mut section = "";
+    for (x, y) in a.lines().zip(b.lines()) {
+        if x.starts_with('[') {
+            section = x;
+        }
+        if x != y {
+            return Some((format!("{section} {x}"), format!("{section} {y}")));
+        }
+    }
+    Some((section.to_owned(), section.to_owned()))
+}
+
+/// Enrolls virtual device `name`. A resumed run's devices kept their keys
+/// only in the memory of the process that stopped, so their certificates
+/// are revoked and new ones issued.
+fn enroll(
+    state: &StateDir,
+    store: &covey_server::store::Store,
+    name: &str,
+) -> Result<covey_protocol::identity::IdentityBundle> {
+    let lifetime = Duration::from_secs(86_400);
+    match state.enroll(store, name, lifetime, None) {
+        Err(covey_server::dir::DirError::AlreadyEnrolled(_)) => {
+            state.revoke(store, name)?;
+            Ok(state.enroll(store, name, lifetime, None)?)
+        }
+        other => Ok(other?),
+    }
+}
+
 /// The scheduling flags: sync rounds or FedBuff's buffer.
 fn set_mode(config: &mut ServerConfig, args: &Args) {
     config.rounds.mode = args.mode.clone();
@@ -412,18 +480,15 @@ async fn simulate(args: Args) -> Result<()> {
         config.rounds.min_clients = args.clients;
     }
     let state = StateDir::new(&state_path);
-    state.init(&config)?;
+    if args.resume {
+        resume(&state, &config)?;
+    } else {
+        state.init(&config)?;
+    }
     let identities = {
         let store = state.open_store()?;
         (0..args.clients)
-            .map(|i| {
-                state.enroll(
-                    &store,
-                    &format!("sim-{i}"),
-                    Duration::from_secs(86_400),
-                    None,
-                )
-            })
+            .map(|i| enroll(&state, &store, &format!("sim-{i}")))
             .collect::<Result<Vec<_>, _>>()?
     };
 
