@@ -336,8 +336,9 @@ fn main() -> Result<()> {
 }
 
 /// Checks that `state` holds an unfinished run made with `wanted`'s
-/// settings, and lets it run to `wanted`'s round count.
-fn resume(state: &StateDir, wanted: &ServerConfig) -> Result<()> {
+/// settings, and lets it run to `wanted`'s round count. Returns the round
+/// it stopped at.
+fn resume(state: &StateDir, wanted: &ServerConfig) -> Result<u64> {
     let root = state.root().display();
     let stored = state
         .config()
@@ -360,7 +361,7 @@ fn resume(state: &StateDir, wanted: &ServerConfig) -> Result<()> {
         std::fs::write(&path, wanted.to_documented_toml())
             .with_context(|| format!("updating the round count in {}", path.display()))?;
     }
-    Ok(())
+    Ok(version)
 }
 
 /// The first setting, as `[section] key = value`, where two configs differ.
@@ -480,11 +481,12 @@ async fn simulate(args: Args) -> Result<()> {
         config.rounds.min_clients = args.clients;
     }
     let state = StateDir::new(&state_path);
-    if args.resume {
-        resume(&state, &config)?;
+    let resumed_at = if args.resume {
+        Some(resume(&state, &config)?)
     } else {
         state.init(&config)?;
-    }
+        None
+    };
     let identities = {
         let store = state.open_store()?;
         (0..args.clients)
@@ -562,6 +564,12 @@ async fn simulate(args: Args) -> Result<()> {
     }
 
     if !args.json {
+        if let Some(round) = resumed_at {
+            println!(
+                "covey-sim: resuming the run in {} after round {round}",
+                state_path.display()
+            );
+        }
         println!(
             "covey-sim: {} {} clients ({} per round), {:?} partition, E={} B={} lr={} {} {}, {} rounds",
             args.clients,
