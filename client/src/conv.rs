@@ -11,6 +11,7 @@
 use candle_core::{
     CpuStorage, CustomOp1, D, Layout, Result, Shape, Tensor, backend::BackendStorage,
 };
+use rayon::prelude::*;
 
 /// Unfolds a [C, B, H, W] tensor into the [C·k², B·H·W] patch matrix of a
 /// stride-1 convolution with zero padding k/2 (so the output keeps H × W).
@@ -74,19 +75,24 @@ fn unfold(
     let plane = height * width;
     let row_len = len * plane;
     let mut cols = vec![0f32; channels * k * k * row_len];
-    for (r, row) in cols.chunks_exact_mut(row_len).enumerate() {
-        let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
-        let (x_low, x_high) = valid_columns(kx, pad, width);
-        for b in 0..len {
-            let src = &input[(c * batch + start + b) * plane..][..plane];
-            let dst = &mut row[b * plane..][..plane];
-            for (y, y_in) in shifted_rows(ky, pad, height) {
-                let from = y_in * width + x_low + kx - pad;
-                dst[y * width + x_low..y * width + x_high]
-                    .copy_from_slice(&src[from..from + (x_high - x_low)]);
-            }
-        }
+    if row_len == 0 {
+        return cols;
     }
+    cols.par_chunks_exact_mut(row_len)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+            let (x_low, x_high) = valid_columns(kx, pad, width);
+            for b in 0..len {
+                let src = &input[(c * batch + start + b) * plane..][..plane];
+                let dst = &mut row[b * plane..][..plane];
+                for (y, y_in) in shifted_rows(ky, pad, height) {
+                    let from = y_in * width + x_low + kx - pad;
+                    dst[y * width + x_low..y * width + x_high]
+                        .copy_from_slice(&src[from..from + (x_high - x_low)]);
+                }
+            }
+        });
     cols
 }
 
@@ -120,14 +126,23 @@ impl CustomOp1 for Fold {
             candle_core::bail!("{} got {} values for its shape", self.name(), cols.len());
         }
         let mut image = vec![0f32; channels * row_len];
-        for (c, channel) in image.chunks_exact_mut(row_len).enumerate() {
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = &cols[((c * k + ky) * k + kx) * row_len..][..row_len];
-                    let (x_low, x_high) = valid_columns(kx, pad, width);
-                    for b in 0..batch {
-                        let src = &row[b * plane..][..plane];
-                        let dst = &mut channel[b * plane..][..plane];
+        if plane == 0 {
+            return Ok((
+                CpuStorage::F32(image),
+                Shape::from((channels, batch, height, width)),
+            ));
+        }
+        // One image plane (channel c of image b) per task.
+        image
+            .par_chunks_exact_mut(plane)
+            .enumerate()
+            .for_each(|(p, dst)| {
+                let (c, b) = (p / batch, p % batch);
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let row = ((c * k + ky) * k + kx) * row_len;
+                        let src = &cols[row + b * plane..][..plane];
+                        let (x_low, x_high) = valid_columns(kx, pad, width);
                         for (y, y_in) in shifted_rows(ky, pad, height) {
                             let to = y_in * width + x_low + kx - pad;
                             let from = &src[y * width + x_low..y * width + x_high];
@@ -137,8 +152,7 @@ impl CustomOp1 for Fold {
                         }
                     }
                 }
-            }
-        }
+            });
         Ok((
             CpuStorage::F32(image),
             Shape::from((channels, batch, height, width)),
@@ -181,13 +195,17 @@ impl CustomOp1 for ReluPool {
         let (n, c, height, width) = layout.shape().dims4()?;
         let input = contiguous_f32(storage, layout, self.name())?;
         let (oh, ow) = (height / 2, width / 2);
-        let mut out = Vec::with_capacity(n * c * oh * ow);
-        for plane in input.chunks_exact(height * width) {
-            for y in 0..oh {
-                for x in 0..ow {
-                    out.push(window_max(plane, width, y, x).1.max(0.0));
-                }
-            }
+        let mut out = vec![0f32; n * c * oh * ow];
+        if !out.is_empty() {
+            out.par_chunks_exact_mut(oh * ow)
+                .zip(input.par_chunks_exact(height * width))
+                .for_each(|(dst, plane)| {
+                    for (y, row) in dst.chunks_exact_mut(ow).enumerate() {
+                        for (x, v) in row.iter_mut().enumerate() {
+                            *v = window_max(plane, width, y, x).1.max(0.0);
+                        }
+                    }
+                });
         }
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
@@ -220,20 +238,22 @@ impl candle_core::CustomOp2 for ReluPoolGrad {
             candle_core::bail!("{} got a gradient of {} values", self.name(), grad.len());
         }
         let mut out = vec![0f32; input.len()];
-        for ((plane, grad), dst) in input
-            .chunks_exact(height * width)
-            .zip(grad.chunks_exact(oh * ow))
-            .zip(out.chunks_exact_mut(height * width))
-        {
-            for y in 0..oh {
-                for x in 0..ow {
-                    let (i, v) = window_max(plane, width, y, x);
-                    if v > 0.0 {
-                        dst[(2 * y + i / 2) * width + 2 * x + i % 2] = grad[y * ow + x];
+        if grad.is_empty() {
+            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+        }
+        out.par_chunks_exact_mut(height * width)
+            .zip(input.par_chunks_exact(height * width))
+            .zip(grad.par_chunks_exact(oh * ow))
+            .for_each(|((dst, plane), grad)| {
+                for y in 0..oh {
+                    for x in 0..ow {
+                        let (i, v) = window_max(plane, width, y, x);
+                        if v > 0.0 {
+                            dst[(2 * y + i / 2) * width + 2 * x + i % 2] = grad[y * ow + x];
+                        }
                     }
                 }
-            }
-        }
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -355,10 +375,10 @@ impl candle_core::CustomOp3 for ConvSame {
                 out[(row * batch + start) * plane..][..len * plane].copy_from_slice(values);
             }
         }
-        for (values, b) in out.chunks_exact_mut(batch * plane).zip(bias) {
-            for v in values {
-                *v += b;
-            }
+        if batch * plane > 0 {
+            out.par_chunks_exact_mut(batch * plane)
+                .zip(bias)
+                .for_each(|(values, b)| values.iter_mut().for_each(|v| *v += b));
         }
         Ok((
             CpuStorage::F32(out),

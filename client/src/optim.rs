@@ -6,6 +6,8 @@
 
 use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Var, backprop::GradStore};
 
+use rayon::prelude::*;
+
 use crate::conv::contiguous_f32;
 
 /// w ← w − η·g over one contiguous f32 tensor.
@@ -39,9 +41,15 @@ impl InplaceOp2 for SgdStep {
                 grad.len()
             );
         }
-        for (w, g) in weights.iter_mut().zip(grad) {
-            *w -= self.learning_rate * g;
-        }
+        // Chunks of 16 K entries: enough work per task for rayon's overhead.
+        weights
+            .par_chunks_mut(1 << 14)
+            .zip(grad.par_chunks(1 << 14))
+            .for_each(|(w, g)| {
+                for (w, g) in w.iter_mut().zip(g) {
+                    *w -= self.learning_rate * g;
+                }
+            });
         Ok(())
     }
 }

@@ -314,6 +314,23 @@ impl Trainer for CandleTrainer {
     }
 
     fn train(&mut self, task: &Task, global: &[f32]) -> Result<TrainOutput, TrainError> {
+        if self.data.images.device().is_cpu() {
+            // On a worker of rayon's pool, the products and ops of each step
+            // split across the pool in place; called from outside it, every
+            // one of them would hand its work to the pool and wait.
+            rayon::scope(|_| self.train_on_this_thread(task, global))
+        } else {
+            self.train_on_this_thread(task, global)
+        }
+    }
+}
+
+impl CandleTrainer {
+    fn train_on_this_thread(
+        &mut self,
+        task: &Task,
+        global: &[f32],
+    ) -> Result<TrainOutput, TrainError> {
         let spec = task.spec;
         if spec.input.features() != self.data.features() {
             return Err(TrainError::InputMismatch {
