@@ -109,6 +109,7 @@ fn bad_flags_are_refused_with_a_reason() {
             "secure_aggregation.threshold",
         ),
         (&["--dropout-phase", "train"][..], "unknown phase 'train'"),
+        (&["--parallel", "0"][..], "--parallel must be at least 1"),
         (
             &["--dp", "distributed", "--secagg", "--dropout", "1.5"][..],
             "--dropout is a probability",
