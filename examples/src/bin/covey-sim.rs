@@ -260,8 +260,8 @@ impl Attack {
 /// The places virtual clients train in, so that K of them share the
 /// machine: each slot is a rayon pool with its share of the cores, and a
 /// client trains only while it holds one. On the CPU, one step of these
-/// small models runs on two cores at only 1.2–1.6× its speed on one, while
-/// two clients on one core each go twice as fast (BENCHMARKS.md).
+/// small models runs on two cores at only 1.2–1.6× its speed on one, so a
+/// client per core finishes rounds sooner (BENCHMARKS.md).
 struct Slots {
     free: Mutex<Vec<Arc<rayon::ThreadPool>>>,
     returned: Condvar,
