@@ -12,6 +12,7 @@ use candle_core::{
     CpuStorage, CustomOp1, D, Layout, Result, Shape, Tensor, backend::BackendStorage,
 };
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Unfolds a [C, B, H, W] tensor into the [C·k², B·H·W] patch matrix of a
 /// stride-1 convolution with zero padding k/2 (so the output keeps H × W).
@@ -303,12 +304,29 @@ const MAX_UNFOLD: usize = 1 << 22;
 /// the patch matrix's gradient alone (31 MB at batch 50) would be zeroed,
 /// added into and read back every step; here the backward goes straight
 /// from the output's gradient to those of x, the weights and the bias.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 struct ConvSame {
     kernel: usize,
+    /// The forward's patch matrix when the batch unfolded in one piece: the
+    /// weight gradient needs it again, and unfolding twice costs a full
+    /// write of it (6 MB at batch 10 in the CNN's second layer).
+    patches: Mutex<Option<Vec<f32>>>,
 }
 
 impl ConvSame {
+    fn new(kernel: usize) -> Self {
+        Self {
+            kernel,
+            patches: Mutex::new(None),
+        }
+    }
+
+    /// The forward's patch matrix, if it kept one of `len` entries.
+    fn take_patches(&self, len: usize) -> Option<Vec<f32>> {
+        let kept = self.patches.lock().ok()?.take()?;
+        (kept.len() == len).then_some(kept)
+    }
+
     /// Batch slices [start, start + len) of at most [`MAX_UNFOLD`] patch entries.
     fn slices(
         &self,
@@ -365,6 +383,9 @@ impl candle_core::CustomOp3 for ConvSame {
                 candle_core::bail!("{} needs f32", self.name());
             };
             if len == batch {
+                if let (CpuStorage::F32(cols), Ok(mut kept)) = (cols, self.patches.lock()) {
+                    *kept = Some(cols);
+                }
                 out = y;
                 break;
             }
@@ -404,10 +425,14 @@ impl candle_core::CustomOp3 for ConvSame {
         let mut grad_w: Option<Tensor> = None;
         let mut grad_x = Vec::new();
         for (start, len) in self.slices(channels, batch, plane) {
-            let cols = x
-                .narrow(1, start, len)?
-                .contiguous()?
-                .apply_op1_no_bwd(&Unfold { kernel: k })?;
+            let patches = channels * k * k * len * plane;
+            let cols = match self.take_patches(patches).filter(|_| len == batch) {
+                Some(kept) => Tensor::from_vec(kept, (channels * k * k, len * plane), x.device())?,
+                None => x
+                    .narrow(1, start, len)?
+                    .contiguous()?
+                    .apply_op1_no_bwd(&Unfold { kernel: k })?,
+            };
             let g = grad
                 .narrow(1, start, len)?
                 .contiguous()?
@@ -455,11 +480,8 @@ pub fn conv2d_same_cnhw(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
             bias.dims()
         );
     }
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        ConvSame { kernel: k },
-    )
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, ConvSame::new(k))
 }
 
 #[cfg(test)]
@@ -511,7 +533,7 @@ pub(crate) mod tests {
             (30, 32, 14, 14, 4, 5),
         ] {
             if b * c * kern * kern * h * w > MAX_UNFOLD {
-                assert!(ConvSame { kernel: kern }.slices(c, b, h * w).count() > 1);
+                assert!(ConvSame::new(kern).slices(c, b, h * w).count() > 1);
             }
             let x = Var::from_tensor(&random(&[b, c, h, w], 1)).unwrap();
             let weight = Var::from_tensor(&random(&[k, c, kern, kern], 2)).unwrap();
