@@ -233,6 +233,16 @@ fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DirError
     Ok(())
 }
 
+/// Writes `path` through a temporary file and a rename, so a crash leaves
+/// either the old contents or the new, never half of each.
+fn replace_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DirError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    write_file(&tmp, contents, secret)?;
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
 fn read_file(path: &Path) -> Result<String, DirError> {
     fs::read_to_string(path).map_err(io_err(path))
 }
@@ -311,6 +321,17 @@ impl StateDir {
 
     pub fn config(&self) -> Result<ServerConfig, DirError> {
         Ok(ServerConfig::load(&self.config_path())?)
+    }
+
+    /// Replaces config.toml with `config`, documented, once it checks out;
+    /// a refused or interrupted write leaves the old file in place.
+    pub fn replace_config(&self, config: &ServerConfig) -> Result<(), DirError> {
+        config.settings()?;
+        replace_file(
+            &self.config_path(),
+            config.to_documented_toml().as_bytes(),
+            false,
+        )
     }
 
     pub fn open_store(&self) -> Result<Store, DirError> {
@@ -502,9 +523,7 @@ impl StateDir {
         // The database first: if the config write fails, the error names
         // the new key, which the operator then sets by hand.
         store.rotate_kek(&new)?;
-        let tmp = path.with_extension("toml.tmp");
-        write_file(&tmp, updated.as_bytes(), false)?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        replace_file(&path, updated.as_bytes(), false)
     }
 
     /// Where the audit public key is published.
@@ -598,13 +617,11 @@ impl StateDir {
 
     pub fn write_eval_outcome(&self, outcome: &EvalOutcome) -> Result<(), DirError> {
         let path = self.eval_path(outcome.id);
-        let tmp = path.with_extension("tmp");
         let body = serde_json::to_vec_pretty(outcome).map_err(|e| DirError::Io {
             path: path.display().to_string(),
             source: std::io::Error::other(e),
         })?;
-        write_file(&tmp, &body, false)?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        replace_file(&path, &body, false)
     }
 
     /// Takes the outcome of evaluation `id` once the server wrote it.
@@ -675,5 +692,36 @@ impl StateDir {
             return Err(DirError::NeverEnrolled(name.to_owned()));
         }
         Ok(forgotten)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_config_is_read_back_and_a_bad_one_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let mut config = ServerConfig::default();
+        config.rounds.rounds = 5;
+        state.init(&config).unwrap();
+
+        config.rounds.rounds = 9;
+        state.replace_config(&config).unwrap();
+        assert_eq!(state.config().unwrap(), config);
+
+        let before = fs::read(state.config_path()).unwrap();
+        let mut bad = config.clone();
+        bad.rounds.clients_per_round = 0;
+        let err = state.replace_config(&bad).unwrap_err().to_string();
+        assert!(err.contains("clients_per_round"), "{err}");
+        assert_eq!(fs::read(state.config_path()).unwrap(), before);
+        let leftovers: Vec<_> = fs::read_dir(state.root())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
     }
 }

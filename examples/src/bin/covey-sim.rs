@@ -431,29 +431,33 @@ fn resume(state: &StateDir, wanted: &ServerConfig) -> Result<u64> {
         );
     }
     if stored.rounds.rounds != wanted.rounds.rounds {
-        let path = state.config_path();
-        std::fs::write(&path, wanted.to_documented_toml())
-            .with_context(|| format!("updating the round count in {}", path.display()))?;
+        state
+            .replace_config(wanted)
+            .context("--resume: updating the round count")?;
     }
     Ok(version)
 }
 
-/// The first setting, as `[section] key = value`, where two configs differ.
+/// The first setting, as `[section] key = value`, where two configs differ
+/// as written to config.toml (what the server reads).
 fn first_difference(a: &ServerConfig, b: &ServerConfig) -> Option<(String, String)> {
-    if a == b {
-        return None;
-    }
     let (a, b) = (a.to_documented_toml(), b.to_documented_toml());
+    let (mut a, mut b) = (a.lines(), b.lines());
     let mut section = "";
-    for (x, y) in a.lines().zip(b.lines()) {
-        if x.starts_with('[') {
-            section = x;
-        }
-        if x != y {
-            return Some((format!("{section} {x}"), format!("{section} {y}")));
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return None,
+            (Some(x), Some(y)) if x == y => {
+                if x.starts_with('[') {
+                    section = x;
+                }
+            }
+            (x, y) => {
+                let show = |l: Option<&str>| format!("{section} {}", l.unwrap_or("(nothing)"));
+                return Some((show(x), show(y)));
+            }
         }
     }
-    Some((section.to_owned(), section.to_owned()))
 }
 
 /// Enrolls virtual device `name`. A resumed run's devices kept their keys
@@ -761,6 +765,20 @@ mod tests {
         assert!(slot_plan(Some(0), true).is_err());
         let gpu = slot_plan(Some(2), false).unwrap_err().to_string();
         assert!(gpu.contains("one at a time"), "{gpu}");
+    }
+
+    #[test]
+    fn the_first_different_setting_is_named_with_its_section() {
+        let a = ServerConfig::default();
+        assert_eq!(first_difference(&a, &a.clone()), None);
+        let mut b = a.clone();
+        b.training.learning_rate = 0.3;
+        let (kept, asked) = first_difference(&a, &b).unwrap();
+        assert!(kept.starts_with("[training] learning_rate"), "{kept}");
+        assert!(
+            asked.starts_with("[training] learning_rate = 0.3"),
+            "{asked}"
+        );
     }
 
     #[test]
