@@ -426,7 +426,7 @@ impl candle_core::CustomOp3 for ConvSame {
         let mut grad_x = Vec::new();
         for (start, len) in self.slices(channels, batch, plane) {
             let patches = channels * k * k * len * plane;
-            let cols = match self.take_patches(patches).filter(|_| len == batch) {
+            let cols = match self.take_patches(patches) {
                 Some(kept) => Tensor::from_vec(kept, (channels * k * k, len * plane), x.device())?,
                 None => x
                     .narrow(1, start, len)?
@@ -454,13 +454,17 @@ impl candle_core::CustomOp3 for ConvSame {
             }
         }
         let grad_x = match grad_x.len() {
-            0 => None,
+            // An empty batch has no slices: its (empty) gradient is zeros.
+            0 => wants_grad_x.then(|| x.zeros_like()).transpose()?,
             1 => Some(grad_x.remove(0)),
             _ => Some(Tensor::cat(&grad_x, 1)?),
         };
-        let grad_w = grad_w.map(|g| g.reshape(weight.shape())).transpose()?;
+        let grad_w = match grad_w {
+            Some(g) => g.reshape(weight.shape())?,
+            None => weight.zeros_like()?,
+        };
         let grad_b = grad.sum((1, 2, 3))?;
-        Ok((grad_x, grad_w, Some(grad_b)))
+        Ok((grad_x, Some(grad_w), Some(grad_b)))
     }
 }
 
@@ -521,6 +525,22 @@ pub(crate) mod tests {
             .unwrap()
             .backward()
             .unwrap()
+    }
+
+    /// The ops split their outputs into chunks on rayon, which refuses a
+    /// chunk of zero entries; an empty batch must still go through.
+    #[test]
+    fn an_empty_batch_goes_through_forward_and_backward() {
+        let x = Var::from_tensor(&random(&[2, 0, 6, 6], 1)).unwrap();
+        let w = Var::from_tensor(&random(&[3, 2, 3, 3], 2)).unwrap();
+        let b = Var::from_tensor(&random(&[3], 3)).unwrap();
+        let y = conv2d_same_cnhw(&x, &w, &b).unwrap();
+        assert_eq!(y.dims(), [3, 0, 6, 6]);
+        let pooled = relu_max_pool2(&y).unwrap();
+        assert_eq!(pooled.dims(), [3, 0, 3, 3]);
+        let grads = pullback(&pooled, &pooled.zeros_like().unwrap());
+        assert_eq!(grads.get(&x).unwrap().dims(), [2, 0, 6, 6]);
+        assert_eq!(max_abs(grads.get(&w).unwrap()), 0.0);
     }
 
     #[test]
