@@ -598,7 +598,12 @@ impl Session {
         }
         let spec = task.spec;
         let results: Result<Vec<_>, TrainError> = self
-            .off_thread(move |trainer| models.iter().map(|w| trainer.evaluate(spec, w)).collect())
+            .off_thread(move |trainer| {
+                models
+                    .iter()
+                    .map(|w| trainer.evaluate(spec.clone(), w))
+                    .collect()
+            })
             .await?;
         let (examples, results) = match results {
             Ok(r) if r.iter().all(Option::is_some) && !r.is_empty() => {

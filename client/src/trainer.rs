@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use candle_core::{D, DType, Device, Tensor, Var};
 use covey_protocol::{
     message::{LocalMetrics, Task},
-    model::{Architecture, ModelSpec},
+    model::{Architecture, ClassifierSpec, ModelSpec},
 };
 use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
@@ -38,6 +38,24 @@ pub enum TrainError {
     Diverged,
     #[error("the training thread panicked: {0}")]
     Panicked(String),
+    #[error("this device holds {data}, and cannot train the task's model: {model}")]
+    WrongData { model: String, data: &'static str },
+    #[error("the task's model cannot be built here: {0}")]
+    Model(#[from] covey_protocol::model::ModelError),
+    #[error(transparent)]
+    Lm(#[from] crate::lm::LmError),
+    #[error(transparent)]
+    Text(#[from] crate::data::text::TextError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::lm::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::lm::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Asset(#[from] crate::assets::AssetError),
+    #[error("the task names a fetched asset, and this device keeps no asset cache")]
+    NoAssetCache,
+    #[error("the tokenizer has {tokenizer} tokens, more than the model's vocabulary of {model}")]
+    TokenizerVocab { tokenizer: usize, model: usize },
 }
 
 /// What a client sends back after training.
@@ -82,14 +100,30 @@ pub fn select_device(name: &str) -> Result<Device, TrainError> {
     }
 }
 
+/// The classifier a spec names, or an error saying this data cannot train
+/// the spec's model.
+pub fn classifier(spec: &ModelSpec) -> Result<ClassifierSpec, TrainError> {
+    match spec {
+        ModelSpec::Classifier(c) => Ok(*c),
+        other => Err(TrainError::WrongData {
+            model: other.to_string(),
+            data: "images",
+        }),
+    }
+}
+
 /// A model's weights as candle variables, built from a flat vector.
 pub struct Network {
-    spec: ModelSpec,
+    spec: ClassifierSpec,
     vars: Vec<Var>,
 }
 
 impl Network {
-    pub fn from_flat(spec: ModelSpec, flat: &[f32], device: &Device) -> Result<Self, TrainError> {
+    pub fn from_flat(
+        spec: ClassifierSpec,
+        flat: &[f32],
+        device: &Device,
+    ) -> Result<Self, TrainError> {
         let expected = spec.param_count();
         if flat.len() != expected {
             return Err(TrainError::WeightCount {
@@ -252,7 +286,7 @@ fn correct_predictions(logits: &Tensor, labels: &Tensor) -> candle_core::Result<
 /// rayon's pool, where each step's products and ops split across the pool
 /// in place; called from outside it, every one of them would hand its work
 /// to the pool and wait (BENCHMARKS.md: +20–30% samples/s on 2 cores).
-fn on_device_pool<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
+pub(crate) fn on_device_pool<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
     if device.is_cpu() {
         rayon::scope(|_| work())
     } else {
@@ -262,15 +296,16 @@ fn on_device_pool<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> 
 
 /// Loss and accuracy of `weights` on `data`, in batches of 1,000.
 pub fn evaluate(
-    spec: ModelSpec,
+    spec: &ModelSpec,
     weights: &[f32],
     data: &DeviceData,
 ) -> Result<LocalMetrics, TrainError> {
+    let spec = classifier(spec)?;
     on_device_pool(data.images.device(), || evaluate_here(spec, weights, data))
 }
 
 fn evaluate_here(
-    spec: ModelSpec,
+    spec: ClassifierSpec,
     weights: &[f32],
     data: &DeviceData,
 ) -> Result<LocalMetrics, TrainError> {
@@ -328,7 +363,7 @@ impl Trainer for CandleTrainer {
         weights: &[f32],
     ) -> Result<Option<(LocalMetrics, u64)>, TrainError> {
         match &self.holdout {
-            Some(data) => Ok(Some((evaluate(spec, weights, data)?, data.len() as u64))),
+            Some(data) => Ok(Some((evaluate(&spec, weights, data)?, data.len() as u64))),
             None => Ok(None),
         }
     }
@@ -341,7 +376,7 @@ impl Trainer for CandleTrainer {
 
 impl CandleTrainer {
     fn train_here(&mut self, task: &Task, global: &[f32]) -> Result<TrainOutput, TrainError> {
-        let spec = task.spec;
+        let spec = classifier(&task.spec)?;
         if spec.input.features() != self.data.features() {
             return Err(TrainError::InputMismatch {
                 spec: spec.input.features(),
@@ -493,7 +528,7 @@ mod tests {
 
     #[test]
     fn the_cpu_cnn_matches_the_portable_one_in_logits_and_gradients() {
-        let spec = ModelSpec::mnist(Architecture::Cnn);
+        let spec = ClassifierSpec::mnist(Architecture::Cnn);
         let net = Network::from_flat(spec, &spec.initial_weights(3), &Device::Cpu).unwrap();
         let view = toy(12);
         let data = DeviceData::new(&view, &Device::Cpu).unwrap();
@@ -535,13 +570,13 @@ mod tests {
         ] {
             let t = task(arch, 0.05, 2);
             let global = t.spec.initial_weights(0);
-            let before = evaluate(t.spec, &global, &data).unwrap();
+            let before = evaluate(&t.spec, &global, &data).unwrap();
             let mut trainer = CandleTrainer::new(&view, &Device::Cpu).unwrap();
             let out = trainer.train(&t, &global).unwrap();
             assert_eq!(out.delta.len(), t.spec.param_count());
             assert_eq!(out.num_examples, 200);
             let trained: Vec<f32> = global.iter().zip(&out.delta).map(|(g, d)| g + d).collect();
-            let after = evaluate(t.spec, &trained, &data).unwrap();
+            let after = evaluate(&t.spec, &trained, &data).unwrap();
             assert!(
                 after.loss < before.loss,
                 "{arch}: loss {} -> {}",
@@ -591,16 +626,16 @@ mod tests {
         let spec = ModelSpec::mnist(Architecture::LogReg);
         let weights = spec.initial_weights(0);
         let mut bare = CandleTrainer::new(&view, &Device::Cpu).unwrap();
-        assert_eq!(bare.evaluate(spec, &weights).unwrap(), None);
+        assert_eq!(bare.evaluate(spec.clone(), &weights).unwrap(), None);
         let holdout = toy(30);
         let mut trainer = CandleTrainer::new(&view, &Device::Cpu)
             .unwrap()
             .with_holdout(&holdout)
             .unwrap();
-        let (metrics, n) = trainer.evaluate(spec, &weights).unwrap().unwrap();
+        let (metrics, n) = trainer.evaluate(spec.clone(), &weights).unwrap().unwrap();
         assert_eq!(n, 30);
         let direct = evaluate(
-            spec,
+            &spec,
             &weights,
             &DeviceData::new(&holdout, &Device::Cpu).unwrap(),
         )
@@ -618,7 +653,7 @@ mod tests {
         let gpu = Device::new_cuda(0).expect("built with cuda: this test needs a GPU");
         let view = toy(100);
         for arch in [Architecture::Mlp2nn, Architecture::Cnn] {
-            let spec = ModelSpec::mnist(arch);
+            let spec = ClassifierSpec::mnist(arch);
             let weights = spec.initial_weights(5);
             let mut logits = Vec::new();
             let mut grads = Vec::new();
@@ -669,7 +704,7 @@ mod tests {
 
     #[test]
     fn wrong_weights_and_devices_are_named() {
-        let spec = ModelSpec::mnist(Architecture::LogReg);
+        let spec = ClassifierSpec::mnist(Architecture::LogReg);
         let err = Network::from_flat(spec, &[0.0; 3], &Device::Cpu)
             .err()
             .unwrap();

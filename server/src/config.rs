@@ -13,7 +13,7 @@ use covey_protocol::{
     ModelVersion, UpdateEncoding,
     buffered::BufferConfig,
     message::Hyperparameters,
-    model::{Architecture, ModelSpec},
+    model::{Architecture, LanguageSpec, ModelSpec},
     round::{RoundConfig, Selection},
     secagg::{SecAggParams, Threshold},
 };
@@ -159,7 +159,7 @@ impl SecureAggregation {
     fn settings(
         &self,
         dp: Option<&DpSettings>,
-        spec: ModelSpec,
+        spec: &ModelSpec,
         rounds: &Rounds,
     ) -> Result<Option<SecAggSettings>, ConfigError> {
         if !self.enabled {
@@ -281,8 +281,62 @@ impl Network {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Model {
+    /// The family: logreg, 2nn, cnn, gpt2 or llama.
     pub architecture: String,
     pub init_seed: u64,
+    /// A language model's spec as `init` built it (family configuration,
+    /// tokenizer, context, LoRA and the frozen base's hash), as JSON.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub language: String,
+    /// Where version 0 came from: a built-in name or `hf:DIR`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+}
+
+impl Model {
+    /// The model these settings name.
+    pub fn spec(&self) -> Result<ModelSpec, ConfigError> {
+        match self.architecture.as_str() {
+            "gpt2" | "llama" => {
+                if self.language.is_empty() {
+                    return Err(invalid(
+                        "model.language",
+                        format!(
+                            "a {} model needs its spec; `covey-server init` writes it",
+                            self.architecture
+                        ),
+                    ));
+                }
+                let spec: LanguageSpec = serde_json::from_str(&self.language)
+                    .map_err(|e| invalid("model.language", e.to_string()))?;
+                let family = spec.arch.family().name();
+                if family != self.architecture {
+                    return Err(invalid(
+                        "model.architecture",
+                        format!(
+                            "'{}' but model.language holds a {family} model",
+                            self.architecture
+                        ),
+                    ));
+                }
+                spec.validate()
+                    .map_err(|e| invalid("model.language", e.to_string()))?;
+                Ok(ModelSpec::Language(Box::new(spec)))
+            }
+            name => {
+                let architecture: Architecture = name.parse().map_err(|e: String| {
+                    invalid("model.architecture", format!("{e}, gpt2 or llama"))
+                })?;
+                if !self.language.is_empty() {
+                    return Err(invalid(
+                        "model.language",
+                        format!("the {architecture} classifier takes no language spec"),
+                    ));
+                }
+                Ok(ModelSpec::mnist(architecture))
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -466,7 +520,7 @@ impl Privacy {
     /// The typed DP settings, `None` when privacy is off.
     fn settings(
         &self,
-        spec: ModelSpec,
+        spec: &ModelSpec,
         rounds: &Rounds,
     ) -> Result<Option<DpSettings>, ConfigError> {
         let clients_per_round = rounds.clients_per_round;
@@ -602,6 +656,8 @@ impl Default for ServerConfig {
             model: Model {
                 architecture: "2nn".into(),
                 init_seed: 0,
+                language: String::new(),
+                source: String::new(),
             },
             rounds: Rounds {
                 rounds: 10,
@@ -678,11 +734,7 @@ impl ServerConfig {
 
     /// Checks every setting and returns the typed form.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
-        let architecture: Architecture = self
-            .model
-            .architecture
-            .parse()
-            .map_err(|e: String| invalid("model.architecture", e))?;
+        let spec = self.model.spec()?;
         let encoding: UpdateEncoding = self
             .training
             .update_encoding
@@ -704,18 +756,17 @@ impl ServerConfig {
                 "must be a positive number",
             ));
         }
-        let spec = ModelSpec::mnist(architecture);
         let model_bytes = spec.param_count() as u64 * 4;
         if model_bytes > self.server.max_model_bytes {
             return Err(invalid(
                 "server.max_model_bytes",
                 format!(
-                    "the {architecture} model is {model_bytes} bytes, over the limit of {}",
+                    "the {spec} model is {model_bytes} bytes, over the limit of {}",
                     self.server.max_model_bytes
                 ),
             ));
         }
-        let dp = self.privacy.settings(spec, r)?;
+        let dp = self.privacy.settings(&spec, r)?;
         let round = RoundConfig {
             min_clients: r.min_clients,
             clients_per_round: r.clients_per_round,
@@ -884,7 +935,6 @@ impl ServerConfig {
             ));
         }
         Ok(Settings {
-            spec,
             round,
             hyper: Hyperparameters {
                 epochs: t.epochs,
@@ -895,11 +945,12 @@ impl ServerConfig {
             encoding,
             optimizer,
             aggregator,
-            secagg: self.secure_aggregation.settings(dp.as_ref(), spec, r)?,
+            secagg: self.secure_aggregation.settings(dp.as_ref(), &spec, r)?,
             buffer,
             dp,
             min_cohort,
             retention: self.compliance.retention()?,
+            spec,
         })
     }
 

@@ -308,7 +308,7 @@ impl StateDir {
         let store = Store::open(&self.db_path(), &kek.load(&self.root)?)?;
         let secret: [u8; 32] = rand::random();
         let weights = settings.spec.initial_weights(config.model.init_seed);
-        store.initialise(settings.spec, weights, &secret)?;
+        store.initialise(&settings.spec, weights, &secret)?;
         self.publish_audit_key(&store)?;
         // The config goes last: its presence marks a complete directory.
         write_file(

@@ -36,10 +36,7 @@ pub fn write_safetensors(model: &StoredModel, path: &Path) -> Result<(), ExportE
             "covey_version".to_owned(),
             model.header.version.0.to_string(),
         ),
-        (
-            "architecture".to_owned(),
-            model.header.spec.architecture.to_string(),
-        ),
+        ("architecture".to_owned(), model.header.spec.to_string()),
     ]);
     let out = safetensors::serialize(views, Some(metadata))?;
     std::fs::write(path, out).map_err(|source| ExportError::Write {

@@ -241,7 +241,7 @@ impl ComplianceReport {
             generated_unix: now,
             server_version: env!("CARGO_PKG_VERSION").into(),
             model: ModelSection {
-                architecture: spec.architecture.to_string(),
+                architecture: spec.to_string(),
                 parameters: spec.param_count(),
                 current_version: store.current_version()?.0,
                 stored_versions: store.versions()?.into_iter().map(|v| v.0).collect(),

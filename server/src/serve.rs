@@ -83,13 +83,8 @@ pub enum ServeError {
     },
     #[error("TLS setup: {0}")]
     Tls(String),
-    #[error(
-        "the database was created for a {stored:?} model but config.toml asks for {configured:?}"
-    )]
-    SpecChanged {
-        stored: covey_protocol::model::Architecture,
-        configured: covey_protocol::model::Architecture,
-    },
+    #[error("the database was created for a {stored} model but config.toml asks for {configured}")]
+    SpecChanged { stored: String, configured: String },
     #[error("evaluation test set: {0}")]
     TestData(#[from] covey_client::data::DataError),
     #[error("evaluation test set: {0}")]
@@ -293,8 +288,8 @@ impl Server {
         let stored_spec = store.spec()?;
         if stored_spec != settings.spec {
             return Err(ServeError::SpecChanged {
-                stored: stored_spec.architecture,
-                configured: settings.spec.architecture,
+                stored: stored_spec.to_string(),
+                configured: settings.spec.to_string(),
             });
         }
         store.audit_start(&dir.config_sha256()?)?;
@@ -1968,7 +1963,7 @@ impl Hub {
                     let task = Task {
                         round,
                         base_version: base,
-                        spec: self.settings.spec,
+                        spec: self.settings.spec.clone(),
                         hyper: self.settings.hyper,
                         update_encoding: self.settings.encoding,
                         chunk_len: self.chunk_len,
@@ -2455,7 +2450,7 @@ impl Hub {
         let package = Arc::new(EvalPackage {
             task: EvalTask {
                 id,
-                spec: self.settings.spec,
+                spec: self.settings.spec.clone(),
                 versions: versions.clone(),
                 chunk_len: self.chunk_len,
             },
@@ -2665,11 +2660,11 @@ impl Hub {
         self.settings
             .optimizer
             .apply(&mut state, &mut weights, &mean);
-        let spec = self.settings.spec;
+        let spec = self.settings.spec.clone();
         let model = StoredModel {
             header: ModelHeader {
                 version,
-                spec,
+                spec: spec.clone(),
                 round: Some(round),
                 created_unix_ms: unix_ms_now(),
             },
@@ -2679,7 +2674,7 @@ impl Hub {
         let test_set = self.test_set.clone();
         let (model, state, record, ledger) = tokio::task::spawn_blocking(move || {
             if let Some(test) = test_set {
-                match evaluate(spec, &model.weights, &test) {
+                match evaluate(&spec, &model.weights, &test) {
                     Ok(m) => {
                         record.test_accuracy = Some(m.accuracy);
                         record.test_loss = Some(m.loss);

@@ -62,7 +62,7 @@ impl Report {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         Ok(Self {
             current_version: store.current_version()?.0,
-            architecture: spec.architecture.to_string(),
+            architecture: spec.to_string(),
             parameters: spec.param_count(),
             stored_versions: store.versions()?.into_iter().map(|v| v.0).collect(),
             epsilon_spent,

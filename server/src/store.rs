@@ -520,14 +520,14 @@ impl Store {
     /// Writes the initial state: version 0 and the pseudonym secret.
     pub fn initialise(
         &self,
-        spec: ModelSpec,
+        spec: &ModelSpec,
         weights: Vec<f32>,
         pseudonym_key: &[u8],
     ) -> Result<(), StoreError> {
         let model = StoredModel {
             header: ModelHeader {
                 version: ModelVersion::INITIAL,
-                spec,
+                spec: spec.clone(),
                 round: None,
                 created_unix_ms: unix_ms_now(),
             },
@@ -545,7 +545,7 @@ impl Store {
         .map(|(k, v)| Ok((k, self.sealed(&self.meta, k, &v)?)))
         .collect::<Result<Vec<_>, StoreError>>()?;
         let pending = self.seal([AuditEvent::Initialised {
-            model: spec.architecture.to_string(),
+            model: spec.to_string(),
             parameters: spec.param_count() as u64,
         }])?;
         (&self.models, &self.meta, &self.audit).transaction(|(models, meta, audit)| {
@@ -931,7 +931,7 @@ mod tests {
             .collect();
         {
             let store = Store::open(dir.path(), &kek()).unwrap();
-            store.initialise(spec, weights.clone(), &[9; 32]).unwrap();
+            store.initialise(&spec, weights.clone(), &[9; 32]).unwrap();
             store
                 .enroll(&Enrollment {
                     name: "alice-phone".into(),
@@ -988,7 +988,7 @@ mod tests {
         let store = Store::open(dir.path(), &kek()).unwrap();
         let spec = ModelSpec::mnist(Architecture::LogReg);
         store
-            .initialise(spec, spec.initial_weights(0), &[9; 32])
+            .initialise(&spec, spec.initial_weights(0), &[9; 32])
             .unwrap();
         let day = 86_400_000u64;
         for round in 1..=4u64 {
@@ -1005,7 +1005,7 @@ mod tests {
             let model = StoredModel {
                 header: ModelHeader {
                     version: ModelVersion(round),
-                    spec,
+                    spec: spec.clone(),
                     round: Some(RoundId(round)),
                     created_unix_ms: 0,
                 },
@@ -1069,7 +1069,7 @@ mod tests {
         let store = Store::open(dir.path(), &kek()).unwrap();
         let spec = ModelSpec::mnist(Architecture::LogReg);
         store
-            .initialise(spec, spec.initial_weights(0), &[9; 32])
+            .initialise(&spec, spec.initial_weights(0), &[9; 32])
             .unwrap();
         store
             .begin_round(&record(1, RoundOutcome::InFlight))
@@ -1109,7 +1109,7 @@ mod tests {
         {
             let store = Store::open(dir.path(), &kek()).unwrap();
             store
-                .initialise(spec, spec.initial_weights(0), &[9; 32])
+                .initialise(&spec, spec.initial_weights(0), &[9; 32])
                 .unwrap();
             store
                 .begin_round(&record(1, RoundOutcome::InFlight))
@@ -1117,7 +1117,7 @@ mod tests {
             let model = StoredModel {
                 header: ModelHeader {
                     version: ModelVersion(1),
-                    spec,
+                    spec: spec.clone(),
                     round: Some(RoundId(1)),
                     created_unix_ms: 5,
                 },
@@ -1182,7 +1182,7 @@ mod tests {
         let mut bytes = encode_model(&StoredModel {
             header: ModelHeader {
                 version: ModelVersion(0),
-                spec,
+                spec: spec.clone(),
                 round: None,
                 created_unix_ms: 0,
             },

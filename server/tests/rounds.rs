@@ -93,7 +93,7 @@ async fn real_candle_training_improves_the_global_model() {
     let store = state.open_store().unwrap();
     let spec = store.spec().unwrap();
     let test = DeviceData::new(&DataView::all(Arc::new(test)), &covey_client::Device::Cpu).unwrap();
-    let acc = |v| evaluate(spec, &store.model(ModelVersion(v)).unwrap().weights, &test).unwrap();
+    let acc = |v| evaluate(&spec, &store.model(ModelVersion(v)).unwrap().weights, &test).unwrap();
     let (before, after) = (acc(0), acc(2));
     assert!(
         after.loss < before.loss,

@@ -72,7 +72,7 @@ fn main() -> Result<()> {
         let task = Task {
             round: RoundId(1),
             base_version: ModelVersion(0),
-            spec,
+            spec: spec.clone(),
             hyper: Hyperparameters {
                 epochs: 1,
                 batch_size: batch,

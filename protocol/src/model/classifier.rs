@@ -1,11 +1,13 @@
-//! Model specifications: what the server and every client agree on before
-//! a single weight moves.
+//! The image classifiers of McMahan et al. 2017: logistic regression, the
+//! 2NN and the CNN, on a fixed input shape.
 
 use std::fmt;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+
+use super::TensorSpec;
 
 /// The architectures Covey can train. The server sends one in every task,
 /// so clients build exactly the model whose weights they receive.
@@ -34,13 +36,19 @@ impl std::str::FromStr for Architecture {
     }
 }
 
-impl fmt::Display for Architecture {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Architecture {
+    pub fn name(self) -> &'static str {
+        match self {
             Self::LogReg => "logreg",
             Self::Mlp2nn => "2nn",
             Self::Cnn => "cnn",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Architecture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -64,44 +72,15 @@ impl InputShape {
     }
 }
 
-/// A model: architecture, input shape and number of classes.
+/// A classifier: architecture, input shape and number of classes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelSpec {
+pub struct ClassifierSpec {
     pub architecture: Architecture,
     pub input: InputShape,
     pub classes: u32,
 }
 
-/// One named tensor of a model, in the order the flat weight vector holds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TensorSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-}
-
-impl TensorSpec {
-    fn new(name: &str, shape: &[usize]) -> Self {
-        Self {
-            name: name.to_owned(),
-            shape: shape.to_vec(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Fan-in used for initialisation: every dimension but the first.
-    fn fan_in(&self) -> usize {
-        self.shape.iter().skip(1).product::<usize>().max(1)
-    }
-}
-
-impl ModelSpec {
+impl ClassifierSpec {
     pub fn mnist(architecture: Architecture) -> Self {
         Self {
             architecture,
@@ -157,7 +136,7 @@ impl ModelSpec {
         let mut fan_in = 1;
         for t in &tensors {
             if t.shape.len() > 1 {
-                fan_in = t.fan_in();
+                fan_in = t.shape.iter().skip(1).product::<usize>().max(1);
             }
             let bound = 1.0 / (fan_in as f32).sqrt();
             out.extend((0..t.len()).map(|_| rng.random_range(-bound..bound)));
@@ -172,17 +151,23 @@ mod tests {
 
     #[test]
     fn parameter_counts_match_the_fedavg_paper() {
-        assert_eq!(ModelSpec::mnist(Architecture::Cnn).param_count(), 1_663_370);
         assert_eq!(
-            ModelSpec::mnist(Architecture::Mlp2nn).param_count(),
+            ClassifierSpec::mnist(Architecture::Cnn).param_count(),
+            1_663_370
+        );
+        assert_eq!(
+            ClassifierSpec::mnist(Architecture::Mlp2nn).param_count(),
             199_210
         );
-        assert_eq!(ModelSpec::mnist(Architecture::LogReg).param_count(), 7_850);
+        assert_eq!(
+            ClassifierSpec::mnist(Architecture::LogReg).param_count(),
+            7_850
+        );
     }
 
     #[test]
     fn initial_weights_are_seeded_and_bounded() {
-        let spec = ModelSpec::mnist(Architecture::LogReg);
+        let spec = ClassifierSpec::mnist(Architecture::LogReg);
         let a = spec.initial_weights(1);
         assert_eq!(a, spec.initial_weights(1));
         assert_ne!(a, spec.initial_weights(2));

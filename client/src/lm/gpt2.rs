@@ -1,0 +1,53 @@
+//! GPT-2's forward pass over [`Weights`] named as Hugging Face names them.
+
+use candle_core::Tensor;
+use covey_protocol::model::Gpt2Config;
+
+use super::{
+    LmError,
+    ops::{causal_attention, gelu_tanh, layer_norm},
+    weights::{Orientation::InOut, Weights},
+};
+
+/// Logits [B·T, V] for token ids [B, T].
+pub fn forward(c: &Gpt2Config, w: &Weights, ids: &Tensor) -> Result<Tensor, LmError> {
+    let (b, t) = ids.dims2()?;
+    let width = c.n_embd;
+    let eps = c.layer_norm_epsilon;
+    let wte = w.get("wte.weight")?;
+    let tokens = wte.index_select(&ids.flatten_all()?, 0)?;
+    let positions = w.get("wpe.weight")?.narrow(0, 0, t)?;
+    let mut x = tokens
+        .reshape((b, t, width))?
+        .broadcast_add(&positions)?
+        .reshape((b * t, width))?;
+    let norm = |x: &Tensor, name: &str| -> Result<Tensor, LmError> {
+        Ok(layer_norm(
+            x,
+            &w.get(&format!("{name}.weight"))?,
+            &w.get(&format!("{name}.bias"))?,
+            eps,
+        )?)
+    };
+    for i in 0..c.n_layer {
+        let h = norm(&x, &format!("h.{i}.ln_1"))?;
+        let qkv = w
+            .linear(&h, &format!("h.{i}.attn.c_attn"), InOut)?
+            .reshape((b, t, 3 * width))?;
+        let attended = causal_attention(
+            &qkv.narrow(2, 0, width)?,
+            &qkv.narrow(2, width, width)?,
+            &qkv.narrow(2, 2 * width, width)?,
+            c.n_head,
+            c.n_head,
+        )?
+        .reshape((b * t, width))?;
+        x = (x + w.linear(&attended, &format!("h.{i}.attn.c_proj"), InOut)?)?;
+        let h = norm(&x, &format!("h.{i}.ln_2"))?;
+        let inner = gelu_tanh(&w.linear(&h, &format!("h.{i}.mlp.c_fc"), InOut)?)?;
+        x = (x + w.linear(&inner, &format!("h.{i}.mlp.c_proj"), InOut)?)?;
+    }
+    let h = norm(&x, "ln_f")?;
+    // The LM head is the token embedding, transposed.
+    Ok(h.matmul(&wte.t()?)?)
+}

@@ -1,0 +1,56 @@
+//! The LLaMA family's forward pass over [`Weights`] named as Hugging Face
+//! names them.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use covey_protocol::model::LlamaConfig;
+
+use super::{
+    LmError,
+    ops::{Rotary, causal_attention, rms_norm, rope, swiglu},
+    weights::{Orientation::OutIn, Weights},
+};
+
+/// Logits [B·T, V] for token ids [B, T].
+pub fn forward(
+    c: &LlamaConfig,
+    w: &Weights,
+    rotary: &Arc<Rotary>,
+    ids: &Tensor,
+) -> Result<Tensor, LmError> {
+    let (b, t) = ids.dims2()?;
+    let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
+    let eps = c.rms_norm_eps;
+    let embed = w.get("model.embed_tokens.weight")?;
+    let mut x = embed.index_select(&ids.flatten_all()?, 0)?;
+    let norm = |x: &Tensor, name: &str| -> Result<Tensor, LmError> {
+        Ok(rms_norm(x, &w.get(&format!("{name}.weight"))?, eps)?)
+    };
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let h = norm(&x, &format!("{p}.input_layernorm"))?;
+        let project = |name: &str| -> Result<Tensor, LmError> {
+            let y = w.linear(&h, &format!("{p}.self_attn.{name}"), OutIn)?;
+            let width = y.dim(1)?;
+            Ok(y.reshape((b, t, width))?)
+        };
+        let q = rope(&project("q_proj")?, rotary, heads)?;
+        let k = rope(&project("k_proj")?, rotary, kv_heads)?;
+        let v = project("v_proj")?;
+        let attended = causal_attention(&q, &k, &v, heads, kv_heads)?;
+        let attended = attended.reshape((b * t, heads * c.head_dim))?;
+        x = (x + w.linear(&attended, &format!("{p}.self_attn.o_proj"), OutIn)?)?;
+        let h = norm(&x, &format!("{p}.post_attention_layernorm"))?;
+        let gate = w.linear(&h, &format!("{p}.mlp.gate_proj"), OutIn)?;
+        let up = w.linear(&h, &format!("{p}.mlp.up_proj"), OutIn)?;
+        x = (x + w.linear(&swiglu(&gate, &up)?, &format!("{p}.mlp.down_proj"), OutIn)?)?;
+    }
+    let h = norm(&x, "model.norm")?;
+    let head = if c.tie_word_embeddings {
+        embed
+    } else {
+        w.get("lm_head.weight")?
+    };
+    Ok(h.matmul(&head.t()?)?)
+}

@@ -1,0 +1,412 @@
+//! Causal multi-head self-attention with grouped key/value heads, as one
+//! autograd node on the CPU.
+//!
+//! Per sequence, the heads form one batch of matrix products (candle's
+//! gemm): S = Q·Kᵀ, a causal, scaled softmax in place, O = P·V. The backward
+//! pass recomputes P instead of keeping B·H·T² probabilities alive between
+//! the passes, then takes dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − Σ dP ⊙ P),
+//! dQ = dS·K and dK = dSᵀ·Q.
+
+use candle_core::{
+    CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
+    backend::BackendStorage,
+};
+use rayon::prelude::*;
+
+use super::par_rows;
+
+/// Self-attention of q [B, T, H·D] over k and v [B, T, Hkv·D], each query
+/// seeing only positions up to its own; returns [B, T, H·D]. The inputs may
+/// be views into a fused q/k/v projection.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let (b, t, width) = q.dims3()?;
+    if heads == 0
+        || kv_heads == 0
+        || !width.is_multiple_of(heads)
+        || !heads.is_multiple_of(kv_heads)
+    {
+        candle_core::bail!(
+            "attention: {heads} heads and {kv_heads} key/value heads over width {width}"
+        );
+    }
+    let d = width / heads;
+    for (name, x) in [("k", k), ("v", v)] {
+        if x.dims() != [b, t, kv_heads * d] {
+            candle_core::bail!("attention: q {:?} against {name} {:?}", q.dims(), x.dims());
+        }
+    }
+    let op = Attention {
+        heads,
+        kv_heads,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    if q.device().is_cpu() {
+        q.apply_op3(k, v, op)
+    } else {
+        op.portable(q, k, v)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Attention {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+/// Stored [H, rows, cols], read as it is.
+fn plain(h: usize, rows: usize, cols: usize) -> Layout {
+    Layout::contiguous((h, rows, cols))
+}
+
+/// Stored [H, rows, cols], read as its transpose [H, cols, rows].
+fn transposed(h: usize, rows: usize, cols: usize) -> Layout {
+    Layout::new((h, cols, rows).into(), vec![rows * cols, 1, cols], 0)
+}
+
+fn f32_mut(s: &mut CpuStorage) -> Result<&mut Vec<f32>> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("attention: expected f32 values"),
+    }
+}
+
+fn f32_ref(s: &CpuStorage) -> Result<&[f32]> {
+    s.as_slice::<f32>()
+}
+
+impl Attention {
+    pub(crate) fn portable(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
+        let (h, d) = (self.heads, self.head_dim);
+        let split = |x: &Tensor, n: usize| -> Result<Tensor> {
+            let x = x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?;
+            if n == h {
+                return Ok(x);
+            }
+            // Each key/value head serves h / n query heads.
+            x.unsqueeze(2)?
+                .expand((b, n, h / n, t, d))?
+                .contiguous()?
+                .reshape((b, h, t, d))
+        };
+        let (q, k, v) = (
+            split(q, h)?,
+            split(k, self.kv_heads)?,
+            split(v, self.kv_heads)?,
+        );
+        let scores = (q.matmul(&k.t()?)? * f64::from(self.scale))?;
+        let mask: Vec<f32> = (0..t * t)
+            .map(|i| {
+                if i % t > i / t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), q.device())?.to_dtype(scores.dtype())?;
+        let scores = scores.broadcast_add(&mask)?;
+        // Softmax from differentiable ops; the shift by the row maximum is a
+        // constant for the gradient.
+        let shifted = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?.detach())?;
+        let e = shifted.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))
+    }
+
+    /// Gathers sequence `b` of a [B, T, n·D] input (any strides with a
+    /// unit last stride) into [H, T, D], repeating each of n key/value
+    /// heads for the query heads it serves.
+    fn gather(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        b: usize,
+        n: usize,
+    ) -> Result<CpuStorage> {
+        let values = storage.as_slice::<f32>()?;
+        let [sb, st, sc] = *layout.stride() else {
+            candle_core::bail!("attention needs 3-d inputs");
+        };
+        if sc != 1 {
+            candle_core::bail!("attention needs inputs whose last dimension is contiguous");
+        }
+        let t = layout.dims()[1];
+        let (h, d) = (self.heads, self.head_dim);
+        let group = h / n;
+        let mut out = vec![0f32; h * t * d];
+        for (head, block) in out.chunks_exact_mut(t * d).enumerate() {
+            let source = head / group;
+            for (pos, row) in block.chunks_exact_mut(d).enumerate() {
+                let at = layout.start_offset() + b * sb + pos * st + source * d;
+                row.copy_from_slice(&values[at..at + d]);
+            }
+        }
+        Ok(CpuStorage::F32(out))
+    }
+
+    /// The batched product over heads of `lhs` [H, m, k] and `rhs` [H, k, n].
+    fn product(
+        &self,
+        lhs: (&CpuStorage, Layout),
+        rhs: (&CpuStorage, Layout),
+    ) -> Result<CpuStorage> {
+        let (h, m, k) = lhs.1.shape().dims3()?;
+        let (_, _, n) = rhs.1.shape().dims3()?;
+        lhs.0.matmul(rhs.0, (h, m, n, k), &lhs.1, &rhs.1)
+    }
+
+    /// P = causal softmax(scale · Q·Kᵀ), [H, T, T].
+    fn probabilities(&self, q: &CpuStorage, k: &CpuStorage, t: usize) -> Result<CpuStorage> {
+        let (h, d) = (self.heads, self.head_dim);
+        let mut s = self.product((q, plain(h, t, d)), (k, transposed(h, t, d)))?;
+        let scale = self.scale;
+        par_rows(f32_mut(&mut s)?, t, |r, row| {
+            let i = r % t;
+            let (live, masked) = row.split_at_mut(i + 1);
+            let max = live
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+            let mut sum = 0.0;
+            for v in live.iter_mut() {
+                *v = (*v * scale - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            live.iter_mut().for_each(|v| *v *= inv);
+            masked.fill(0.0);
+        });
+        Ok(s)
+    }
+
+    /// Writes [H, T, D] heads of sequence b into out [B, T, n·D], summing
+    /// the query heads that share a key/value head.
+    fn scatter(&self, heads: &[f32], out: &mut [f32], t: usize, n: usize) {
+        let (h, d) = (self.heads, self.head_dim);
+        let group = h / n;
+        for (head, block) in heads.chunks_exact(t * d).enumerate() {
+            let target = head / group;
+            for (pos, row) in block.chunks_exact(d).enumerate() {
+                let at = pos * n * d + target * d;
+                for (o, v) in out[at..at + d].iter_mut().zip(row) {
+                    *o += v;
+                }
+            }
+        }
+    }
+
+    fn storage(x: &Tensor) -> Result<(Tensor, Layout)> {
+        let x = if x.stride()[2] == 1 {
+            x.clone()
+        } else {
+            x.contiguous()?
+        };
+        let layout = x.layout().clone();
+        Ok((x, layout))
+    }
+}
+
+fn cpu(storage: &Storage) -> Result<&CpuStorage> {
+    match storage {
+        Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("attention: the fused kernel runs on the CPU only"),
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "covey-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, t, width) = l1.shape().dims3()?;
+        let per_seq: Vec<Vec<f32>> = (0..b)
+            .into_par_iter()
+            .map(|i| {
+                let q = self.gather(s1, l1, i, self.heads)?;
+                let k = self.gather(s2, l2, i, self.kv_heads)?;
+                let v = self.gather(s3, l3, i, self.kv_heads)?;
+                let p = self.probabilities(&q, &k, t)?;
+                let (h, d) = (self.heads, self.head_dim);
+                let o = self.product((&p, plain(h, t, t)), (&v, plain(h, t, d)))?;
+                let mut out = vec![0f32; t * width];
+                self.scatter(f32_ref(&o)?, &mut out, t, self.heads);
+                Ok(out)
+            })
+            .collect::<Result<_>>()?;
+        Ok((
+            CpuStorage::F32(per_seq.concat()),
+            Shape::from((b, t, width)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, width) = q.dims3()?;
+        let kv_width = self.kv_heads * self.head_dim;
+        let grad = grad.to_dtype(DType::F32)?;
+        let (q, lq) = Self::storage(q)?;
+        let (k, lk) = Self::storage(k)?;
+        let (v, lv) = Self::storage(v)?;
+        let (g, lg) = Self::storage(&grad)?;
+        let (sq, sk, sv, sg) = (
+            q.storage_and_layout().0,
+            k.storage_and_layout().0,
+            v.storage_and_layout().0,
+            g.storage_and_layout().0,
+        );
+        let (sq, sk, sv, sg) = (cpu(&sq)?, cpu(&sk)?, cpu(&sv)?, cpu(&sg)?);
+        let d = self.head_dim;
+        let parts: Vec<[Vec<f32>; 3]> = (0..b)
+            .into_par_iter()
+            .map(|i| {
+                let qh = self.gather(sq, &lq, i, self.heads)?;
+                let kh = self.gather(sk, &lk, i, self.kv_heads)?;
+                let vh = self.gather(sv, &lv, i, self.kv_heads)?;
+                let dout = self.gather(sg, &lg, i, self.heads)?;
+                let p = self.probabilities(&qh, &kh, t)?;
+                let probs = f32_ref(&p)?;
+                let h = self.heads;
+                let dv = self.product((&p, transposed(h, t, t)), (&dout, plain(h, t, d)))?;
+                let mut ds = self.product((&dout, plain(h, t, d)), (&vh, transposed(h, t, d)))?;
+                let scale = self.scale;
+                par_rows(f32_mut(&mut ds)?, t, |r, row| {
+                    let prow = &probs[r * t..(r + 1) * t];
+                    let dot: f32 = row.iter().zip(prow).map(|(a, b)| a * b).sum();
+                    for (s, p) in row.iter_mut().zip(prow) {
+                        *s = p * (*s - dot) * scale;
+                    }
+                });
+                let dq = self.product((&ds, plain(h, t, t)), (&kh, plain(h, t, d)))?;
+                let dk = self.product((&ds, transposed(h, t, t)), (&qh, plain(h, t, d)))?;
+                let mut gq = vec![0f32; t * width];
+                let mut gk = vec![0f32; t * kv_width];
+                let mut gv = vec![0f32; t * kv_width];
+                self.scatter(f32_ref(&dq)?, &mut gq, t, self.heads);
+                self.scatter(f32_ref(&dk)?, &mut gk, t, self.kv_heads);
+                self.scatter(f32_ref(&dv)?, &mut gv, t, self.kv_heads);
+                Ok([gq, gk, gv])
+            })
+            .collect::<Result<_>>()?;
+        let device = q.device();
+        // Sequence by sequence, the gradient of input `which`.
+        let join = |which: usize, w: usize| {
+            let flat: Vec<f32> = parts
+                .iter()
+                .flat_map(|p| p[which].iter().copied())
+                .collect();
+            Tensor::from_vec(flat, (b, t, w), device)
+        };
+        Ok((
+            q.track_op().then(|| join(0, width)).transpose()?,
+            k.track_op().then(|| join(1, kv_width)).transpose()?,
+            v.track_op().then(|| join(2, kv_width)).transpose()?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lm::ops::tests::{check_against_portable, random, var};
+    use candle_core::Var;
+
+    fn op(heads: usize, kv_heads: usize, d: usize) -> Attention {
+        Attention {
+            heads,
+            kv_heads,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        }
+    }
+
+    #[test]
+    fn fused_attention_matches_candle_ops_in_value_and_gradient() {
+        for (b, t, heads, kv, d) in [
+            (1, 1, 1, 1, 4),
+            (2, 5, 4, 4, 8),
+            (3, 17, 4, 2, 8),
+            (2, 9, 6, 1, 4),
+        ] {
+            let q = var(&[b, t, heads * d], 1);
+            let k = var(&[b, t, kv * d], 2);
+            let v = var(&[b, t, kv * d], 3);
+            check_against_portable(
+                &[&q, &k, &v],
+                || causal_attention(&q, &k, &v, heads, kv).unwrap(),
+                || op(heads, kv, d).portable(&q, &k, &v).unwrap(),
+                &format!("attention b{b} t{t} h{heads}/{kv}"),
+            );
+        }
+    }
+
+    #[test]
+    fn views_into_a_fused_projection_work() {
+        let (b, t, c) = (2, 6, 16);
+        let qkv = var(&[b, t, 3 * c], 4);
+        let parts = |x: &Tensor| -> (Tensor, Tensor, Tensor) {
+            (
+                x.narrow(2, 0, c).unwrap(),
+                x.narrow(2, c, c).unwrap(),
+                x.narrow(2, 2 * c, c).unwrap(),
+            )
+        };
+        let (q, k, v) = parts(&qkv);
+        let fused = causal_attention(&q, &k, &v, 4, 4).unwrap();
+        let portable = op(4, 4, 4).portable(&q, &k, &v).unwrap();
+        let upstream = random(&[b, t, c], 5);
+        let a = crate::lm::ops::tests::pullback(&fused, &upstream);
+        let p = crate::lm::ops::tests::pullback(&portable, &upstream);
+        crate::lm::ops::tests::close(
+            a.get(&qkv).unwrap(),
+            p.get(&qkv).unwrap(),
+            1e-4,
+            "qkv gradient",
+        );
+    }
+
+    #[test]
+    fn a_query_never_sees_later_positions() {
+        let (b, t, c) = (1, 5, 8);
+        let q = random(&[b, t, c], 1);
+        let k = random(&[b, t, c], 2);
+        let v = Var::from_tensor(&random(&[b, t, c], 3)).unwrap();
+        let out = causal_attention(&q, &k, &v, 2, 2).unwrap();
+        // The first position's output depends on v at position 0 alone.
+        let first = out.narrow(1, 0, 1).unwrap().sum_all().unwrap();
+        let g = first.backward().unwrap();
+        let dv = g
+            .get(&v)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(dv[0].iter().any(|&x| x != 0.0));
+        assert!(dv[1..].iter().flatten().all(|&x| x == 0.0));
+        assert!(causal_attention(&q, &random(&[b, t, 6], 1), &v, 2, 2).is_err());
+    }
+}
