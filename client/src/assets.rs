@@ -149,6 +149,19 @@ impl AssetCache {
         Ok(path)
     }
 
+    /// Moves a file on the cache's volume into the cache under its hash.
+    pub fn adopt(&self, file: &Path) -> Result<AssetRef, AssetError> {
+        let a = asset_of(file)?;
+        let path = self.complete(&a);
+        std::fs::rename(file, &path).map_err(io(&path))?;
+        Ok(a)
+    }
+
+    /// The path of an asset in the cache, present or not.
+    pub fn path(&self, a: &AssetRef) -> PathBuf {
+        self.complete(a)
+    }
+
     /// Puts a local file into the cache (an operator seeding a device, or
     /// a simulation's clients sharing the server's copy).
     pub fn insert(&self, file: &Path) -> Result<AssetRef, AssetError> {

@@ -7,25 +7,121 @@
 //! hands back each gradient in its final, contiguous layout.
 
 use candle_core::{
-    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, backend::BackendStorage,
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, backend::BackendStorage,
 };
 
 use crate::conv::contiguous_f32;
 
-/// `y = x · Wᵀ + b` for x [B, in], W [out, in], b [out], then ReLU when
-/// `relu` is set.
+/// How a weight matrix is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// [out, in]: torch.nn.Linear, LLaMA's projections, the CNN.
+    OutIn,
+    /// [in, out]: GPT-2's Conv1D.
+    InOut,
+}
+
+/// `y = x · W (+ b)` for x [B, in], then ReLU when `relu` is set.
 #[derive(Clone, Copy, Debug)]
 struct Dense {
     relu: bool,
+    layout: WeightLayout,
+}
+
+impl Dense {
+    fn name(&self) -> &'static str {
+        match (self.relu, self.layout) {
+            (true, _) => "covey-dense-relu",
+            (false, WeightLayout::OutIn) => "covey-dense",
+            (false, WeightLayout::InOut) => "covey-dense-in-out",
+        }
+    }
+
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        bias: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, inputs) = x.1.shape().dims2()?;
+        // The product reads W through a transposed layout when it is stored
+        // [out, in]: no copy of it.
+        let (w_layout, outputs) = match self.layout {
+            WeightLayout::OutIn => (w.1.transpose(0, 1)?, w.1.shape().dims2()?.0),
+            WeightLayout::InOut => (w.1.clone(), w.1.shape().dims2()?.1),
+        };
+        if let Some(bias) = bias
+            && bias.len() != outputs
+        {
+            candle_core::bail!(
+                "{}: {} biases for {outputs} outputs",
+                self.name(),
+                bias.len()
+            );
+        }
+        let y =
+            x.0.matmul(w.0, (1, batch, outputs, inputs), x.1, &w_layout)?;
+        let CpuStorage::F32(mut y) = y else {
+            candle_core::bail!("{} needs f32", self.name());
+        };
+        if bias.is_some() || self.relu {
+            for row in y.chunks_exact_mut(outputs.max(1)) {
+                if let Some(bias) = bias {
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        *v += b;
+                    }
+                }
+                if self.relu {
+                    for v in row.iter_mut() {
+                        *v = v.max(0.0);
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((batch, outputs))))
+    }
+
+    /// Gradients of x, W and b, each only where something needs it: not
+    /// for a batch of data, nor for a frozen weight.
+    fn backward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = if self.relu {
+            // ReLU passes the gradient where its output is positive.
+            (grad * res.gt(0f32)?.to_dtype(DType::F32)?)?
+        } else {
+            grad.clone()
+        };
+        let grad_x = x
+            .track_op()
+            .then(|| match self.layout {
+                WeightLayout::OutIn => grad.matmul(weight),
+                WeightLayout::InOut => grad.matmul(&weight.t()?),
+            })
+            .transpose()?;
+        let grad_w = weight
+            .track_op()
+            .then(|| match self.layout {
+                WeightLayout::OutIn => grad.t()?.matmul(x),
+                WeightLayout::InOut => x.t()?.matmul(&grad),
+            })
+            .transpose()?;
+        let grad_b = bias
+            .filter(|b| b.track_op())
+            .map(|_| crate::lm::ops::column_sums(&grad))
+            .transpose()?;
+        Ok((grad_x, grad_w, grad_b))
+    }
 }
 
 impl CustomOp3 for Dense {
     fn name(&self) -> &'static str {
-        if self.relu {
-            "covey-dense-relu"
-        } else {
-            "covey-dense"
-        }
+        Dense::name(self)
     }
 
     fn cpu_fwd(
@@ -37,71 +133,87 @@ impl CustomOp3 for Dense {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (batch, inputs) = l1.shape().dims2()?;
-        let (outputs, _) = l2.shape().dims2()?;
-        let bias = contiguous_f32(s3, l3, self.name())?;
-        if bias.len() != outputs {
-            candle_core::bail!(
-                "{}: {} biases for {outputs} outputs",
-                self.name(),
-                bias.len()
-            );
-        }
-        // The product reads W through a transposed layout: no copy of it.
-        let y = s1.matmul(s2, (1, batch, outputs, inputs), l1, &l2.transpose(0, 1)?)?;
-        let CpuStorage::F32(mut y) = y else {
-            candle_core::bail!("{} needs f32", self.name());
-        };
-        for row in y.chunks_exact_mut(outputs) {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v += b;
-            }
-            if self.relu {
-                for v in row.iter_mut() {
-                    *v = v.max(0.0);
-                }
-            }
-        }
-        Ok((CpuStorage::F32(y), Shape::from((batch, outputs))))
+        let bias = contiguous_f32(s3, l3, Dense::name(self))?;
+        self.forward((s1, l1), (s2, l2), Some(bias))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = if self.relu {
-            // ReLU passes the gradient where its output is positive.
-            (grad * res.gt(0f32)?.to_dtype(DType::F32)?)?
-        } else {
-            grad.clone()
-        };
-        // The input's gradient only where something upstream needs it: not
-        // for a batch of data.
-        let grad_x = x.track_op().then(|| grad.matmul(weight)).transpose()?;
-        let grad_w = grad.t()?.matmul(x)?;
-        let grad_b = grad.sum(0)?;
-        Ok((grad_x, Some(grad_w), Some(grad_b)))
+        self.backward(x, weight, Some(bias), res, grad)
+    }
+}
+
+/// [`Dense`] without a bias.
+#[derive(Clone, Copy, Debug)]
+struct Unbiased(Dense);
+
+impl CustomOp2 for Unbiased {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.forward((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw, _) = self.0.backward(x, weight, None, res, grad)?;
+        Ok((gx, gw))
     }
 }
 
 /// `x · Wᵀ + b` for x [B, in], W [out, in] and b [out], followed by ReLU when
 /// `relu` is set; one autograd node.
 pub fn dense_cpu(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Tensor> {
+    linear_cpu(x, weight, Some(bias), WeightLayout::OutIn, relu)
+}
+
+/// `x · W (+ b)` for x [B, in] and W stored as `layout` says, then ReLU
+/// when `relu` is set; one autograd node, on the CPU.
+pub fn linear_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    layout: WeightLayout,
+    relu: bool,
+) -> Result<Tensor> {
     let (_, inputs) = x.dims2()?;
-    let (outputs, w_inputs) = weight.dims2()?;
-    if w_inputs != inputs || bias.dims() != [outputs] {
+    let (w_inputs, outputs) = match (layout, weight.dims2()?) {
+        (WeightLayout::OutIn, (o, i)) => (i, o),
+        (WeightLayout::InOut, (i, o)) => (i, o),
+    };
+    if w_inputs != inputs || bias.is_some_and(|b| b.dims() != [outputs]) {
         candle_core::bail!(
-            "dense: input of {inputs} features against weights {:?} and bias {:?}",
+            "dense: input of {inputs} features against weights {:?} ({layout:?}) and bias {:?}",
             weight.dims(),
-            bias.dims()
+            bias.map(|b| b.dims().to_vec())
         );
     }
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Dense { relu })
+    let op = Dense { relu, layout };
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op3(&weight, &b.contiguous()?, op),
+        None => x.apply_op2(&weight, Unbiased(op)),
+    }
 }
 
 #[cfg(test)]
@@ -152,6 +264,48 @@ mod tests {
             .unwrap();
         assert!(grads.get(&x).is_none());
         assert!(grads.get(&w).is_some());
+    }
+
+    #[test]
+    fn both_weight_layouts_with_and_without_bias_match_candle_ops() {
+        let x = Var::from_tensor(&random(&[9, 12], 1)).unwrap();
+        let w = Var::from_tensor(&random(&[12, 7], 2)).unwrap();
+        let bias = Var::from_tensor(&random(&[7], 3)).unwrap();
+        let upstream = random(&[9, 7], 4);
+        let wt = Var::from_tensor(&w.t().unwrap().contiguous().unwrap()).unwrap();
+        for (weight, layout) in [(&w, WeightLayout::InOut), (&wt, WeightLayout::OutIn)] {
+            for with_bias in [false, true] {
+                let b = with_bias.then_some(bias.as_tensor());
+                let ours = linear_cpu(&x, weight, b, layout, false).unwrap();
+                let mut reference = x.matmul(w.as_tensor()).unwrap();
+                if with_bias {
+                    reference = reference.broadcast_add(&bias).unwrap();
+                }
+                assert!(
+                    max_gap(&reference, &ours) < 1e-5,
+                    "{layout:?} bias {with_bias}"
+                );
+                let g = pullback(&ours, &upstream);
+                let r = pullback(&reference, &upstream);
+                assert!(max_gap(g.get(&x).unwrap(), r.get(&x).unwrap()) < 1e-4);
+                let gw = g.get(weight).unwrap();
+                let rw = r.get(&w).unwrap();
+                let rw = if layout == WeightLayout::OutIn {
+                    rw.t().unwrap()
+                } else {
+                    rw.clone()
+                };
+                assert!(max_gap(gw, &rw) < 1e-4, "{layout:?} weight gradient");
+                assert_eq!(g.get(&bias).is_some(), with_bias);
+            }
+        }
+        // A frozen weight gets no gradient, and costs no product.
+        let frozen = random(&[12, 7], 5);
+        let g = pullback(
+            &linear_cpu(&x, &frozen, None, WeightLayout::InOut, false).unwrap(),
+            &upstream,
+        );
+        assert!(g.get(&frozen).is_none() && g.get(&x).is_some());
     }
 
     #[test]

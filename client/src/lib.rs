@@ -5,6 +5,7 @@ pub mod assets;
 mod conv;
 pub mod data;
 mod dense;
+pub mod fetch;
 pub mod lm;
 mod optim;
 pub mod partition;

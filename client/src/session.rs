@@ -39,7 +39,10 @@ use rustls::{
 };
 use tracing::{debug, info, warn};
 
-use crate::trainer::{TrainError, Trainer};
+use crate::{
+    fetch::FetchError,
+    trainer::{TrainError, Trainer},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -96,6 +99,9 @@ pub struct ClientOptions {
     pub identity_path: Option<std::path::PathBuf>,
     /// Largest global model (f32 bytes) this device accepts to download.
     pub max_model_bytes: u64,
+    /// Where files a task names by hash are kept (a LoRA base, a
+    /// tokenizer.json). Without it, tasks that need one are skipped.
+    pub assets: Option<crate::assets::AssetCache>,
 }
 
 /// Simulated dropouts for covey-sim: with `probability`, a round's client
@@ -120,6 +126,7 @@ impl Default for ClientOptions {
             dropout: None,
             identity_path: None,
             max_model_bytes: 1 << 30,
+            assets: None,
         }
     }
 }
@@ -767,6 +774,27 @@ impl Session {
         };
         let global = read_tensor(recv, plan, UpdateEncoding::F32, limits).await?;
         self.summary.bytes_down += plan.wire_bytes(UpdateEncoding::F32);
+        // A model this device cannot build is refused here, with the reason;
+        // the device stays and checks in for the next round.
+        if let Err(e) = task.spec.validate() {
+            warn!(round = %task.round, "refusing the task: its model cannot be built: {e}");
+            return Ok(());
+        }
+        if !task.spec.assets().is_empty() {
+            let Some(cache) = self.options.assets.clone() else {
+                warn!(round = %task.round, "refusing the task: its model needs fetched files, and this device keeps no asset cache");
+                return Ok(());
+            };
+            match crate::fetch::fetch_assets(conn, &task.spec, &cache).await {
+                Ok(bytes) => self.summary.bytes_down += bytes,
+                Err(FetchError::Stream(e)) => return Err(e.into()),
+                Err(FetchError::Connection(e)) => return Err(e.into()),
+                Err(e) => {
+                    warn!(round = %task.round, "skipping the round: {e}");
+                    return Ok(());
+                }
+            }
+        }
         let dropout = self.options.dropout.and_then(|d| {
             (self.rng.random::<f64>() < d.probability).then(|| {
                 d.phase.unwrap_or(

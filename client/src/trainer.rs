@@ -15,7 +15,7 @@ use crate::{
     conv::{conv2d_same_cnhw, relu_max_pool2, relu_max_pool2_portable},
     data::DataView,
     dense::dense_cpu,
-    optim::Sgd,
+    optim::optimizer,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -395,7 +395,11 @@ impl CandleTrainer {
         } else {
             Vec::new()
         };
-        let mut sgd = Sgd::new(net.vars().to_vec(), f64::from(task.hyper.learning_rate));
+        let mut sgd = optimizer(
+            task.hyper.optimizer,
+            net.vars().to_vec(),
+            f64::from(task.hyper.learning_rate),
+        );
         let mut rng = ChaCha8Rng::seed_from_u64(task.seed);
         let batch = task.hyper.batch_size.max(1) as usize;
         let mut order: Vec<u32> = (0..self.data.len as u32).collect();
@@ -516,6 +520,7 @@ mod tests {
                 batch_size: 10,
                 learning_rate: lr,
                 proximal_mu: 0.0,
+                optimizer: Default::default(),
             },
             update_encoding: UpdateEncoding::F32,
             chunk_len: 1024,

@@ -181,6 +181,7 @@ mod tests {
                                 batch_size: 10,
                                 learning_rate: lr,
                                 proximal_mu: 0.0,
+                                optimizer: Default::default(),
                             },
                             update_encoding,
                             chunk_len,

@@ -181,6 +181,20 @@ pub async fn read_words<R: AsyncRead + Unpin>(
     assembler.finish().ok_or(StreamError::Truncated)
 }
 
+/// Writes one chunk frame of raw bytes (an asset's); returns the bytes
+/// written.
+pub async fn write_bytes_chunk<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    index: u32,
+    bytes: &[u8],
+) -> Result<u64, StreamError> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + 4 + bytes.len());
+    frame::encode_chunk_header(index, bytes.len(), &mut buf);
+    buf.extend_from_slice(bytes);
+    writer.write_all(&buf).await?;
+    Ok(buf.len() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod asset;
 pub mod buffered;
 pub mod encoding;
 pub mod frame;
@@ -33,7 +34,9 @@ pub const ADMIN_ALPN: &[u8] = b"covey-admin/1";
 /// 3: secure aggregation (tasks say whether, `SecAgg` messages).
 /// 4: certificate renewal (`Renew`, `Renewed`).
 /// 5: updates wait for `SendUpdate`, so waiting uploads hold no server memory.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: tasks carry the model as a family plus its configuration (language
+///    models, LoRA); devices fetch assets by hash (`FetchAsset`).
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The DNS name the server certificate carries and clients verify; an
 /// enrollment-internal name, so certificates never embed an address.

@@ -7,6 +7,7 @@ use covey_privacy::{ClipNorm, quantize::Quantizer};
 
 use crate::{
     ModelVersion, RoundId, UpdateEncoding,
+    asset::AssetRequest,
     model::ModelSpec,
     secagg::{SecAggMessage, SecAggParams},
 };
@@ -48,6 +49,13 @@ pub enum Message {
     /// now. Until then nothing of the update is in flight, so thousands of
     /// waiting uploads cost the server nothing.
     SendUpdate,
+    /// A device fetching a file its task names by hash, on a stream of its
+    /// own (see [`crate::asset`]).
+    FetchAsset(AssetRequest),
+    /// The asset's bytes from `offset` follow as chunk frames.
+    AssetFollows {
+        offset: u64,
+    },
 }
 
 /// A fresh P-256 public key (uncompressed SEC1 point) and, signed with it,
@@ -83,6 +91,8 @@ impl Message {
             Self::Renew(_) => "Renew",
             Self::Renewed(_) => "Renewed",
             Self::SendUpdate => "SendUpdate",
+            Self::FetchAsset(_) => "FetchAsset",
+            Self::AssetFollows { .. } => "AssetFollows",
         }
     }
 }
@@ -107,6 +117,34 @@ pub struct Hyperparameters {
     pub learning_rate: f32,
     /// FedProx proximal term; 0 is plain FedAvg local SGD.
     pub proximal_mu: f32,
+    /// The device's optimizer; its state starts afresh every round.
+    pub optimizer: LocalOptimizer,
+}
+
+/// How a device takes its local steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub enum LocalOptimizer {
+    /// w ← w − η·g (McMahan et al. 2017).
+    #[default]
+    Sgd,
+    /// Adam with decoupled weight decay (AdamW), the usual choice for
+    /// transformers.
+    Adam {
+        beta1: f32,
+        beta2: f32,
+        epsilon: f32,
+        weight_decay: f32,
+    },
+}
+
+impl LocalOptimizer {
+    /// Adam with PyTorch's defaults and no weight decay.
+    pub const ADAM: Self = Self::Adam {
+        beta1: 0.9,
+        beta2: 0.999,
+        epsilon: 1e-8,
+        weight_decay: 0.0,
+    };
 }
 
 /// What a selected client must do this round.

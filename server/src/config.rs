@@ -12,7 +12,7 @@ use covey_privacy::{
 use covey_protocol::{
     ModelVersion, UpdateEncoding,
     buffered::BufferConfig,
-    message::Hyperparameters,
+    message::{Hyperparameters, LocalOptimizer},
     model::{Architecture, LanguageSpec, ModelSpec},
     round::{RoundConfig, Selection},
     secagg::{SecAggParams, Threshold},
@@ -294,6 +294,23 @@ pub struct Model {
 }
 
 impl Model {
+    /// The language-model lines of config.toml, empty for a classifier.
+    fn documented_language(&self) -> String {
+        if self.language.is_empty() {
+            return String::new();
+        }
+        format!(
+            "# Where version 0 came from: a built-in model or hf:DIR, a Hugging Face checkpoint.\n\
+             source = {}\n\
+             # The language model `init` built: the family's configuration, the tokenizer, tokens\n\
+             # per sequence, and full or LoRA tuning with the frozen base's SHA-256. Devices build\n\
+             # exactly this model; the server refuses to start if it differs from the database's.\n\
+             language = {}\n",
+            toml::Value::String(self.source.clone()),
+            toml::Value::String(self.language.clone()),
+        )
+    }
+
     /// The model these settings name.
     pub fn spec(&self) -> Result<ModelSpec, ConfigError> {
         match self.architecture.as_str() {
@@ -417,6 +434,48 @@ pub struct Training {
     pub proximal_mu: f32,
     pub update_encoding: String,
     pub chunk_len: u32,
+    /// sgd, adam or adamw:DECAY.
+    #[serde(default = "Training::default_local_optimizer")]
+    pub local_optimizer: String,
+}
+
+impl Training {
+    fn default_local_optimizer() -> String {
+        "sgd".into()
+    }
+
+    /// The devices' optimizer, from `local_optimizer`.
+    pub fn local_optimizer(&self) -> Result<LocalOptimizer, ConfigError> {
+        match self.local_optimizer.as_str() {
+            "sgd" => Ok(LocalOptimizer::Sgd),
+            "adam" => Ok(LocalOptimizer::ADAM),
+            other => match other.strip_prefix("adamw:").map(str::parse::<f32>) {
+                Some(Ok(decay)) if decay.is_finite() && decay >= 0.0 => {
+                    let LocalOptimizer::Adam {
+                        beta1,
+                        beta2,
+                        epsilon,
+                        ..
+                    } = LocalOptimizer::ADAM
+                    else {
+                        return Ok(LocalOptimizer::ADAM);
+                    };
+                    Ok(LocalOptimizer::Adam {
+                        beta1,
+                        beta2,
+                        epsilon,
+                        weight_decay: decay,
+                    })
+                }
+                _ => Err(invalid(
+                    "training.local_optimizer",
+                    format!(
+                        "'{other}': expected sgd, adam or adamw:DECAY (a weight decay of 0 or more)"
+                    ),
+                )),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -678,6 +737,7 @@ impl Default for ServerConfig {
                 learning_rate: 0.05,
                 proximal_mu: 0.0,
                 update_encoding: "f32".into(),
+                local_optimizer: Training::default_local_optimizer(),
                 chunk_len: 1 << 18,
             },
             aggregation: Aggregation {
@@ -941,6 +1001,7 @@ impl ServerConfig {
                 batch_size: t.batch_size,
                 learning_rate: t.learning_rate,
                 proximal_mu: t.proximal_mu,
+                optimizer: t.local_optimizer()?,
             },
             encoding,
             optimizer,
@@ -993,11 +1054,12 @@ max_model_bytes = {max_model_bytes}
 transfer_timeout_secs = {transfer_timeout_secs:?}
 
 [model]
-# Architecture of the global model: logreg, 2nn (784-200-200-10) or cnn (McMahan et al. 2017).
+# The global model's family: logreg, 2nn (784-200-200-10) or cnn (McMahan et al. 2017),
+# gpt2 or llama (language models, set up by `covey-server init --model`).
 architecture = "{architecture}"
-# Seed of the initial weights (version 0).
+# Seed of the initial weights (version 0), of LoRA's A and of a seeded base.
 init_seed = {init_seed}
-
+{language}
 [rounds]
 # The run ends once this many rounds have committed (global version = rounds).
 rounds = {rounds}
@@ -1035,6 +1097,9 @@ batch_size = {batch_size}
 learning_rate = {learning_rate:?}
 # FedProx proximal term mu; 0 is plain FedAvg.
 proximal_mu = {proximal_mu:?}
+# The devices' optimizer: sgd (McMahan et al.'s FedAvg), adam, or adamw:DECAY (Adam with
+# decoupled weight decay). Its state starts afresh every round.
+local_optimizer = "{local_optimizer}"
 # How clients encode updates: f32, f16, bf16 or int8 (per-chunk scale, stochastic rounding).
 update_encoding = "{update_encoding}"
 # Values per chunk frame for models and updates.
@@ -1161,6 +1226,7 @@ kek = "{kek}"
             keep_alive_secs = n.keep_alive_secs,
             architecture = m.architecture,
             init_seed = m.init_seed,
+            language = m.documented_language(),
             rounds = r.rounds,
             min_clients = r.min_clients,
             clients_per_round = r.clients_per_round,
@@ -1176,6 +1242,7 @@ kek = "{kek}"
             batch_size = t.batch_size,
             learning_rate = t.learning_rate,
             proximal_mu = t.proximal_mu,
+            local_optimizer = t.local_optimizer,
             update_encoding = t.update_encoding,
             chunk_len = t.chunk_len,
             aggregator = a.aggregator,

@@ -58,6 +58,14 @@ pub enum DirError {
     NotEnrolled(String),
     #[error("no enrollment named '{0}' (already forgotten, or never enrolled)")]
     NeverEnrolled(String),
+    #[error(transparent)]
+    Asset(#[from] covey_client::assets::AssetError),
+    #[error("version 0 has {got} values; the {spec} model needs {expected}")]
+    InitialWeights {
+        spec: String,
+        expected: usize,
+        got: usize,
+    },
 }
 
 /// An operator request for a running server, which holds the database.
@@ -264,6 +272,24 @@ impl StateDir {
         self.root.join("db")
     }
 
+    /// Where the files devices fetch by hash live (a LoRA base, a
+    /// tokenizer.json).
+    pub fn assets_dir(&self) -> PathBuf {
+        self.root.join("assets")
+    }
+
+    pub fn assets(&self) -> Result<covey_client::assets::AssetCache, DirError> {
+        Ok(covey_client::assets::AssetCache::new(self.assets_dir())?)
+    }
+
+    /// Refuses a directory that already holds a state directory.
+    pub fn check_new(&self) -> Result<(), DirError> {
+        if self.config_path().exists() || self.db_path().exists() {
+            return Err(DirError::Exists(self.root.display().to_string()));
+        }
+        Ok(())
+    }
+
     pub fn status_path(&self) -> PathBuf {
         self.root.join("status.json")
     }
@@ -285,10 +311,30 @@ impl StateDir {
     /// the initial model (version 0) and a fresh pseudonym secret.
     pub fn init(&self, config: &ServerConfig) -> Result<(), DirError> {
         let settings = config.settings()?;
-        if self.config_path().exists() || self.db_path().exists() {
-            return Err(DirError::Exists(self.root.display().to_string()));
+        let weights = settings.spec.initial_weights(config.model.init_seed);
+        self.init_with(config, weights, &[])
+    }
+
+    /// Creates the directory with `weights` as version 0 and `assets`
+    /// (files the devices fetch) in its asset store; files already under
+    /// [`Self::assets_dir`] are moved, others copied.
+    pub fn init_with(
+        &self,
+        config: &ServerConfig,
+        weights: Vec<f32>,
+        assets: &[PathBuf],
+    ) -> Result<(), DirError> {
+        let settings = config.settings()?;
+        self.check_new()?;
+        if weights.len() != settings.spec.param_count() {
+            return Err(DirError::InitialWeights {
+                spec: settings.spec.to_string(),
+                expected: settings.spec.param_count(),
+                got: weights.len(),
+            });
         }
         fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        crate::model::store_assets(&self.assets()?, assets, &self.assets_dir())?;
         let ca = pki::create_ca()?;
         let server = pki::issue_server_cert(&ca.key_pem)?;
         write_file(&self.ca_cert_path(), ca.cert_pem.as_bytes(), false)?;
@@ -307,7 +353,6 @@ impl StateDir {
         kek.create_if_missing(&self.root)?;
         let store = Store::open(&self.db_path(), &kek.load(&self.root)?)?;
         let secret: [u8; 32] = rand::random();
-        let weights = settings.spec.initial_weights(config.model.init_seed);
         store.initialise(&settings.spec, weights, &secret)?;
         self.publish_audit_key(&store)?;
         // The config goes last: its presence marks a complete directory.

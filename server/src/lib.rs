@@ -3,7 +3,9 @@
 
 pub mod admin;
 pub mod aggregate;
+pub mod assets;
 pub mod audit;
+pub mod central;
 pub mod compliance;
 pub mod config;
 pub mod dir;
@@ -11,6 +13,7 @@ pub mod dp;
 pub mod export;
 pub mod limits;
 pub mod metrics;
+pub mod model;
 pub mod pki;
 pub mod report;
 pub mod robust;

@@ -10,6 +10,7 @@ use covey_server::{
     Server, ServerConfig, StateDir,
     admin::Role,
     dir::{ControlRequest, DirError},
+    model::{LoraChoice, ModelChoice},
     status::{self, Report},
 };
 
@@ -24,6 +25,49 @@ struct Cli {
     command: Command,
 }
 
+/// Language-model settings of `init`.
+#[derive(clap::Args, Debug)]
+struct LanguageArgs {
+    /// LoRA rank; 0 fine-tunes every parameter.
+    #[arg(long, default_value_t = 0)]
+    lora_rank: u32,
+    /// LoRA's alpha (the update is scaled by alpha / rank); default 2 × rank.
+    #[arg(long)]
+    lora_alpha: Option<f32>,
+    /// Projections LoRA adapts, by name or dotted suffix (c_attn,
+    /// attn.c_proj, q_proj, ...); default: the attention projections.
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Vec<String>,
+    /// Train both LoRA factors (inexact under averaging) instead of
+    /// FFA-LoRA, which freezes A and trains B alone.
+    #[arg(long)]
+    lora_plain: bool,
+    /// Tokens per training and evaluation sequence (default 128).
+    #[arg(long)]
+    context: Option<u32>,
+    /// bytes, gpt2 (GPT-2's BPE) or the path of a tokenizer.json; default:
+    /// the built-in model's, or the checkpoint's tokenizer.json.
+    #[arg(long)]
+    tokenizer: Option<String>,
+}
+
+impl LanguageArgs {
+    fn choice(&self, model: String, seed: u64) -> ModelChoice {
+        ModelChoice {
+            model,
+            lora: (self.lora_rank > 0).then(|| LoraChoice {
+                rank: self.lora_rank,
+                alpha: self.lora_alpha,
+                targets: self.lora_targets.clone(),
+                plain: self.lora_plain,
+                seed,
+            }),
+            context: self.context,
+            tokenizer: self.tokenizer.clone(),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create a state directory: CA, server certificate, database, config.toml.
@@ -36,16 +80,22 @@ enum Command {
         /// Address devices dial (written into enrollment bundles); defaults to --listen.
         #[arg(long)]
         public_addr: Option<String>,
-        /// Model architecture: logreg, 2nn or cnn.
+        /// The model: logreg, 2nn or cnn (MNIST classifiers); gpt2-bytes or
+        /// gpt2-124m (language models trained from scratch); or hf:DIR, a
+        /// Hugging Face checkpoint (config.json, model.safetensors and
+        /// optionally tokenizer.json) of the gpt2, llama or qwen2 family.
         #[arg(long, default_value = "2nn")]
         model: String,
+        #[command(flatten)]
+        language: LanguageArgs,
         /// Rounds in the run.
         #[arg(long, default_value_t = 10)]
         rounds: u64,
         /// Updates wanted per round (also the minimum pool and the quorum).
         #[arg(long, default_value_t = 2)]
         clients_per_round: usize,
-        /// Held-out test set (MNIST t10k IDX files) to evaluate every new version on.
+        /// Held-out test set every new version is evaluated on: MNIST t10k IDX
+        /// files, or for a language model a folder of *.txt / *.jsonl text.
         #[arg(long)]
         test_data: Option<PathBuf>,
         /// Key-encryption key for the database: file:PATH (created if
@@ -550,6 +600,7 @@ fn main() -> Result<()> {
             listen,
             public_addr,
             model,
+            language,
             rounds,
             clients_per_round,
             test_data,
@@ -559,7 +610,14 @@ fn main() -> Result<()> {
             config.storage.kek = kek;
             config.server.listen = listen;
             config.server.public_addr = public_addr.unwrap_or_else(|| listen.to_string());
-            config.model.architecture = model;
+            let state = StateDir::new(&dir);
+            state.check_new()?;
+            let prepared = language
+                .choice(model, config.model.init_seed)
+                .prepare(config.model.init_seed, &state.assets_dir())?;
+            prepared
+                .configure(&mut config)
+                .context("writing the model spec")?;
             config.rounds.rounds = rounds;
             config.rounds.clients_per_round = clients_per_round;
             config.rounds.min_clients = clients_per_round;
@@ -569,8 +627,8 @@ fn main() -> Result<()> {
                     .with_context(|| format!("test data directory {}", path.display()))?;
                 config.evaluation.test_data = absolute.display().to_string();
             }
-            let state = StateDir::new(&dir);
-            state.init(&config)?;
+            state.init_with(&config, prepared.weights, &prepared.assets)?;
+            println!("model: {}", prepared.spec);
             println!(
                 "initialised {}: edit {} to change settings, then `covey-server enroll`",
                 dir.display(),

@@ -15,11 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use covey_client::{
-    Device,
-    data::{DataView, Mnist},
-    trainer::{DeviceData, evaluate},
-};
 use covey_privacy::{
     ClipNorm, Pseudonym, PseudonymKey, clip_l2, l2_norm, noise::NoiseRng, quantize::Quantizer,
 };
@@ -52,6 +47,7 @@ use crate::{
     admin::{AdminReply, AdminRequest, AdminResponse, MAX_REQUEST_BYTES, Role},
     aggregate::{OptimizerState, WeightedSum},
     audit::AuditEvent,
+    central::TestSet,
     compliance::Retention,
     config::Settings,
     dir::{DirError, EvalOutcome, StateDir, VersionMetrics},
@@ -85,10 +81,10 @@ pub enum ServeError {
     Tls(String),
     #[error("the database was created for a {stored} model but config.toml asks for {configured}")]
     SpecChanged { stored: String, configured: String },
-    #[error("evaluation test set: {0}")]
-    TestData(#[from] covey_client::data::DataError),
-    #[error("evaluation test set: {0}")]
-    TestSet(#[from] covey_client::trainer::TrainError),
+    #[error(transparent)]
+    TestSet(#[from] crate::central::TestSetError),
+    #[error(transparent)]
+    Assets(#[from] crate::assets::ServedAssetError),
     #[error("noise source: {0}")]
     Noise(String),
     #[error("internal error: {0}")]
@@ -269,6 +265,8 @@ struct Shared {
     transfer_timeout: Duration,
     /// Who may connect, and in which role.
     admitted: Arc<Admitted>,
+    /// The files devices fetch by hash to build the model.
+    assets: crate::assets::ServedAssets,
 }
 
 /// A bound, ready server. `run` drives it until the run finishes.
@@ -349,13 +347,14 @@ impl Server {
         let endpoint = quinn::Endpoint::server(server_config, addr)
             .map_err(|source| ServeError::Bind { addr, source })?;
 
+        let assets = dir.assets()?;
         let test_set = match config.evaluation.test_data.as_str() {
             "" => None,
-            path => {
-                let data = Mnist::load(std::path::Path::new(path), "t10k")?;
-                let view = DataView::all(Arc::new(data));
-                Some(Arc::new(DeviceData::new(&view, &Device::Cpu)?))
-            }
+            path => Some(Arc::new(TestSet::load(
+                std::path::Path::new(path),
+                &settings.spec,
+                &assets,
+            )?)),
         };
         let version = store.current_version()?;
         let model = store.model(version)?.weights;
@@ -438,6 +437,7 @@ impl Server {
             hello_timeout: Duration::from_secs(config.server.idle_timeout_secs),
             transfer_timeout: Duration::from_secs_f64(config.server.transfer_timeout_secs),
             admitted: admitted.clone(),
+            assets: crate::assets::ServedAssets::for_spec(&settings.spec, &assets)?,
         });
         let hub = Hub {
             machine,
@@ -1107,6 +1107,19 @@ async fn serve_stream(
             let _ = send.finish();
             Ok(())
         }
+        Message::FetchAsset(request) => {
+            let _permit = shared.downloads.acquire().await;
+            match crate::assets::serve(&mut send, &shared.assets, request, shared.transfer_timeout)
+                .await
+            {
+                Ok(bytes) => {
+                    shared.metrics.bytes_out.inc_by(bytes);
+                }
+                Err(refusal) => debug!("asset not sent: {}", refusal.0),
+            }
+            let _ = send.finish();
+            Ok(())
+        }
         other => Err(PeerFault::new(
             CloseCode::ProtocolViolation,
             format!("unexpected {} at the start of a stream", other.kind()),
@@ -1178,7 +1191,7 @@ struct Hub {
     admitted: Arc<Admitted>,
     state_root: std::path::PathBuf,
     /// Held-out data every new version is evaluated on, if configured.
-    test_set: Option<Arc<DeviceData>>,
+    test_set: Option<Arc<TestSet>>,
     evaluation: Option<PendingEval>,
     /// Central DP: settings, what was spent, and the noise source.
     privacy: Option<Privacy>,
@@ -2674,7 +2687,7 @@ impl Hub {
         let test_set = self.test_set.clone();
         let (model, state, record, ledger) = tokio::task::spawn_blocking(move || {
             if let Some(test) = test_set {
-                match evaluate(&spec, &model.weights, &test) {
+                match test.evaluate(&spec, &model.weights) {
                     Ok(m) => {
                         record.test_accuracy = Some(m.accuracy);
                         record.test_loss = Some(m.loss);

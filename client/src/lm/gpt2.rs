@@ -5,7 +5,7 @@ use covey_protocol::model::Gpt2Config;
 
 use super::{
     LmError,
-    ops::{causal_attention, gelu_tanh, layer_norm},
+    ops::{causal_attention_packed, gelu_tanh, layer_norm},
     weights::{Orientation::InOut, Weights},
 };
 
@@ -34,14 +34,7 @@ pub fn forward(c: &Gpt2Config, w: &Weights, ids: &Tensor) -> Result<Tensor, LmEr
         let qkv = w
             .linear(&h, &format!("h.{i}.attn.c_attn"), InOut)?
             .reshape((b, t, 3 * width))?;
-        let attended = causal_attention(
-            &qkv.narrow(2, 0, width)?,
-            &qkv.narrow(2, width, width)?,
-            &qkv.narrow(2, 2 * width, width)?,
-            c.n_head,
-            c.n_head,
-        )?
-        .reshape((b * t, width))?;
+        let attended = causal_attention_packed(&qkv, c.n_head)?.reshape((b * t, width))?;
         x = (x + w.linear(&attended, &format!("h.{i}.attn.c_proj"), InOut)?)?;
         let h = norm(&x, &format!("h.{i}.ln_2"))?;
         let inner = gelu_tanh(&w.linear(&h, &format!("h.{i}.mlp.c_fc"), InOut)?)?;

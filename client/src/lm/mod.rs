@@ -13,8 +13,10 @@ use candle_core::{DType, Device, Tensor};
 use covey_protocol::model::{Gpt2Config, LanguageSpec, LmArch, ModelError, TokenizerSpec};
 
 pub mod checkpoint;
+pub mod generate;
 mod gpt2;
 mod llama;
+pub mod local;
 pub mod ops;
 pub mod tokenizer;
 pub mod train;
@@ -61,6 +63,8 @@ pub enum LmError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{got} tokens exceed the model's context of {max}")]
     TooLong { got: usize, max: usize },
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
 }
 
 /// A language model ready to run: its spec, its parameters and, for the

@@ -21,7 +21,7 @@ use super::{
 use crate::{
     assets::AssetCache,
     data::text::{Sequences, TextData, pack},
-    optim::Sgd,
+    optim::optimizer,
     trainer::{TrainError, TrainOutput, Trainer, on_device_pool},
 };
 
@@ -246,7 +246,8 @@ impl TextTrainer {
             return Err(TrainError::NoData);
         }
         let model = LanguageModel::new(&spec, global, base, &device)?;
-        let mut sgd = Sgd::new(
+        let mut sgd = optimizer(
+            task.hyper.optimizer,
             model.weights().vars().to_vec(),
             f64::from(task.hyper.learning_rate),
         );

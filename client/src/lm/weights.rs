@@ -71,14 +71,8 @@ pub struct Weights {
     trainable: Vec<Var>,
 }
 
-/// How a projection's weight is stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Orientation {
-    /// [in, out]: GPT-2's Conv1D.
-    InOut,
-    /// [out, in]: torch.nn.Linear.
-    OutIn,
-}
+pub use crate::dense::WeightLayout as Orientation;
+use crate::dense::linear_cpu;
 
 impl Weights {
     /// Builds the parameters from the trainable vector, and for LoRA from
@@ -188,16 +182,28 @@ impl Weights {
         orientation: Orientation,
     ) -> Result<Tensor, LmError> {
         let w = self.get(&format!("{path}.weight"))?;
-        let mut y = match orientation {
-            Orientation::InOut => x.matmul(&w)?,
-            Orientation::OutIn => x.matmul(&w.t()?)?,
+        let b = self.find(&format!("{path}.bias"));
+        let mut y = if x.device().is_cpu() {
+            // One node for product and bias, with no gradient for a frozen W.
+            linear_cpu(x, &w, b.as_ref(), orientation, false)?
+        } else {
+            let y = match orientation {
+                Orientation::InOut => x.matmul(&w)?,
+                Orientation::OutIn => x.matmul(&w.t()?)?,
+            };
+            match &b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
         };
-        if let Some(b) = self.find(&format!("{path}.bias")) {
-            y = y.broadcast_add(&b)?;
-        }
         if let Some(ad) = self.adapters.get(path) {
-            let low = x.matmul(&ad.a.t()?)?;
-            y = (y + (low.matmul(&ad.b.t()?)? * ad.scale)?)?;
+            let up = if x.device().is_cpu() {
+                let low = linear_cpu(x, &ad.a, None, Orientation::OutIn, false)?;
+                linear_cpu(&low, &ad.b, None, Orientation::OutIn, false)?
+            } else {
+                x.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?
+            };
+            y = (y + (up * ad.scale)?)?;
         }
         Ok(y)
     }

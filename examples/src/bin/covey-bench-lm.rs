@@ -127,6 +127,7 @@ fn main() -> Result<()> {
             batch_size: args.batch,
             learning_rate: 1e-4,
             proximal_mu: 0.0,
+            optimizer: Default::default(),
         },
         update_encoding: UpdateEncoding::F32,
         chunk_len: 1 << 18,

@@ -78,6 +78,7 @@ fn main() -> Result<()> {
                 batch_size: batch,
                 learning_rate: 0.01,
                 proximal_mu: 0.0,
+                optimizer: Default::default(),
             },
             update_encoding: UpdateEncoding::F32,
             chunk_len: 1024,

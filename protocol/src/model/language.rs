@@ -218,6 +218,22 @@ impl LanguageSpec {
         Ok(())
     }
 
+    /// The files a device fetches by hash: a tokenizer.json, a LoRA base.
+    pub fn assets(&self) -> Vec<AssetRef> {
+        let mut out = Vec::new();
+        if let TokenizerSpec::HuggingFace(a) = self.tokenizer {
+            out.push(a);
+        }
+        if let Tuning::Lora {
+            base: BaseWeights::Asset(a),
+            ..
+        } = self.tuning
+        {
+            out.push(a);
+        }
+        out
+    }
+
     /// The tensors that train and travel, in wire order.
     pub fn trainable_tensors(&self) -> Vec<TensorSpec> {
         match &self.tuning {

@@ -118,6 +118,14 @@ impl ModelSpec {
         }
     }
 
+    /// The files a device fetches by hash to build this model.
+    pub fn assets(&self) -> Vec<AssetRef> {
+        match self {
+            Self::Classifier(_) => Vec::new(),
+            Self::Language(l) => l.assets(),
+        }
+    }
+
     pub fn as_language(&self) -> Option<&LanguageSpec> {
         match self {
             Self::Language(l) => Some(l),

@@ -3,7 +3,10 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::with_f32;
+use super::{
+    math::{exp, tanh},
+    with_f32,
+};
 use crate::conv::contiguous_f32;
 
 /// √(2/π), GELU's tanh-approximation constant.
@@ -11,17 +14,20 @@ const GELU_K: f32 = 0.797_884_6;
 /// Entries per rayon task.
 const CHUNK: usize = 1 << 14;
 
+#[inline(always)]
 fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (GELU_K * (x + 0.044_715 * x * x * x)).tanh())
+    0.5 * x * (1.0 + tanh(GELU_K * (x + 0.044_715 * x * x * x)))
 }
 
+#[inline(always)]
 fn gelu_grad(x: f32) -> f32 {
-    let t = (GELU_K * (x + 0.044_715 * x * x * x)).tanh();
+    let t = tanh(GELU_K * (x + 0.044_715 * x * x * x));
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * 0.044_715 * x * x)
 }
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
 /// GELU in its tanh form (Hugging Face's `gelu_new`, GPT-2's).

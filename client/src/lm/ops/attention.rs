@@ -8,12 +8,12 @@
 //! dQ = dS·K and dK = dSᵀ·Q.
 
 use candle_core::{
-    CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
+    CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
     backend::BackendStorage,
 };
 use rayon::prelude::*;
 
-use super::par_rows;
+use super::{math::exp, par_rows};
 
 /// Self-attention of q [B, T, H·D] over k and v [B, T, Hkv·D], each query
 /// seeing only positions up to its own; returns [B, T, H·D]. The inputs may
@@ -178,7 +178,7 @@ impl Attention {
                 .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
             let mut sum = 0.0;
             for v in live.iter_mut() {
-                *v = (*v * scale - max).exp();
+                *v = exp(*v * scale - max);
                 sum += *v;
             }
             let inv = 1.0 / sum;
@@ -222,30 +222,22 @@ fn cpu(storage: &Storage) -> Result<&CpuStorage> {
     }
 }
 
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "covey-causal-attention"
-    }
+/// One input's storage and layout.
+type Input<'a> = (&'a CpuStorage, &'a Layout);
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (b, t, width) = l1.shape().dims3()?;
+impl Attention {
+    /// The forward pass over q, k and v (any strides with a unit last one).
+    fn forward(&self, q: Input, k: Input, v: Input) -> Result<(CpuStorage, Shape)> {
+        let (b, t, width) = q.1.shape().dims3()?;
         let per_seq: Vec<Vec<f32>> = (0..b)
             .into_par_iter()
             .map(|i| {
-                let q = self.gather(s1, l1, i, self.heads)?;
-                let k = self.gather(s2, l2, i, self.kv_heads)?;
-                let v = self.gather(s3, l3, i, self.kv_heads)?;
-                let p = self.probabilities(&q, &k, t)?;
+                let qh = self.gather(q.0, q.1, i, self.heads)?;
+                let kh = self.gather(k.0, k.1, i, self.kv_heads)?;
+                let vh = self.gather(v.0, v.1, i, self.kv_heads)?;
+                let p = self.probabilities(&qh, &kh, t)?;
                 let (h, d) = (self.heads, self.head_dim);
-                let o = self.product((&p, plain(h, t, t)), (&v, plain(h, t, d)))?;
+                let o = self.product((&p, plain(h, t, t)), (&vh, plain(h, t, d)))?;
                 let mut out = vec![0f32; t * width];
                 self.scatter(f32_ref(&o)?, &mut out, t, self.heads);
                 Ok(out)
@@ -257,36 +249,19 @@ impl CustomOp3 for Attention {
         ))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, t, width) = q.dims3()?;
+    /// Per sequence, the gradients of q, k and v ([T, H·D], [T, Hkv·D] twice)
+    /// for the output gradient `g`.
+    fn backward(&self, q: Input, k: Input, v: Input, g: Input) -> Result<Vec<[Vec<f32>; 3]>> {
+        let (b, t, width) = q.1.shape().dims3()?;
         let kv_width = self.kv_heads * self.head_dim;
-        let grad = grad.to_dtype(DType::F32)?;
-        let (q, lq) = Self::storage(q)?;
-        let (k, lk) = Self::storage(k)?;
-        let (v, lv) = Self::storage(v)?;
-        let (g, lg) = Self::storage(&grad)?;
-        let (sq, sk, sv, sg) = (
-            q.storage_and_layout().0,
-            k.storage_and_layout().0,
-            v.storage_and_layout().0,
-            g.storage_and_layout().0,
-        );
-        let (sq, sk, sv, sg) = (cpu(&sq)?, cpu(&sk)?, cpu(&sv)?, cpu(&sg)?);
         let d = self.head_dim;
-        let parts: Vec<[Vec<f32>; 3]> = (0..b)
+        (0..b)
             .into_par_iter()
             .map(|i| {
-                let qh = self.gather(sq, &lq, i, self.heads)?;
-                let kh = self.gather(sk, &lk, i, self.kv_heads)?;
-                let vh = self.gather(sv, &lv, i, self.kv_heads)?;
-                let dout = self.gather(sg, &lg, i, self.heads)?;
+                let qh = self.gather(q.0, q.1, i, self.heads)?;
+                let kh = self.gather(k.0, k.1, i, self.kv_heads)?;
+                let vh = self.gather(v.0, v.1, i, self.kv_heads)?;
+                let dout = self.gather(g.0, g.1, i, self.heads)?;
                 let p = self.probabilities(&qh, &kh, t)?;
                 let probs = f32_ref(&p)?;
                 let h = self.heads;
@@ -310,7 +285,54 @@ impl CustomOp3 for Attention {
                 self.scatter(f32_ref(&dv)?, &mut gv, t, self.kv_heads);
                 Ok([gq, gk, gv])
             })
-            .collect::<Result<_>>()?;
+            .collect()
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "covey-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((s1, l1), (s2, l2), (s3, l3))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, width) = q.dims3()?;
+        let kv_width = self.kv_heads * self.head_dim;
+        let grad = grad.to_dtype(DType::F32)?;
+        let (q, lq) = Self::storage(q)?;
+        let (k, lk) = Self::storage(k)?;
+        let (v, lv) = Self::storage(v)?;
+        let (g, lg) = Self::storage(&grad)?;
+        let (sq, sk, sv, sg) = (
+            q.storage_and_layout().0,
+            k.storage_and_layout().0,
+            v.storage_and_layout().0,
+            g.storage_and_layout().0,
+        );
+        let parts = self.backward(
+            (cpu(&sq)?, &lq),
+            (cpu(&sk)?, &lk),
+            (cpu(&sv)?, &lv),
+            (cpu(&sg)?, &lg),
+        )?;
         let device = q.device();
         // Sequence by sequence, the gradient of input `which`.
         let join = |which: usize, w: usize| {
@@ -325,6 +347,83 @@ impl CustomOp3 for Attention {
             k.track_op().then(|| join(1, kv_width)).transpose()?,
             v.track_op().then(|| join(2, kv_width)).transpose()?,
         ))
+    }
+}
+
+/// Attention over a fused q/k/v projection [B, T, 3·C] (GPT-2's c_attn):
+/// one node whose gradient is the fused projection's, where three views
+/// would each be padded back to [B, T, 3·C] and summed.
+#[derive(Clone, Copy, Debug)]
+struct Packed(Attention);
+
+impl Packed {
+    fn views(&self, l: &Layout) -> Result<[Layout; 3]> {
+        let c = self.0.heads * self.0.head_dim;
+        Ok([
+            l.narrow(2, 0, c)?,
+            l.narrow(2, c, c)?,
+            l.narrow(2, 2 * c, c)?,
+        ])
+    }
+}
+
+impl CustomOp1 for Packed {
+    fn name(&self) -> &'static str {
+        "covey-causal-attention-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let [q, k, v] = self.views(l)?;
+        self.0.forward((s, &q), (s, &k), (s, &v))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, packed) = qkv.dims3()?;
+        let c = packed / 3;
+        let grad = grad.to_dtype(DType::F32)?;
+        let (x, lx) = Attention::storage(qkv)?;
+        let (g, lg) = Attention::storage(&grad)?;
+        let (sx, sg) = (x.storage_and_layout().0, g.storage_and_layout().0);
+        let [q, k, v] = self.views(&lx)?;
+        let sx = cpu(&sx)?;
+        let parts = self
+            .0
+            .backward((sx, &q), (sx, &k), (sx, &v), (cpu(&sg)?, &lg))?;
+        let mut out = vec![0f32; b * t * packed];
+        for (seq, part) in out.chunks_exact_mut(t * packed).zip(&parts) {
+            for (pos, row) in seq.chunks_exact_mut(packed).enumerate() {
+                for (which, grads) in part.iter().enumerate() {
+                    row[which * c..(which + 1) * c].copy_from_slice(&grads[pos * c..(pos + 1) * c]);
+                }
+            }
+        }
+        Tensor::from_vec(out, (b, t, packed), qkv.device()).map(Some)
+    }
+}
+
+/// Self-attention over a fused projection qkv [B, T, 3·C] with `heads`
+/// heads (no grouping); returns [B, T, C].
+pub fn causal_attention_packed(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let (_, _, packed) = qkv.dims3()?;
+    if heads == 0 || packed % 3 != 0 || !(packed / 3).is_multiple_of(heads) {
+        candle_core::bail!("attention: {heads} heads over a fused projection of width {packed}");
+    }
+    let c = packed / 3;
+    let d = c / heads;
+    let op = Attention {
+        heads,
+        kv_heads: heads,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    if qkv.device().is_cpu() {
+        qkv.apply_op1(Packed(op))
+    } else {
+        op.portable(
+            &qkv.narrow(2, 0, c)?,
+            &qkv.narrow(2, c, c)?,
+            &qkv.narrow(2, 2 * c, c)?,
+        )
     }
 }
 
@@ -386,6 +485,29 @@ mod tests {
             1e-4,
             "qkv gradient",
         );
+    }
+
+    #[test]
+    fn the_packed_form_matches_three_views_in_value_and_gradient() {
+        let (b, t, c) = (2, 7, 24);
+        let qkv = var(&[b, t, 3 * c], 6);
+        let views = || {
+            causal_attention(
+                &qkv.narrow(2, 0, c).unwrap(),
+                &qkv.narrow(2, c, c).unwrap(),
+                &qkv.narrow(2, 2 * c, c).unwrap(),
+                3,
+                3,
+            )
+            .unwrap()
+        };
+        check_against_portable(
+            &[&qkv],
+            || causal_attention_packed(&qkv, 3).unwrap(),
+            views,
+            "packed attention",
+        );
+        assert!(causal_attention_packed(&var(&[1, 2, 10], 1), 2).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{IGNORE, par_rows, with_f32};
+use super::{IGNORE, math::exp, par_rows, with_f32};
 use crate::conv::contiguous_f32;
 
 /// Mean −log p(target) over the rows of logits [N, V] whose target is not
@@ -103,7 +103,7 @@ fn log_sum_exp(row: &[f32]) -> (f32, usize) {
         .fold((0, f32::NEG_INFINITY), |(bi, bm), (i, &v)| {
             if v > bm { (i, v) } else { (bi, bm) }
         });
-    let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+    let sum: f32 = row.iter().map(|v| exp(v - max)).sum();
     (max + sum.ln(), best)
 }
 
@@ -167,7 +167,7 @@ impl CustomOp2 for CrossEntropy {
                 let row = &x[r * v..(r + 1) * v];
                 let (lse, _) = log_sum_exp(row);
                 for (o, &l) in out.iter_mut().zip(row) {
-                    *o = (l - lse).exp() * scale;
+                    *o = exp(l - lse) * scale;
                 }
                 out[t as usize] -= scale;
             });

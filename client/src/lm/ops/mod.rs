@@ -15,11 +15,12 @@ use rayon::prelude::*;
 mod activation;
 mod attention;
 mod loss;
+mod math;
 mod norm;
 mod rope;
 
 pub use activation::{gelu_tanh, swiglu};
-pub use attention::causal_attention;
+pub use attention::{causal_attention, causal_attention_packed};
 pub use loss::{TokenLoss, cross_entropy, token_losses};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{Rotary, rope};
@@ -96,6 +97,24 @@ fn par_row_sums(
                 a
             },
         )
+}
+
+/// Sums a [rows, width] tensor over its rows (a bias's gradient), split
+/// across rayon's pool on the CPU; candle's own reduction over the first
+/// dimension runs on one core in strided order.
+pub(crate) fn column_sums(t: &Tensor) -> Result<Tensor> {
+    if !t.device().is_cpu() {
+        return t.sum(0);
+    }
+    let (rows, width) = t.dims2()?;
+    with_f32(t, "column sums", |x| {
+        let sums = par_row_sums(rows, width, width, |r, acc| {
+            for (a, v) in acc.iter_mut().zip(&x[r * width..(r + 1) * width]) {
+                *a += v;
+            }
+        });
+        Tensor::from_vec(sums, width, t.device())
+    })
 }
 
 #[cfg(test)]

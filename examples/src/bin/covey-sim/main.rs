@@ -1,6 +1,12 @@
 //! covey-sim: a real covey-server and K virtual clients talking QUIC with
-//! mutual TLS on loopback, training on MNIST, one line per round.
+//! mutual TLS on loopback, training an MNIST classifier or a language model
+//! on Shakespeare's speaking roles, one line per round.
 #![forbid(unsafe_code)]
+
+mod attack;
+mod population;
+mod resume;
+mod slots;
 
 /// Training frees and re-allocates tensors of megabytes every step; glibc
 /// hands them back to the kernel and page-faults them in again, mimalloc
@@ -10,25 +16,35 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::{
     path::PathBuf,
-    sync::{Arc, Condvar, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use covey_client::{
-    CandleTrainer, ClientOptions, Dropout, TrainOutput, Trainer,
-    data::{DataView, Mnist},
-    partition::Partition,
-    trainer::{TrainError, select_device},
+    ClientOptions, Device, Dropout, TextTrainer,
+    assets::AssetCache,
+    lm::{
+        LanguageModel,
+        generate::{Sampling, generate},
+        train::load_base,
+    },
+    trainer::select_device,
 };
 use covey_protocol::{
-    UpdateEncoding,
-    message::{LocalMetrics, Task},
-    model::Architecture,
-    secagg::session::Phase as SecAggPhase,
+    ModelSpec, UpdateEncoding, model::Tuning, secagg::session::Phase as SecAggPhase,
 };
-use covey_server::{Server, ServerConfig, StateDir};
+use covey_server::{
+    Server, ServerConfig, StateDir,
+    central::TestSet,
+    model::{LoraChoice, ModelChoice},
+};
+
+use attack::Attack;
+use population::{Population, SimData};
+use resume::resume;
+use slots::{Slots, slot_plan};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,15 +52,21 @@ use covey_server::{Server, ServerConfig, StateDir};
     about = "Run a real federation of virtual clients on loopback"
 )]
 struct Args {
-    /// cnn, 2nn or logreg.
+    /// cnn, 2nn or logreg (MNIST); gpt2-bytes or gpt2-124m (language models
+    /// trained from scratch); or hf:DIR, a Hugging Face checkpoint.
     #[arg(long, default_value = "2nn")]
-    model: Architecture,
-    /// Directory with MNIST's train-* and t10k-* IDX files (.gz or raw).
-    #[arg(long, default_value = "examples/data/mnist")]
-    data: PathBuf,
-    /// iid, shards or dirichlet:ALPHA.
-    #[arg(long, default_value = "iid")]
-    partition: Partition,
+    model: String,
+    /// A directory of MNIST's train-* and t10k-* IDX files (.gz or raw), or
+    /// shakespeare:DIR, the plays' plain texts. Default: the shipped subset
+    /// of either (examples/data/mnist, examples/data/shakespeare).
+    #[arg(long)]
+    data: Option<SimData>,
+    /// MNIST: iid, shards or dirichlet:ALPHA. Shakespeare: natural (one
+    /// client per speaking role), the only one.
+    #[arg(long)]
+    partition: Option<String>,
+    #[command(flatten)]
+    language: LanguageArgs,
     /// Number of virtual clients (K).
     #[arg(long, default_value_t = 10)]
     clients: usize,
@@ -201,158 +223,46 @@ fn quorum(args: &Args) -> usize {
     wanted.max(args.min_cohort)
 }
 
-/// What a malicious virtual client does to its update.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Attack {
-    None,
-    /// Sends −Δ.
-    SignFlip,
-    /// Sends F·Δ.
-    Scale(f32),
-    /// Trains on labels mapped l → 9 − l.
-    LabelFlip,
-    /// Sends Gaussian noise with Δ's norm.
-    Noise,
+/// Language-model flags, as `covey-server init` takes them.
+#[derive(clap::Args, Debug)]
+struct LanguageArgs {
+    /// LoRA rank; 0 fine-tunes every parameter.
+    #[arg(long, default_value_t = 0)]
+    lora_rank: u32,
+    /// LoRA's alpha; default 2 × rank.
+    #[arg(long)]
+    lora_alpha: Option<f32>,
+    /// Projections LoRA adapts (default: the attention projections).
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Vec<String>,
+    /// Train both LoRA factors instead of FFA-LoRA (B alone).
+    #[arg(long)]
+    lora_plain: bool,
+    /// Tokens per sequence (default 128).
+    #[arg(long)]
+    context: Option<u32>,
+    /// bytes, gpt2 or a tokenizer.json.
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// What the model continues before and after training.
+    #[arg(long, default_value = "To be, or not to be")]
+    prompt: String,
 }
 
-impl std::str::FromStr for Attack {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "none" => Self::None,
-            "sign-flip" => Self::SignFlip,
-            "label-flip" => Self::LabelFlip,
-            "noise" => Self::Noise,
-            _ => match s.strip_prefix("scale:").map(str::parse::<f32>) {
-                Some(Ok(f)) if f.is_finite() => Self::Scale(f),
-                _ => {
-                    return Err(format!(
-                        "unknown attack '{s}': expected none, sign-flip, scale:F, label-flip or noise"
-                    ));
-                }
-            },
-        })
-    }
-}
-
-impl Attack {
-    /// Rewrites an honest update the way this attacker would.
-    fn apply(self, delta: &mut [f32], rng: &mut impl rand::Rng) {
-        match self {
-            Self::None | Self::LabelFlip => {}
-            Self::SignFlip => delta.iter_mut().for_each(|v| *v = -*v),
-            Self::Scale(f) => delta.iter_mut().for_each(|v| *v *= f),
-            Self::Noise => {
-                let norm = covey_privacy::l2_norm(delta);
-                let normal = rand_distr::StandardNormal;
-                delta
-                    .iter_mut()
-                    .for_each(|v| *v = rand_distr::Distribution::<f32>::sample(&normal, rng));
-                let scale = norm / covey_privacy::l2_norm(delta).max(f64::MIN_POSITIVE);
-                delta
-                    .iter_mut()
-                    .for_each(|v| *v = (f64::from(*v) * scale) as f32);
-            }
+impl LanguageArgs {
+    fn choice(&self, model: &str, seed: u64) -> ModelChoice {
+        ModelChoice {
+            model: model.to_owned(),
+            lora: (self.lora_rank > 0).then(|| LoraChoice {
+                rank: self.lora_rank,
+                alpha: self.lora_alpha,
+                targets: self.lora_targets.clone(),
+                plain: self.lora_plain,
+                seed,
+            }),
+            context: self.context,
+            tokenizer: self.tokenizer.clone(),
         }
-    }
-}
-
-/// The places virtual clients train in, so that K of them share the
-/// machine: each slot is a rayon pool with its share of the cores, and a
-/// client trains only while it holds one. On the CPU, one step of these
-/// small models runs on two cores at only 1.2–1.6× its speed on one, so a
-/// client per core finishes rounds sooner (BENCHMARKS.md).
-struct Slots {
-    free: Mutex<Vec<Arc<rayon::ThreadPool>>>,
-    returned: Condvar,
-}
-
-/// A slot taken from [`Slots`]; it goes back when dropped, even by a panic.
-struct Held<'a> {
-    slots: &'a Slots,
-    pool: Arc<rayon::ThreadPool>,
-}
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut free) = self.slots.free.lock() {
-            free.push(self.pool.clone());
-            self.slots.returned.notify_one();
-        }
-    }
-}
-
-impl Slots {
-    fn new(count: usize, threads_each: usize) -> Result<Self> {
-        let free = (0..count)
-            .map(|i| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads_each)
-                    .thread_name(move |t| format!("covey-sim-slot-{i}-{t}"))
-                    .build()
-                    .map(Arc::new)
-                    .context("starting a training thread pool")
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            free: Mutex::new(free),
-            returned: Condvar::new(),
-        })
-    }
-
-    /// Runs `work` on the first free slot's pool.
-    fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> Result<R, TrainError> {
-        let poisoned = |_| TrainError::Panicked("a training slot's lock was poisoned".into());
-        let mut free = self.free.lock().map_err(poisoned)?;
-        let pool = loop {
-            if let Some(pool) = free.pop() {
-                break pool;
-            }
-            free = self.returned.wait(free).map_err(poisoned)?;
-        };
-        drop(free);
-        let held = Held { slots: self, pool };
-        Ok(held.pool.install(work))
-    }
-}
-
-/// A virtual client: trains in one of the shared [`Slots`].
-struct Virtual {
-    inner: CandleTrainer,
-    slots: Arc<Slots>,
-    attack: Attack,
-    rng: rand_chacha::ChaCha8Rng,
-}
-
-impl Trainer for Virtual {
-    fn train(&mut self, task: &Task, global: &[f32]) -> Result<TrainOutput, TrainError> {
-        let inner = &mut self.inner;
-        let mut out = self.slots.run(|| inner.train(task, global))??;
-        self.attack.apply(&mut out.delta, &mut self.rng);
-        Ok(out)
-    }
-
-    fn evaluate(
-        &mut self,
-        spec: covey_protocol::model::ModelSpec,
-        weights: &[f32],
-    ) -> Result<Option<(LocalMetrics, u64)>, TrainError> {
-        let inner = &mut self.inner;
-        self.slots.run(|| inner.evaluate(spec, weights))?
-    }
-}
-
-/// How many clients train at once, and on how many threads each.
-fn slot_plan(parallel: Option<usize>, on_cpu: bool) -> Result<(usize, usize)> {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    match (parallel, on_cpu) {
-        (Some(0), _) => bail!("--parallel must be at least 1"),
-        (Some(n), false) if n > 1 => {
-            bail!("--parallel {n}: clients on a GPU train one at a time; leave --parallel out")
-        }
-        (_, false) => Ok((1, cores)),
-        (Some(n), true) => Ok((n, (cores / n).max(1))),
-        (None, true) => Ok((cores, 1)),
     }
 }
 
@@ -407,57 +317,6 @@ fn main() -> Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(simulate(args))
-}
-
-/// Checks that `state` holds an unfinished run made with `wanted`'s
-/// settings, and lets it run to `wanted`'s round count. Returns the round
-/// it stopped at.
-fn resume(state: &StateDir, wanted: &ServerConfig) -> Result<u64> {
-    let root = state.root().display();
-    let stored = state
-        .config()
-        .with_context(|| format!("--resume: no run to resume in {root}"))?;
-    let mut same_length = wanted.clone();
-    same_length.rounds.rounds = stored.rounds.rounds;
-    if let Some((kept, asked)) = first_difference(&stored, &same_length) {
-        bail!(
-            "--resume: the run in {root} was made with other settings: it has `{kept}`, these flags give `{asked}`"
-        );
-    }
-    let version = state.open_store()?.current_version()?.0;
-    if version >= wanted.rounds.rounds {
-        bail!(
-            "--resume: the run in {root} is already at round {version}; pass a --rounds above it to go on"
-        );
-    }
-    if stored.rounds.rounds != wanted.rounds.rounds {
-        state
-            .replace_config(wanted)
-            .context("--resume: updating the round count")?;
-    }
-    Ok(version)
-}
-
-/// The first setting, as `[section] key = value`, where two configs differ
-/// as written to config.toml (what the server reads).
-fn first_difference(a: &ServerConfig, b: &ServerConfig) -> Option<(String, String)> {
-    let (a, b) = (a.to_documented_toml(), b.to_documented_toml());
-    let (mut a, mut b) = (a.lines(), b.lines());
-    let mut section = "";
-    loop {
-        match (a.next(), b.next()) {
-            (None, None) => return None,
-            (Some(x), Some(y)) if x == y => {
-                if x.starts_with('[') {
-                    section = x;
-                }
-            }
-            (x, y) => {
-                let show = |l: Option<&str>| format!("{section} {}", l.unwrap_or("(nothing)"));
-                return Some((show(x), show(y)));
-            }
-        }
-    }
 }
 
 /// Enrolls virtual device `name`. A resumed run's devices kept their keys
@@ -517,24 +376,39 @@ fn privacy_config(args: &Args) -> Result<covey_server::config::Privacy> {
 
 async fn simulate(args: Args) -> Result<()> {
     let device = select_device(&args.device)?;
-    let train = Arc::new(
-        Mnist::load(&args.data, "train")
-            .with_context(|| format!("loading training data from {}", args.data.display()))?,
-    );
-    let data_dir = std::fs::canonicalize(&args.data)
-        .with_context(|| format!("data directory {}", args.data.display()))?;
-
     let temp = tempfile::tempdir().context("creating a temporary state directory")?;
     let state_path = args
         .state_dir
         .clone()
         .unwrap_or_else(|| temp.path().join("state"));
+    let state = StateDir::new(&state_path);
+    // Version 0: a classifier, a built-in language model or a checkpoint.
+    // A fresh run writes a LoRA base straight into the asset store.
+    let scratch = if args.resume {
+        temp.path().join("scratch")
+    } else {
+        state.assets_dir()
+    };
+    let prepared = args
+        .language
+        .choice(&args.model, args.seed)
+        .prepare(args.seed, &scratch)?;
+    let language = prepared.spec.as_language().is_some();
+    let data = args
+        .data
+        .clone()
+        .unwrap_or_else(|| SimData::default_for(language));
+    if let (SimData::Shakespeare(_), Some(p)) = (&data, args.partition.as_deref())
+        && p != "natural"
+    {
+        bail!("--partition {p}: Shakespeare is partitioned by speaking role (natural)");
+    }
     let per_round = per_round(&args);
     let mut config = ServerConfig::default();
     config.server.listen = "127.0.0.1:0".parse()?;
     config.server.public_addr = "127.0.0.1:0".into();
-    config.model.architecture = args.model.to_string();
     config.model.init_seed = args.seed;
+    prepared.configure(&mut config)?;
     config.rounds.rounds = args.rounds;
     config.rounds.clients_per_round = per_round;
     config.rounds.min_clients = per_round;
@@ -548,8 +422,6 @@ async fn simulate(args: Args) -> Result<()> {
     config.aggregation.optimizer = args.server_opt.clone();
     config.aggregation.aggregator = args.aggregator.clone();
     config.aggregation.server_learning_rate = args.server_lr;
-    // The server evaluates every version on the held-out set as it commits.
-    config.evaluation.test_data = data_dir.display().to_string();
     config.privacy = privacy_config(&args)?;
     config.secure_aggregation = secagg_config(&args);
     config.compliance.min_cohort = args.min_cohort;
@@ -558,90 +430,45 @@ async fn simulate(args: Args) -> Result<()> {
         // Poisson sampling: the cohort varies, so commit with half of it.
         config.rounds.min_clients = args.clients;
     }
-    let state = StateDir::new(&state_path);
+    let (slot_count, threads_each) = slot_plan(args.parallel, device.is_cpu())?;
+    let slots = Arc::new(Slots::new(slot_count, threads_each)?);
+    // The virtual devices share one asset cache, filled from the server's
+    // store below, so a base is not fetched K times on one machine.
+    let client_assets = AssetCache::new(temp.path().join("client-assets"))?;
+    // A text test set lives in the state directory, so that --resume finds
+    // the same one.
+    std::fs::create_dir_all(&state_path)
+        .with_context(|| format!("creating {}", state_path.display()))?;
+    let population = Population::build(
+        &args,
+        &data,
+        &prepared.spec,
+        &device,
+        &slots,
+        &client_assets,
+        &state_path.join("sim-test"),
+    )?;
+    // The server evaluates every version on the held-out set as it commits.
+    config.evaluation.test_data = std::fs::canonicalize(&population.test_data)?
+        .display()
+        .to_string();
     let resumed_at = if args.resume {
         Some(resume(&state, &config)?)
     } else {
-        state.init(&config)?;
+        state.init_with(&config, prepared.weights, &prepared.assets)?;
         None
     };
+    for asset in prepared.spec.assets() {
+        if let Some(path) = state.assets()?.verified(&asset)? {
+            client_assets.insert(&path)?;
+        }
+    }
     let identities = {
         let store = state.open_store()?;
         (0..args.clients)
             .map(|i| enroll(&state, &store, &format!("sim-{i}")))
             .collect::<Result<Vec<_>, _>>()?
     };
-
-    let server = Server::open(&state)?;
-    let addr = server.local_addr()?;
-    let mut commits = server.subscribe();
-    let stopper = server.stopper();
-    let server = tokio::spawn(server.run());
-
-    let parts = args.partition.split(&train.labels, args.clients, args.seed);
-    // Each virtual client also holds a share of the test set, for
-    // `covey-server evaluate` against a live --state-dir.
-    let test = Arc::new(Mnist::load(&data_dir, "t10k")?);
-    let holdouts = Partition::Iid.split(&test.labels, args.clients, args.seed);
-    let (slot_count, threads_each) = slot_plan(args.parallel, device.is_cpu())?;
-    let slots = Arc::new(Slots::new(slot_count, threads_each)?);
-    let attackers = if args.attack == Attack::None {
-        0
-    } else {
-        (args.attackers * args.clients as f64).ceil() as usize
-    };
-    // Only label-flip attackers need the relabelled copy of the training set.
-    let flipped = (args.attack == Attack::LabelFlip).then(|| {
-        Arc::new(Mnist {
-            labels: train
-                .labels
-                .iter()
-                .map(|l| 9u8.saturating_sub(*l))
-                .collect(),
-            ..(*train).clone()
-        })
-    });
-    let mut clients = Vec::new();
-    for (i, ((identity, indices), holdout)) in
-        identities.into_iter().zip(parts).zip(holdouts).enumerate()
-    {
-        let attack = if i < attackers {
-            args.attack
-        } else {
-            Attack::None
-        };
-        let view = DataView {
-            data: match (&flipped, attack) {
-                (Some(flipped), Attack::LabelFlip) => flipped.clone(),
-                _ => train.clone(),
-            },
-            indices,
-        };
-        let holdout = DataView {
-            data: test.clone(),
-            indices: holdout,
-        };
-        let trainer = Virtual {
-            inner: CandleTrainer::new(&view, &device)?.with_holdout(&holdout)?,
-            slots: slots.clone(),
-            attack,
-            rng: rand::SeedableRng::seed_from_u64(args.seed ^ i as u64),
-        };
-        let options = ClientOptions {
-            server_addr: Some(addr),
-            give_up_after: Some(Duration::from_secs(600)),
-            require_secure_aggregation: args.secagg,
-            dropout: (args.dropout > 0.0).then_some(Dropout {
-                probability: args.dropout,
-                phase: args.dropout_phase,
-            }),
-            ..ClientOptions::default()
-        };
-        clients.push(tokio::spawn(async move {
-            covey_client::run(&identity, Box::new(trainer), options).await
-        }));
-    }
-
     if !args.json {
         if let Some(round) = resumed_at {
             println!(
@@ -650,11 +477,10 @@ async fn simulate(args: Args) -> Result<()> {
             );
         }
         println!(
-            "covey-sim: {} {} clients ({} per round), {:?} partition, E={} B={} lr={} {} {}, {} rounds",
+            "covey-sim: {} clients ({} per round), {}, E={} B={} lr={} {} {}, {} rounds",
             args.clients,
-            args.model,
             per_round,
-            args.partition,
+            population.describe,
             args.epochs,
             args.batch,
             args.lr,
@@ -662,7 +488,42 @@ async fn simulate(args: Args) -> Result<()> {
             args.update_encoding,
             args.rounds
         );
+        println!("model: {}", prepared.spec);
+        if language {
+            let (version, line) = sample(
+                &state,
+                &population.test_data,
+                &args.language.prompt,
+                &device,
+            )?;
+            println!("version {version}: {line}");
+        }
     }
+
+    let server = Server::open(&state)?;
+    let addr = server.local_addr()?;
+    let mut commits = server.subscribe();
+    let stopper = server.stopper();
+    let server = tokio::spawn(server.run());
+
+    let mut clients = Vec::new();
+    for (identity, trainer) in identities.into_iter().zip(population.trainers) {
+        let options = ClientOptions {
+            server_addr: Some(addr),
+            give_up_after: Some(Duration::from_secs(600)),
+            require_secure_aggregation: args.secagg,
+            dropout: (args.dropout > 0.0).then_some(Dropout {
+                probability: args.dropout,
+                phase: args.dropout_phase,
+            }),
+            assets: Some(client_assets.clone()),
+            ..ClientOptions::default()
+        };
+        clients.push(tokio::spawn(async move {
+            covey_client::run(&identity, Box::new(trainer), options).await
+        }));
+    }
+
     let started = Instant::now();
     let mut last = Instant::now();
     let mut reached = None;
@@ -674,6 +535,7 @@ async fn simulate(args: Args) -> Result<()> {
         );
         let seconds = last.elapsed().as_secs_f64();
         last = Instant::now();
+        let perplexity = f64::from(loss).exp();
         if args.json {
             println!(
                 "{}",
@@ -681,6 +543,7 @@ async fn simulate(args: Args) -> Result<()> {
                     "round": notice.version.0,
                     "accuracy": accuracy,
                     "loss": loss,
+                    "perplexity": language.then_some(perplexity),
                     "participants": r.accepted,
                     "bytes_up": r.bytes_up,
                     "bytes_down": r.bytes_down,
@@ -689,11 +552,14 @@ async fn simulate(args: Args) -> Result<()> {
                 })
             );
         } else {
+            let quality = if language {
+                format!("next-token accuracy {accuracy:.4}  perplexity {perplexity:.3}")
+            } else {
+                format!("accuracy {accuracy:.4}  loss {loss:.4}")
+            };
             println!(
-                "round {:>4}  accuracy {:.4}  loss {:.4}  participants {:>3}  up {:>8.2} MB  down {:>8.2} MB  {:.1}s{}",
+                "round {:>4}  {quality}  participants {:>3}  up {:>8.2} MB  down {:>8.2} MB  {:.1}s{}",
                 notice.version.0,
-                accuracy,
-                loss,
                 r.accepted,
                 r.bytes_up as f64 / 1e6,
                 r.bytes_down as f64 / 1e6,
@@ -724,6 +590,15 @@ async fn simulate(args: Args) -> Result<()> {
         }
     }
     if !args.json {
+        if language {
+            let (version, line) = sample(
+                &state,
+                &population.test_data,
+                &args.language.prompt,
+                &device,
+            )?;
+            println!("version {version}: {line}");
+        }
         match (args.target_accuracy, reached) {
             (Some(t), Some(r)) => println!("reached accuracy {t} after {r} rounds"),
             (Some(t), None) => println!("did not reach accuracy {t} in {} rounds", args.rounds),
@@ -750,73 +625,49 @@ async fn simulate(args: Args) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    #[test]
-    fn slots_follow_the_device_and_the_flag() {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        assert_eq!(slot_plan(None, true).unwrap(), (cores, 1));
-        assert_eq!(slot_plan(None, false).unwrap(), (1, cores));
-        assert_eq!(slot_plan(Some(1), true).unwrap(), (1, cores));
-        assert_eq!(slot_plan(Some(4 * cores), true).unwrap(), (4 * cores, 1));
-        assert!(slot_plan(Some(0), true).is_err());
-        let gpu = slot_plan(Some(2), false).unwrap_err().to_string();
-        assert!(gpu.contains("one at a time"), "{gpu}");
-    }
-
-    #[test]
-    fn the_first_different_setting_is_named_with_its_section() {
-        let a = ServerConfig::default();
-        assert_eq!(first_difference(&a, &a.clone()), None);
-        let mut b = a.clone();
-        b.training.learning_rate = 0.3;
-        let (kept, asked) = first_difference(&a, &b).unwrap();
-        assert!(kept.starts_with("[training] learning_rate"), "{kept}");
-        assert!(
-            asked.starts_with("[training] learning_rate = 0.3"),
-            "{asked}"
-        );
-    }
-
-    #[test]
-    fn no_more_clients_train_at_once_than_there_are_slots() {
-        let slots = Arc::new(Slots::new(2, 1).unwrap());
-        let (active, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let workers: Vec<_> = (0..6)
-            .map(|_| {
-                let (slots, active, most) = (slots.clone(), active.clone(), most.clone());
-                std::thread::spawn(move || {
-                    slots
-                        .run(|| {
-                            let now = active.fetch_add(1, Ordering::SeqCst) + 1;
-                            most.fetch_max(now, Ordering::SeqCst);
-                            std::thread::sleep(Duration::from_millis(20));
-                            active.fetch_sub(1, Ordering::SeqCst);
-                            std::thread::current().name().map(str::to_owned)
-                        })
-                        .unwrap()
-                })
-            })
-            .collect();
-        for w in workers {
-            let thread = w.join().unwrap().unwrap_or_default();
-            assert!(thread.starts_with("covey-sim-slot-"), "ran on {thread}");
-        }
-        assert!((1..=2).contains(&most.load(Ordering::SeqCst)));
-        assert_eq!(slots.free.lock().unwrap().len(), 2);
-    }
-
-    #[test]
-    fn a_panicking_client_gives_its_slot_back() {
-        let slots = Slots::new(1, 1).unwrap();
-        let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            slots.run(|| panic!("training blew up"))
-        }));
-        assert!(crashed.is_err());
-        assert_eq!(slots.run(|| 7).unwrap(), 7);
-        assert_eq!(slots.free.lock().unwrap().len(), 1);
-    }
+/// The current version's test perplexity and its continuation of
+/// `prompt`, greedy, read from the state directory (the server must not
+/// hold it).
+fn sample(
+    state: &StateDir,
+    test: &std::path::Path,
+    prompt: &str,
+    device: &Device,
+) -> Result<(u64, String)> {
+    let store = state.open_store()?;
+    let version = store.current_version()?;
+    let weights = store.model(version)?.weights;
+    drop(store);
+    let spec = state.config()?.settings()?.spec;
+    let ModelSpec::Language(l) = &spec else {
+        bail!("{spec} writes no text");
+    };
+    let assets = state.assets()?;
+    let test = TestSet::load(test, &spec, &assets)?;
+    let metrics = test.evaluate(&spec, &weights)?;
+    let base = match l.tuning {
+        Tuning::Full => None,
+        Tuning::Lora { .. } => Some(Arc::new(load_base(
+            l,
+            Some(&assets),
+            device,
+            candle_core::DType::F32,
+        )?)),
+    };
+    let tokenizer = TextTrainer::tokenizer(&l.tokenizer, Some(&assets))?;
+    let model = LanguageModel::new(l, &weights, base, device)?;
+    let sampling = Sampling {
+        max_tokens: 60,
+        ..Sampling::default()
+    };
+    let text = rayon::scope(|_| generate(&model, &tokenizer, prompt, &sampling, device))?;
+    Ok((
+        version.0,
+        format!(
+            "test perplexity {:.3}, next-token accuracy {:.4}; {prompt:?} continues {:?}",
+            f64::from(metrics.loss).exp(),
+            metrics.accuracy,
+            text
+        ),
+    ))
 }
