@@ -97,6 +97,17 @@ impl AssetCache {
         Ok(None)
     }
 
+    /// Whether the asset is here and hashes to its name; unlike
+    /// [`Self::verified`] it leaves a file that does not in place (the
+    /// server's own store, which nothing refills).
+    pub fn intact(&self, a: &AssetRef) -> Result<Option<bool>, AssetError> {
+        let path = self.complete(a);
+        if !path.exists() {
+            return Ok(None);
+        }
+        Ok(Some(asset_of(&path)? == *a))
+    }
+
     /// The asset's path, or an error saying it must be fetched first.
     pub fn require(&self, a: &AssetRef) -> Result<PathBuf, AssetError> {
         self.verified(a)?.ok_or_else(|| AssetError::Absent {

@@ -12,14 +12,7 @@ use candle_core::{
 
 use crate::conv::contiguous_f32;
 
-/// How a weight matrix is stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightLayout {
-    /// [out, in]: torch.nn.Linear, LLaMA's projections, the CNN.
-    OutIn,
-    /// [in, out]: GPT-2's Conv1D.
-    InOut,
-}
+pub use covey_protocol::model::WeightLayout;
 
 /// `y = x · W (+ b)` for x [B, in], then ReLU when `relu` is set.
 #[derive(Clone, Copy, Debug)]

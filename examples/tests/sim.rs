@@ -568,3 +568,68 @@ fn resume_needs_a_stored_run() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_byte_level_gpt_learns_shakespeare_roles_and_reports_perplexity() {
+    let rounds = sim(&[
+        "--model",
+        "gpt2-bytes",
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--epochs",
+        "1",
+        "--batch",
+        "8",
+        "--context",
+        "32",
+        "--local-optimizer",
+        "adam",
+        "--lr",
+        "0.003",
+        "--seed",
+        "2",
+    ]);
+    assert_eq!(rounds.len(), 2);
+    for r in &rounds {
+        assert_eq!(r["participants"], 3);
+        let p = r["perplexity"].as_f64().unwrap();
+        // Uniform over 256 bytes is 256; anything learnt is below it.
+        assert!(p.is_finite() && p < 100.0, "perplexity {p} in {r}");
+    }
+    let (first, last) = (&rounds[0], &rounds[1]);
+    assert!(
+        last["loss"].as_f64() < first["loss"].as_f64(),
+        "test loss did not fall: {first} then {last}"
+    );
+}
+
+#[test]
+fn language_flags_are_checked_against_the_data() {
+    let out = Command::new(env!("CARGO_BIN_EXE_covey-sim"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args(["--model", "gpt2-bytes", "--data", "examples/data/mnist"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a language model trains on text"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_covey-sim"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args(["--model", "gpt2-bytes", "--partition", "iid"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("natural"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_covey-sim"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args(["--model", "cnn", "--lora-rank", "4"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("image classifier"),
+        "{err}"
+    );
+}

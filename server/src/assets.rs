@@ -19,8 +19,12 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServedAssetError {
-    #[error("the model's asset {asset:?} is missing from {dir} or does not match its hash")]
+    #[error("the model's asset {asset:?} is missing from {dir}")]
     Missing { asset: AssetRef, dir: String },
+    #[error(
+        "the model's asset {asset:?} in {dir} does not match its hash: the file is corrupt; restore it from a backup or the checkpoint it came from"
+    )]
+    Corrupt { asset: AssetRef, dir: String },
     #[error(transparent)]
     Cache(#[from] AssetError),
 }
@@ -35,14 +39,15 @@ impl ServedAssets {
     /// Finds and checks every asset `spec` names in `cache`.
     pub fn for_spec(spec: &ModelSpec, cache: &AssetCache) -> Result<Self, ServedAssetError> {
         let mut files = HashMap::new();
+        let dir = || cache.dir().display().to_string();
         for asset in spec.assets() {
-            let path = cache
-                .verified(&asset)?
-                .ok_or_else(|| ServedAssetError::Missing {
-                    asset,
-                    dir: cache.dir().display().to_string(),
-                })?;
-            files.insert(asset.sha256, (asset, path));
+            match cache.intact(&asset)? {
+                None => return Err(ServedAssetError::Missing { asset, dir: dir() }),
+                Some(false) => return Err(ServedAssetError::Corrupt { asset, dir: dir() }),
+                Some(true) => {
+                    files.insert(asset.sha256, (asset, cache.path(&asset)));
+                }
+            }
         }
         Ok(Self { files })
     }

@@ -1,7 +1,20 @@
-//! Model export as safetensors, readable by PyTorch's `safetensors` package.
+//! Model export: the trainable tensors as safetensors (PyTorch's
+//! `safetensors` package reads them), and for language models a Hugging
+//! Face checkpoint (`transformers`' `from_pretrained` loads it, LoRA merged)
+//! or the LoRA adapter alone as peft writes one.
 
 use std::{collections::HashMap, path::Path};
 
+use covey_client::{
+    assets::AssetCache,
+    lm::{
+        checkpoint::{self, CheckpointError},
+        tokenizer::TokenizerError,
+        train::{TextTrainer, merged_weights},
+    },
+    trainer::TrainError,
+};
+use covey_protocol::model::{LanguageSpec, ModelSpec};
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::store::StoredModel;
@@ -15,6 +28,88 @@ pub enum ExportError {
         path: String,
         source: std::io::Error,
     },
+    #[error("--format {format} exports language models; version {version} is a {spec} classifier")]
+    NotLanguage {
+        format: &'static str,
+        version: u64,
+        spec: String,
+    },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Model(#[from] TrainError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+}
+
+/// The export formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The trainable tensors under their names, one file.
+    Safetensors,
+    /// A Hugging Face checkpoint directory, LoRA merged into the weights.
+    HuggingFace,
+    /// A peft LoRA adapter directory.
+    Lora,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "safetensors" => Ok(Self::Safetensors),
+            "hf" => Ok(Self::HuggingFace),
+            "lora" => Ok(Self::Lora),
+            other => Err(format!(
+                "unknown format '{other}': expected safetensors, hf or lora"
+            )),
+        }
+    }
+}
+
+/// Writes `model` to `out` in `format`; `assets` holds a LoRA base and a
+/// tokenizer.json the formats may need.
+pub fn export(
+    model: &StoredModel,
+    format: Format,
+    assets: &AssetCache,
+    out: &Path,
+) -> Result<(), ExportError> {
+    let language = |format| match &model.header.spec {
+        ModelSpec::Language(l) => Ok(l.as_ref()),
+        spec => Err(ExportError::NotLanguage {
+            format,
+            version: model.header.version.0,
+            spec: spec.to_string(),
+        }),
+    };
+    match format {
+        Format::Safetensors => write_safetensors(model, out),
+        Format::HuggingFace => write_hf(language("hf")?, &model.weights, assets, out),
+        Format::Lora => Ok(checkpoint::write_adapter(
+            out,
+            language("lora")?,
+            &model.weights,
+        )?),
+    }
+}
+
+/// A Hugging Face checkpoint of `weights` (the trainable vector):
+/// config.json, model.safetensors and tokenizer.json.
+pub fn write_hf(
+    spec: &LanguageSpec,
+    weights: &[f32],
+    assets: &AssetCache,
+    out: &Path,
+) -> Result<(), ExportError> {
+    let flat = merged_weights(spec, weights, Some(assets))?;
+    checkpoint::write_checkpoint(out, &spec.arch, &flat)?;
+    let tokenizer = TextTrainer::tokenizer(&spec.tokenizer, Some(assets))?;
+    let path = out.join("tokenizer.json");
+    std::fs::write(&path, tokenizer.to_json()?).map_err(|source| ExportError::Write {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Writes every tensor of `model` under its spec name, f32 little-endian,

@@ -156,7 +156,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write global model version V as safetensors.
+    /// Write global model version V: safetensors (the trainable tensors, one
+    /// file), hf (a Hugging Face checkpoint directory for transformers'
+    /// from_pretrained, LoRA merged, with tokenizer.json) or lora (the peft
+    /// adapter directory).
     Export {
         #[arg(long)]
         dir: PathBuf,
@@ -164,6 +167,8 @@ enum Command {
         version: u64,
         #[arg(long)]
         out: PathBuf,
+        #[arg(long, default_value = "safetensors")]
+        format: covey_server::export::Format,
     },
     /// Federated evaluation on a live run: idle clients evaluate the given
     /// versions on their own held-out data; prints example-weighted metrics.
@@ -779,11 +784,16 @@ fn main() -> Result<()> {
                 None => println!("interrupted; state is saved, `covey-server run` resumes"),
             }
         }
-        Command::Export { dir, version, out } => {
+        Command::Export {
+            dir,
+            version,
+            out,
+            format,
+        } => {
             let state = StateDir::new(&dir);
             let store = state.open_store()?;
             let model = store.model(ModelVersion(version))?;
-            covey_server::export::write_safetensors(&model, &out)?;
+            covey_server::export::export(&model, format, &state.assets()?, &out)?;
             // Plaintext leaves the store only on request, and on the record.
             store.audit([covey_server::audit::AuditEvent::ModelExported { version }])?;
             println!("wrote version {version} to {}", out.display());

@@ -348,6 +348,8 @@ impl Server {
             .map_err(|source| ServeError::Bind { addr, source })?;
 
         let assets = dir.assets()?;
+        // Checked before anything reads them.
+        let served = crate::assets::ServedAssets::for_spec(&settings.spec, &assets)?;
         let test_set = match config.evaluation.test_data.as_str() {
             "" => None,
             path => Some(Arc::new(TestSet::load(
@@ -437,7 +439,7 @@ impl Server {
             hello_timeout: Duration::from_secs(config.server.idle_timeout_secs),
             transfer_timeout: Duration::from_secs_f64(config.server.transfer_timeout_secs),
             admitted: admitted.clone(),
-            assets: crate::assets::ServedAssets::for_spec(&settings.spec, &assets)?,
+            assets: served,
         });
         let hub = Hub {
             machine,

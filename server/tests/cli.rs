@@ -423,3 +423,73 @@ fn privacy_epsilon_and_noise_match_published_values() {
         "invalid value 'moments'",
     );
 }
+
+#[test]
+fn init_builds_a_language_model_from_a_checkpoint_and_names_what_it_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = format!("{}/../client/tests/data/lm", env!("CARGO_MANIFEST_DIR"));
+    let tokenizer = format!("{data}/tokenizer/tokenizer.json");
+    let dir = tmp.path().join("state");
+    let init = |dir: &Path, model: &str, extra: &[&str]| {
+        let mut args = vec!["init", "--model", model];
+        args.extend_from_slice(extra);
+        server(&args, dir)
+    };
+    let out = ok(&init(
+        &dir,
+        &format!("hf:{data}/llama"),
+        &[
+            "--lora-rank",
+            "2",
+            "--context",
+            "16",
+            "--tokenizer",
+            &tokenizer,
+        ],
+    ));
+    assert!(out.contains("llama (2 layers, width 32"), "{out}");
+    assert!(out.contains("FFA-LoRA"), "{out}");
+    let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(config.contains("architecture = \"llama\""), "{config}");
+    assert!(config.contains("language = "), "{config}");
+    // The base and the tokenizer, by hash.
+    assert_eq!(std::fs::read_dir(dir.join("assets")).unwrap().count(), 2);
+    let out = ok(&server(&["status"], &dir));
+    assert!(out.contains("llama"), "{out}");
+
+    // A checkpoint missing a tensor is refused before any state exists.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::copy(
+        format!("{data}/gpt2/model.safetensors"),
+        broken.join("model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(format!("{data}/gpt2/config.json")).unwrap();
+    std::fs::write(
+        broken.join("config.json"),
+        config.replace("\"n_layer\": 2", "\"n_layer\": 3"),
+    )
+    .unwrap();
+    let fresh = tmp.path().join("fresh");
+    let out = init(
+        &fresh,
+        &format!("hf:{}", broken.display()),
+        &["--tokenizer", &tokenizer],
+    );
+    fails_with(&out, "tensor h.2.ln_1.weight is missing");
+    assert!(!fresh.join("config.toml").exists());
+    fails_with(
+        &init(
+            &fresh,
+            "gpt2-bytes",
+            &["--lora-rank", "0", "--context", "999"],
+        ),
+        "context",
+    );
+    fails_with(
+        &init(&fresh, "cnn", &["--lora-rank", "4"]),
+        "image classifier",
+    );
+    fails_with(&init(&fresh, "bert-base", &[]), "unknown model 'bert-base'");
+}

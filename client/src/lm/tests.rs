@@ -561,3 +561,33 @@ fn exported_checkpoints_read_back_the_same() {
         assert_eq!(flat, flat2, "{name}");
     }
 }
+
+#[test]
+fn merged_weights_compute_what_base_and_adapters_compute() {
+    for (name, s) in every_tuning() {
+        let Tuning::Lora { .. } = s.tuning else {
+            continue;
+        };
+        let (trainable, base, ids, _) = setup(&s);
+        let adapted = LanguageModel::new(&s, &trainable, base, &Device::Cpu).unwrap();
+        let mut flat = s.initial_base(5);
+        jitter(&mut flat, 4, 0.1);
+        let merged = super::weights::merge_lora(&s, flat, &trainable).unwrap();
+        let full = LanguageSpec {
+            tuning: Tuning::Full,
+            ..s.clone()
+        };
+        let merged = LanguageModel::new(&full, &merged, None, &Device::Cpu).unwrap();
+        let gap = (adapted.forward(&ids).unwrap() - merged.forward(&ids).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(gap < 1e-4, "{name}: merged logits differ by {gap}");
+    }
+}

@@ -104,6 +104,50 @@ impl TextTokenizer {
         }
     }
 
+    /// A tokenizer.json that Hugging Face's tokenizers (and transformers'
+    /// AutoTokenizer) load and that encodes text as this tokenizer does:
+    /// byte-level BPE with no merges for raw bytes, GPT-2's vocabulary and
+    /// merges recovered from its ranks, or a fetched file as it is.
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        let build = |vocab: Vec<(String, u32)>, merges, regex, eot: Option<&str>| {
+            let bpe = tokenizers::models::bpe::BPE::builder()
+                .vocab_and_merges(
+                    vocab
+                        .into_iter()
+                        .collect::<tokenizers::models::bpe::Vocab>(),
+                    merges,
+                )
+                .build()
+                .map_err(|e| TokenizerError::Builtin(e.to_string()))?;
+            let mut t = tokenizers::Tokenizer::new(bpe);
+            let level = tokenizers::pre_tokenizers::byte_level::ByteLevel::default()
+                .add_prefix_space(false)
+                .use_regex(regex);
+            t.with_pre_tokenizer(Some(level));
+            t.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+            if let Some(eot) = eot {
+                t.add_special_tokens([tokenizers::AddedToken::from(eot, true)])
+                    .map_err(|e| TokenizerError::Builtin(e.to_string()))?;
+            }
+            t.to_string(true)
+                .map_err(|e| TokenizerError::Builtin(e.to_string()))
+        };
+        match self {
+            Self::HuggingFace(t) => t
+                .to_string(true)
+                .map_err(|e| TokenizerError::Builtin(e.to_string())),
+            Self::Bytes => {
+                let chars = byte_chars();
+                let vocab = (0..=255u8).map(|b| (chars[b as usize].to_string(), u32::from(b)));
+                build(vocab.collect(), Vec::new(), false, None)
+            }
+            Self::Gpt2(bpe) => {
+                let (vocab, merges) = gpt2_vocab_and_merges(bpe)?;
+                build(vocab, merges, true, Some("<|endoftext|>"))
+            }
+        }
+    }
+
     /// What goes between two documents packed into one stream: the
     /// end-of-text token where the tokenizer has one, a blank line else.
     pub fn separator(&self) -> Result<Vec<u32>, TokenizerError> {
@@ -116,6 +160,77 @@ impl TextTokenizer {
             Self::Bytes => self.encode("\n\n"),
         }
     }
+}
+
+/// GPT-2's map from bytes to printable characters, under which byte-level
+/// BPE vocabularies are written: printable Latin-1 bytes stand for
+/// themselves, the rest for U+0100 onwards in byte order.
+fn byte_chars() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256;
+    (0..=255u32)
+        .map(|b| {
+            let code = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            char::from_u32(code).unwrap_or('?')
+        })
+        .collect()
+}
+
+/// GPT-2's vocabulary and merges, recovered from r50k_base's ranks: a
+/// token's merge is the last step of running BPE on its bytes with only
+/// the merges ranked below it.
+fn gpt2_vocab_and_merges(
+    bpe: &tiktoken_rs::CoreBPE,
+) -> Result<(Vec<(String, u32)>, tokenizers::models::bpe::Merges), TokenizerError> {
+    let chars = byte_chars();
+    let show = |bytes: &[u8]| bytes.iter().map(|&b| chars[b as usize]).collect::<String>();
+    let mut tokens = Vec::with_capacity(50_256);
+    let mut ranks = std::collections::HashMap::with_capacity(50_256);
+    for rank in 0..50_256u32 {
+        let bytes = bpe
+            .decode_bytes(&[rank])
+            .map_err(|e| TokenizerError::Builtin(format!("rank {rank}: {e:?}")))?;
+        ranks.insert(bytes.clone(), rank);
+        tokens.push(bytes);
+    }
+    let mut merges = Vec::new();
+    for (rank, bytes) in tokens.iter().enumerate() {
+        if bytes.len() < 2 {
+            continue;
+        }
+        let mut parts: Vec<Vec<u8>> = bytes.iter().map(|&b| vec![b]).collect();
+        while parts.len() > 2 {
+            let best = (0..parts.len() - 1)
+                .filter_map(|i| {
+                    let joined = [parts[i].as_slice(), parts[i + 1].as_slice()].concat();
+                    ranks
+                        .get(&joined)
+                        .filter(|&&r| (r as usize) < rank)
+                        .map(|&r| (r, i))
+                })
+                .min();
+            let Some((_, i)) = best else {
+                return Err(TokenizerError::Builtin(format!(
+                    "token {rank} has no merge path"
+                )));
+            };
+            let right = parts.remove(i + 1);
+            parts[i].extend(right);
+        }
+        merges.push((show(&parts[0]), show(&parts[1])));
+    }
+    let vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(rank, bytes)| (show(bytes), rank as u32))
+        .collect();
+    Ok((vocab, merges))
 }
 
 #[cfg(test)]
@@ -135,6 +250,35 @@ mod tests {
         assert_eq!(gpt2.decode(&[15496, 995]), "Hello world");
         assert_eq!(gpt2.separator().unwrap(), vec![50_256]);
         assert_eq!(gpt2.vocab_size(), 50_257);
+    }
+
+    #[test]
+    fn exported_tokenizer_json_encodes_as_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let samples = [
+            "Hello world, it's 2026!",
+            "  naïve café ☃\n\tdone  ",
+            "<|endoftext|> is special",
+        ];
+        for original in [TextTokenizer::Bytes, TextTokenizer::gpt2().unwrap()] {
+            let path = dir.path().join("tokenizer.json");
+            std::fs::write(&path, original.to_json().unwrap()).unwrap();
+            let reloaded = TextTokenizer::from_file(&path).unwrap();
+            for text in samples {
+                let ids = original.encode(text).unwrap();
+                if matches!(original, TextTokenizer::Gpt2(_)) && text.contains("<|endoftext|>") {
+                    // The file knows the end-of-text token as special.
+                    assert_eq!(reloaded.encode(text).unwrap()[0], 50_256);
+                    continue;
+                }
+                assert_eq!(
+                    reloaded.encode(text).unwrap(),
+                    ids,
+                    "{original:?}: {text:?}"
+                );
+                assert_eq!(reloaded.decode(&ids), text);
+            }
+        }
     }
 
     #[test]

@@ -163,18 +163,40 @@ pub fn load_base(
     device: &Device,
     dtype: DType,
 ) -> Result<BaseTensors, TrainError> {
+    let flat = base_flat(spec, assets)?;
+    Ok(BaseTensors::from_flat(spec, &flat, device, dtype)?)
+}
+
+/// A LoRA spec's frozen base, flat in the family's tensor order.
+pub fn base_flat(spec: &LanguageSpec, assets: Option<&AssetCache>) -> Result<Vec<f32>, TrainError> {
     let Tuning::Lora { base, .. } = &spec.tuning else {
         return Err(TrainError::Lm(super::LmError::NoBase));
     };
-    let flat = match base {
+    Ok(match base {
         BaseWeights::Seeded(seed) => spec.initial_base(*seed),
         BaseWeights::Asset(a) => {
             let cache = assets.ok_or(TrainError::NoAssetCache)?;
             let path = cache.require(a)?;
             checkpoint::read_tensors(&[path], &spec.arch)?
         }
-    };
-    Ok(BaseTensors::from_flat(spec, &flat, device, dtype)?)
+    })
+}
+
+/// Every parameter of the model, flat in the family's order: the trainable
+/// vector itself under full fine-tuning; under LoRA the base with each
+/// adapter's scale · B·A added into the projection it adapts.
+pub fn merged_weights(
+    spec: &LanguageSpec,
+    trainable: &[f32],
+    assets: Option<&AssetCache>,
+) -> Result<Vec<f32>, TrainError> {
+    match &spec.tuning {
+        Tuning::Full => Ok(trainable.to_vec()),
+        Tuning::Lora { .. } => {
+            let base = base_flat(spec, assets)?;
+            Ok(super::weights::merge_lora(spec, base, trainable)?)
+        }
+    }
 }
 
 /// Loss, perplexity's log, and next-token accuracy of `model` on `seqs`.

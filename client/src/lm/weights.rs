@@ -208,3 +208,69 @@ impl Weights {
         Ok(y)
     }
 }
+
+/// `base` with every adapter of the trainable vector merged in: the
+/// projection W (stored as the family stores it) gains scale · B·A.
+pub fn merge_lora(
+    spec: &LanguageSpec,
+    mut base: Vec<f32>,
+    trainable: &[f32],
+) -> Result<Vec<f32>, LmError> {
+    let Tuning::Lora { lora, .. } = &spec.tuning else {
+        return Ok(base);
+    };
+    let family = spec.arch.family();
+    let expected: usize = spec.trainable_tensors().iter().map(|t| t.len()).sum();
+    if trainable.len() != expected {
+        return Err(LmError::WeightCount {
+            what: "trainable vector",
+            expected,
+            got: trainable.len(),
+        });
+    }
+    let mut offsets = HashMap::new();
+    let mut at = 0;
+    for t in family.tensors() {
+        offsets.insert(t.name.clone(), at);
+        at += t.len();
+    }
+    if base.len() != at {
+        return Err(LmError::WeightCount {
+            what: "base model",
+            expected: at,
+            got: base.len(),
+        });
+    }
+    let r = lora.rank as usize;
+    let scale = lora.scale();
+    let layout = family.weight_layout();
+    let mut cursor = 0;
+    for (i, m) in spec.lora_modules()?.iter().enumerate() {
+        let a = match lora.variant {
+            LoraVariant::FrozenA => lora.a_factor(i, m),
+            LoraVariant::Plain => {
+                let a = trainable[cursor..cursor + r * m.inputs].to_vec();
+                cursor += r * m.inputs;
+                a
+            }
+        };
+        let b = &trainable[cursor..cursor + m.outputs * r];
+        cursor += m.outputs * r;
+        let name = format!("{}.weight", m.path);
+        let start = *offsets
+            .get(&name)
+            .ok_or_else(|| LmError::MissingTensor(name.clone()))?;
+        let w = &mut base[start..start + m.inputs * m.outputs];
+        for o in 0..m.outputs {
+            for j in 0..m.inputs {
+                let delta: f32 = (0..r).map(|k| b[o * r + k] * a[k * m.inputs + j]).sum();
+                let at = match layout {
+                    covey_protocol::model::WeightLayout::OutIn => o * m.inputs + j,
+                    covey_protocol::model::WeightLayout::InOut => j * m.outputs + o,
+                };
+                w[at] += scale * delta;
+            }
+        }
+    }
+    Ok(base)
+}

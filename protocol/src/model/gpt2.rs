@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ModelError, Projection, TensorSpec,
+    ModelError, Projection, TensorSpec, WeightLayout,
     language::{Family, Init, MAX_DIM, MAX_LAYERS, dimension, positive},
 };
 
@@ -143,6 +143,10 @@ impl Family for Gpt2Config {
 
     fn default_lora_targets(&self) -> &'static [&'static str] {
         &["c_attn", "attn.c_proj"]
+    }
+
+    fn weight_layout(&self) -> WeightLayout {
+        WeightLayout::InOut
     }
 
     fn init(&self, t: &TensorSpec) -> Init {

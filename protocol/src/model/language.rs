@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use super::{Gpt2Config, LlamaConfig, LoraSpec, ModelError, Projection, TensorSpec};
+use super::{Gpt2Config, LlamaConfig, LoraSpec, ModelError, Projection, TensorSpec, WeightLayout};
 
 /// Largest size of any one dimension a spec may name: far above any real
 /// model's, and low enough that no product of a few of them overflows.
@@ -37,6 +37,8 @@ pub trait Family {
     fn projections(&self) -> Vec<Projection>;
     /// The attention projections, LoRA's default targets.
     fn default_lora_targets(&self) -> &'static [&'static str];
+    /// How the projections' weights are stored.
+    fn weight_layout(&self) -> WeightLayout;
     /// How a model trained from scratch draws tensor `t` at version 0.
     fn init(&self, t: &TensorSpec) -> Init;
 }

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ModelError, Projection, TensorSpec,
+    ModelError, Projection, TensorSpec, WeightLayout,
     language::{Family, Init, MAX_DIM, MAX_LAYERS, dimension, positive},
 };
 
@@ -237,6 +237,10 @@ impl Family for LlamaConfig {
 
     fn default_lora_targets(&self) -> &'static [&'static str] {
         &["q_proj", "k_proj", "v_proj", "o_proj"]
+    }
+
+    fn weight_layout(&self) -> WeightLayout {
+        WeightLayout::OutIn
     }
 
     fn init(&self, t: &TensorSpec) -> Init {

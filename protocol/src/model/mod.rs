@@ -48,6 +48,15 @@ impl TensorSpec {
     }
 }
 
+/// How a projection's weight matrix is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WeightLayout {
+    /// [out, in]: torch.nn.Linear (LLaMA's projections, the classifiers).
+    OutIn,
+    /// [in, out]: GPT-2's Conv1D.
+    InOut,
+}
+
 /// A model spec that cannot be built, with the field at fault.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {problem}")]

@@ -79,6 +79,9 @@ struct Args {
     /// Local batch size (B).
     #[arg(long, default_value_t = 10)]
     batch: u32,
+    /// The devices' optimizer: sgd, adam, or adamw:DECAY.
+    #[arg(long, default_value = "sgd")]
+    local_optimizer: String,
     /// Local learning rate (eta).
     #[arg(long, default_value_t = 0.1)]
     lr: f32,
@@ -308,6 +311,7 @@ fn main() -> Result<()> {
     check.compliance.min_cohort = args.min_cohort;
     check.aggregation.aggregator = args.aggregator.clone();
     set_mode(&mut check, &args);
+    check.training.local_optimizer = args.local_optimizer.clone();
     check.settings()?;
     if !(0.0..1.0).contains(&args.dropout) {
         bail!("--dropout is a probability in [0, 1), got {}", args.dropout);
@@ -418,6 +422,7 @@ async fn simulate(args: Args) -> Result<()> {
     config.training.epochs = args.epochs;
     config.training.batch_size = args.batch;
     config.training.learning_rate = args.lr;
+    config.training.local_optimizer = args.local_optimizer.clone();
     config.training.update_encoding = args.update_encoding.to_string();
     config.aggregation.optimizer = args.server_opt.clone();
     config.aggregation.aggregator = args.aggregator.clone();
