@@ -73,18 +73,19 @@ struct Args {
     /// Fraction of clients per round (C); at least one client is selected.
     #[arg(long, default_value_t = 1.0)]
     fraction: f64,
-    /// Local epochs (E).
-    #[arg(long, default_value_t = 5)]
-    epochs: u32,
-    /// Local batch size (B).
-    #[arg(long, default_value_t = 10)]
-    batch: u32,
-    /// The devices' optimizer: sgd, adam, or adamw:DECAY.
-    #[arg(long, default_value = "sgd")]
-    local_optimizer: String,
-    /// Local learning rate (eta).
-    #[arg(long, default_value_t = 0.1)]
-    lr: f32,
+    /// Local epochs (E); default 5 for a classifier, 3 for a language model.
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Local batch size (B); default 10 images or 8 sequences.
+    #[arg(long)]
+    batch: Option<u32>,
+    /// The devices' optimizer: sgd, adam, or adamw:DECAY; default sgd for a
+    /// classifier (McMahan et al.), adam for a language model.
+    #[arg(long)]
+    local_optimizer: Option<String>,
+    /// Local learning rate (eta); default 0.1 with SGD, 0.002 with Adam.
+    #[arg(long)]
+    lr: Option<f32>,
     /// fedavg, fedavgm, fedadam or fedyogi.
     #[arg(long, default_value = "fedavg")]
     server_opt: String,
@@ -226,6 +227,36 @@ fn quorum(args: &Args) -> usize {
     wanted.max(args.min_cohort)
 }
 
+/// Local training settings: the flags, or the defaults of the model's kind.
+struct Local {
+    epochs: u32,
+    batch: u32,
+    lr: f32,
+    optimizer: String,
+}
+
+impl Local {
+    fn for_args(args: &Args) -> Self {
+        // Classifiers default to McMahan et al.'s FedAvg; transformers train
+        // poorly with plain SGD, and default to Adam.
+        let language = args
+            .model
+            .parse::<covey_protocol::model::Architecture>()
+            .is_err();
+        let optimizer = args
+            .local_optimizer
+            .clone()
+            .unwrap_or_else(|| if language { "adam" } else { "sgd" }.to_owned());
+        let adam = optimizer.starts_with("adam");
+        Self {
+            epochs: args.epochs.unwrap_or(if language { 3 } else { 5 }),
+            batch: args.batch.unwrap_or(if language { 8 } else { 10 }),
+            lr: args.lr.unwrap_or(if adam { 0.002 } else { 0.1 }),
+            optimizer,
+        }
+    }
+}
+
 /// Language-model flags, as `covey-server init` takes them.
 #[derive(clap::Args, Debug)]
 struct LanguageArgs {
@@ -311,7 +342,8 @@ fn main() -> Result<()> {
     check.compliance.min_cohort = args.min_cohort;
     check.aggregation.aggregator = args.aggregator.clone();
     set_mode(&mut check, &args);
-    check.training.local_optimizer = args.local_optimizer.clone();
+    let local = Local::for_args(&args);
+    check.training.local_optimizer = local.optimizer.clone();
     check.settings()?;
     if !(0.0..1.0).contains(&args.dropout) {
         bail!("--dropout is a probability in [0, 1), got {}", args.dropout);
@@ -419,10 +451,11 @@ async fn simulate(args: Args) -> Result<()> {
     config.rounds.quorum = quorum(&args);
     config.rounds.selection_seed = args.seed;
     config.rounds.round_timeout_secs = 3600.0;
-    config.training.epochs = args.epochs;
-    config.training.batch_size = args.batch;
-    config.training.learning_rate = args.lr;
-    config.training.local_optimizer = args.local_optimizer.clone();
+    let local = Local::for_args(&args);
+    config.training.epochs = local.epochs;
+    config.training.batch_size = local.batch;
+    config.training.learning_rate = local.lr;
+    config.training.local_optimizer = local.optimizer.clone();
     config.training.update_encoding = args.update_encoding.to_string();
     config.aggregation.optimizer = args.server_opt.clone();
     config.aggregation.aggregator = args.aggregator.clone();
@@ -486,9 +519,9 @@ async fn simulate(args: Args) -> Result<()> {
             args.clients,
             per_round,
             population.describe,
-            args.epochs,
-            args.batch,
-            args.lr,
+            local.epochs,
+            local.batch,
+            local.lr,
             args.server_opt,
             args.update_encoding,
             args.rounds
