@@ -7,6 +7,7 @@ pub mod data;
 mod dense;
 pub mod fetch;
 pub mod lm;
+pub mod memory;
 mod optim;
 pub mod partition;
 pub mod session;

@@ -198,6 +198,7 @@ fn local_trainer(
 }
 
 fn main() -> Result<()> {
+    covey_client::memory::keep_freed_memory();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("COVEY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,quinn_proto=warn"));

@@ -62,6 +62,7 @@ fn peak_rss() -> Option<u64> {
 }
 
 fn main() -> Result<()> {
+    covey_client::memory::keep_freed_memory();
     let args = Args::parse();
     let device = select_device(&args.device).context("--device")?;
     let (arch, tokenizer) = lm::builtin(&args.model)

@@ -47,6 +47,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    covey_client::memory::keep_freed_memory();
     let args = Args::parse();
     let arch = match args.model.as_str() {
         "cnn" => Architecture::Cnn,

@@ -301,6 +301,7 @@ impl LanguageArgs {
 }
 
 fn main() -> Result<()> {
+    covey_client::memory::keep_freed_memory();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("COVEY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
