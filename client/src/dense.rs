@@ -10,23 +10,51 @@ use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, backend::BackendStorage,
 };
 
-use crate::conv::contiguous_f32;
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use crate::{
+    conv::contiguous_f32,
+    lm::ops::{gelu, gelu_grad},
+};
 
 pub use covey_protocol::model::WeightLayout;
 
-/// `y = x · W (+ b)` for x [B, in], then ReLU when `relu` is set.
-#[derive(Clone, Copy, Debug)]
+/// What follows the product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    Relu,
+    /// GPT-2's tanh-GELU.
+    GeluTanh,
+}
+
+/// `y = act(x · W (+ b))` for x [B, in].
+#[derive(Clone, Debug)]
 struct Dense {
-    relu: bool,
+    activation: Activation,
     layout: WeightLayout,
+    /// GELU's input, kept from the forward pass for the backward one (its
+    /// output alone does not give its slope).
+    pre_activation: Arc<Mutex<Vec<f32>>>,
 }
 
 impl Dense {
+    fn new(activation: Activation, layout: WeightLayout) -> Self {
+        Self {
+            activation,
+            layout,
+            pre_activation: Arc::default(),
+        }
+    }
+
     fn name(&self) -> &'static str {
-        match (self.relu, self.layout) {
-            (true, _) => "covey-dense-relu",
-            (false, WeightLayout::OutIn) => "covey-dense",
-            (false, WeightLayout::InOut) => "covey-dense-in-out",
+        match (self.activation, self.layout) {
+            (Activation::Relu, _) => "covey-dense-relu",
+            (Activation::GeluTanh, _) => "covey-dense-gelu",
+            (Activation::None, WeightLayout::OutIn) => "covey-dense",
+            (Activation::None, WeightLayout::InOut) => "covey-dense-in-out",
         }
     }
 
@@ -57,18 +85,29 @@ impl Dense {
         let CpuStorage::F32(mut y) = y else {
             candle_core::bail!("{} needs f32", self.name());
         };
-        if bias.is_some() || self.relu {
-            for row in y.chunks_exact_mut(outputs.max(1)) {
-                if let Some(bias) = bias {
+        if let Some(bias) = bias {
+            y.par_chunks_mut(outputs.max(1) * 16).for_each(|rows| {
+                for row in rows.chunks_exact_mut(outputs.max(1)) {
                     for (v, b) in row.iter_mut().zip(bias) {
                         *v += b;
                     }
                 }
-                if self.relu {
-                    for v in row.iter_mut() {
-                        *v = v.max(0.0);
-                    }
-                }
+            });
+        }
+        match self.activation {
+            Activation::None => {}
+            Activation::Relu => y.par_chunks_mut(1 << 14).for_each(|c| {
+                c.iter_mut().for_each(|v| *v = v.max(0.0));
+            }),
+            Activation::GeluTanh => {
+                let mut kept = self.pre_activation.lock().map_err(|_| {
+                    candle_core::Error::Msg(format!("{}: state poisoned", self.name()))
+                })?;
+                kept.clear();
+                kept.extend_from_slice(&y);
+                y.par_chunks_mut(1 << 14).for_each(|c| {
+                    c.iter_mut().for_each(|v| *v = gelu(*v));
+                });
             }
         }
         Ok((CpuStorage::F32(y), Shape::from((batch, outputs))))
@@ -84,11 +123,28 @@ impl Dense {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = if self.relu {
+        let grad = match self.activation {
+            Activation::None => grad.clone(),
             // ReLU passes the gradient where its output is positive.
-            (grad * res.gt(0f32)?.to_dtype(DType::F32)?)?
-        } else {
-            grad.clone()
+            Activation::Relu => (grad * res.gt(0f32)?.to_dtype(DType::F32)?)?,
+            Activation::GeluTanh => {
+                let pre = self.pre_activation.lock().map_err(|_| {
+                    candle_core::Error::Msg(format!("{}: state poisoned", self.name()))
+                })?;
+                let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                if pre.len() != g.len() {
+                    candle_core::bail!("{}: the forward pass's input is gone", self.name());
+                }
+                let mut out = vec![0f32; g.len()];
+                out.par_chunks_mut(1 << 14)
+                    .zip(g.par_chunks(1 << 14).zip(pre.par_chunks(1 << 14)))
+                    .for_each(|(o, (g, p))| {
+                        for ((o, g), p) in o.iter_mut().zip(g).zip(p) {
+                            *o = g * gelu_grad(*p);
+                        }
+                    });
+                Tensor::from_vec(out, grad.shape(), grad.device())?
+            }
         };
         let grad_x = x
             .track_op()
@@ -143,7 +199,7 @@ impl CustomOp3 for Dense {
 }
 
 /// [`Dense`] without a bias.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Unbiased(Dense);
 
 impl CustomOp2 for Unbiased {
@@ -176,17 +232,22 @@ impl CustomOp2 for Unbiased {
 /// `x · Wᵀ + b` for x [B, in], W [out, in] and b [out], followed by ReLU when
 /// `relu` is set; one autograd node.
 pub fn dense_cpu(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Tensor> {
-    linear_cpu(x, weight, Some(bias), WeightLayout::OutIn, relu)
+    let activation = if relu {
+        Activation::Relu
+    } else {
+        Activation::None
+    };
+    linear_cpu(x, weight, Some(bias), WeightLayout::OutIn, activation)
 }
 
-/// `x · W (+ b)` for x [B, in] and W stored as `layout` says, then ReLU
-/// when `relu` is set; one autograd node, on the CPU.
+/// `act(x · W (+ b))` for x [B, in] and W stored as `layout` says; one
+/// autograd node, on the CPU.
 pub fn linear_cpu(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     layout: WeightLayout,
-    relu: bool,
+    activation: Activation,
 ) -> Result<Tensor> {
     let (_, inputs) = x.dims2()?;
     let (w_inputs, outputs) = match (layout, weight.dims2()?) {
@@ -200,7 +261,7 @@ pub fn linear_cpu(
             bias.map(|b| b.dims().to_vec())
         );
     }
-    let op = Dense { relu, layout };
+    let op = Dense::new(activation, layout);
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
     match bias {
@@ -269,7 +330,7 @@ mod tests {
         for (weight, layout) in [(&w, WeightLayout::InOut), (&wt, WeightLayout::OutIn)] {
             for with_bias in [false, true] {
                 let b = with_bias.then_some(bias.as_tensor());
-                let ours = linear_cpu(&x, weight, b, layout, false).unwrap();
+                let ours = linear_cpu(&x, weight, b, layout, Activation::None).unwrap();
                 let mut reference = x.matmul(w.as_tensor()).unwrap();
                 if with_bias {
                     reference = reference.broadcast_add(&bias).unwrap();
@@ -295,10 +356,33 @@ mod tests {
         // A frozen weight gets no gradient, and costs no product.
         let frozen = random(&[12, 7], 5);
         let g = pullback(
-            &linear_cpu(&x, &frozen, None, WeightLayout::InOut, false).unwrap(),
+            &linear_cpu(&x, &frozen, None, WeightLayout::InOut, Activation::None).unwrap(),
             &upstream,
         );
         assert!(g.get(&frozen).is_none() && g.get(&x).is_some());
+    }
+
+    #[test]
+    fn gelu_after_the_product_matches_the_separate_ops() {
+        let x = Var::from_tensor(&random(&[9, 12], 1)).unwrap();
+        let w = Var::from_tensor(&random(&[12, 30], 2)).unwrap();
+        let bias = Var::from_tensor(&random(&[30], 3)).unwrap();
+        let upstream = random(&[9, 30], 4);
+        let ours = linear_cpu(
+            &x,
+            &w,
+            Some(&bias),
+            WeightLayout::InOut,
+            Activation::GeluTanh,
+        )
+        .unwrap();
+        let plain = linear_cpu(&x, &w, Some(&bias), WeightLayout::InOut, Activation::None).unwrap();
+        let reference = crate::lm::ops::gelu_tanh_portable(&plain).unwrap();
+        assert!(max_gap(&reference, &ours) < 1e-5);
+        let (g, r) = (pullback(&ours, &upstream), pullback(&reference, &upstream));
+        for v in [&x, &w, &bias] {
+            assert!(max_gap(g.get(v).unwrap(), r.get(v).unwrap()) < 1e-4);
+        }
     }
 
     #[test]

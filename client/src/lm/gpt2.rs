@@ -5,7 +5,7 @@ use covey_protocol::model::Gpt2Config;
 
 use super::{
     LmError,
-    ops::{causal_attention_packed, gelu_tanh, layer_norm},
+    ops::{causal_attention_packed, layer_norm},
     weights::{Orientation::InOut, Weights},
 };
 
@@ -31,16 +31,14 @@ pub fn forward(c: &Gpt2Config, w: &Weights, ids: &Tensor) -> Result<Tensor, LmEr
     };
     for i in 0..c.n_layer {
         let h = norm(&x, &format!("h.{i}.ln_1"))?;
-        let qkv = w
-            .linear(&h, &format!("h.{i}.attn.c_attn"), InOut)?
-            .reshape((b, t, 3 * width))?;
-        let attended = causal_attention_packed(&qkv, c.n_head)?.reshape((b * t, width))?;
+        let qkv = w.linear(&h, &format!("h.{i}.attn.c_attn"), InOut)?;
+        let attended = causal_attention_packed(&qkv, c.n_head, t)?;
         x = (x + w.linear(&attended, &format!("h.{i}.attn.c_proj"), InOut)?)?;
         let h = norm(&x, &format!("h.{i}.ln_2"))?;
-        let inner = gelu_tanh(&w.linear(&h, &format!("h.{i}.mlp.c_fc"), InOut)?)?;
+        let inner = w.linear_gelu(&h, &format!("h.{i}.mlp.c_fc"), InOut)?;
         x = (x + w.linear(&inner, &format!("h.{i}.mlp.c_proj"), InOut)?)?;
     }
     let h = norm(&x, "ln_f")?;
-    // The LM head is the token embedding, transposed.
-    Ok(h.matmul(&wte.t()?)?)
+    // The LM head is the token embedding.
+    w.head(&h, &wte)
 }

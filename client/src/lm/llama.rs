@@ -19,7 +19,7 @@ pub fn forward(
     rotary: &Arc<Rotary>,
     ids: &Tensor,
 ) -> Result<Tensor, LmError> {
-    let (b, t) = ids.dims2()?;
+    let (_, t) = ids.dims2()?;
     let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
     let eps = c.rms_norm_eps;
     let embed = w.get("model.embed_tokens.weight")?;
@@ -30,16 +30,11 @@ pub fn forward(
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let h = norm(&x, &format!("{p}.input_layernorm"))?;
-        let project = |name: &str| -> Result<Tensor, LmError> {
-            let y = w.linear(&h, &format!("{p}.self_attn.{name}"), OutIn)?;
-            let width = y.dim(1)?;
-            Ok(y.reshape((b, t, width))?)
-        };
-        let q = rope(&project("q_proj")?, rotary, heads)?;
-        let k = rope(&project("k_proj")?, rotary, kv_heads)?;
+        let project = |name: &str| w.linear(&h, &format!("{p}.self_attn.{name}"), OutIn);
+        let q = rope(&project("q_proj")?, rotary, heads, t)?;
+        let k = rope(&project("k_proj")?, rotary, kv_heads, t)?;
         let v = project("v_proj")?;
-        let attended = causal_attention(&q, &k, &v, heads, kv_heads)?;
-        let attended = attended.reshape((b * t, heads * c.head_dim))?;
+        let attended = causal_attention(&q, &k, &v, heads, kv_heads, t)?;
         x = (x + w.linear(&attended, &format!("{p}.self_attn.o_proj"), OutIn)?)?;
         let h = norm(&x, &format!("{p}.post_attention_layernorm"))?;
         let gate = w.linear(&h, &format!("{p}.mlp.gate_proj"), OutIn)?;
@@ -52,5 +47,5 @@ pub fn forward(
     } else {
         w.get("lm_head.weight")?
     };
-    Ok(h.matmul(&head.t()?)?)
+    w.head(&h, &head)
 }

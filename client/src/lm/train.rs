@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{
     BaseTensors, LanguageModel, checkpoint,
-    ops::{TokenLoss, cross_entropy, token_losses},
+    ops::{TokenLoss, cross_entropy_counted, token_losses},
     tokenizer::TextTokenizer,
 };
 
@@ -299,10 +299,9 @@ impl TextTrainer {
                 let ids = Tensor::from_vec(inputs, (chunk.len(), seqs.context), &device)?;
                 let logits = model.forward(&ids)?;
                 let target = Tensor::from_slice(&targets, targets.len(), &device)?;
-                let loss = cross_entropy(&logits, &target)?;
+                let (loss, t) = cross_entropy_counted(&logits, &target)?;
                 sgd.backward_step(&loss)?;
                 if final_epoch {
-                    let t = token_losses(&logits, &targets)?;
                     if !t.nll.is_finite() {
                         return Err(TrainError::Diverged);
                     }

@@ -72,7 +72,7 @@ pub struct Weights {
 }
 
 pub use crate::dense::WeightLayout as Orientation;
-use crate::dense::linear_cpu;
+use crate::dense::{Activation, linear_cpu};
 
 impl Weights {
     /// Builds the parameters from the trainable vector, and for LoRA from
@@ -173,6 +173,51 @@ impl Weights {
         self.get(name).ok()
     }
 
+    /// Logits [N, V] of hidden states h [N, C] against an LM head stored
+    /// [V, C] (a tied token embedding or lm_head). On the CPU one node, with
+    /// no gradient for a frozen head: candle's matmul computes both
+    /// gradients, which for GPT-2's frozen 50257 × 768 embedding under LoRA
+    /// is a third of a step.
+    pub fn head(&self, h: &Tensor, head: &Tensor) -> Result<Tensor, LmError> {
+        if h.device().is_cpu() {
+            Ok(linear_cpu(
+                h,
+                head,
+                None,
+                Orientation::OutIn,
+                Activation::None,
+            )?)
+        } else {
+            Ok(h.matmul(&head.t()?)?)
+        }
+    }
+
+    /// GELU(projection `path` of x): one node on the CPU when no adapter
+    /// adds to the projection first.
+    pub fn linear_gelu(
+        &self,
+        x: &Tensor,
+        path: &str,
+        orientation: Orientation,
+    ) -> Result<Tensor, LmError> {
+        if x.device().is_cpu() && !self.adapters.contains_key(path) {
+            let w = self.get(&format!("{path}.weight"))?;
+            let b = self.find(&format!("{path}.bias"));
+            return Ok(linear_cpu(
+                x,
+                &w,
+                b.as_ref(),
+                orientation,
+                Activation::GeluTanh,
+            )?);
+        }
+        Ok(super::ops::gelu_tanh(&self.linear(
+            x,
+            path,
+            orientation,
+        )?)?)
+    }
+
     /// The projection `path` applied to x [N, in]: its weight, its bias if
     /// it has one, and its adapter if LoRA targets it.
     pub fn linear(
@@ -185,7 +230,7 @@ impl Weights {
         let b = self.find(&format!("{path}.bias"));
         let mut y = if x.device().is_cpu() {
             // One node for product and bias, with no gradient for a frozen W.
-            linear_cpu(x, &w, b.as_ref(), orientation, false)?
+            linear_cpu(x, &w, b.as_ref(), orientation, Activation::None)?
         } else {
             let y = match orientation {
                 Orientation::InOut => x.matmul(&w)?,
@@ -198,8 +243,8 @@ impl Weights {
         };
         if let Some(ad) = self.adapters.get(path) {
             let up = if x.device().is_cpu() {
-                let low = linear_cpu(x, &ad.a, None, Orientation::OutIn, false)?;
-                linear_cpu(&low, &ad.b, None, Orientation::OutIn, false)?
+                let low = linear_cpu(x, &ad.a, None, Orientation::OutIn, Activation::None)?;
+                linear_cpu(&low, &ad.b, None, Orientation::OutIn, Activation::None)?
             } else {
                 x.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?
             };

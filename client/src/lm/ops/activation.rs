@@ -15,12 +15,12 @@ const GELU_K: f32 = 0.797_884_6;
 const CHUNK: usize = 1 << 14;
 
 #[inline(always)]
-fn gelu(x: f32) -> f32 {
+pub(crate) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + tanh(GELU_K * (x + 0.044_715 * x * x * x)))
 }
 
 #[inline(always)]
-fn gelu_grad(x: f32) -> f32 {
+pub(crate) fn gelu_grad(x: f32) -> f32 {
     let t = tanh(GELU_K * (x + 0.044_715 * x * x * x));
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * 0.044_715 * x * x)
 }

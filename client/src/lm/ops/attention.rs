@@ -15,29 +15,33 @@ use rayon::prelude::*;
 
 use super::{math::exp, par_rows};
 
-/// Self-attention of q [B, T, H·D] over k and v [B, T, Hkv·D], each query
-/// seeing only positions up to its own; returns [B, T, H·D]. The inputs may
-/// be views into a fused q/k/v projection.
+/// Self-attention of q [B·T, H·D] over k and v [B·T, Hkv·D], rows in
+/// sequences of `seq_len` tokens, each query seeing only positions up to
+/// its own; returns [B·T, H·D]. The inputs may be views into a fused q/k/v
+/// projection.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     kv_heads: usize,
+    seq_len: usize,
 ) -> Result<Tensor> {
-    let (b, t, width) = q.dims3()?;
+    let (n, width) = q.dims2()?;
     if heads == 0
         || kv_heads == 0
+        || seq_len == 0
+        || !n.is_multiple_of(seq_len)
         || !width.is_multiple_of(heads)
         || !heads.is_multiple_of(kv_heads)
     {
         candle_core::bail!(
-            "attention: {heads} heads and {kv_heads} key/value heads over width {width}"
+            "attention: {heads} heads and {kv_heads} key/value heads over width {width}, {n} rows in sequences of {seq_len}"
         );
     }
     let d = width / heads;
     for (name, x) in [("k", k), ("v", v)] {
-        if x.dims() != [b, t, kv_heads * d] {
+        if x.dims() != [n, kv_heads * d] {
             candle_core::bail!("attention: q {:?} against {name} {:?}", q.dims(), x.dims());
         }
     }
@@ -46,6 +50,7 @@ pub fn causal_attention(
         kv_heads,
         head_dim: d,
         scale: 1.0 / (d as f32).sqrt(),
+        seq_len,
     };
     if q.device().is_cpu() {
         q.apply_op3(k, v, op)
@@ -60,6 +65,8 @@ struct Attention {
     kv_heads: usize,
     head_dim: usize,
     scale: f32,
+    /// Rows per sequence.
+    seq_len: usize,
 }
 
 /// Stored [H, rows, cols], read as it is.
@@ -85,7 +92,8 @@ fn f32_ref(s: &CpuStorage) -> Result<&[f32]> {
 
 impl Attention {
     pub(crate) fn portable(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = q.dims3()?;
+        let t = self.seq_len;
+        let b = q.dim(0)? / t;
         let (h, d) = (self.heads, self.head_dim);
         let split = |x: &Tensor, n: usize| -> Result<Tensor> {
             let x = x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?;
@@ -120,7 +128,25 @@ impl Attention {
         let shifted = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?.detach())?;
         let e = shifted.exp()?;
         let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))
+        p.matmul(&v)?.transpose(1, 2)?.reshape((b * t, h * d))
+    }
+
+    /// A [B·T, W] layout (any row stride, unit column stride) seen as
+    /// [B, T, W].
+    fn sequences(&self, l: &Layout) -> Result<Layout> {
+        let (n, w) = l.shape().dims2()?;
+        let [row, col] = *l.stride() else {
+            candle_core::bail!("attention needs 2-d inputs");
+        };
+        if col != 1 {
+            candle_core::bail!("attention needs inputs whose rows are contiguous");
+        }
+        let t = self.seq_len;
+        Ok(Layout::new(
+            (n / t, t, w).into(),
+            vec![t * row, row, 1],
+            l.start_offset(),
+        ))
     }
 
     /// Gathers sequence `b` of a [B, T, n·D] input (any strides with a
@@ -204,13 +230,14 @@ impl Attention {
         }
     }
 
-    fn storage(x: &Tensor) -> Result<(Tensor, Layout)> {
-        let x = if x.stride()[2] == 1 {
+    /// The tensor (made row-contiguous if it is not) and its [B, T, W] view.
+    fn storage(&self, x: &Tensor) -> Result<(Tensor, Layout)> {
+        let x = if x.stride()[1] == 1 {
             x.clone()
         } else {
             x.contiguous()?
         };
-        let layout = x.layout().clone();
+        let layout = self.sequences(x.layout())?;
         Ok((x, layout))
     }
 }
@@ -226,7 +253,8 @@ fn cpu(storage: &Storage) -> Result<&CpuStorage> {
 type Input<'a> = (&'a CpuStorage, &'a Layout);
 
 impl Attention {
-    /// The forward pass over q, k and v (any strides with a unit last one).
+    /// The forward pass over q, k and v seen as [B, T, W] (any strides with
+    /// a unit last one); the output is [B·T, H·D].
     fn forward(&self, q: Input, k: Input, v: Input) -> Result<(CpuStorage, Shape)> {
         let (b, t, width) = q.1.shape().dims3()?;
         let per_seq: Vec<Vec<f32>> = (0..b)
@@ -245,7 +273,7 @@ impl Attention {
             .collect::<Result<_>>()?;
         Ok((
             CpuStorage::F32(per_seq.concat()),
-            Shape::from((b, t, width)),
+            Shape::from((b * t, width)),
         ))
     }
 
@@ -303,7 +331,12 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.forward((s1, l1), (s2, l2), (s3, l3))
+        let (l1, l2, l3) = (
+            self.sequences(l1)?,
+            self.sequences(l2)?,
+            self.sequences(l3)?,
+        );
+        self.forward((s1, &l1), (s2, &l2), (s3, &l3))
     }
 
     fn bwd(
@@ -314,13 +347,13 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, t, width) = q.dims3()?;
+        let (n, width) = q.dims2()?;
         let kv_width = self.kv_heads * self.head_dim;
         let grad = grad.to_dtype(DType::F32)?;
-        let (q, lq) = Self::storage(q)?;
-        let (k, lk) = Self::storage(k)?;
-        let (v, lv) = Self::storage(v)?;
-        let (g, lg) = Self::storage(&grad)?;
+        let (q, lq) = self.storage(q)?;
+        let (k, lk) = self.storage(k)?;
+        let (v, lv) = self.storage(v)?;
+        let (g, lg) = self.storage(&grad)?;
         let (sq, sk, sv, sg) = (
             q.storage_and_layout().0,
             k.storage_and_layout().0,
@@ -340,7 +373,7 @@ impl CustomOp3 for Attention {
                 .iter()
                 .flat_map(|p| p[which].iter().copied())
                 .collect();
-            Tensor::from_vec(flat, (b, t, w), device)
+            Tensor::from_vec(flat, (n, w), device)
         };
         Ok((
             q.track_op().then(|| join(0, width)).transpose()?,
@@ -350,9 +383,9 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Attention over a fused q/k/v projection [B, T, 3·C] (GPT-2's c_attn):
+/// Attention over a fused q/k/v projection [B·T, 3·C] (GPT-2's c_attn):
 /// one node whose gradient is the fused projection's, where three views
-/// would each be padded back to [B, T, 3·C] and summed.
+/// would each be padded back to [B·T, 3·C] and summed.
 #[derive(Clone, Copy, Debug)]
 struct Packed(Attention);
 
@@ -373,23 +406,24 @@ impl CustomOp1 for Packed {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let [q, k, v] = self.views(l)?;
+        let [q, k, v] = self.views(&self.0.sequences(l)?)?;
         self.0.forward((s, &q), (s, &k), (s, &v))
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (b, t, packed) = qkv.dims3()?;
+        let (n, packed) = qkv.dims2()?;
+        let t = self.0.seq_len;
         let c = packed / 3;
         let grad = grad.to_dtype(DType::F32)?;
-        let (x, lx) = Attention::storage(qkv)?;
-        let (g, lg) = Attention::storage(&grad)?;
+        let (x, lx) = self.0.storage(qkv)?;
+        let (g, lg) = self.0.storage(&grad)?;
         let (sx, sg) = (x.storage_and_layout().0, g.storage_and_layout().0);
         let [q, k, v] = self.views(&lx)?;
         let sx = cpu(&sx)?;
         let parts = self
             .0
             .backward((sx, &q), (sx, &k), (sx, &v), (cpu(&sg)?, &lg))?;
-        let mut out = vec![0f32; b * t * packed];
+        let mut out = vec![0f32; n * packed];
         for (seq, part) in out.chunks_exact_mut(t * packed).zip(&parts) {
             for (pos, row) in seq.chunks_exact_mut(packed).enumerate() {
                 for (which, grads) in part.iter().enumerate() {
@@ -397,16 +431,23 @@ impl CustomOp1 for Packed {
                 }
             }
         }
-        Tensor::from_vec(out, (b, t, packed), qkv.device()).map(Some)
+        Tensor::from_vec(out, (n, packed), qkv.device()).map(Some)
     }
 }
 
-/// Self-attention over a fused projection qkv [B, T, 3·C] with `heads`
-/// heads (no grouping); returns [B, T, C].
-pub fn causal_attention_packed(qkv: &Tensor, heads: usize) -> Result<Tensor> {
-    let (_, _, packed) = qkv.dims3()?;
-    if heads == 0 || packed % 3 != 0 || !(packed / 3).is_multiple_of(heads) {
-        candle_core::bail!("attention: {heads} heads over a fused projection of width {packed}");
+/// Self-attention over a fused projection qkv [B·T, 3·C] with `heads`
+/// heads (no grouping), rows in sequences of `seq_len`; returns [B·T, C].
+pub fn causal_attention_packed(qkv: &Tensor, heads: usize, seq_len: usize) -> Result<Tensor> {
+    let (n, packed) = qkv.dims2()?;
+    if heads == 0
+        || seq_len == 0
+        || !n.is_multiple_of(seq_len)
+        || packed % 3 != 0
+        || !(packed / 3).is_multiple_of(heads)
+    {
+        candle_core::bail!(
+            "attention: {heads} heads over a fused projection of width {packed}, {n} rows in sequences of {seq_len}"
+        );
     }
     let c = packed / 3;
     let d = c / heads;
@@ -415,14 +456,15 @@ pub fn causal_attention_packed(qkv: &Tensor, heads: usize) -> Result<Tensor> {
         kv_heads: heads,
         head_dim: d,
         scale: 1.0 / (d as f32).sqrt(),
+        seq_len,
     };
     if qkv.device().is_cpu() {
         qkv.apply_op1(Packed(op))
     } else {
         op.portable(
-            &qkv.narrow(2, 0, c)?,
-            &qkv.narrow(2, c, c)?,
-            &qkv.narrow(2, 2 * c, c)?,
+            &qkv.narrow(1, 0, c)?,
+            &qkv.narrow(1, c, c)?,
+            &qkv.narrow(1, 2 * c, c)?,
         )
     }
 }
@@ -433,12 +475,13 @@ mod tests {
     use crate::lm::ops::tests::{check_against_portable, random, var};
     use candle_core::Var;
 
-    fn op(heads: usize, kv_heads: usize, d: usize) -> Attention {
+    fn op(heads: usize, kv_heads: usize, d: usize, seq_len: usize) -> Attention {
         Attention {
             heads,
             kv_heads,
             head_dim: d,
             scale: 1.0 / (d as f32).sqrt(),
+            seq_len,
         }
     }
 
@@ -450,13 +493,13 @@ mod tests {
             (3, 17, 4, 2, 8),
             (2, 9, 6, 1, 4),
         ] {
-            let q = var(&[b, t, heads * d], 1);
-            let k = var(&[b, t, kv * d], 2);
-            let v = var(&[b, t, kv * d], 3);
+            let q = var(&[b * t, heads * d], 1);
+            let k = var(&[b * t, kv * d], 2);
+            let v = var(&[b * t, kv * d], 3);
             check_against_portable(
                 &[&q, &k, &v],
-                || causal_attention(&q, &k, &v, heads, kv).unwrap(),
-                || op(heads, kv, d).portable(&q, &k, &v).unwrap(),
+                || causal_attention(&q, &k, &v, heads, kv, t).unwrap(),
+                || op(heads, kv, d, t).portable(&q, &k, &v).unwrap(),
                 &format!("attention b{b} t{t} h{heads}/{kv}"),
             );
         }
@@ -465,18 +508,18 @@ mod tests {
     #[test]
     fn views_into_a_fused_projection_work() {
         let (b, t, c) = (2, 6, 16);
-        let qkv = var(&[b, t, 3 * c], 4);
+        let qkv = var(&[b * t, 3 * c], 4);
         let parts = |x: &Tensor| -> (Tensor, Tensor, Tensor) {
             (
-                x.narrow(2, 0, c).unwrap(),
-                x.narrow(2, c, c).unwrap(),
-                x.narrow(2, 2 * c, c).unwrap(),
+                x.narrow(1, 0, c).unwrap(),
+                x.narrow(1, c, c).unwrap(),
+                x.narrow(1, 2 * c, c).unwrap(),
             )
         };
         let (q, k, v) = parts(&qkv);
-        let fused = causal_attention(&q, &k, &v, 4, 4).unwrap();
-        let portable = op(4, 4, 4).portable(&q, &k, &v).unwrap();
-        let upstream = random(&[b, t, c], 5);
+        let fused = causal_attention(&q, &k, &v, 4, 4, t).unwrap();
+        let portable = op(4, 4, 4, t).portable(&q, &k, &v).unwrap();
+        let upstream = random(&[b * t, c], 5);
         let a = crate::lm::ops::tests::pullback(&fused, &upstream);
         let p = crate::lm::ops::tests::pullback(&portable, &upstream);
         crate::lm::ops::tests::close(
@@ -490,45 +533,49 @@ mod tests {
     #[test]
     fn the_packed_form_matches_three_views_in_value_and_gradient() {
         let (b, t, c) = (2, 7, 24);
-        let qkv = var(&[b, t, 3 * c], 6);
+        let qkv = var(&[b * t, 3 * c], 6);
         let views = || {
             causal_attention(
-                &qkv.narrow(2, 0, c).unwrap(),
-                &qkv.narrow(2, c, c).unwrap(),
-                &qkv.narrow(2, 2 * c, c).unwrap(),
+                &qkv.narrow(1, 0, c).unwrap(),
+                &qkv.narrow(1, c, c).unwrap(),
+                &qkv.narrow(1, 2 * c, c).unwrap(),
                 3,
                 3,
+                t,
             )
             .unwrap()
         };
         check_against_portable(
             &[&qkv],
-            || causal_attention_packed(&qkv, 3).unwrap(),
+            || causal_attention_packed(&qkv, 3, t).unwrap(),
             views,
             "packed attention",
         );
-        assert!(causal_attention_packed(&var(&[1, 2, 10], 1), 2).is_err());
+        assert!(causal_attention_packed(&var(&[2, 10], 1), 2, 2).is_err());
+        assert!(
+            causal_attention_packed(&var(&[3, 12], 1), 2, 2).is_err(),
+            "3 rows, sequences of 2"
+        );
     }
 
     #[test]
     fn a_query_never_sees_later_positions() {
-        let (b, t, c) = (1, 5, 8);
-        let q = random(&[b, t, c], 1);
-        let k = random(&[b, t, c], 2);
-        let v = Var::from_tensor(&random(&[b, t, c], 3)).unwrap();
-        let out = causal_attention(&q, &k, &v, 2, 2).unwrap();
-        // The first position's output depends on v at position 0 alone.
-        let first = out.narrow(1, 0, 1).unwrap().sum_all().unwrap();
+        let (t, c) = (5, 8);
+        let q = random(&[2 * t, c], 1);
+        let k = random(&[2 * t, c], 2);
+        let v = Var::from_tensor(&random(&[2 * t, c], 3)).unwrap();
+        let out = causal_attention(&q, &k, &v, 2, 2, t).unwrap();
+        // The second sequence's first position depends on its own v at
+        // position 0 alone.
+        let first = out.narrow(0, t, 1).unwrap().sum_all().unwrap();
         let g = first.backward().unwrap();
-        let dv = g
-            .get(&v)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert!(dv[0].iter().any(|&x| x != 0.0));
-        assert!(dv[1..].iter().flatten().all(|&x| x == 0.0));
-        assert!(causal_attention(&q, &random(&[b, t, 6], 1), &v, 2, 2).is_err());
+        let dv = g.get(&v).unwrap().to_vec2::<f32>().unwrap();
+        assert!(dv[t].iter().any(|&x| x != 0.0));
+        for (row, grads) in dv.iter().enumerate() {
+            if row != t {
+                assert!(grads.iter().all(|&x| x == 0.0), "row {row}");
+            }
+        }
+        assert!(causal_attention(&q, &random(&[2 * t, 6], 1), &v, 2, 2, t).is_err());
     }
 }

@@ -1,6 +1,10 @@
 //! Next-token cross-entropy over a vocabulary, fused: one pass over the
 //! logits forward, one backward, instead of candle's log-softmax, gather
-//! and mean nodes (each a pass over B·T·V values).
+//! and mean nodes (each a pass over B·T·V values). The forward pass also
+//! counts the hits and keeps each row's log-sum-exp for the backward pass,
+//! so a step reads GPT-2's 50,257-wide logits twice, not four times.
+
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -19,12 +23,35 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets.dtype()
         );
     }
+    cross_entropy_counted(logits, targets).map(|(loss, _)| loss)
+}
+
+/// [`cross_entropy`] and, from the same pass, what evaluation needs of the
+/// batch (summed loss, counted targets, hits).
+pub fn cross_entropy_counted(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, TokenLoss)> {
+    let (n, _) = logits.dims2()?;
+    if targets.dims() != [n] || targets.dtype() != DType::U32 {
+        candle_core::bail!(
+            "cross_entropy: {n} rows of logits against targets {:?} of {:?}",
+            targets.dims(),
+            targets.dtype()
+        );
+    }
     if logits.device().is_cpu() {
-        logits
+        let op = CrossEntropy::default();
+        let loss = logits
             .contiguous()?
-            .apply_op2(&targets.contiguous()?, CrossEntropy)
+            .apply_op2(&targets.contiguous()?, op.clone())?;
+        let counted = op
+            .rows
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("cross-entropy state poisoned".into()))?
+            .counted;
+        Ok((loss, counted))
     } else {
-        cross_entropy_portable(logits, targets)
+        let loss = cross_entropy_portable(logits, targets)?;
+        let counted = token_losses(logits, &targets.to_vec1::<u32>()?)?;
+        Ok((loss, counted))
     }
 }
 
@@ -107,8 +134,18 @@ fn log_sum_exp(row: &[f32]) -> (f32, usize) {
     (max + sum.ln(), best)
 }
 
-#[derive(Clone, Copy, Debug)]
-struct CrossEntropy;
+/// What the forward pass leaves for the backward pass and the caller.
+#[derive(Debug, Default)]
+struct Rows {
+    /// log Σ exp of each row.
+    lse: Vec<f32>,
+    counted: TokenLoss,
+}
+
+#[derive(Clone, Debug, Default)]
+struct CrossEntropy {
+    rows: Arc<Mutex<Rows>>,
+}
 
 fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     let Some((a, b)) = l.contiguous_offsets() else {
@@ -135,13 +172,38 @@ impl CustomOp2 for CrossEntropy {
         if let Some(&bad) = targets.iter().find(|&&t| t != IGNORE && t as usize >= v) {
             candle_core::bail!("cross_entropy: target {bad} is outside the vocabulary of {v}");
         }
-        let (sum, count) = x
+        let per_row: Vec<(f32, TokenLoss)> = x
             .par_chunks(v.max(1))
             .zip(targets.par_iter())
-            .filter(|(_, t)| **t != IGNORE)
-            .map(|(row, &t)| (f64::from(log_sum_exp(row).0 - row[t as usize]), 1u64))
-            .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-        let mean = if count == 0 { 0.0 } else { sum / count as f64 };
+            .map(|(row, &t)| {
+                let (lse, best) = log_sum_exp(row);
+                let counted = if t == IGNORE {
+                    TokenLoss::default()
+                } else {
+                    TokenLoss {
+                        nll: f64::from(lse - row[t as usize]),
+                        tokens: 1,
+                        correct: u64::from(best == t as usize),
+                    }
+                };
+                (lse, counted)
+            })
+            .collect();
+        let mut counted = TokenLoss::default();
+        for (_, c) in &per_row {
+            counted += *c;
+        }
+        let mean = if counted.tokens == 0 {
+            0.0
+        } else {
+            counted.nll / counted.tokens as f64
+        };
+        let mut rows = self
+            .rows
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("cross-entropy state poisoned".into()))?;
+        rows.lse = per_row.into_iter().map(|(lse, _)| lse).collect();
+        rows.counted = counted;
         Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
     }
 
@@ -157,6 +219,7 @@ impl CustomOp2 for CrossEntropy {
         let ids = targets.to_vec1::<u32>()?;
         let count = ids.iter().filter(|&&t| t != IGNORE).count().max(1);
         let scale = upstream / count as f32;
+        let cached = self.rows.lock().map(|r| r.lse.clone()).unwrap_or_default();
         with_f32(logits, self.name(), |x| {
             let mut dx = vec![0f32; x.len()];
             par_rows(&mut dx, v, |r, out| {
@@ -165,7 +228,10 @@ impl CustomOp2 for CrossEntropy {
                     return;
                 }
                 let row = &x[r * v..(r + 1) * v];
-                let (lse, _) = log_sum_exp(row);
+                let lse = match cached.get(r) {
+                    Some(&lse) if cached.len() * v == x.len() => lse,
+                    _ => log_sum_exp(row).0,
+                };
                 for (o, &l) in out.iter_mut().zip(row) {
                     *o = exp(l - lse) * scale;
                 }
@@ -207,9 +273,12 @@ mod tests {
             .sum_all()
             .unwrap();
         assert_eq!(ignored.to_scalar::<f32>().unwrap(), 0.0);
-        // The same through the evaluation path.
+        // The same through the evaluation path, and counted by the forward pass.
         let ids = targets.to_vec1::<u32>().unwrap();
         let eval = token_losses(logits.as_tensor(), &ids).unwrap();
+        let (_, counted) = cross_entropy_counted(&logits, &targets).unwrap();
+        assert_eq!(counted.tokens, 4);
+        assert!((counted.nll - eval.nll).abs() < 1e-5 && counted.correct == eval.correct);
         assert_eq!(eval.tokens, 4);
         let mean = (eval.nll / 4.0) as f32;
         assert!((mean - fused.to_scalar::<f32>().unwrap()).abs() < 1e-5);

@@ -19,9 +19,12 @@ mod math;
 mod norm;
 mod rope;
 
+#[cfg(test)]
+pub(crate) use activation::gelu_tanh_portable;
+pub(crate) use activation::{gelu, gelu_grad};
 pub use activation::{gelu_tanh, swiglu};
 pub use attention::{causal_attention, causal_attention_packed};
-pub use loss::{TokenLoss, cross_entropy, token_losses};
+pub use loss::{TokenLoss, cross_entropy, cross_entropy_counted, token_losses};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{Rotary, rope};
 

@@ -48,12 +48,19 @@ impl Rotary {
     }
 }
 
-/// Rotates every head of x [B, T, H·D] by its position's angles.
-pub fn rope(x: &Tensor, rotary: &Arc<Rotary>, heads: usize) -> Result<Tensor> {
-    let (_, t, width) = x.dims3()?;
-    if heads == 0 || width != heads * 2 * rotary.half || t > rotary.positions {
+/// Rotates every head of x [B·T, H·D], rows in sequences of `seq_len`,
+/// by its position's angles.
+pub fn rope(x: &Tensor, rotary: &Arc<Rotary>, heads: usize, seq_len: usize) -> Result<Tensor> {
+    let (n, width) = x.dims2()?;
+    let t = seq_len;
+    if heads == 0
+        || width != heads * 2 * rotary.half
+        || t == 0
+        || t > rotary.positions
+        || !n.is_multiple_of(t)
+    {
         candle_core::bail!(
-            "rope: {heads} heads over width {width} and {t} positions, tables of {} × {}",
+            "rope: {heads} heads over width {width}, {n} rows in sequences of {t}, tables of {} × {}",
             rotary.positions,
             2 * rotary.half
         );
@@ -62,21 +69,28 @@ pub fn rope(x: &Tensor, rotary: &Arc<Rotary>, heads: usize) -> Result<Tensor> {
         x.contiguous()?.apply_op1(Rope {
             rotary: rotary.clone(),
             inverse: false,
+            seq_len: t,
         })
     } else {
-        rope_portable(x, rotary, heads)
+        rope_portable(x, rotary, heads, t)
     }
 }
 
-pub(crate) fn rope_portable(x: &Tensor, rotary: &Rotary, heads: usize) -> Result<Tensor> {
-    let (b, t, width) = x.dims3()?;
+pub(crate) fn rope_portable(
+    x: &Tensor,
+    rotary: &Rotary,
+    heads: usize,
+    seq_len: usize,
+) -> Result<Tensor> {
+    let (n, width) = x.dims2()?;
+    let (b, t) = (n / seq_len, seq_len);
     let half = rotary.half;
     let x = x.reshape((b, t, heads, 2 * half))?;
     let (x1, x2) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
     let (cos, sin) = rotary.tables(t, x.device())?;
     let first = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
     let second = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-    Tensor::cat(&[first, second], 3)?.reshape((b, t, width))
+    Tensor::cat(&[first, second], 3)?.reshape((n, width))
 }
 
 #[derive(Clone, Debug)]
@@ -84,6 +98,7 @@ struct Rope {
     rotary: Arc<Rotary>,
     /// The rotation's transpose (by −angle): its backward.
     inverse: bool,
+    seq_len: usize,
 }
 
 impl Rope {
@@ -119,15 +134,20 @@ impl CustomOp1 for Rope {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let (_, t, width) = l.shape().dims3()?;
-        Ok((CpuStorage::F32(self.apply(x, t, width)), l.shape().clone()))
+        let (_, width) = l.shape().dims2()?;
+        Ok((
+            CpuStorage::F32(self.apply(x, self.seq_len, width)),
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (_, t, width) = x.dims3()?;
+        let (_, width) = x.dims2()?;
+        let t = self.seq_len;
         let inverse = Rope {
             rotary: self.rotary.clone(),
             inverse: !self.inverse,
+            seq_len: t,
         };
         with_f32(grad, self.name(), |g| {
             Tensor::from_vec(inverse.apply(g, t, width), x.shape(), x.device()).map(Some)
@@ -146,25 +166,29 @@ mod tests {
             .map(|i| 1.0 / 10_000f64.powf(i as f64 / 4.0))
             .collect();
         let rotary = Arc::new(Rotary::new(&freqs, 32));
-        let x = var(&[2, 7, 3 * 8], 1);
+        let x = var(&[2 * 7, 3 * 8], 1);
         check_against_portable(
             &[&x],
-            || rope(&x, &rotary, 3).unwrap(),
-            || rope_portable(&x, &rotary, 3).unwrap(),
+            || rope(&x, &rotary, 3, 7).unwrap(),
+            || rope_portable(&x, &rotary, 3, 7).unwrap(),
             "rope",
         );
         assert!(
-            rope(&var(&[1, 40, 8], 2), &rotary, 1).is_err(),
+            rope(&var(&[40, 8], 2), &rotary, 1, 40).is_err(),
             "beyond the tables"
         );
-        assert!(rope(&x, &rotary, 2).is_err(), "wrong head count");
+        assert!(rope(&x, &rotary, 2, 7).is_err(), "wrong head count");
+        assert!(
+            rope(&x, &rotary, 3, 5).is_err(),
+            "rows not in whole sequences"
+        );
     }
 
     #[test]
     fn position_zero_is_left_as_it_is() {
         let rotary = Arc::new(Rotary::new(&[1.0, 0.5], 4));
-        let x = var(&[1, 1, 4], 3);
-        let y = rope(&x, &rotary, 1).unwrap();
+        let x = var(&[1, 4], 3);
+        let y = rope(&x, &rotary, 1, 1).unwrap();
         crate::lm::ops::tests::close(&y, x.as_tensor(), 1e-7, "position 0");
     }
 }
