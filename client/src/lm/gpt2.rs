@@ -14,8 +14,7 @@ pub fn forward(c: &Gpt2Config, w: &Weights, ids: &Tensor) -> Result<Tensor, LmEr
     let (b, t) = ids.dims2()?;
     let width = c.n_embd;
     let eps = c.layer_norm_epsilon;
-    let wte = w.get("wte.weight")?;
-    let tokens = wte.index_select(&ids.flatten_all()?, 0)?;
+    let tokens = w.embed("wte.weight", ids)?;
     let positions = w.get("wpe.weight")?.narrow(0, 0, t)?;
     let mut x = tokens
         .reshape((b, t, width))?
@@ -30,6 +29,11 @@ pub fn forward(c: &Gpt2Config, w: &Weights, ids: &Tensor) -> Result<Tensor, LmEr
         )?)
     };
     for i in 0..c.n_layer {
+        // On the CPU the whole block is one node (see `block`).
+        if let Some(y) = w.block(i, &x, t) {
+            x = y?;
+            continue;
+        }
         let h = norm(&x, &format!("h.{i}.ln_1"))?;
         let qkv = w.linear(&h, &format!("h.{i}.attn.c_attn"), InOut)?;
         let attended = causal_attention_packed(&qkv, c.n_head, t)?;
@@ -40,5 +44,5 @@ pub fn forward(c: &Gpt2Config, w: &Weights, ids: &Tensor) -> Result<Tensor, LmEr
     }
     let h = norm(&x, "ln_f")?;
     // The LM head is the token embedding.
-    w.head(&h, &wte)
+    w.head_named(&h, "wte.weight")
 }

@@ -22,8 +22,7 @@ pub fn forward(
     let (_, t) = ids.dims2()?;
     let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
     let eps = c.rms_norm_eps;
-    let embed = w.get("model.embed_tokens.weight")?;
-    let mut x = embed.index_select(&ids.flatten_all()?, 0)?;
+    let mut x = w.embed("model.embed_tokens.weight", ids)?;
     let norm = |x: &Tensor, name: &str| -> Result<Tensor, LmError> {
         Ok(rms_norm(x, &w.get(&format!("{name}.weight"))?, eps)?)
     };
@@ -43,9 +42,9 @@ pub fn forward(
     }
     let h = norm(&x, "model.norm")?;
     let head = if c.tie_word_embeddings {
-        embed
+        "model.embed_tokens.weight"
     } else {
-        w.get("lm_head.weight")?
+        "lm_head.weight"
     };
-    w.head(&h, &head)
+    w.head_named(&h, head)
 }

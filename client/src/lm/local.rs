@@ -138,7 +138,7 @@ pub fn open(
                     base: BaseWeights::Seeded(0),
                 },
             };
-            let base = BaseTensors::from_flat(&spec, &flat, device, DType::F32)?;
+            let base = BaseTensors::from_flat(&spec, flat, device, DType::F32)?;
             let trainable = checkpoint::read_adapter(adapter, &spec)?;
             (spec, trainable, Some(Arc::new(base)))
         }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use covey_protocol::model::{Gpt2Config, LanguageSpec, LmArch, ModelError, TokenizerSpec};
 
+mod block;
 pub mod checkpoint;
 pub mod generate;
 mod gpt2;

@@ -164,7 +164,7 @@ pub fn load_base(
     dtype: DType,
 ) -> Result<BaseTensors, TrainError> {
     let flat = base_flat(spec, assets)?;
-    Ok(BaseTensors::from_flat(spec, &flat, device, dtype)?)
+    Ok(BaseTensors::from_flat(spec, flat, device, dtype)?)
 }
 
 /// A LoRA spec's frozen base, flat in the family's tensor order.

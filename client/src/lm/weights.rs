@@ -5,9 +5,134 @@
 use std::{collections::HashMap, sync::Arc};
 
 use candle_core::{DType, Device, Tensor, Var};
-use covey_protocol::model::{LanguageSpec, LoraVariant, Tuning};
+use covey_protocol::model::{LanguageSpec, LmArch, LoraVariant, TensorSpec, Tuning};
 
-use super::LmError;
+use super::{
+    LmError,
+    block::{Adapter as BlockAdapter, Block, Lora, Offsets, PROJECTIONS},
+};
+
+/// The layer a GPT-2 tensor belongs to (`h.3.…`).
+fn gpt2_layer(name: &str) -> Option<usize> {
+    name.strip_prefix("h.")?.split('.').next()?.parse().ok()
+}
+
+/// Whether GPT-2's blocks run as one node each (see [`super::block`]): on
+/// the CPU. Their parameters are then held as one blob per layer.
+pub(crate) fn fused_blocks(spec: &LanguageSpec, device: &Device) -> bool {
+    device.is_cpu() && matches!(spec.arch, LmArch::Gpt2(_))
+}
+
+/// Tensors laid out back to back: one per layer when `by_layer` is set
+/// (its tensors are adjacent in wire order), one per tensor otherwise.
+struct Groups {
+    /// Each group's tensor (a variable's, when trainable) and its layer.
+    tensors: Vec<(Option<usize>, Tensor)>,
+    vars: Vec<Var>,
+    /// Every tensor by name, as a view into its group.
+    views: HashMap<String, Tensor>,
+}
+
+impl Groups {
+    /// Trainable groups: one variable each, copied from `flat`.
+    fn trainable(
+        specs: &[TensorSpec],
+        flat: &[f32],
+        device: &Device,
+        by_layer: bool,
+    ) -> Result<Self, LmError> {
+        let mut vars = Vec::new();
+        let mut out = Self::split(specs, by_layer, |at, len| {
+            let var = Var::from_slice(&flat[at..at + len], len, device)?;
+            let t = var.as_tensor().clone();
+            vars.push(var);
+            Ok(t)
+        })?;
+        out.vars = vars;
+        Ok(out)
+    }
+
+    /// Frozen groups: views into one tensor made from `flat` without a
+    /// copy (f32), or narrowed straight from it (bf16, f16), so that no
+    /// second full-size copy of a base is ever held while it loads.
+    fn frozen(
+        specs: &[TensorSpec],
+        flat: Vec<f32>,
+        device: &Device,
+        dtype: DType,
+        by_layer: bool,
+    ) -> Result<Self, LmError> {
+        let len = flat.len();
+        let whole = match dtype {
+            DType::BF16 => Tensor::from_vec(
+                flat.iter()
+                    .map(|&v| half::bf16::from_f32(v))
+                    .collect::<Vec<_>>(),
+                len,
+                device,
+            )?,
+            DType::F16 => Tensor::from_vec(
+                flat.iter()
+                    .map(|&v| half::f16::from_f32(v))
+                    .collect::<Vec<_>>(),
+                len,
+                device,
+            )?,
+            _ => Tensor::from_vec(flat, len, device)?.to_dtype(dtype)?,
+        };
+        Self::split(specs, by_layer, |at, len| Ok(whole.narrow(0, at, len)?))
+    }
+
+    /// Groups consecutive `specs` (a layer's, when `by_layer` is set), each
+    /// group's tensor made by `group(offset, len)`, with views by name.
+    fn split(
+        specs: &[TensorSpec],
+        by_layer: bool,
+        mut group: impl FnMut(usize, usize) -> Result<Tensor, LmError>,
+    ) -> Result<Self, LmError> {
+        let mut out = Self {
+            tensors: Vec::new(),
+            vars: Vec::new(),
+            views: HashMap::with_capacity(specs.len()),
+        };
+        let mut i = 0;
+        let mut at = 0;
+        while i < specs.len() {
+            let layer = if by_layer {
+                gpt2_layer(&specs[i].name)
+            } else {
+                None
+            };
+            let mut j = i + 1;
+            while layer.is_some() && j < specs.len() && gpt2_layer(&specs[j].name) == layer {
+                j += 1;
+            }
+            let len: usize = specs[i..j].iter().map(TensorSpec::len).sum();
+            let tensor = group(at, len)?;
+            let mut offset = 0;
+            for t in &specs[i..j] {
+                let view = tensor
+                    .narrow(0, offset, t.len())?
+                    .reshape(t.shape.as_slice())?;
+                out.views.insert(t.name.clone(), view);
+                offset += t.len();
+            }
+            out.tensors.push((layer, tensor));
+            at += len;
+            i = j;
+        }
+        Ok(out)
+    }
+
+    /// Each layer's group, in layer order.
+    fn layers(&self) -> Vec<Tensor> {
+        self.tensors
+            .iter()
+            .filter(|(layer, _)| layer.is_some())
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+}
 
 /// The base parameters of a LoRA run, resident on a device and shared by
 /// every round that uses them. `dtype` may be bf16 or f16 to halve the
@@ -15,6 +140,9 @@ use super::LmError;
 #[derive(Debug)]
 pub struct BaseTensors {
     tensors: HashMap<String, Tensor>,
+    /// One blob per layer, for the fused blocks.
+    layers: Vec<Tensor>,
+    bytes: usize,
 }
 
 impl BaseTensors {
@@ -22,7 +150,7 @@ impl BaseTensors {
     /// tensors on `device`, stored as `dtype`.
     pub fn from_flat(
         spec: &LanguageSpec,
-        flat: &[f32],
+        flat: Vec<f32>,
         device: &Device,
         dtype: DType,
     ) -> Result<Self, LmError> {
@@ -35,23 +163,17 @@ impl BaseTensors {
                 got: flat.len(),
             });
         }
-        let mut at = 0;
-        let mut out = HashMap::with_capacity(tensors.len());
-        for t in tensors {
-            let values = &flat[at..at + t.len()];
-            at += t.len();
-            let tensor = Tensor::from_slice(values, t.shape.as_slice(), device)?.to_dtype(dtype)?;
-            out.insert(t.name, tensor);
-        }
-        Ok(Self { tensors: out })
+        let groups = Groups::frozen(&tensors, flat, device, dtype, fused_blocks(spec, device))?;
+        Ok(Self {
+            layers: groups.layers(),
+            bytes: expected * dtype.size_in_bytes(),
+            tensors: groups.views,
+        })
     }
 
     /// Bytes the base takes on its device.
     pub fn bytes(&self) -> usize {
-        self.tensors
-            .values()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        self.bytes
     }
 }
 
@@ -63,12 +185,20 @@ struct Adapter {
     scale: f64,
 }
 
+/// GPT-2's layers as fused blocks: each one's settings and blobs.
+struct Blocks {
+    plan: Vec<Block>,
+    params: Vec<Tensor>,
+    lora: Vec<Tensor>,
+}
+
 /// Every parameter a forward pass reads.
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
     base: Option<Arc<BaseTensors>>,
     adapters: HashMap<String, Adapter>,
     trainable: Vec<Var>,
+    blocks: Option<Blocks>,
 }
 
 pub use crate::dense::WeightLayout as Orientation;
@@ -92,23 +222,11 @@ impl Weights {
                 got: trainable.len(),
             });
         }
-        let mut vars = Vec::with_capacity(wanted.len());
-        let mut by_name = HashMap::with_capacity(wanted.len());
-        let mut at = 0;
-        for t in &wanted {
-            let values = &trainable[at..at + t.len()];
-            at += t.len();
-            let var = Var::from_slice(values, t.shape.as_slice(), device)?;
-            by_name.insert(t.name.clone(), var.as_tensor().clone());
-            vars.push(var);
-        }
-        match &spec.tuning {
-            Tuning::Full => Ok(Self {
-                tensors: by_name,
-                base: None,
-                adapters: HashMap::new(),
-                trainable: vars,
-            }),
+        let fused = fused_blocks(spec, device);
+        let groups = Groups::trainable(&wanted, trainable, device, fused)?;
+        let by_name = groups.views.clone();
+        let (tensors, base, adapters) = match &spec.tuning {
+            Tuning::Full => (by_name.clone(), None, HashMap::new()),
             Tuning::Lora { lora, .. } => {
                 let base = base.ok_or(LmError::NoBase)?;
                 let modules = spec.lora_modules()?;
@@ -131,14 +249,140 @@ impl Weights {
                     let b = take("lora_B")?;
                     adapters.insert(m.path.clone(), Adapter { a, b, scale });
                 }
-                Ok(Self {
-                    tensors: HashMap::new(),
-                    base: Some(base),
-                    adapters,
-                    trainable: vars,
+                (HashMap::new(), Some(base), adapters)
+            }
+        };
+        let blocks = match (&spec.arch, fused) {
+            (LmArch::Gpt2(c), true) => {
+                Some(Self::blocks(spec, c, &groups, base.as_deref(), device)?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            tensors,
+            base,
+            adapters,
+            trainable: groups.vars,
+            blocks,
+        })
+    }
+
+    /// The fused blocks' settings and blobs.
+    fn blocks(
+        spec: &LanguageSpec,
+        c: &covey_protocol::model::Gpt2Config,
+        groups: &Groups,
+        base: Option<&BaseTensors>,
+        device: &Device,
+    ) -> Result<Blocks, LmError> {
+        let offsets = Offsets::new(c.n_embd, c.n_inner);
+        let layer_groups = groups.layers();
+        let none = Tensor::zeros(1, DType::F32, device)?;
+        let (params, lora_blobs) = match (&spec.tuning, base) {
+            (Tuning::Full, _) => (layer_groups, vec![none; c.n_layer]),
+            (Tuning::Lora { .. }, Some(base)) => {
+                // A layer may carry no adapter at all (targets elsewhere).
+                let mut lora = vec![none; c.n_layer];
+                for (layer, t) in &groups.tensors {
+                    if let Some(l) = layer {
+                        lora[*l] = t.clone();
+                    }
+                }
+                (base.layers.clone(), lora)
+            }
+            (Tuning::Lora { .. }, None) => return Err(LmError::NoBase),
+        };
+        if params.len() != c.n_layer {
+            return Err(LmError::MissingTensor(format!(
+                "{} layer blobs for {} layers",
+                params.len(),
+                c.n_layer
+            )));
+        }
+        let mut plan: Vec<Block> = (0..c.n_layer)
+            .map(|_| Block {
+                offsets,
+                heads: c.n_head,
+                eps: c.layer_norm_epsilon as f32,
+                seq_len: 0,
+                lora: None,
+            })
+            .collect();
+        if let Tuning::Lora { lora, .. } = &spec.tuning {
+            let modules = spec.lora_modules()?;
+            let r = lora.rank as usize;
+            let mut layers: Vec<Lora> = (0..c.n_layer)
+                .map(|_| Lora {
+                    rank: r,
+                    scale: lora.scale(),
+                    adapters: Default::default(),
                 })
+                .collect();
+            // Offsets inside each layer's LoRA blob, in wire order.
+            let mut cursor = vec![0usize; c.n_layer];
+            for (i, m) in modules.iter().enumerate() {
+                let layer =
+                    gpt2_layer(&m.path).ok_or_else(|| LmError::MissingTensor(m.path.clone()))?;
+                let j = PROJECTIONS
+                    .iter()
+                    .position(|p| m.path.ends_with(p))
+                    .ok_or_else(|| LmError::MissingTensor(m.path.clone()))?;
+                let (a_at, frozen_a) = match lora.variant {
+                    LoraVariant::Plain => {
+                        let at = cursor[layer];
+                        cursor[layer] += r * m.inputs;
+                        (Some(at), None)
+                    }
+                    LoraVariant::FrozenA => (None, Some(Arc::new(lora.a_factor(i, m)))),
+                };
+                let b_at = cursor[layer];
+                cursor[layer] += m.outputs * r;
+                layers[layer].adapters[j] = Some(BlockAdapter {
+                    frozen_a,
+                    a_at,
+                    b_at,
+                });
+            }
+            for (block, l) in plan.iter_mut().zip(layers) {
+                if l.adapters.iter().any(Option::is_some) {
+                    block.lora = Some(Arc::new(l));
+                }
             }
         }
+        Ok(Blocks {
+            plan,
+            params,
+            lora: lora_blobs,
+        })
+    }
+
+    /// Runs layer `i` as one fused node, when the blocks are fused.
+    pub(crate) fn block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        seq_len: usize,
+    ) -> Option<Result<Tensor, LmError>> {
+        let b = self.blocks.as_ref()?;
+        let mut plan = b.plan.get(i)?.clone();
+        plan.seq_len = seq_len;
+        Some(
+            super::block::forward(&plan, x, b.params.get(i)?, b.lora.get(i)?)
+                .map_err(LmError::from),
+        )
+    }
+
+    /// The gradient of the trainable vector in `grads`, flat in wire order
+    /// (zeros where nothing reached).
+    pub fn gradient(&self, grads: &candle_core::backprop::GradStore) -> Result<Vec<f32>, LmError> {
+        let mut out = Vec::new();
+        for v in &self.trainable {
+            match grads.get(v) {
+                Some(g) => out.extend(g.flatten_all()?.to_vec1::<f32>()?),
+                None => out.extend(std::iter::repeat_n(0.0, v.elem_count())),
+            }
+        }
+        Ok(out)
     }
 
     /// The trainable variables, in wire order.
@@ -167,6 +411,49 @@ impl Weights {
         } else {
             Ok(t.to_dtype(DType::F32)?)
         }
+    }
+
+    /// A parameter by name as it is stored (bf16 or f16 for a narrow base).
+    fn stored(&self, name: &str) -> Result<Tensor, LmError> {
+        self.tensors
+            .get(name)
+            .or_else(|| self.base.as_ref().and_then(|b| b.tensors.get(name)))
+            .cloned()
+            .ok_or_else(|| LmError::MissingTensor(name.to_owned()))
+    }
+
+    /// The rows `ids` of the embedding `name` [V, C], as f32: only the
+    /// rows used are widened from a narrow base.
+    pub fn embed(&self, name: &str, ids: &Tensor) -> Result<Tensor, LmError> {
+        let table = self.stored(name)?;
+        let rows = table.index_select(&ids.flatten_all()?, 0)?;
+        Ok(if rows.dtype() == DType::F32 {
+            rows
+        } else {
+            rows.to_dtype(DType::F32)?
+        })
+    }
+
+    /// Logits [N, V] of h [N, C] against the head stored as parameter
+    /// `name` [V, C] (see [`Self::head`]); a narrow head is widened a block
+    /// of vocabulary at a time, never whole.
+    pub fn head_named(&self, h: &Tensor, name: &str) -> Result<Tensor, LmError> {
+        let head = self.stored(name)?;
+        if head.dtype() == DType::F32 {
+            return self.head(h, &head);
+        }
+        const ROWS: usize = 8192;
+        let vocab = head.dim(0)?;
+        let parts = (0..vocab)
+            .step_by(ROWS)
+            .map(|start| {
+                let block = head
+                    .narrow(0, start, ROWS.min(vocab - start))?
+                    .to_dtype(DType::F32)?;
+                self.head(h, &block)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(&parts, 1)?)
     }
 
     fn find(&self, name: &str) -> Option<Tensor> {

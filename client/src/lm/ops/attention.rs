@@ -412,18 +412,25 @@ impl CustomOp1 for Packed {
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (n, packed) = qkv.dims2()?;
-        let t = self.0.seq_len;
-        let c = packed / 3;
         let grad = grad.to_dtype(DType::F32)?;
         let (x, lx) = self.0.storage(qkv)?;
         let (g, lg) = self.0.storage(&grad)?;
         let (sx, sg) = (x.storage_and_layout().0, g.storage_and_layout().0);
-        let [q, k, v] = self.views(&lx)?;
-        let sx = cpu(&sx)?;
-        let parts = self
-            .0
-            .backward((sx, &q), (sx, &k), (sx, &v), (cpu(&sg)?, &lg))?;
-        let mut out = vec![0f32; n * packed];
+        let out = self.gradient((cpu(&sx)?, &lx), (cpu(&sg)?, &lg), n * packed)?;
+        Tensor::from_vec(out, (n, packed), qkv.device()).map(Some)
+    }
+}
+
+impl Packed {
+    /// The fused projection's gradient [N, 3·C] from its [B, T, 3·C] view
+    /// and the output gradient's [B, T, C] view.
+    fn gradient(&self, x: Input, g: Input, len: usize) -> Result<Vec<f32>> {
+        let t = self.0.seq_len;
+        let c = self.0.heads * self.0.head_dim;
+        let packed = 3 * c;
+        let [q, k, v] = self.views(x.1)?;
+        let parts = self.0.backward((x.0, &q), (x.0, &k), (x.0, &v), g)?;
+        let mut out = vec![0f32; len];
         for (seq, part) in out.chunks_exact_mut(t * packed).zip(&parts) {
             for (pos, row) in seq.chunks_exact_mut(packed).enumerate() {
                 for (which, grads) in part.iter().enumerate() {
@@ -431,8 +438,61 @@ impl CustomOp1 for Packed {
                 }
             }
         }
-        Tensor::from_vec(out, (n, packed), qkv.device()).map(Some)
+        Ok(out)
     }
+}
+
+/// The packed attention node's forward pass over a contiguous qkv [N, 3·C]
+/// held in `qkv`: the output [N, C] (a transformer block fused into one
+/// node calls this).
+pub(crate) fn packed_forward(
+    qkv: &CpuStorage,
+    n: usize,
+    heads: usize,
+    seq_len: usize,
+) -> Result<Vec<f32>> {
+    let packed = qkv.as_slice::<f32>()?.len() / n.max(1);
+    let op = packed_op(packed, heads, seq_len)?;
+    let layout = op.0.sequences(&Layout::contiguous((n, packed)))?;
+    let [q, k, v] = op.views(&layout)?;
+    match op.0.forward((qkv, &q), (qkv, &k), (qkv, &v))?.0 {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("attention: the output is not f32"),
+    }
+}
+
+/// The packed attention node's backward pass: the gradient of qkv [N, 3·C]
+/// for the output gradient `dout` [N, C].
+pub(crate) fn packed_backward(
+    qkv: &CpuStorage,
+    dout: &CpuStorage,
+    n: usize,
+    heads: usize,
+    seq_len: usize,
+) -> Result<Vec<f32>> {
+    let packed = qkv.as_slice::<f32>()?.len() / n.max(1);
+    let op = packed_op(packed, heads, seq_len)?;
+    let lx = op.0.sequences(&Layout::contiguous((n, packed)))?;
+    let lg = op.0.sequences(&Layout::contiguous((n, packed / 3)))?;
+    op.gradient((qkv, &lx), (dout, &lg), n * packed)
+}
+
+fn packed_op(packed: usize, heads: usize, seq_len: usize) -> Result<Packed> {
+    if heads == 0
+        || seq_len == 0
+        || !packed.is_multiple_of(3)
+        || !(packed / 3).is_multiple_of(heads)
+    {
+        candle_core::bail!("attention: {heads} heads over a fused projection of width {packed}");
+    }
+    let d = packed / 3 / heads;
+    Ok(Packed(Attention {
+        heads,
+        kv_heads: heads,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+        seq_len,
+    }))
 }
 
 /// Self-attention over a fused projection qkv [B·T, 3·C] with `heads`
@@ -442,7 +502,7 @@ pub fn causal_attention_packed(qkv: &Tensor, heads: usize, seq_len: usize) -> Re
     if heads == 0
         || seq_len == 0
         || !n.is_multiple_of(seq_len)
-        || packed % 3 != 0
+        || !packed.is_multiple_of(3)
         || !(packed / 3).is_multiple_of(heads)
     {
         candle_core::bail!(

@@ -13,10 +13,10 @@ use candle_core::{Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 mod activation;
-mod attention;
+pub(crate) mod attention;
 mod loss;
 mod math;
-mod norm;
+pub(crate) mod norm;
 mod rope;
 
 #[cfg(test)]
@@ -72,7 +72,7 @@ fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync)
 
 /// Sums per-row contributions into `width` accumulators in parallel:
 /// `f(row, acc)` adds row `row`'s share into `acc`.
-fn par_row_sums(
+pub(crate) fn par_row_sums(
     rows: usize,
     width: usize,
     accumulators: usize,

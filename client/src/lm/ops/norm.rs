@@ -72,6 +72,59 @@ fn rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (ms + eps).sqrt()
 }
 
+/// LayerNorm of the rows of x (width `w.len()`).
+pub(crate) fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let c = w.len();
+    let mut y = vec![0f32; x.len()];
+    par_rows(&mut y, c, |r, out| {
+        let row = &x[r * c..(r + 1) * c];
+        let (mean, rstd) = moments(row, eps);
+        for (((o, v), w), b) in out.iter_mut().zip(row).zip(w).zip(b) {
+            *o = (v - mean) * rstd * w + b;
+        }
+    });
+    y
+}
+
+/// LayerNorm's input gradient for output gradient dy:
+/// dx = rstd · (g·w − mean(g·w) − x̂ · mean(g·w·x̂)).
+pub(crate) fn layer_norm_rows_dx(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> Vec<f32> {
+    let c = w.len();
+    let mut dx = vec![0f32; x.len()];
+    par_rows(&mut dx, c, |r, out| {
+        let row = &x[r * c..(r + 1) * c];
+        let g = &dy[r * c..(r + 1) * c];
+        let (mean, rstd) = moments(row, eps);
+        let (mut a, mut b) = (0f32, 0f32);
+        for i in 0..c {
+            let gw = g[i] * w[i];
+            a += gw;
+            b += gw * (row[i] - mean) * rstd;
+        }
+        let (a, b) = (a / c as f32, b / c as f32);
+        for i in 0..c {
+            let xhat = (row[i] - mean) * rstd;
+            out[i] = rstd * (g[i] * w[i] - a - xhat * b);
+        }
+    });
+    dx
+}
+
+/// LayerNorm's weight and bias gradients, [dw | db], summed over the rows.
+pub(crate) fn layer_norm_rows_dwb(x: &[f32], dy: &[f32], c: usize, eps: f32) -> Vec<f32> {
+    let rows = x.len() / c.max(1);
+    par_row_sums(rows, c, 2 * c, |r, acc| {
+        let row = &x[r * c..(r + 1) * c];
+        let g = &dy[r * c..(r + 1) * c];
+        let (mean, rstd) = moments(row, eps);
+        let (dw, db) = acc.split_at_mut(c);
+        for i in 0..c {
+            dw[i] += g[i] * (row[i] - mean) * rstd;
+            db[i] += g[i];
+        }
+    })
+}
+
 #[derive(Clone, Copy, Debug)]
 struct LayerNorm {
     eps: f32,
@@ -94,15 +147,7 @@ impl CustomOp3 for LayerNorm {
         let x = crate::conv::contiguous_f32(s1, l1, self.name())?;
         let w = crate::conv::contiguous_f32(s2, l2, self.name())?;
         let b = crate::conv::contiguous_f32(s3, l3, self.name())?;
-        let c = w.len();
-        let mut y = vec![0f32; x.len()];
-        par_rows(&mut y, c, |r, out| {
-            let row = &x[r * c..(r + 1) * c];
-            let (mean, rstd) = moments(row, self.eps);
-            for (((o, v), w), b) in out.iter_mut().zip(row).zip(w).zip(b) {
-                *o = (v - mean) * rstd * w + b;
-            }
-        });
+        let y = layer_norm_rows(x, w, b, self.eps);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -120,43 +165,18 @@ impl CustomOp3 for LayerNorm {
         with_f32(x, name, |xs| {
             with_f32(weight, name, |w| {
                 with_f32(grad, name, |dy| {
-                    let rows = xs.len() / c.max(1);
                     let dx = x
                         .track_op()
                         .then(|| {
-                            let mut dx = vec![0f32; xs.len()];
-                            par_rows(&mut dx, c, |r, out| {
-                                let row = &xs[r * c..(r + 1) * c];
-                                let g = &dy[r * c..(r + 1) * c];
-                                let (mean, rstd) = moments(row, eps);
-                                // dx = rstd · (g·w − mean(g·w) − x̂ · mean(g·w·x̂))
-                                let (mut a, mut b) = (0f32, 0f32);
-                                for i in 0..c {
-                                    let gw = g[i] * w[i];
-                                    a += gw;
-                                    b += gw * (row[i] - mean) * rstd;
-                                }
-                                let (a, b) = (a / c as f32, b / c as f32);
-                                for i in 0..c {
-                                    let xhat = (row[i] - mean) * rstd;
-                                    out[i] = rstd * (g[i] * w[i] - a - xhat * b);
-                                }
-                            });
-                            Tensor::from_vec(dx, x.shape(), x.device())
+                            Tensor::from_vec(
+                                layer_norm_rows_dx(xs, w, dy, eps),
+                                x.shape(),
+                                x.device(),
+                            )
                         })
                         .transpose()?;
                     let (dw, db) = if weight.track_op() || bias.track_op() {
-                        // Both sums in one pass: [dw | db].
-                        let sums = par_row_sums(rows, c, 2 * c, |r, acc| {
-                            let row = &xs[r * c..(r + 1) * c];
-                            let g = &dy[r * c..(r + 1) * c];
-                            let (mean, rstd) = moments(row, eps);
-                            let (dw, db) = acc.split_at_mut(c);
-                            for i in 0..c {
-                                dw[i] += g[i] * (row[i] - mean) * rstd;
-                                db[i] += g[i];
-                            }
-                        });
+                        let sums = layer_norm_rows_dwb(xs, dy, c, eps);
                         let dw = Tensor::from_slice(&sums[..c], c, x.device())?;
                         let db = Tensor::from_slice(&sums[c..], c, x.device())?;
                         (

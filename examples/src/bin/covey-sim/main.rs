@@ -281,6 +281,9 @@ struct LanguageArgs {
     /// What the model continues before and after training.
     #[arg(long, default_value = "To be, or not to be")]
     prompt: String,
+    /// The devices hold a LoRA run's frozen base as f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    base_dtype: String,
 }
 
 impl LanguageArgs {

@@ -137,8 +137,13 @@ impl Population {
                 let mut trainers = Vec::new();
                 for (i, role) in chosen.iter().enumerate() {
                     std::fs::write(test_data.join(format!("{i}.txt")), role.test.join("\n"))?;
-                    let trainer =
-                        TextTrainer::new(role.text_data(), device).with_assets(assets.clone());
+                    let trainer = TextTrainer::new(role.text_data(), device)
+                        .with_assets(assets.clone())
+                        .with_base_dtype(match args.language.base_dtype.as_str() {
+                            "bf16" => candle_core::DType::BF16,
+                            "f16" => candle_core::DType::F16,
+                            _ => candle_core::DType::F32,
+                        });
                     let attack = if i < attackers {
                         args.attack
                     } else {
