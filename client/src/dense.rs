@@ -80,8 +80,22 @@ impl Dense {
                 bias.len()
             );
         }
+        // A frozen bf16 or f16 weight (a narrow LoRA base) is widened for
+        // this product alone.
+        let wide = crate::lm::ops::widen(w.0, w.1, self.name())?;
+        let (w_storage, w_layout) = match &wide {
+            Some(wide) => {
+                let contiguous = Layout::contiguous(w.1.shape());
+                let layout = match self.layout {
+                    WeightLayout::OutIn => contiguous.transpose(0, 1)?,
+                    WeightLayout::InOut => contiguous,
+                };
+                (wide, layout)
+            }
+            None => (w.0, w_layout),
+        };
         let y =
-            x.0.matmul(w.0, (1, batch, outputs, inputs), x.1, &w_layout)?;
+            x.0.matmul(w_storage, (1, batch, outputs, inputs), x.1, &w_layout)?;
         let CpuStorage::F32(mut y) = y else {
             candle_core::bail!("{} needs f32", self.name());
         };
@@ -148,9 +162,14 @@ impl Dense {
         };
         let grad_x = x
             .track_op()
-            .then(|| match self.layout {
-                WeightLayout::OutIn => grad.matmul(weight),
-                WeightLayout::InOut => grad.matmul(&weight.t()?),
+            .then(|| {
+                // A narrow weight is frozen: widened again here, not kept
+                // wide from the forward pass.
+                let weight = weight.to_dtype(DType::F32)?;
+                match self.layout {
+                    WeightLayout::OutIn => grad.matmul(&weight),
+                    WeightLayout::InOut => grad.matmul(&weight.t()?),
+                }
             })
             .transpose()?;
         let grad_w = weight
@@ -390,5 +409,34 @@ mod tests {
         let x = random(&[4, 6], 1);
         assert!(dense_cpu(&x, &random(&[3, 5], 2), &random(&[3], 3), false).is_err());
         assert!(dense_cpu(&x, &random(&[3, 6], 2), &random(&[4], 3), false).is_err());
+    }
+
+    /// A frozen bf16 or f16 weight (a narrow LoRA base) computes what its
+    /// widened f32 copy computes, in value and input gradient, in both
+    /// layouts, and never gets a gradient of its own.
+    #[test]
+    fn a_narrow_frozen_weight_is_widened_inside_the_op() {
+        for dtype in [DType::BF16, DType::F16] {
+            for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+                let x = Var::from_tensor(&random(&[5, 12], 1)).unwrap();
+                let shape: &[usize] = match layout {
+                    WeightLayout::OutIn => &[7, 12],
+                    WeightLayout::InOut => &[12, 7],
+                };
+                let narrow = random(shape, 2).to_dtype(dtype).unwrap();
+                let wide = narrow.to_dtype(DType::F32).unwrap();
+                let upstream = random(&[5, 7], 3);
+                let ours = linear_cpu(&x, &narrow, None, layout, Activation::GeluTanh).unwrap();
+                let reference = linear_cpu(&x, &wide, None, layout, Activation::GeluTanh).unwrap();
+                assert!(max_gap(&reference, &ours) < 1e-6, "{dtype:?} {layout:?}");
+                let (g_ours, g_ref) = (pullback(&ours, &upstream), pullback(&reference, &upstream));
+                let gap = max_gap(g_ours.get(&x).unwrap(), g_ref.get(&x).unwrap());
+                assert!(
+                    gap < 1e-6,
+                    "{dtype:?} {layout:?}: x gradient differs by {gap}"
+                );
+                assert!(g_ours.get(&narrow).is_none());
+            }
+        }
     }
 }

@@ -198,8 +198,13 @@ fn local_trainer(
 }
 
 fn main() -> Result<()> {
-    covey_client::memory::keep_freed_memory();
     let cli = Cli::parse();
+    // A narrow base is asked for to save memory, which kept freed pages
+    // would give back (see `memory`).
+    covey_client::memory::for_base(matches!(
+        &cli.command,
+        Command::Run { base_dtype, .. } if base_dtype != "f32"
+    ));
     let filter = tracing_subscriber::EnvFilter::try_from_env("COVEY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,quinn_proto=warn"));
     tracing_subscriber::fmt()

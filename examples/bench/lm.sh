@@ -21,8 +21,9 @@ for _ in $(seq "$rounds"); do
     # The small GPT-2 of the issue: 4 layers, width 256, 4 heads, context 128, batch 16.
     run covey "$covey" --model gpt2-bytes --batch 16 --context 128 --json
     run torch "$python" examples/bench/torch_lm.py --model gpt2-bytes --batch 16 --context 128
-    # GPT-2 124M with LoRA r = 8 on the attention projections; the base in f32, then bf16.
-    run covey "$covey" --model gpt2-124m --lora-rank 8 --batch 4 --context 128 --sequences 16 --json
-    run covey "$covey" --model gpt2-124m --lora-rank 8 --bf16-base --batch 4 --context 128 --sequences 16 --json
+    # GPT-2 124M with LoRA r = 8 on the attention projections; the base in f32, bf16 and f16.
+    for dtype in f32 bf16 f16; do
+        run covey "$covey" --model gpt2-124m --lora-rank 8 --base-dtype $dtype --batch 4 --context 128 --sequences 16 --json
+    done
     run torch "$python" examples/bench/torch_lm.py --model gpt2-124m --lora-rank 8 --batch 4 --context 128 --sequences 16
 done

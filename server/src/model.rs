@@ -360,7 +360,7 @@ mod tests {
         let (_, flat) =
             checkpoint::read_checkpoint(&PathBuf::from(&reference("llama")[3..])).unwrap();
         assert_eq!(
-            checkpoint::read_tensors(&p.assets, &spec.arch).unwrap(),
+            covey_client::lm::reader::read_tensors::<f32>(&p.assets, &spec.arch).unwrap(),
             flat
         );
         let cache = AssetCache::new(dir.path().join("assets")).unwrap();

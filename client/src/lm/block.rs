@@ -368,24 +368,6 @@ impl Node {
         }
         Ok(din)
     }
-
-    /// A widened f32 copy of a bf16 or f16 parameter blob; `None` for an
-    /// f32 one, which is read in place.
-    fn widen(s: &CpuStorage, l: &Layout) -> Result<Option<CpuStorage>> {
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("block: the parameters must be contiguous");
-        };
-        Ok(match s {
-            CpuStorage::F32(_) => None,
-            CpuStorage::BF16(v) => Some(CpuStorage::F32(
-                v[start..end].par_iter().map(|x| x.to_f32()).collect(),
-            )),
-            CpuStorage::F16(v) => Some(CpuStorage::F32(
-                v[start..end].par_iter().map(|x| x.to_f32()).collect(),
-            )),
-            _ => candle_core::bail!("block: parameters must be f32, bf16 or f16"),
-        })
-    }
 }
 
 impl CustomOp3 for Node {
@@ -412,7 +394,7 @@ impl CustomOp3 for Node {
                 o.c
             );
         }
-        let widened = Self::widen(s2, l2)?;
+        let widened = super::ops::widen(s2, l2, "block")?;
         let p = match &widened {
             Some(wide) => (wide, 0),
             None => (s2, l2.start_offset()),
@@ -490,7 +472,7 @@ impl CustomOp3 for Node {
         let (gs, _) = grad.storage_and_layout();
         let x_vals = f32s(cpu(&xs)?)?;
         let x_vals = &x_vals[x.layout().start_offset()..x.layout().start_offset() + n * c];
-        let widened = Self::widen(cpu(&ps)?, pl)?;
+        let widened = super::ops::widen(cpu(&ps)?, pl, "block")?;
         let p = match &widened {
             Some(wide) => (wide, 0),
             None => (cpu(&ps)?, pl.start_offset()),

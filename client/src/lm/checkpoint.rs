@@ -391,7 +391,7 @@ fn rope(f: &mut Fields) -> Result<(f64, Option<Llama3Scaling>), CheckpointError>
 }
 
 /// Names a tensor may carry in a checkpoint that are no parameter.
-fn is_buffer(name: &str, arch: &LmArch) -> bool {
+pub(super) fn is_buffer(name: &str, arch: &LmArch) -> bool {
     match arch {
         LmArch::Gpt2(_) => {
             name.ends_with(".attn.bias")
@@ -407,7 +407,7 @@ fn is_buffer(name: &str, arch: &LmArch) -> bool {
 
 /// The checkpoint's name for a family tensor, in whichever of the known
 /// layouts the file uses.
-fn strip_prefix<'a>(name: &'a str, arch: &LmArch) -> &'a str {
+pub(super) fn strip_prefix<'a>(name: &'a str, arch: &LmArch) -> &'a str {
     match arch {
         LmArch::Gpt2(_) => name.strip_prefix("transformer.").unwrap_or(name),
         LmArch::Llama(_) => name,
@@ -459,97 +459,8 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
 pub fn read_checkpoint(dir: &Path) -> Result<(LmArch, Vec<f32>), CheckpointError> {
     let arch = read_config(dir)?;
     let files = weight_files(dir)?;
-    let weights = read_tensors(&files, &arch)?;
+    let weights = super::reader::read_tensors(&files, &arch)?;
     Ok((arch, weights))
-}
-
-/// Reads the family's tensors from safetensors files into one flat vector
-/// in [`Family::tensors`] order, widening f16 and bf16 to f32.
-pub fn read_tensors(files: &[PathBuf], arch: &LmArch) -> Result<Vec<f32>, CheckpointError> {
-    let family = arch.family();
-    let wanted = family.tensors();
-    let index: HashMap<&str, usize> = wanted
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
-    let mut parts: Vec<Option<Vec<f32>>> = vec![None; wanted.len()];
-    for file in files {
-        let path = file.display().to_string();
-        let bytes = std::fs::read(file).map_err(io(file))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| CheckpointError::Format {
-            path: path.clone(),
-            problem: format!("not a safetensors file: {e}"),
-        })?;
-        for (name, view) in st.tensors() {
-            if is_buffer(&name, arch) {
-                continue;
-            }
-            let short = strip_prefix(&name, arch);
-            let Some(&i) = index.get(short) else {
-                return Err(CheckpointError::Unexpected {
-                    path,
-                    name,
-                    family: family.name(),
-                });
-            };
-            let spec: &TensorSpec = &wanted[i];
-            if view.shape() != spec.shape.as_slice() {
-                return Err(CheckpointError::Shape {
-                    path,
-                    name,
-                    got: view.shape().to_vec(),
-                    expected: spec.shape.clone(),
-                });
-            }
-            parts[i] =
-                Some(
-                    widen(view.dtype(), view.data()).ok_or_else(|| CheckpointError::DType {
-                        path: path.clone(),
-                        name: name.clone(),
-                        dtype: format!("{:?}", view.dtype()),
-                    })?,
-                );
-        }
-    }
-    let mut flat = Vec::with_capacity(wanted.iter().map(TensorSpec::len).sum());
-    for (t, part) in wanted.iter().zip(parts) {
-        match part {
-            Some(values) => flat.extend(values),
-            None => {
-                return Err(CheckpointError::Missing {
-                    path: files
-                        .first()
-                        .map(|f| f.display().to_string())
-                        .unwrap_or_default(),
-                    name: t.name.clone(),
-                });
-            }
-        }
-    }
-    Ok(flat)
-}
-
-/// Little-endian f32, f16 or bf16 bytes as f32.
-fn widen(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
-    match dtype {
-        Dtype::F32 => Some(
-            data.chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        ),
-        Dtype::F16 => Some(
-            data.chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-        ),
-        Dtype::BF16 => Some(
-            data.chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-        ),
-        _ => None,
-    }
 }
 
 /// Writes named f32 tensors, laid out by `specs` over `flat`, as one
@@ -775,10 +686,12 @@ pub fn read_adapter(dir: &Path, spec: &LanguageSpec) -> Result<Vec<f32>, Checkpo
     })?;
     let mut by_name = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let values = widen(view.dtype(), view.data()).ok_or_else(|| CheckpointError::DType {
-            path: shown.clone(),
-            name: name.clone(),
-            dtype: format!("{:?}", view.dtype()),
+        let values = super::reader::widen(view.dtype(), view.data()).ok_or_else(|| {
+            CheckpointError::DType {
+                path: shown.clone(),
+                name: name.clone(),
+                dtype: format!("{:?}", view.dtype()),
+            }
         })?;
         by_name.insert(name, (view.shape().to_vec(), values));
     }

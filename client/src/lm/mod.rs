@@ -19,6 +19,7 @@ mod gpt2;
 mod llama;
 pub mod local;
 pub mod ops;
+pub mod reader;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

@@ -13,9 +13,11 @@ use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    BaseTensors, LanguageModel, checkpoint,
+    BaseTensors, LanguageModel,
     ops::{TokenLoss, cross_entropy_counted, token_losses},
+    reader,
     tokenizer::TextTokenizer,
+    weights::BaseValues,
 };
 
 use crate::{
@@ -163,21 +165,35 @@ pub fn load_base(
     device: &Device,
     dtype: DType,
 ) -> Result<BaseTensors, TrainError> {
-    let flat = base_flat(spec, assets)?;
-    Ok(BaseTensors::from_flat(spec, flat, device, dtype)?)
+    let values = match base_source(spec)? {
+        BaseWeights::Seeded(seed) => BaseValues::narrowed(spec.initial_base(*seed), dtype),
+        BaseWeights::Asset(a) => {
+            let path = [assets.ok_or(TrainError::NoAssetCache)?.require(a)?];
+            match dtype {
+                DType::BF16 => BaseValues::BF16(reader::read_tensors(&path, &spec.arch)?),
+                DType::F16 => BaseValues::F16(reader::read_tensors(&path, &spec.arch)?),
+                _ => BaseValues::F32(reader::read_tensors(&path, &spec.arch)?),
+            }
+        }
+    };
+    Ok(BaseTensors::from_values(spec, values, device)?)
+}
+
+/// Where a LoRA spec's frozen base comes from.
+fn base_source(spec: &LanguageSpec) -> Result<&BaseWeights, TrainError> {
+    match &spec.tuning {
+        Tuning::Lora { base, .. } => Ok(base),
+        Tuning::Full => Err(TrainError::Lm(super::LmError::NoBase)),
+    }
 }
 
 /// A LoRA spec's frozen base, flat in the family's tensor order.
 pub fn base_flat(spec: &LanguageSpec, assets: Option<&AssetCache>) -> Result<Vec<f32>, TrainError> {
-    let Tuning::Lora { base, .. } = &spec.tuning else {
-        return Err(TrainError::Lm(super::LmError::NoBase));
-    };
-    Ok(match base {
+    Ok(match base_source(spec)? {
         BaseWeights::Seeded(seed) => spec.initial_base(*seed),
         BaseWeights::Asset(a) => {
             let cache = assets.ok_or(TrainError::NoAssetCache)?;
-            let path = cache.require(a)?;
-            checkpoint::read_tensors(&[path], &spec.arch)?
+            reader::read_tensors(&[cache.require(a)?], &spec.arch)?
         }
     })
 }

@@ -52,33 +52,19 @@ impl Groups {
         Ok(out)
     }
 
-    /// Frozen groups: views into one tensor made from `flat` without a
-    /// copy (f32), or narrowed straight from it (bf16, f16), so that no
-    /// second full-size copy of a base is ever held while it loads.
+    /// Frozen groups: views into one tensor made from `values` without a
+    /// copy, in the dtype they were read in.
     fn frozen(
         specs: &[TensorSpec],
-        flat: Vec<f32>,
+        values: BaseValues,
         device: &Device,
-        dtype: DType,
         by_layer: bool,
     ) -> Result<Self, LmError> {
-        let len = flat.len();
-        let whole = match dtype {
-            DType::BF16 => Tensor::from_vec(
-                flat.iter()
-                    .map(|&v| half::bf16::from_f32(v))
-                    .collect::<Vec<_>>(),
-                len,
-                device,
-            )?,
-            DType::F16 => Tensor::from_vec(
-                flat.iter()
-                    .map(|&v| half::f16::from_f32(v))
-                    .collect::<Vec<_>>(),
-                len,
-                device,
-            )?,
-            _ => Tensor::from_vec(flat, len, device)?.to_dtype(dtype)?,
+        let len = values.len();
+        let whole = match values {
+            BaseValues::F32(v) => Tensor::from_vec(v, len, device)?,
+            BaseValues::BF16(v) => Tensor::from_vec(v, len, device)?,
+            BaseValues::F16(v) => Tensor::from_vec(v, len, device)?,
         };
         Self::split(specs, by_layer, |at, len| Ok(whole.narrow(0, at, len)?))
     }
@@ -134,6 +120,48 @@ impl Groups {
     }
 }
 
+/// A frozen base's values, flat in the family's order, in the dtype the
+/// device holds them in: read straight into bf16 or f16 from a checkpoint
+/// (see [`super::reader`]), never widened to f32 on the way.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BaseValues {
+    F32(Vec<f32>),
+    BF16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl BaseValues {
+    /// `flat` held as `dtype`: bf16 and f16 narrow it, anything else keeps
+    /// f32.
+    pub fn narrowed(flat: Vec<f32>, dtype: DType) -> Self {
+        match dtype {
+            DType::BF16 => Self::BF16(flat.into_iter().map(half::bf16::from_f32).collect()),
+            DType::F16 => Self::F16(flat.into_iter().map(half::f16::from_f32).collect()),
+            _ => Self::F32(flat),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::BF16(v) => v.len(),
+            Self::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::F32(_) => DType::F32,
+            Self::BF16(_) => DType::BF16,
+            Self::F16(_) => DType::F16,
+        }
+    }
+}
+
 /// The base parameters of a LoRA run, resident on a device and shared by
 /// every round that uses them. `dtype` may be bf16 or f16 to halve the
 /// memory they take; each use widens them to f32.
@@ -154,19 +182,30 @@ impl BaseTensors {
         device: &Device,
         dtype: DType,
     ) -> Result<Self, LmError> {
+        Self::from_values(spec, BaseValues::narrowed(flat, dtype), device)
+    }
+
+    /// Splits `values`, in the family's tensor order, into named tensors on
+    /// `device`, in the values' dtype.
+    pub fn from_values(
+        spec: &LanguageSpec,
+        values: BaseValues,
+        device: &Device,
+    ) -> Result<Self, LmError> {
         let tensors = spec.arch.family().tensors();
         let expected: usize = tensors.iter().map(|t| t.len()).sum();
-        if flat.len() != expected {
+        if values.len() != expected {
             return Err(LmError::WeightCount {
                 what: "base model",
                 expected,
-                got: flat.len(),
+                got: values.len(),
             });
         }
-        let groups = Groups::frozen(&tensors, flat, device, dtype, fused_blocks(spec, device))?;
+        let bytes = expected * values.dtype().size_in_bytes();
+        let groups = Groups::frozen(&tensors, values, device, fused_blocks(spec, device))?;
         Ok(Self {
             layers: groups.layers(),
-            bytes: expected * dtype.size_in_bytes(),
+            bytes,
             tensors: groups.views,
         })
     }
@@ -436,7 +475,9 @@ impl Weights {
 
     /// Logits [N, V] of h [N, C] against the head stored as parameter
     /// `name` [V, C] (see [`Self::head`]); a narrow head is widened a block
-    /// of vocabulary at a time, never whole.
+    /// of vocabulary at a time, never whole: on the CPU inside the product,
+    /// forward and backward, so no wide copy outlives it; elsewhere as a
+    /// wide block the graph keeps.
     pub fn head_named(&self, h: &Tensor, name: &str) -> Result<Tensor, LmError> {
         let head = self.stored(name)?;
         if head.dtype() == DType::F32 {
@@ -447,10 +488,12 @@ impl Weights {
         let parts = (0..vocab)
             .step_by(ROWS)
             .map(|start| {
-                let block = head
-                    .narrow(0, start, ROWS.min(vocab - start))?
-                    .to_dtype(DType::F32)?;
-                self.head(h, &block)
+                let block = head.narrow(0, start, ROWS.min(vocab - start))?;
+                if h.device().is_cpu() {
+                    self.head(h, &block)
+                } else {
+                    self.head(h, &block.to_dtype(DType::F32)?)
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Tensor::cat(&parts, 1)?)
@@ -488,7 +531,7 @@ impl Weights {
         orientation: Orientation,
     ) -> Result<Tensor, LmError> {
         if x.device().is_cpu() && !self.adapters.contains_key(path) {
-            let w = self.get(&format!("{path}.weight"))?;
+            let w = self.stored(&format!("{path}.weight"))?;
             let b = self.find(&format!("{path}.bias"));
             return Ok(linear_cpu(
                 x,
@@ -513,12 +556,14 @@ impl Weights {
         path: &str,
         orientation: Orientation,
     ) -> Result<Tensor, LmError> {
-        let w = self.get(&format!("{path}.weight"))?;
         let b = self.find(&format!("{path}.bias"));
         let mut y = if x.device().is_cpu() {
-            // One node for product and bias, with no gradient for a frozen W.
+            // One node for product and bias, with no gradient for a frozen W,
+            // which a narrow base keeps narrow (the op widens it).
+            let w = self.stored(&format!("{path}.weight"))?;
             linear_cpu(x, &w, b.as_ref(), orientation, Activation::None)?
         } else {
+            let w = self.get(&format!("{path}.weight"))?;
             let y = match orientation {
                 Orientation::InOut => x.matmul(&w)?,
                 Orientation::OutIn => x.matmul(&w.t()?)?,

@@ -28,6 +28,31 @@ pub use loss::{TokenLoss, cross_entropy, cross_entropy_counted, token_losses};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{Rotary, rope};
 
+/// A widened f32 copy of a bf16 or f16 frozen parameter; `None` for an f32
+/// one, which is read in place. A narrow base is widened where it is used,
+/// a block or a slice at a time, and the copy dropped right after: holding
+/// it wide would give back the memory the narrow base saves.
+pub(crate) fn widen(
+    s: &candle_core::CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<Option<candle_core::CpuStorage>> {
+    use candle_core::CpuStorage;
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: the parameters must be contiguous");
+    };
+    Ok(match s {
+        CpuStorage::F32(_) => None,
+        CpuStorage::BF16(v) => Some(CpuStorage::F32(
+            v[start..end].par_iter().map(|x| x.to_f32()).collect(),
+        )),
+        CpuStorage::F16(v) => Some(CpuStorage::F32(
+            v[start..end].par_iter().map(|x| x.to_f32()).collect(),
+        )),
+        _ => candle_core::bail!("{op}: parameters must be f32, bf16 or f16"),
+    })
+}
+
 /// Target id that takes no part in the loss (the tail of a short sequence).
 pub const IGNORE: u32 = u32::MAX;
 

@@ -304,8 +304,9 @@ impl LanguageArgs {
 }
 
 fn main() -> Result<()> {
-    covey_client::memory::keep_freed_memory();
     let args = Args::parse();
+    // As covey-client does: a narrow base lets freed memory go.
+    covey_client::memory::for_base(args.language.base_dtype != "f32");
     let filter = tracing_subscriber::EnvFilter::try_from_env("COVEY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
