@@ -623,6 +623,7 @@ fn main() -> Result<()> {
             prepared
                 .configure(&mut config)
                 .context("writing the model spec")?;
+            prepared.training_defaults(&mut config);
             config.rounds.rounds = rounds;
             config.rounds.clients_per_round = clients_per_round;
             config.rounds.min_clients = clients_per_round;

@@ -103,7 +103,23 @@ impl Prepared {
         };
         Ok(())
     }
+
+    /// The local training a new run of this model starts from: a language
+    /// model trains with Adam at [`LANGUAGE_LEARNING_RATE`] (the defaults'
+    /// SGD, made for the classifiers, trains a transformer poorly); a
+    /// classifier keeps the defaults.
+    pub fn training_defaults(&self, config: &mut crate::ServerConfig) {
+        if self.spec.as_language().is_some() {
+            config.training.local_optimizer = "adam".into();
+            config.training.learning_rate = LANGUAGE_LEARNING_RATE;
+        }
+    }
 }
+
+/// Local Adam's learning rate for a language model: at 0.002 the byte-level
+/// GPT-2 stalls at a bigram model's accuracy, at 0.0005 it leaves it
+/// (BENCHMARKS.md, "Learning rate").
+pub const LANGUAGE_LEARNING_RATE: f32 = 0.0005;
 
 /// The default context: short enough for a phone's memory.
 const DEFAULT_CONTEXT: u32 = 128;
@@ -292,6 +308,24 @@ mod tests {
             model: model.into(),
             ..Default::default()
         }
+    }
+
+    /// A language model's config trains with local Adam at the rate that
+    /// leaves the bigram plateau; a classifier's keeps SGD.
+    #[test]
+    fn a_language_model_is_configured_for_adam() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::ServerConfig::default();
+        let classifier = choice("2nn").prepare(1, dir.path()).unwrap();
+        classifier.training_defaults(&mut config);
+        let defaults = crate::ServerConfig::default().training;
+        assert_eq!(config.training.local_optimizer, "sgd");
+        assert_eq!(config.training.learning_rate, defaults.learning_rate);
+        let language = choice("gpt2-bytes").prepare(1, dir.path()).unwrap();
+        language.training_defaults(&mut config);
+        assert_eq!(config.training.local_optimizer, "adam");
+        assert_eq!(config.training.learning_rate, LANGUAGE_LEARNING_RATE);
+        assert!(config.settings().is_ok());
     }
 
     #[test]

@@ -452,6 +452,9 @@ fn init_builds_a_language_model_from_a_checkpoint_and_names_what_it_refuses() {
     let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
     assert!(config.contains("architecture = \"llama\""), "{config}");
     assert!(config.contains("language = "), "{config}");
+    // Devices fine-tune it with local Adam, not the classifiers' SGD.
+    assert!(config.contains("local_optimizer = \"adam\""), "{config}");
+    assert!(config.contains("learning_rate = 0.0005"), "{config}");
     // The base and the tokenizer, by hash.
     assert_eq!(std::fs::read_dir(dir.join("assets")).unwrap().count(), 2);
     let out = ok(&server(&["status"], &dir));

@@ -608,3 +608,51 @@ fn merged_weights_compute_what_base_and_adapters_compute() {
         assert!(gap < 1e-4, "{name}: merged logits differ by {gap}");
     }
 }
+
+/// The built-in byte-level GPT-2 at its own size (width 256, 4 heads,
+/// 128 positions, fused CPU blocks): a position's logits depend on every
+/// earlier token and on no later one. A model that only saw its own token
+/// would train to a bigram model and stop there.
+#[test]
+fn the_builtin_model_reads_every_earlier_token_and_no_later_one() {
+    let (arch, tokenizer) = super::builtin("gpt2-bytes").unwrap();
+    let s = LanguageSpec {
+        arch,
+        tokenizer,
+        context: 128,
+        tuning: Tuning::Full,
+    };
+    let mut trainable = s.initial_trainable(1);
+    jitter(&mut trainable, 2, 0.05);
+    let model = LanguageModel::new(&s, &trainable, None, &Device::Cpu).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let ids: Vec<u32> = (0..128).map(|_| rng.random_range(0..256)).collect();
+    let logits = |ids: &[u32]| -> Vec<Vec<f32>> {
+        let t = Tensor::from_vec(ids.to_vec(), (1, 128), &Device::Cpu).unwrap();
+        model.forward(&t).unwrap().to_vec2().unwrap()
+    };
+    let gap = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    let before = logits(&ids);
+    for changed in [0usize, 1, 63, 126] {
+        let mut other = ids.clone();
+        other[changed] = (other[changed] + 1) % 256;
+        let after = logits(&other);
+        for pos in [changed + 1, 127] {
+            assert!(
+                gap(&before[pos], &after[pos]) > 1e-4,
+                "position {pos} does not see token {changed}"
+            );
+        }
+        for pos in 0..changed {
+            assert_eq!(
+                before[pos], after[pos],
+                "position {pos} sees later token {changed}"
+            );
+        }
+    }
+}

@@ -552,6 +552,8 @@ mod tests {
             (2, 5, 4, 4, 8),
             (3, 17, 4, 2, 8),
             (2, 9, 6, 1, 4),
+            // gpt2-bytes' own shape: 4 heads of 64 over 128 positions.
+            (2, 128, 4, 4, 64),
         ] {
             let q = var(&[b * t, heads * d], 1);
             let k = var(&[b * t, kv * d], 2);

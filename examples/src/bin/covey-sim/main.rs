@@ -83,7 +83,8 @@ struct Args {
     /// classifier (McMahan et al.), adam for a language model.
     #[arg(long)]
     local_optimizer: Option<String>,
-    /// Local learning rate (eta); default 0.1 with SGD, 0.002 with Adam.
+    /// Local learning rate (eta); default 0.1 with SGD, 0.002 with Adam,
+    /// 0.0005 with Adam for a language model.
     #[arg(long)]
     lr: Option<f32>,
     /// fedavg, fedavgm, fedadam or fedyogi.
@@ -251,7 +252,11 @@ impl Local {
         Self {
             epochs: args.epochs.unwrap_or(if language { 3 } else { 5 }),
             batch: args.batch.unwrap_or(if language { 8 } else { 10 }),
-            lr: args.lr.unwrap_or(if adam { 0.002 } else { 0.1 }),
+            lr: args.lr.unwrap_or(match (adam, language) {
+                (true, true) => covey_server::model::LANGUAGE_LEARNING_RATE,
+                (true, false) => 0.002,
+                (false, _) => 0.1,
+            }),
             optimizer,
         }
     }
