@@ -435,6 +435,84 @@ fn secure_aggregation_survives_dropouts_at_random_phases() {
     );
 }
 
+/// LoRA under secure aggregation and distributed DP: clipping, noise,
+/// quantization and masks cover the adapters' trainable B alone (32,768
+/// values of gpt2-bytes at r = 8), never the 3.3 M-value frozen base. With
+/// a zero learning rate the released adapters are exactly the clients'
+/// summed noise, sized for that length.
+#[test]
+fn lora_under_secure_aggregation_and_distributed_dp_noises_the_adapters_alone() {
+    use covey_privacy::{ClipNorm, accountant::NoiseMultiplier, distributed::DistributedPlan};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let rounds = sim(&[
+        "--model",
+        "gpt2-bytes",
+        "--lora-rank",
+        "8",
+        "--context",
+        "32",
+        "--clients",
+        "5",
+        "--rounds",
+        "1",
+        "--epochs",
+        "1",
+        "--lr",
+        "0",
+        "--dp",
+        "distributed",
+        "--clip",
+        "1",
+        "--noise-multiplier",
+        "1",
+        "--bits",
+        "20",
+        "--secagg",
+        "--neighbors",
+        "4",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(rounds.len(), 1);
+    assert_eq!(rounds[0]["participants"], 5);
+    assert!(rounds[0]["epsilon"].as_f64().unwrap() > 0.0);
+    let (mean, std, store) = released_noise(&state);
+    let weights = store
+        .model(covey_protocol::ModelVersion(1))
+        .unwrap()
+        .weights;
+    // B of c_attn (768 × 8) and attn.c_proj (256 × 8) in each of 4 layers.
+    let trainable = 4 * (768 + 256) * 8;
+    assert_eq!(weights.len(), trainable);
+    // Quorum 3 (half of 5, rounded up) out of at most 5 clients.
+    let plan = DistributedPlan::new(
+        trainable as u64,
+        ClipNorm::new(1.0).unwrap(),
+        NoiseMultiplier::new(1.0).unwrap(),
+        3,
+        5,
+        20,
+        0,
+    )
+    .unwrap();
+    let expected = plan.quantizer.gamma * plan.client_sigma * 5f64.sqrt() / 5.0;
+    // 32,768 coordinates: the estimate's own error is about 0.4%.
+    assert!(
+        (std / expected - 1.0).abs() < 0.03,
+        "noise std {std}, expected {expected}"
+    );
+    assert!(mean.abs() < 0.05 * expected, "noise mean {mean}");
+    // Each client sent ring words for the adapters, not the base: 4 bytes a
+    // value (32,768 is already a power of two, so no rotation padding).
+    let up = rounds[0]["bytes_up"].as_f64().unwrap() / 5.0;
+    let words = 4.0 * trainable as f64;
+    assert!(
+        up >= words && up < 1.25 * words,
+        "{up} bytes up per client for {trainable} values"
+    );
+}
+
 /// Secure aggregation without DP: updates clipped to --clip, quantized and
 /// masked; the server applies the survivors' plain mean and the model
 /// learns as it does without masks.
