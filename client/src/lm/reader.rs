@@ -18,7 +18,7 @@ use covey_protocol::model::{LmArch, TensorSpec};
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype, Metadata};
 
-use super::checkpoint::{CheckpointError, is_buffer, strip_prefix};
+use super::checkpoint::{CheckpointError, io, is_buffer, strip_prefix};
 
 /// Headers above this are refused before they are read (safetensors' own
 /// limit).
@@ -110,13 +110,6 @@ fn format(path: &Path, problem: String) -> CheckpointError {
     CheckpointError::Format {
         path: path.display().to_string(),
         problem: format!("not a safetensors file: {problem}"),
-    }
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
-        path: path.display().to_string(),
-        source,
     }
 }
 
