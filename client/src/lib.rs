@@ -8,6 +8,7 @@ mod dense;
 pub mod fetch;
 pub mod lm;
 pub mod memory;
+pub mod model_file;
 mod optim;
 pub mod partition;
 pub mod session;

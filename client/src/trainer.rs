@@ -56,6 +56,10 @@ pub enum TrainError {
     NoAssetCache,
     #[error("the tokenizer has {tokenizer} tokens, more than the model's vocabulary of {model}")]
     TokenizerVocab { tokenizer: usize, model: usize },
+    /// The device's own training code (the Python package's `fit` or
+    /// `evaluate`) failed or returned something unusable; nothing is sent.
+    #[error("the device's training code: {0}")]
+    External(String),
 }
 
 /// What a client sends back after training.
@@ -528,6 +532,7 @@ mod tests {
             seed: 1,
             privacy: covey_protocol::message::UpdatePrivacy::Plain,
             secure_aggregation: None,
+            config: Default::default(),
         }
     }
 

@@ -175,7 +175,16 @@ mod tests {
                         Message::Task(Task {
                             round: RoundId(round),
                             base_version: ModelVersion(version),
-                            spec: ModelSpec::mnist(architecture),
+                            spec: if version % 3 == 0 {
+                                ModelSpec::External(crate::model::ExternalSpec {
+                                    tensors: vec![crate::model::TensorSpec::new(
+                                        "fc.weight",
+                                        &[(version % 50 + 1) as usize, 3],
+                                    )],
+                                })
+                            } else {
+                                ModelSpec::mnist(architecture)
+                            },
                             hyper: Hyperparameters {
                                 epochs: 5,
                                 batch_size: 10,
@@ -217,6 +226,18 @@ mod tests {
                                     },
                                 },
                             ),
+                            config: crate::message::FitConfig(vec![
+                                (
+                                    "decay".into(),
+                                    crate::message::ConfigValue::Float(f64::from(lr)),
+                                ),
+                                (
+                                    "tag".into(),
+                                    crate::message::ConfigValue::Text(format!("r{round}")),
+                                ),
+                                ("n".into(), crate::message::ConfigValue::Int(version as i64)),
+                                ("on".into(), crate::message::ConfigValue::Bool(lr > 0.0)),
+                            ]),
                         })
                     }
                 ),

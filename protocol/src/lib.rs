@@ -36,7 +36,9 @@ pub const ADMIN_ALPN: &[u8] = b"covey-admin/1";
 /// 5: updates wait for `SendUpdate`, so waiting uploads hold no server memory.
 /// 6: tasks carry the model as a family plus its configuration (language
 ///    models, LoRA); devices fetch assets by hash (`FetchAsset`).
-pub const PROTOCOL_VERSION: u16 = 6;
+/// 7: external models (named tensors trained by the device's own code) and
+///    the operator's `FitConfig` in every task.
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// The DNS name the server certificate carries and clients verify; an
 /// enrollment-internal name, so certificates never embed an address.

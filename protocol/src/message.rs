@@ -166,6 +166,24 @@ pub struct Task {
     /// Secure aggregation: the ring words are masked, and the server
     /// learns only their sum. Requires [`UpdatePrivacy::Distributed`].
     pub secure_aggregation: Option<SecAggParams>,
+    /// The operator's own settings for the devices' training code
+    /// (`[fit_config]` in config.toml); Covey's trainers ignore them.
+    pub config: FitConfig,
+}
+
+/// Settings an operator hands to devices' own training code, as Flower's
+/// `config` dict carries them: names to plain values, in the order the
+/// config file lists them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FitConfig(pub Vec<(String, ConfigValue)>);
+
+/// One value of a [`FitConfig`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ConfigValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
 }
 
 /// What happens to an update before it leaves the device.

@@ -33,6 +33,10 @@ pub enum TestSetError {
     Model(#[from] TrainError),
     #[error("evaluation test set {0}: no token to predict")]
     Empty(String),
+    #[error(
+        "evaluation test set: the server cannot run an external model; devices evaluate it (federated evaluation through their `evaluate`)"
+    )]
+    External,
 }
 
 /// A held-out set, resident and ready for every version.
@@ -78,6 +82,7 @@ impl TestSet {
                 };
                 Ok(Self::Text { sequences, base })
             }
+            ModelSpec::External(_) => Err(TestSetError::External),
         }
     }
 

@@ -12,8 +12,9 @@ use covey_privacy::{
 use covey_protocol::{
     ModelVersion, UpdateEncoding,
     buffered::BufferConfig,
+    message::{ConfigValue, FitConfig},
     message::{Hyperparameters, LocalOptimizer},
-    model::{Architecture, LanguageSpec, ModelSpec},
+    model::{Architecture, ExternalSpec, LanguageSpec, ModelSpec, TensorSpec},
     round::{RoundConfig, Selection},
     secagg::{SecAggParams, Threshold},
 };
@@ -47,6 +48,9 @@ pub struct ServerConfig {
     pub storage: Storage,
     #[serde(default)]
     pub metrics: MetricsEndpoint,
+    /// Passed as-is to devices' own training code in every task.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub fit_config: toml::Table,
 }
 
 /// Where Prometheus scrapes the server; off unless an address is given.
@@ -288,14 +292,54 @@ pub struct Model {
     /// tokenizer, context, LoRA and the frozen base's hash), as JSON.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub language: String,
-    /// Where version 0 came from: a built-in name or `hf:DIR`.
+    /// Where version 0 came from: a built-in name, `hf:DIR` or the model
+    /// file of an external model.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub source: String,
+    /// An external model's tensors (names and shapes, in the devices'
+    /// order) as `init` read them from `--model-file`, as JSON.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tensors: String,
+}
+
+/// One tensor of an external model as config.toml lists it.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListedTensor {
+    name: String,
+    shape: Vec<usize>,
 }
 
 impl Model {
-    /// The language-model lines of config.toml, empty for a classifier.
+    /// Writes `spec`'s tensors into [`Self::tensors`].
+    pub fn set_external(&mut self, spec: &ExternalSpec) -> Result<(), serde_json::Error> {
+        let listed: Vec<ListedTensor> = spec
+            .tensors
+            .iter()
+            .map(|t| ListedTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+            })
+            .collect();
+        self.tensors = serde_json::to_string(&listed)?;
+        Ok(())
+    }
+
+    /// The language-model or external-model lines of config.toml, empty for
+    /// a classifier.
     fn documented_language(&self) -> String {
+        if !self.tensors.is_empty() {
+            return format!(
+                "# Where version 0 came from: the model file `init --model-file` read.\n\
+                 source = {}\n\
+                 # The external model's tensors, names and shapes in the order devices' get_parameters\n\
+                 # lists them. Devices train it in their own code (the Python package); the server\n\
+                 # refuses to start if it differs from the database's.\n\
+                 tensors = {}\n",
+                toml::Value::String(self.source.clone()),
+                toml::Value::String(self.tensors.clone()),
+            );
+        }
         if self.language.is_empty() {
             return String::new();
         }
@@ -313,7 +357,33 @@ impl Model {
 
     /// The model these settings name.
     pub fn spec(&self) -> Result<ModelSpec, ConfigError> {
+        if self.architecture != "external" && !self.tensors.is_empty() {
+            return Err(invalid(
+                "model.tensors",
+                format!("the {} model takes no tensor list", self.architecture),
+            ));
+        }
         match self.architecture.as_str() {
+            "external" => {
+                if self.tensors.is_empty() || !self.language.is_empty() {
+                    return Err(invalid(
+                        "model.tensors",
+                        "an external model needs its tensor list and no language spec; `covey-server init --model-file` writes it",
+                    ));
+                }
+                let listed: Vec<ListedTensor> = serde_json::from_str(&self.tensors)
+                    .map_err(|e| invalid("model.tensors", e.to_string()))?;
+                let tensors = listed
+                    .into_iter()
+                    .map(|t| TensorSpec {
+                        name: t.name,
+                        shape: t.shape,
+                    })
+                    .collect();
+                let spec = ExternalSpec::new(tensors)
+                    .map_err(|e| invalid("model.tensors", e.to_string()))?;
+                Ok(ModelSpec::External(spec))
+            }
             "gpt2" | "llama" => {
                 if self.language.is_empty() {
                     return Err(invalid(
@@ -342,7 +412,10 @@ impl Model {
             }
             name => {
                 let architecture: Architecture = name.parse().map_err(|e: String| {
-                    invalid("model.architecture", format!("{e}, gpt2 or llama"))
+                    invalid(
+                        "model.architecture",
+                        format!("{e}, gpt2, llama or external"),
+                    )
                 })?;
                 if !self.language.is_empty() {
                     return Err(invalid(
@@ -717,6 +790,7 @@ impl Default for ServerConfig {
                 init_seed: 0,
                 language: String::new(),
                 source: String::new(),
+                tensors: String::new(),
             },
             rounds: Rounds {
                 rounds: 10,
@@ -755,6 +829,7 @@ impl Default for ServerConfig {
             compliance: Compliance::default(),
             storage: Storage::default(),
             metrics: MetricsEndpoint::default(),
+            fit_config: toml::Table::new(),
         }
     }
 }
@@ -776,6 +851,8 @@ pub struct Settings {
     pub buffer: Option<BufferConfig>,
     pub min_cohort: MinCohort,
     pub retention: Retention,
+    /// `[fit_config]`, for devices' own training code.
+    pub fit_config: FitConfig,
 }
 
 impl ServerConfig {
@@ -824,6 +901,12 @@ impl ServerConfig {
                     "the {spec} model is {model_bytes} bytes, over the limit of {}",
                     self.server.max_model_bytes
                 ),
+            ));
+        }
+        if matches!(spec, ModelSpec::External(_)) && !self.evaluation.test_data.is_empty() {
+            return Err(invalid(
+                "evaluation.test_data",
+                "the server cannot run an external model to evaluate it centrally; devices evaluate it (federated evaluation through their `evaluate`)",
             ));
         }
         let dp = self.privacy.settings(&spec, r)?;
@@ -1011,8 +1094,37 @@ impl ServerConfig {
             dp,
             min_cohort,
             retention: self.compliance.retention()?,
+            fit_config: self.fit_config()?,
             spec,
         })
+    }
+
+    /// `[fit_config]` as tasks carry it; tables, arrays and dates are
+    /// refused, since `fit`'s config holds plain values.
+    fn fit_config(&self) -> Result<FitConfig, ConfigError> {
+        let values = self
+            .fit_config
+            .iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    toml::Value::Boolean(b) => ConfigValue::Bool(*b),
+                    toml::Value::Integer(i) => ConfigValue::Int(*i),
+                    toml::Value::Float(f) => ConfigValue::Float(*f),
+                    toml::Value::String(s) => ConfigValue::Text(s.clone()),
+                    other => {
+                        return Err(invalid(
+                            "fit_config",
+                            format!(
+                                "'{k}' is a {}: only booleans, integers, floats and strings reach `fit`",
+                                other.type_str()
+                            ),
+                        ));
+                    }
+                };
+                Ok((k.clone(), value))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(FitConfig(values))
     }
 
     /// The config as `init` writes it: every setting with its explanation.
@@ -1055,7 +1167,8 @@ transfer_timeout_secs = {transfer_timeout_secs:?}
 
 [model]
 # The global model's family: logreg, 2nn (784-200-200-10) or cnn (McMahan et al. 2017),
-# gpt2 or llama (language models, set up by `covey-server init --model`).
+# gpt2 or llama (language models, set up by `covey-server init --model`), or external
+# (tensors that devices train in their own code, set up by `covey-server init --model-file`).
 architecture = "{architecture}"
 # Seed of the initial weights (version 0), of LoRA's A and of a seeded base.
 init_seed = {init_seed}
@@ -1203,7 +1316,17 @@ kek = "{kek}"
 [metrics]
 # TCP address of the Prometheus endpoint (GET /metrics, OpenMetrics text); off when absent.
 {metrics_listen}
-"#,
+
+[fit_config]
+# Handed as-is, with every task, to devices' own training code: the Python package passes them
+# to `fit` and `evaluate` in `config`, beside round, epochs, batch_size and learning_rate.
+# Names to booleans, integers, floats or strings, e.g. `weight_decay = 0.01`.
+{fit_config}"#,
+            fit_config = self
+                .fit_config
+                .iter()
+                .map(|(k, v)| format!("{} = {v}\n", toml::Value::String(k.clone())))
+                .collect::<String>(),
             kek = self.storage.kek,
             metrics_listen = match self.metrics.listen {
                 Some(addr) => format!("listen = \"{addr}\""),
@@ -1501,5 +1624,64 @@ mod tests {
             .to_documented_toml()
             .replace("quorum =", "quorom =");
         assert!(toml::from_str::<ServerConfig>(&text).is_err());
+    }
+
+    /// An external model and the operator's fit config survive the
+    /// documented file, reach the settings, and are refused where wrong.
+    #[test]
+    fn an_external_model_and_its_fit_config_round_trip() {
+        let spec = ExternalSpec::new(vec![
+            TensorSpec::new("fc.weight", &[10, 784]),
+            TensorSpec::new("fc.bias", &[10]),
+        ])
+        .unwrap();
+        let mut c = ServerConfig::default();
+        c.model.architecture = "external".into();
+        c.model.source = "/models/init.safetensors".into();
+        c.model.set_external(&spec).unwrap();
+        c.fit_config
+            .insert("weight decay".into(), toml::Value::Float(0.01));
+        c.fit_config
+            .insert("note".into(), toml::Value::String("hi".into()));
+        c.fit_config.insert("steps".into(), toml::Value::Integer(7));
+        c.fit_config
+            .insert("warm".into(), toml::Value::Boolean(true));
+        let text = c.to_documented_toml();
+        let back: ServerConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+        let settings = back.settings().unwrap();
+        assert_eq!(settings.spec, ModelSpec::External(spec));
+        assert_eq!(
+            settings.fit_config.0,
+            [
+                ("note".to_owned(), ConfigValue::Text("hi".into())),
+                ("steps".to_owned(), ConfigValue::Int(7)),
+                ("warm".to_owned(), ConfigValue::Bool(true)),
+                ("weight decay".to_owned(), ConfigValue::Float(0.01)),
+            ]
+        );
+
+        let mut nested = c.clone();
+        nested.fit_config.insert(
+            "lrs".into(),
+            toml::Value::Array(vec![toml::Value::Float(0.1)]),
+        );
+        let e = nested.settings().unwrap_err().to_string();
+        assert!(e.contains("'lrs' is a array"), "{e}");
+
+        let mut central = c.clone();
+        central.evaluation.test_data = "/data/mnist".into();
+        let e = central.settings().unwrap_err().to_string();
+        assert!(e.contains("federated evaluation"), "{e}");
+
+        let mut broken = c.clone();
+        broken.model.tensors = r#"[{"name": "w", "shape": [0]}]"#.into();
+        let e = broken.settings().unwrap_err().to_string();
+        assert!(e.contains("model.tensors") && e.contains("no value"), "{e}");
+
+        let mut stray = ServerConfig::default();
+        stray.model.tensors = c.model.tensors.clone();
+        let e = stray.settings().unwrap_err().to_string();
+        assert!(e.contains("takes no tensor list"), "{e}");
     }
 }

@@ -14,7 +14,7 @@ use covey_client::{
     },
     trainer::TrainError,
 };
-use covey_protocol::model::{LanguageSpec, ModelSpec};
+use covey_protocol::model::{LanguageSpec, ModelSpec, external::ORDER_KEY};
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::store::StoredModel;
@@ -118,7 +118,9 @@ pub fn write_safetensors(model: &StoredModel, path: &Path) -> Result<(), ExportE
     let bytes: Vec<u8> = model.weights.iter().flat_map(|v| v.to_le_bytes()).collect();
     let mut views = Vec::new();
     let mut offset = 0;
-    for t in model.header.spec.tensors() {
+    let tensors = model.header.spec.tensors();
+    let order: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    for t in &tensors {
         let len = t.len() * 4;
         views.push((
             t.name.clone(),
@@ -132,6 +134,12 @@ pub fn write_safetensors(model: &StoredModel, path: &Path) -> Result<(), ExportE
             model.header.version.0.to_string(),
         ),
         ("architecture".to_owned(), model.header.spec.to_string()),
+        // The list order, so `init --model-file` and covey.read_model_file
+        // take the file back as it was.
+        (
+            ORDER_KEY.to_owned(),
+            serde_json::to_string(&order).unwrap_or_default(),
+        ),
     ]);
     let out = safetensors::serialize(views, Some(metadata))?;
     std::fs::write(path, out).map_err(|source| ExportError::Write {

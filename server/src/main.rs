@@ -64,6 +64,7 @@ impl LanguageArgs {
             }),
             context: self.context,
             tokenizer: self.tokenizer.clone(),
+            model_file: None,
         }
     }
 }
@@ -86,6 +87,11 @@ enum Command {
         /// optionally tokenizer.json) of the gpt2, llama or qwen2 family.
         #[arg(long, default_value = "2nn")]
         model: String,
+        /// An external model instead: a safetensors file of named float
+        /// tensors (covey.write_initial_model writes one from a Python
+        /// client's get_parameters) that devices train in their own code.
+        #[arg(long, conflicts_with = "model")]
+        model_file: Option<PathBuf>,
         #[command(flatten)]
         language: LanguageArgs,
         /// Rounds in the run.
@@ -605,6 +611,7 @@ fn main() -> Result<()> {
             listen,
             public_addr,
             model,
+            model_file,
             language,
             rounds,
             clients_per_round,
@@ -617,9 +624,9 @@ fn main() -> Result<()> {
             config.server.public_addr = public_addr.unwrap_or_else(|| listen.to_string());
             let state = StateDir::new(&dir);
             state.check_new()?;
-            let prepared = language
-                .choice(model, config.model.init_seed)
-                .prepare(config.model.init_seed, &state.assets_dir())?;
+            let mut choice = language.choice(model, config.model.init_seed);
+            choice.model_file = model_file;
+            let prepared = choice.prepare(config.model.init_seed, &state.assets_dir())?;
             prepared
                 .configure(&mut config)
                 .context("writing the model spec")?;

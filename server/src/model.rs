@@ -52,6 +52,12 @@ pub enum PrepareError {
     },
     #[error(transparent)]
     Asset(#[from] AssetError),
+    #[error(transparent)]
+    ModelFile(#[from] covey_client::model_file::ModelFileError),
+    #[error(
+        "--model-file names an external model: LoRA, --context and --tokenizer apply to language models"
+    )]
+    ExternalOptions,
 }
 
 /// LoRA as the operator asks for it.
@@ -77,6 +83,9 @@ pub struct ModelChoice {
     pub context: Option<u32>,
     /// `bytes`, `gpt2` or the path of a tokenizer.json.
     pub tokenizer: Option<String>,
+    /// A safetensors file of named float tensors: an external model, which
+    /// devices train in their own code. Replaces `model`.
+    pub model_file: Option<PathBuf>,
 }
 
 /// Version 0 and what devices fetch to use it.
@@ -97,6 +106,9 @@ impl Prepared {
     pub fn configure(&self, config: &mut crate::ServerConfig) -> Result<(), serde_json::Error> {
         config.model.architecture = self.spec.family().to_owned();
         config.model.source = self.source.clone();
+        if let ModelSpec::External(e) = &self.spec {
+            config.model.set_external(e)?;
+        }
         config.model.language = match self.spec.as_language() {
             Some(spec) => serde_json::to_string(spec)?,
             None => String::new(),
@@ -129,6 +141,18 @@ impl ModelChoice {
     /// directory's volume) where a LoRA base is written before it is
     /// moved into the asset store.
     pub fn prepare(&self, seed: u64, scratch: &Path) -> Result<Prepared, PrepareError> {
+        if let Some(path) = &self.model_file {
+            if self.lora.is_some() || self.context.is_some() || self.tokenizer.is_some() {
+                return Err(PrepareError::ExternalOptions);
+            }
+            let (spec, weights) = covey_client::model_file::read_model_file(path)?;
+            return Ok(Prepared {
+                spec: ModelSpec::External(spec),
+                weights,
+                assets: Vec::new(),
+                source: path.display().to_string(),
+            });
+        }
         if let Ok(arch) = self.model.parse::<Architecture>() {
             if self.lora.is_some() || self.context.is_some() || self.tokenizer.is_some() {
                 return Err(PrepareError::NotLanguage(self.model.clone()));

@@ -2005,6 +2005,7 @@ impl Hub {
                             },
                         },
                         secure_aggregation: self.settings.secagg.map(|s| s.params),
+                        config: self.settings.fit_config.clone(),
                     };
                     self.secagg = match (&self.settings.secagg, self.ring_quantizer()) {
                         (Some(sa), Some(quantizer)) => Some(SecAggRound {

@@ -59,6 +59,7 @@ fn lora_state(root: &Path, test: &Path, rounds: u64) -> StateDir {
         }),
         context: Some(12),
         tokenizer: Some(reference("tokenizer/tokenizer.json")),
+        model_file: None,
     };
     let prepared = choice.prepare(0, &state.assets_dir()).unwrap();
     prepared.configure(&mut config).unwrap();

@@ -182,6 +182,7 @@ fn main() -> Result<()> {
         seed: 1,
         privacy: UpdatePrivacy::Plain,
         secure_aggregation: None,
+        config: Default::default(),
     };
     // Untimed: tokenizing, loading the base, first-touch allocations.
     reset_peak_rss();

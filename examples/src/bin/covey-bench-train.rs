@@ -87,6 +87,7 @@ fn main() -> Result<()> {
             seed: 1,
             privacy: UpdatePrivacy::Plain,
             secure_aggregation: None,
+            config: Default::default(),
         };
         for _ in 0..args.warmup {
             trainer.train(&task, &global)?;

@@ -6,26 +6,30 @@
 //! vector that travels (the global model down, an update up) holds the
 //! *trainable* tensors alone, in [`ModelSpec::tensors`] order: all of them
 //! for a classifier or a fully fine-tuned language model, the LoRA factors
-//! for an adapter run, whose frozen base is named by its hash instead.
+//! for an adapter run, whose frozen base is named by its hash instead. An
+//! external model is only its tensors' names and shapes: devices train it
+//! in their own code (the Python package), and Covey moves the vector.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 pub mod classifier;
+pub mod external;
 pub mod gpt2;
 pub mod language;
 pub mod llama;
 pub mod lora;
 
 pub use classifier::{Architecture, ClassifierSpec, InputShape};
+pub use external::ExternalSpec;
 pub use gpt2::Gpt2Config;
 pub use language::{AssetRef, BaseWeights, Family, LanguageSpec, LmArch, TokenizerSpec, Tuning};
 pub use llama::LlamaConfig;
 pub use lora::{LoraSpec, LoraVariant, Projection};
 
 /// One named tensor of a model, in the order the flat weight vector holds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSpec {
     pub name: String,
     pub shape: Vec<usize>,
@@ -81,6 +85,8 @@ pub enum ModelSpec {
     Classifier(ClassifierSpec),
     /// A transformer language model, fully fine-tuned or with LoRA.
     Language(Box<LanguageSpec>),
+    /// Named float tensors trained by the device's own code.
+    External(ExternalSpec),
 }
 
 impl ModelSpec {
@@ -94,6 +100,7 @@ impl ModelSpec {
         match self {
             Self::Classifier(_) => Ok(()),
             Self::Language(l) => l.validate(),
+            Self::External(e) => e.validate(),
         }
     }
 
@@ -102,6 +109,7 @@ impl ModelSpec {
         match self {
             Self::Classifier(c) => c.tensors(),
             Self::Language(l) => l.trainable_tensors(),
+            Self::External(e) => e.tensors.clone(),
         }
     }
 
@@ -111,26 +119,31 @@ impl ModelSpec {
     }
 
     /// Deterministic weights for version 0 of a model trained from scratch
-    /// (a checkpoint's weights replace them when one is given).
+    /// (a checkpoint's weights replace them when one is given). An external
+    /// model's version 0 comes from its model file; zeros stand in only
+    /// where a test initialises a store without one.
     pub fn initial_weights(&self, seed: u64) -> Vec<f32> {
         match self {
             Self::Classifier(c) => c.initial_weights(seed),
             Self::Language(l) => l.initial_trainable(seed),
+            Self::External(_) => vec![0.0; self.param_count()],
         }
     }
 
-    /// The family's short name: `logreg`, `2nn`, `cnn`, `gpt2` or `llama`.
+    /// The family's short name: `logreg`, `2nn`, `cnn`, `gpt2`, `llama` or
+    /// `external`.
     pub fn family(&self) -> &'static str {
         match self {
             Self::Classifier(c) => c.architecture.name(),
             Self::Language(l) => l.arch.family().name(),
+            Self::External(_) => "external",
         }
     }
 
     /// The files a device fetches by hash to build this model.
     pub fn assets(&self) -> Vec<AssetRef> {
         match self {
-            Self::Classifier(_) => Vec::new(),
+            Self::Classifier(_) | Self::External(_) => Vec::new(),
             Self::Language(l) => l.assets(),
         }
     }
@@ -138,7 +151,7 @@ impl ModelSpec {
     pub fn as_language(&self) -> Option<&LanguageSpec> {
         match self {
             Self::Language(l) => Some(l),
-            Self::Classifier(_) => None,
+            Self::Classifier(_) | Self::External(_) => None,
         }
     }
 }
@@ -148,6 +161,7 @@ impl fmt::Display for ModelSpec {
         match self {
             Self::Classifier(c) => write!(f, "{}", c.architecture),
             Self::Language(l) => write!(f, "{l}"),
+            Self::External(e) => write!(f, "{e}"),
         }
     }
 }

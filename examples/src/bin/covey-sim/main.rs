@@ -304,6 +304,7 @@ impl LanguageArgs {
             }),
             context: self.context,
             tokenizer: self.tokenizer.clone(),
+            model_file: None,
         }
     }
 }

@@ -174,6 +174,9 @@ impl Population {
             (SimData::Shakespeare(_), ModelSpec::Classifier(_)) => {
                 bail!("{spec} classifies MNIST images: pass --data with MNIST's IDX files")
             }
+            (_, ModelSpec::External(_)) => bail!(
+                "covey-sim trains the models Covey builds; an external model trains in devices' own code (the Python package)"
+            ),
         }
     }
 }

@@ -1,0 +1,170 @@
+"""A real covey-server on loopback for the Python package's tests.
+
+The server binary is $COVEY_SERVER, else the workspace's target/debug or
+target/release build; clients run as real processes (the examples), each
+with its own identity bundle, on a port chosen at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLES = ROOT / "examples" / "python"
+TESTS = Path(__file__).resolve().parent
+# The examples' data loader and clients, imported by the tests too.
+sys.path.insert(0, str(EXAMPLES))
+
+
+def binary(name: str) -> Path:
+    env = os.environ.get(f"COVEY_{name.split('-')[1].upper()}")
+    if env:
+        return Path(env)
+    for profile in ("debug", "release"):
+        path = ROOT / "target" / profile / name
+        if path.exists():
+            return path
+    pytest.fail(f"{name} is not built: run `cargo build --bin {name}` or set COVEY_*")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_option(config: Path, section: str, key: str, value: str) -> None:
+    """Sets `key = value` (a TOML literal) in `[section]` of config.toml."""
+    text = config.read_text()
+    start = text.index(f"[{section}]\n")
+    end = text.find("\n[", start + 1)
+    end = len(text) if end < 0 else end
+    body = text[start:end]
+    line = re.compile(rf"^{re.escape(key)} = .*$", re.M)
+    if line.search(body):
+        body = line.sub(f"{key} = {value}", body, count=1)
+    else:
+        body = body.rstrip("\n") + f"\n{key} = {value}\n"
+    config.write_text(text[:start] + body + text[end:])
+
+
+class Federation:
+    """One state directory, its enrolled devices and a running server."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.dir = root / "state"
+        self.port = free_udp_port()
+        self.server = None
+        self.clients: list[subprocess.Popen] = []
+
+    @staticmethod
+    def binary(name: str) -> Path:
+        return binary(name)
+
+    def init(self, *args: str) -> None:
+        run([binary("covey-server"), "init", "--dir", self.dir,
+             "--listen", f"127.0.0.1:{self.port}", *args])
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.toml"
+
+    def set(self, section: str, key: str, value: str) -> None:
+        set_option(self.config, section, key, value)
+
+    def enroll(self, name: str) -> Path:
+        out = self.root / f"{name}.identity"
+        run([binary("covey-server"), "enroll", "--dir", self.dir, "--name", name, "--out", out])
+        return out
+
+    def start(self) -> None:
+        env = dict(os.environ, NO_COLOR="1",
+                   COVEY_LOG="info,quinn=warn,quinn_proto=warn,rustls=warn,sled=warn")
+        self.server = subprocess.Popen(
+            [binary("covey-server"), "run", "--json", "--dir", self.dir],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+
+    def python_client(self, script: str, identity: Path, *args: str) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(EXAMPLES), str(TESTS), os.environ.get("PYTHONPATH", "")]))
+        path = TESTS / script if (TESTS / script).exists() else EXAMPLES / script
+        proc = subprocess.Popen(
+            [sys.executable, path, "--identity", identity, *map(str, args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=EXAMPLES)
+        self.clients.append(proc)
+        return proc
+
+    def rust_client(self, identity: Path, data: Path) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [binary("covey-client"), "run", "--identity", identity, "--data", data],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, NO_COLOR="1"))
+        self.clients.append(proc)
+        return proc
+
+    def finish(self, timeout: float = 120) -> dict:
+        """Waits for the server to end the run; its JSON summary."""
+        try:
+            out, err = self.server.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            logs = [p.communicate()[1][-3000:] for p in self.clients]
+            raise AssertionError(f"the run did not end in {timeout} s; clients' logs: {logs}")
+        assert self.server.returncode == 0, err
+        self.server_log = err
+        return json.loads(out)
+
+    def export(self, version: int) -> Path:
+        out = self.root / f"v{version}.safetensors"
+        run([binary("covey-server"), "export", "--dir", self.dir,
+             "--version", str(version), "--out", out])
+        return out
+
+    def close(self) -> None:
+        for p in self.clients + ([self.server] if self.server else []):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def run(cmd) -> str:
+    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    assert out.returncode == 0, f"{cmd}: {out.stderr}"
+    return out.stdout
+
+
+def wait(proc: subprocess.Popen, timeout: float = 300):
+    """A client's exit code, stdout and stderr."""
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+@pytest.fixture
+def federation(tmp_path):
+    f = Federation(tmp_path)
+    yield f
+    f.close()
+
+
+def interrupt(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+
+
+def eventually(check, timeout: float = 60.0, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
