@@ -241,13 +241,15 @@ fn main() -> Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let summary = runtime.block_on(covey_client::run(&identity, trainer, options))?;
             println!(
-                "done: trained {} rounds, {} updates accepted, final global version {}",
+                "done: trained {} rounds, {} updates accepted, final global version {}; {:.3} s in rounds, {:.3} s of it training",
                 summary.rounds_trained,
                 summary.updates_accepted,
                 summary
                     .final_version
                     .map(|v| v.0.to_string())
-                    .unwrap_or_else(|| "unknown".into())
+                    .unwrap_or_else(|| "unknown".into()),
+                summary.round_time.as_secs_f64(),
+                summary.train_time.as_secs_f64(),
             );
         }
         Command::Evaluate { model, data, json } => {

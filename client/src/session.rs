@@ -140,6 +140,11 @@ pub struct ClientSummary {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub connections: u32,
+    /// Wall time of the rounds this device was selected for, from the task
+    /// to the server's receipt: download, training, privacy, upload.
+    pub round_time: Duration,
+    /// The part of `round_time` spent inside the trainer.
+    pub train_time: Duration,
 }
 
 /// TLS 1.3 with the enrollment CA as the only root and the device
@@ -538,7 +543,10 @@ impl Session {
             let _ = send.finish();
             match read_message(&mut recv, limits).await? {
                 Message::Task(task) => {
-                    self.round(conn, task, &mut recv).await?;
+                    let started = Instant::now();
+                    let done = self.round(conn, task, &mut recv).await;
+                    self.summary.round_time += started.elapsed();
+                    done?;
                     *last_progress = Instant::now();
                 }
                 Message::Evaluate(task) => {
@@ -826,9 +834,11 @@ impl Session {
         };
         info!(round = %task.round, base = %task.base_version, "training");
         let task_for_training = task.clone();
+        let training = Instant::now();
         let result = self
             .off_thread(move |trainer| trainer.train(&task_for_training, &global))
             .await?;
+        self.summary.train_time += training.elapsed();
         let output = match result {
             Ok(o) => o,
             Err(e) => {

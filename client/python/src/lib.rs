@@ -88,7 +88,9 @@ fn run_client(
         .enable_all()
         .build()
         .map_err(|e| PyRuntimeError::new_err(format!("cannot start the async runtime: {e}")))?;
-    let trainer = Box::new(PyTrainer::new(client));
+    let trainer = PyTrainer::new(client);
+    let fit_nanos = trainer.fit_time();
+    let trainer = Box::new(trainer);
     let outcome = py.detach(|| {
         runtime.block_on(async {
             let session = covey_client::run(&bundle, trainer, options);
@@ -116,6 +118,9 @@ fn run_client(
             final_version: s.final_version.map(|v| v.0),
             bytes_up: s.bytes_up,
             bytes_down: s.bytes_down,
+            round_seconds: s.round_time.as_secs_f64(),
+            train_seconds: s.train_time.as_secs_f64(),
+            fit_seconds: fit_nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9,
         }),
         Ok(Err(e)) => Err(CoveyError::new_err(e.to_string())),
         // KeyboardInterrupt, raised to the caller once the session is dropped
@@ -135,20 +140,29 @@ pub struct Summary {
     pub final_version: Option<u64>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Wall time of the rounds this device served, task to receipt.
+    pub round_seconds: f64,
+    /// The part of it between handing the model to `fit` and having the
+    /// checked update back (`fit` plus the numpy conversions).
+    pub train_seconds: f64,
+    /// The part of it inside `fit` itself.
+    pub fit_seconds: f64,
 }
 
 #[pymethods]
 impl Summary {
     fn __repr__(&self) -> String {
         format!(
-            "Summary(rounds_trained={}, updates_accepted={}, updates_rejected={}, final_version={}, bytes_up={}, bytes_down={})",
+            "Summary(rounds_trained={}, updates_accepted={}, updates_rejected={}, final_version={}, bytes_up={}, bytes_down={}, round_seconds={:.3}, fit_seconds={:.3})",
             self.rounds_trained,
             self.updates_accepted,
             self.updates_rejected,
             self.final_version
                 .map_or_else(|| "None".to_owned(), |v| v.to_string()),
             self.bytes_up,
-            self.bytes_down
+            self.bytes_down,
+            self.round_seconds,
+            self.fit_seconds
         )
     }
 }

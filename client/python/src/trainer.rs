@@ -7,6 +7,14 @@
 //! update is `returned − global` against the model as it arrived, not the
 //! arrays `fit` was handed, which it may have changed in place.
 
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
 use covey_client::trainer::{TrainError, TrainOutput, Trainer};
 use covey_protocol::{
     message::{ConfigValue, LocalMetrics, LocalOptimizer, Task},
@@ -25,11 +33,22 @@ use tracing::warn;
 /// A Python object with `fit` and optionally `evaluate`.
 pub struct PyTrainer {
     client: Py<PyAny>,
+    /// Nanoseconds spent inside `fit` itself, shared with the caller so
+    /// the time the core adds around it can be told apart.
+    fit_nanos: Arc<AtomicU64>,
 }
 
 impl PyTrainer {
     pub fn new(client: Py<PyAny>) -> Self {
-        Self { client }
+        Self {
+            client,
+            fit_nanos: Arc::default(),
+        }
+    }
+
+    /// Total time inside `fit`, readable after the trainer is handed on.
+    pub fn fit_time(&self) -> Arc<AtomicU64> {
+        self.fit_nanos.clone()
     }
 }
 
@@ -39,11 +58,14 @@ impl Trainer for PyTrainer {
         Python::attach(|py| {
             let parameters = parameters(py, &tensors, global).map_err(|e| failed(py, "fit", e))?;
             let config = fit_config(py, task).map_err(|e| failed(py, "fit", e))?;
+            let started = Instant::now();
             let out = self
                 .client
                 .bind(py)
-                .call_method1("fit", (parameters, config))
-                .map_err(|e| failed(py, "fit", e))?;
+                .call_method1("fit", (parameters, config));
+            let nanos = started.elapsed().as_nanos().try_into().unwrap_or(u64::MAX);
+            self.fit_nanos.fetch_add(nanos, Ordering::Relaxed);
+            let out = out.map_err(|e| failed(py, "fit", e))?;
             let (returned, num_examples, metrics) = triple(&out, "fit")?;
             let delta = update(&tensors, global, &returned)?;
             let num_examples = examples(&num_examples, "fit")?;

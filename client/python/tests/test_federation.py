@@ -207,3 +207,18 @@ def test_federated_evaluation_runs_the_clients_evaluate(federation, tmp_path):
     federation.python_client("numpy_client.py", ids[2], "--shard", "2/3")
     assert federation.finish()["final_version"] == 1
     assert all(wait(p)[0] == 0 for p in idle)
+
+
+def test_a_pytorch_cnn_and_the_rust_client_share_rounds(federation, tmp_path):
+    pytest.importorskip("torch", reason="PyTorch's PyPI wheels are gigabytes; CI skips this")
+    federation.init("--model", "cnn", "--rounds", "2", "--clients-per-round", "2")
+    federation.set("training", "learning_rate", "0.05")
+    torch_id, rust_id = federation.enroll("torch-device"), federation.enroll("rust-device")
+    federation.start()
+    torch_client = federation.python_client("torch_client.py", torch_id, "--examples", "300")
+    rust = federation.rust_client(rust_id, ROOT / "examples" / "data" / "mnist")
+    assert federation.finish(timeout=300)["final_version"] == 2
+    code, out, err = wait(torch_client)
+    assert code == 0 and "updates_accepted=2" in out, err
+    code, out, err = wait(rust)
+    assert code == 0 and "2 updates accepted" in out, err
