@@ -129,6 +129,8 @@ def main():
         "python": {
             "round_seconds": field("round_seconds"), "fit_seconds": field("fit_seconds"),
             "outside_fit_seconds": field("round_seconds") - field("fit_seconds"),
+            # The numpy copy handed to fit and the checked subtraction after it.
+            "conversion_seconds": field("train_seconds") - field("fit_seconds"),
             "peak_rss_kb": peak_kb(outs["python"][1]),
             "torch_alone_peak_rss_kb": json.loads(alone.stdout)["peak_rss_kb"],
         },

@@ -153,7 +153,7 @@ pub struct Summary {
 impl Summary {
     fn __repr__(&self) -> String {
         format!(
-            "Summary(rounds_trained={}, updates_accepted={}, updates_rejected={}, final_version={}, bytes_up={}, bytes_down={}, round_seconds={:.3}, fit_seconds={:.3})",
+            "Summary(rounds_trained={}, updates_accepted={}, updates_rejected={}, final_version={}, bytes_up={}, bytes_down={}, round_seconds={:.3}, train_seconds={:.3}, fit_seconds={:.3})",
             self.rounds_trained,
             self.updates_accepted,
             self.updates_rejected,
@@ -162,6 +162,7 @@ impl Summary {
             self.bytes_up,
             self.bytes_down,
             self.round_seconds,
+            self.train_seconds,
             self.fit_seconds
         )
     }
