@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,12 @@ def binary(name: str) -> Path:
 
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -75,6 +82,23 @@ class Federation:
     def init(self, *args: str) -> None:
         run([binary("covey-server"), "init", "--dir", self.dir,
              "--listen", f"127.0.0.1:{self.port}", *args])
+        # The Prometheus endpoint tells the tests how many devices are connected.
+        self.metrics = f"127.0.0.1:{free_tcp_port()}"
+        text = self.config.read_text().replace(
+            '# listen = "127.0.0.1:9464"', f'listen = "{self.metrics}"')
+        self.config.write_text(text)
+
+    def wait_connected(self, n: int, timeout: float = 60.0) -> None:
+        """Until `n` devices hold a connection (the server's connections_open)."""
+        def connected():
+            try:
+                with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=2) as r:
+                    body = r.read().decode()
+            except OSError:
+                return False
+            found = re.search(r"^covey_connections_open (\d+)", body, re.M)
+            return found is not None and int(found.group(1)) >= n
+        eventually(connected, timeout)
 
     @property
     def config(self) -> Path:

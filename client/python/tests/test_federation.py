@@ -175,7 +175,8 @@ def test_ctrl_c_stops_the_client_and_the_server_serves_on(federation, tmp_path):
     ids = external_run(federation, tmp_path, 2, rounds=1)
     federation.start()
     lone = federation.python_client("numpy_client.py", ids[0], "--shard", "0/2")
-    time.sleep(2.0)  # connected, waiting for a second device
+    federation.wait_connected(1)  # connected, waiting for a second device
+    time.sleep(0.3)
     assert lone.poll() is None
     interrupt(lone)
     code, _, err = wait(lone, timeout=10)
@@ -195,10 +196,14 @@ def test_federated_evaluation_runs_the_clients_evaluate(federation, tmp_path):
     # and the operator asks them to evaluate version 0 (k = 2 reports).
     idle = [federation.python_client("numpy_client.py", ids[i], "--shard", f"{i}/3")
             for i in (0, 1)]
-    time.sleep(1.5)
-    out = run([federation.binary("covey-server"), "evaluate", "--dir", federation.dir,
-               "--versions", "0", "--timeout", "30", "--json"])
-    report = json.loads(out)
+    federation.wait_connected(2)
+    for _ in range(20):  # until both have checked in and are idle
+        out = run([federation.binary("covey-server"), "evaluate", "--dir", federation.dir,
+                   "--versions", "0", "--timeout", "30", "--json"])
+        report = json.loads(out)
+        if report["answered"] == 2:
+            break
+        time.sleep(0.5)
     assert report["answered"] == 2 and report["examples"] == 4000, report
     (result,) = report["versions"]
     # All-zero weights: every class equally likely, loss ln 10.
