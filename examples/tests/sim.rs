@@ -100,6 +100,19 @@ fn bad_flags_are_refused_with_a_reason() {
             &["--dp", "central", "--target-epsilon", "0"][..],
             "privacy.target_epsilon",
         ),
+        // One round costs ε ≈ 10.7 against the default target of 8: a run that
+        // could never commit is refused, with the noise that would fit.
+        (
+            &[
+                "--dp",
+                "distributed",
+                "--clip",
+                "1",
+                "--noise-multiplier",
+                "0.5",
+            ][..],
+            "one round costs ε = 10.72, over target_epsilon = 8, so no round could commit; noise_multiplier = 0.638 or more",
+        ),
         (
             &["--dp", "central", "--secagg"][..],
             "secure_aggregation.enabled",

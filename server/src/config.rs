@@ -5,7 +5,7 @@ use std::{net::SocketAddr, num::NonZeroUsize, path::Path, time::Duration};
 
 use covey_privacy::{
     ClipNorm,
-    accountant::{Delta, Epsilon, NoiseMultiplier, SamplingRate},
+    accountant::{Delta, Epsilon, NoiseMultiplier, SamplingRate, smallest_noise},
     distributed::{DistributedPlan, noiseless_quantizer},
     quantize::Quantizer,
 };
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     aggregate::OptimizerKind,
     compliance::{MinCohort, Retention},
-    dp::{AccountantKind, AdaptiveClip, DpMode, DpSettings},
+    dp::{AccountantKind, AdaptiveClip, DpMode, DpSettings, PrivacyLedger},
     robust::Aggregator,
     sealing::KekSource,
 };
@@ -649,6 +649,46 @@ fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
 }
 
 impl Privacy {
+    /// Refuses a budget that not even one round fits: such a run would
+    /// start, commit nothing and end at version 0. Says what a round costs
+    /// and which noise multiplier would fit one.
+    fn first_round_fits(
+        &self,
+        dp: &DpSettings,
+        spec: &ModelSpec,
+        rounds: &Rounds,
+    ) -> Result<(), ConfigError> {
+        let first = |dp: &DpSettings| PrivacyLedger::new(dp.initial_clip).epsilon_after_next(dp);
+        let cost = first(dp);
+        if cost <= dp.target_epsilon.get() {
+            return Ok(());
+        }
+        let fits = smallest_noise(dp.target_epsilon, |z| {
+            let mut other = self.clone();
+            other.noise_multiplier = z.get();
+            match other.settings(spec, rounds) {
+                Ok(Some(d)) => first(&d),
+                _ => f64::INFINITY,
+            }
+        });
+        Err(invalid(
+            "privacy.noise_multiplier",
+            format!(
+                "one round costs ε = {cost:.2}, over target_epsilon = {}, so no round could commit; {}",
+                dp.target_epsilon.get(),
+                match fits {
+                    Some(z) => format!(
+                        "noise_multiplier = {:.3} or more fits at least one round (now {})",
+                        z.get(),
+                        self.noise_multiplier
+                    ),
+                    None =>
+                        "no noise multiplier up to 1000 fits one round: raise target_epsilon".into(),
+                }
+            ),
+        ))
+    }
+
     /// The typed DP settings, `None` when privacy is off.
     fn settings(
         &self,
@@ -910,6 +950,9 @@ impl ServerConfig {
             ));
         }
         let dp = self.privacy.settings(&spec, r)?;
+        if let Some(dp) = &dp {
+            self.privacy.first_round_fits(dp, &spec, r)?;
+        }
         let round = RoundConfig {
             min_clients: r.min_clients,
             clients_per_round: r.clients_per_round,
@@ -1524,7 +1567,8 @@ mod tests {
         c.privacy.target_epsilon = 0.0;
         let err = c.settings().unwrap_err().to_string();
         assert!(err.contains("privacy.target_epsilon"), "{err}");
-        c.privacy.target_epsilon = 1.0;
+        // One round at z = 1 costs ε = 2.83 (central, q = 0.2), 4.73 (distributed).
+        c.privacy.target_epsilon = 8.0;
         c.privacy.clip = f64::NAN;
         let err = c.settings().unwrap_err().to_string();
         assert!(err.contains("privacy.clip"), "{err}");
@@ -1683,5 +1727,31 @@ mod tests {
         stray.model.tensors = c.model.tensors.clone();
         let e = stray.settings().unwrap_err().to_string();
         assert!(e.contains("takes no tensor list"), "{e}");
+    }
+
+    /// A budget no single round fits is refused before the run starts, with
+    /// the noise multiplier that would fit, and that multiplier is accepted.
+    #[test]
+    fn a_budget_no_round_fits_is_refused_with_the_noise_that_fits() {
+        for mode in ["distributed", "central"] {
+            let mut c = ServerConfig::default();
+            c.privacy.mode = mode.into();
+            c.privacy.population = 10;
+            c.privacy.clip = 1.0;
+            c.privacy.noise_multiplier = 0.3;
+            c.privacy.target_epsilon = 1.0;
+            let e = c.settings().unwrap_err().to_string();
+            assert!(e.contains("one round costs"), "{mode}: {e}");
+            let z: f64 = e
+                .split("noise_multiplier = ")
+                .nth(1)
+                .and_then(|t| t.split(' ').next())
+                .and_then(|z| z.parse().ok())
+                .unwrap_or_else(|| panic!("{mode}: no suggestion in {e}"));
+            assert!(z > 0.3, "{mode}: {e}");
+            c.privacy.noise_multiplier = z;
+            c.settings()
+                .unwrap_or_else(|e| panic!("{mode}: the suggested z = {z} is refused: {e}"));
+        }
     }
 }
