@@ -357,7 +357,7 @@ td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
 figure {{ margin: 1em 0; }}
 </style></head><body>
 <h1>Covey compliance report</h1>
-<p>Generated at unix time {generated}, covey-server {version}. Every participant appears under a
+<p>Generated {generated}, covey-server {version}. Every participant appears under a
 keyed pseudonym only; no IP address and no individual update is stored.</p>
 <h2>Audit trail</h2>
 <p class="{audit_class}">{audit_verdict}</p>
@@ -385,7 +385,7 @@ keyed pseudonym only; no IP address and no individual update is stored.</p>
 <h2>Rounds</h2>
 <table><tr><th>round</th><th>outcome</th><th>version</th><th>selected</th><th>cohort</th><th>ε this round</th><th>ε total</th><th>accuracy</th></tr>
 "#,
-            generated = self.generated_unix,
+            generated = utc(self.generated_unix),
             version = escape(&self.server_version),
             audit_class = if self.audit.valid { "ok" } else { "bad" },
             audit_verdict = if self.audit.valid {
@@ -514,8 +514,18 @@ fn line_chart(
             .y_label_area_size(56)
             .build_cartesian_2d(0.0..x_max + 0.5, 0.0..y_top)
             .map_err(|e| fail(&e))?;
+        // Rounds are whole numbers: label those ticks alone.
+        let round_label = |x: &f64| {
+            if x.fract() == 0.0 {
+                format!("{x:.0}")
+            } else {
+                String::new()
+            }
+        };
         chart
             .configure_mesh()
+            .x_labels(((x_max as usize) + 1).min(12))
+            .x_label_formatter(&round_label)
             .x_desc("round")
             .y_desc(y_label)
             .draw()
@@ -558,4 +568,53 @@ fn line_chart(
         root.present().map_err(|e| fail(&e))?;
     }
     Ok(svg)
+}
+
+/// `unix` seconds as UTC ISO 8601 (`2026-12-07T07:38:25Z`); the raw number
+/// when it is out of the calendar's range.
+fn utc(unix: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("unix time {unix}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_times_are_utc_iso_8601() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(1_796_226_969), "2026-12-02T15:56:09Z");
+        assert_eq!(utc(i64::MAX), format!("unix time {}", i64::MAX));
+    }
+
+    /// Tick labels on the round axis are whole rounds, never 0.5 or 1.5.
+    #[test]
+    fn the_round_axis_is_labelled_in_whole_rounds() {
+        let points = [(1.0, 0.5), (2.0, 0.7), (3.0, 0.8)];
+        let svg = line_chart("t", "accuracy", "accuracy", &points, None, &BLUE, Some(1.0)).unwrap();
+        let labels: Vec<&str> = svg
+            .split("</text>")
+            .filter_map(|t| t.rsplit('>').next())
+            .map(str::trim)
+            .collect();
+        for whole in ["0", "1", "2", "3"] {
+            assert!(labels.contains(&whole), "no tick {whole} in {labels:?}");
+        }
+        // The y axis stops at 1.0, so 1.5 and 2.5 could only be rounds.
+        assert!(
+            !labels.contains(&"1.5") && !labels.contains(&"2.5"),
+            "{labels:?}"
+        );
+    }
 }
