@@ -10,7 +10,10 @@ use covey_protocol::{
 };
 use tracing::info;
 
-use crate::assets::{AssetCache, AssetError};
+use crate::{
+    assets::{AssetCache, AssetError},
+    progress,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -60,12 +63,32 @@ pub async fn fetch_assets(
             }
         }
         let mut download = AssetDownload::new(asset, offset);
+        // A base model is hundreds of MB: show how far it is.
+        let bar = progress::bar(asset.bytes, progress::BYTES, "fetching the base".into());
+        if let Some(b) = &bar {
+            b.set_position(offset);
+        }
+        let mut at_tenths = progress::tenths(offset, asset.bytes);
         while !download.is_complete() {
             match read_frame(&mut recv, limits).await? {
                 Some(Frame::Chunk { index, payload }) => {
                     let at = download.accept(index, payload.len())?;
                     cache.append(&asset, at, &payload)?;
                     received += payload.len() as u64;
+                    let done = at + payload.len() as u64;
+                    match &bar {
+                        Some(b) => b.set_position(done),
+                        None if progress::tenths(done, asset.bytes) > at_tenths => {
+                            at_tenths = progress::tenths(done, asset.bytes);
+                            info!(
+                                done,
+                                total = asset.bytes,
+                                "fetched {}% of the asset",
+                                at_tenths * 10
+                            );
+                        }
+                        None => {}
+                    }
                 }
                 Some(Frame::Message(m)) => {
                     return Err(StreamError::Unexpected {
@@ -76,6 +99,9 @@ pub async fn fetch_assets(
                 }
                 None => return Err(StreamError::Truncated.into()),
             }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
         }
         cache.finish(&asset)?;
         info!(?asset, "asset fetched and checked");

@@ -11,6 +11,7 @@ pub mod memory;
 pub mod model_file;
 mod optim;
 pub mod partition;
+pub mod progress;
 pub mod session;
 pub mod trainer;
 

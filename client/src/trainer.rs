@@ -1,8 +1,6 @@
 //! Local training with candle: the model named by the task's spec, SGD for
 //! E epochs at batch B, optionally with FedProx's proximal term.
 
-use std::io::IsTerminal;
-
 use candle_core::{D, DType, Device, Tensor, Var};
 use covey_protocol::{
     message::{LocalMetrics, Task},
@@ -16,6 +14,7 @@ use crate::{
     data::DataView,
     dense::dense_cpu,
     optim::optimizer,
+    progress,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -408,18 +407,11 @@ impl CandleTrainer {
         let batch = task.hyper.batch_size.max(1) as usize;
         let mut order: Vec<u32> = (0..self.data.len as u32).collect();
         let epochs = task.hyper.epochs;
-        let bar = (self.progress && std::io::stderr().is_terminal()).then(|| {
-            let bar =
-                indicatif::ProgressBar::new(u64::from(epochs) * order.len().div_ceil(batch) as u64);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {pos}/{len} batches {per_sec}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar.set_message(format!("round {}", task.round.0));
-            bar
-        });
+        let steps = u64::from(epochs) * order.len().div_ceil(batch) as u64;
+        let bar = self
+            .progress
+            .then(|| progress::bar(steps, progress::BATCHES, format!("round {}", task.round.0)))
+            .flatten();
         let mut metrics = LocalMetrics::default();
         for epoch in 0..epochs {
             order.shuffle(&mut rng);

@@ -4,7 +4,7 @@
 //! tokenized and packed per tokenizer and context, and a LoRA run's frozen
 //! base, resident on the device once it has been loaded and checked.
 
-use std::{io::IsTerminal, sync::Arc};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use covey_protocol::message::{LocalMetrics, Task};
@@ -294,17 +294,15 @@ impl TextTrainer {
         let mut order: Vec<u32> = (0..seqs.len() as u32).collect();
         let epochs = task.hyper.epochs;
         let steps = u64::from(epochs) * order.len().div_ceil(batch) as u64;
-        let bar = (progress && std::io::stderr().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new(steps);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {pos}/{len} batches {per_sec}",
+        let bar = progress
+            .then(|| {
+                crate::progress::bar(
+                    steps,
+                    crate::progress::BATCHES,
+                    format!("round {}", task.round.0),
                 )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar.set_message(format!("round {}", task.round.0));
-            bar
-        });
+            })
+            .flatten();
         let mut last = TokenLoss::default();
         for epoch in 0..epochs {
             order.shuffle(&mut rng);
