@@ -69,6 +69,13 @@ impl Trainer for PyTrainer {
             let (returned, num_examples, metrics) = triple(&out, "fit")?;
             let delta = update(&tensors, global, &returned)?;
             let num_examples = examples(&num_examples, "fit")?;
+            if num_examples == 0 {
+                // The server weights by it and refuses an update from none.
+                return Err(TrainError::External(
+                    "fit returned num_examples = 0; an update must come from at least one example"
+                        .into(),
+                ));
+            }
             let metrics = LocalMetrics {
                 loss: metric(&metrics, "loss")?.unwrap_or(f32::NAN),
                 accuracy: metric(&metrics, "accuracy")?.unwrap_or(f32::NAN),

@@ -40,6 +40,8 @@ class Scripted(Client):
             return [w, b], n, metrics
         if self.fault == "int":
             return [w, b.astype(np.int64)], n, metrics
+        if self.fault == "no-examples":
+            return out, 0, metrics
         if self.fault == "not-array":
             return [w, b.tolist()], n, metrics
         raise ValueError(self.fault)

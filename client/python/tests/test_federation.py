@@ -150,6 +150,7 @@ def test_python_and_rust_clients_train_one_model_in_the_same_rounds(federation, 
     ("nan", "parameters[1] ('fc.bias') holds NaN or infinity"),
     ("int", "parameters[1] ('fc.bias') has dtype int64; parameters must be floats"),
     ("not-array", "parameters[1] ('fc.bias') is a list, not a numpy array"),
+    ("no-examples", "fit returned num_examples = 0"),
 ])
 def test_a_failed_fit_sends_nothing_and_the_device_stays(federation, tmp_path, fault, message):
     ids = external_run(federation, tmp_path, 3, rounds=2)
