@@ -836,7 +836,7 @@ impl Session {
         let task_for_training = task.clone();
         let training = Instant::now();
         let result = self
-            .off_thread(move |trainer| trainer.train(&task_for_training, &global))
+            .off_thread(move |trainer| trainer.train_owned(&task_for_training, global))
             .await?;
         self.summary.train_time += training.elapsed();
         let output = match result {

@@ -75,6 +75,13 @@ pub struct TrainOutput {
 pub trait Trainer: Send {
     fn train(&mut self, task: &Task, global: &[f32]) -> Result<TrainOutput, TrainError>;
 
+    /// [`Self::train`] with the model handed over, so a trainer may write
+    /// the update over it instead of holding a third model-sized buffer
+    /// (the Python trainer does). The session calls this one.
+    fn train_owned(&mut self, task: &Task, global: Vec<f32>) -> Result<TrainOutput, TrainError> {
+        self.train(task, &global)
+    }
+
     /// Metrics of `weights` on the device's held-out data and how many
     /// examples that is; `None` when the device holds none.
     fn evaluate(

@@ -54,9 +54,17 @@ impl PyTrainer {
 
 impl Trainer for PyTrainer {
     fn train(&mut self, task: &Task, global: &[f32]) -> Result<TrainOutput, TrainError> {
+        self.train_owned(task, global.to_vec())
+    }
+
+    /// The update is written over `global` once `fit` returns: the copy
+    /// `fit` was handed and the model as received are the only two
+    /// model-sized buffers the core holds.
+    fn train_owned(&mut self, task: &Task, global: Vec<f32>) -> Result<TrainOutput, TrainError> {
         let tensors = task.spec.tensors();
+        let mut global = global;
         Python::attach(|py| {
-            let parameters = parameters(py, &tensors, global).map_err(|e| failed(py, "fit", e))?;
+            let parameters = parameters(py, &tensors, &global).map_err(|e| failed(py, "fit", e))?;
             let config = fit_config(py, task).map_err(|e| failed(py, "fit", e))?;
             let started = Instant::now();
             let out = self
@@ -67,7 +75,8 @@ impl Trainer for PyTrainer {
             self.fit_nanos.fetch_add(nanos, Ordering::Relaxed);
             let out = out.map_err(|e| failed(py, "fit", e))?;
             let (returned, num_examples, metrics) = triple(&out, "fit")?;
-            let delta = update(&tensors, global, &returned)?;
+            update(&tensors, &mut global, &returned)?;
+            let delta = global;
             let num_examples = examples(&num_examples, "fit")?;
             if num_examples == 0 {
                 // The server weights by it and refuses an update from none.
@@ -224,13 +233,14 @@ fn metric(metrics: &Bound<'_, PyAny>, key: &str) -> Result<Option<f32>, TrainErr
     }
 }
 
-/// `returned − global`, after checking `returned` against the task's
-/// tensors; the first problem is reported with the tensor's index and name.
+/// Turns `global` into `returned − global`, after checking `returned`
+/// against the task's tensors; the first problem is reported with the
+/// tensor's index and name (and `global` is then garbage, never sent).
 fn update(
     tensors: &[TensorSpec],
-    global: &[f32],
+    global: &mut [f32],
     returned: &Bound<'_, PyAny>,
-) -> Result<Vec<f32>, TrainError> {
+) -> Result<(), TrainError> {
     let count = returned.len().map_err(|_| {
         TrainError::External("fit must return its parameters as a list of numpy arrays".into())
     })?;
@@ -240,7 +250,6 @@ fn update(
             tensors.len()
         )));
     }
-    let mut delta = Vec::with_capacity(global.len());
     let mut offset = 0;
     for (i, t) in tensors.iter().enumerate() {
         let bad = |problem: String| {
@@ -275,19 +284,19 @@ fn update(
                 .map_err(|e| bad(format!("cannot be converted to float32: {e}")))?,
         };
         let ro = f32s.readonly();
-        let expected = &global[offset..offset + t.len()];
-        let before = delta.len();
+        let own = &mut global[offset..offset + t.len()];
+        let minus = |(g, r): (&mut f32, &f32)| *g = r - *g;
         match ro.as_slice() {
-            Ok(values) => delta.extend(values.iter().zip(expected).map(|(r, g)| r - g)),
+            Ok(values) => own.iter_mut().zip(values).for_each(minus),
             // Non-contiguous (a transposed view, say): logical order.
-            Err(_) => delta.extend(ro.as_array().iter().zip(expected).map(|(r, g)| r - g)),
+            Err(_) => own.iter_mut().zip(ro.as_array().iter()).for_each(minus),
         }
-        if !delta[before..].iter().all(|d| d.is_finite()) {
+        if !own.iter().all(|d| d.is_finite()) {
             return Err(bad("holds NaN or infinity".into()));
         }
         offset += t.len();
     }
-    Ok(delta)
+    Ok(())
 }
 
 fn type_name(value: &Bound<'_, PyAny>) -> String {
