@@ -13,7 +13,12 @@
 use std::{collections::HashMap, path::Path};
 
 use covey_protocol::model::{ExternalSpec, ModelError, TensorSpec, external::ORDER_KEY};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::lm::{
+    checkpoint::{CheckpointError, write_safetensors},
+    reader::widen,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelFileError {
@@ -43,13 +48,8 @@ pub enum ModelFileError {
     BadOrder { path: String, problem: String },
     #[error("{path}: {source}")]
     Model { path: String, source: ModelError },
-    #[error("cannot write the model file {path}: {source}")]
-    Write {
-        path: String,
-        source: safetensors::SafeTensorError,
-    },
-    #[error("{values} values for tensors that hold {expected}")]
-    Length { values: usize, expected: usize },
+    #[error(transparent)]
+    Write(#[from] CheckpointError),
 }
 
 /// Writes `flat` as `spec`'s tensors, f32, with the list order in the
@@ -59,38 +59,21 @@ pub fn write_model_file(
     spec: &ExternalSpec,
     flat: &[f32],
 ) -> Result<(), ModelFileError> {
-    let name = path.display().to_string();
     spec.validate().map_err(|source| ModelFileError::Model {
-        path: name.clone(),
+        path: path.display().to_string(),
         source,
     })?;
-    let expected: usize = spec.tensors.iter().map(TensorSpec::len).sum();
-    if flat.len() != expected {
-        return Err(ModelFileError::Length {
-            values: flat.len(),
-            expected,
-        });
-    }
-    let bytes: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let write = |source| ModelFileError::Write {
-        path: name.clone(),
-        source,
-    };
-    let mut views = Vec::with_capacity(spec.tensors.len());
-    let mut at = 0;
-    for t in &spec.tensors {
-        let len = t.len() * 4;
-        let view =
-            TensorView::new(Dtype::F32, t.shape.clone(), &bytes[at..at + len]).map_err(write)?;
-        views.push((t.name.clone(), view));
-        at += len;
-    }
-    let order: Vec<&str> = spec.tensors.iter().map(|t| t.name.as_str()).collect();
-    let metadata = HashMap::from([(
-        ORDER_KEY.to_owned(),
-        serde_json::to_string(&order).unwrap_or_default(),
-    )]);
-    safetensors::serialize_to_file(views, Some(metadata), path).map_err(write)
+    let metadata = HashMap::from([order_metadata(&spec.tensors)]);
+    Ok(write_safetensors(path, &spec.tensors, flat, "", metadata)?)
+}
+
+/// The `covey.order` metadata entry for `tensors`, so a reader gets the
+/// list back in its order.
+pub fn order_metadata(tensors: &[TensorSpec]) -> (String, String) {
+    let order: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    // A list of strings always serializes.
+    let json = serde_json::to_string(&order).unwrap_or_default();
+    (ORDER_KEY.to_owned(), json)
 }
 
 /// The model file's tensors in list order, and version 0's flat vector.
@@ -118,18 +101,18 @@ pub fn read_model_file(path: &Path) -> Result<(ExternalSpec, Vec<f32>), ModelFil
                 problem: format!("names '{tensor}', which the file does not hold"),
             });
         };
-        let start = flat.len();
-        widen(view.dtype(), view.data(), &mut flat).map_err(|dtype| ModelFileError::Dtype {
+        let values = widen(view.dtype(), view.data()).ok_or_else(|| ModelFileError::Dtype {
             path: name.clone(),
             name: tensor.clone(),
-            dtype,
+            dtype: view.dtype(),
         })?;
-        if !flat[start..].iter().all(|v| v.is_finite()) {
+        if !values.iter().all(|v| v.is_finite()) {
             return Err(ModelFileError::NonFinite {
                 path: name,
                 name: tensor,
             });
         }
+        flat.extend(values);
         tensors.push(TensorSpec::new(tensor, view.shape()));
     }
     let spec = ExternalSpec::new(tensors).map_err(|source| ModelFileError::Model {
@@ -192,34 +175,10 @@ fn order<V>(
     Ok(indexed.into_iter().map(|(_, k)| k.clone()).collect())
 }
 
-/// Appends `data` (little-endian `dtype` values) to `out` as f32, or
-/// returns the dtype when it is not a float.
-fn widen(dtype: Dtype, data: &[u8], out: &mut Vec<f32>) -> Result<(), Dtype> {
-    match dtype {
-        Dtype::F32 => out.extend(
-            data.chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-        Dtype::F64 => out.extend(data.chunks_exact(8).map(|b| {
-            let mut w = [0; 8];
-            w.copy_from_slice(b);
-            f64::from_le_bytes(w) as f32
-        })),
-        Dtype::F16 => out.extend(
-            data.chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        Dtype::BF16 => out.extend(
-            data.chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        other => return Err(other),
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use safetensors::tensor::TensorView;
+
     use super::*;
 
     #[test]

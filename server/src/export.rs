@@ -12,17 +12,15 @@ use covey_client::{
         tokenizer::TokenizerError,
         train::{TextTrainer, merged_weights},
     },
+    model_file::order_metadata,
     trainer::TrainError,
 };
-use covey_protocol::model::{LanguageSpec, ModelSpec, external::ORDER_KEY};
-use safetensors::tensor::{Dtype, TensorView};
+use covey_protocol::model::{LanguageSpec, ModelSpec};
 
 use crate::store::StoredModel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("safetensors: {0}")]
-    Format(#[from] safetensors::SafeTensorError),
     #[error("cannot write {path}: {source}")]
     Write {
         path: String,
@@ -113,39 +111,25 @@ pub fn write_hf(
 }
 
 /// Writes every tensor of `model` under its spec name, f32 little-endian,
-/// with the version and architecture in the file's metadata.
+/// with the version, the architecture and the list order in the file's
+/// metadata (so `init --model-file` and covey.read_model_file take it back).
 pub fn write_safetensors(model: &StoredModel, path: &Path) -> Result<(), ExportError> {
-    let bytes: Vec<u8> = model.weights.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let mut views = Vec::new();
-    let mut offset = 0;
     let tensors = model.header.spec.tensors();
-    let order: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-    for t in &tensors {
-        let len = t.len() * 4;
-        views.push((
-            t.name.clone(),
-            TensorView::new(Dtype::F32, t.shape.clone(), &bytes[offset..offset + len])?,
-        ));
-        offset += len;
-    }
     let metadata = HashMap::from([
         (
             "covey_version".to_owned(),
             model.header.version.0.to_string(),
         ),
         ("architecture".to_owned(), model.header.spec.to_string()),
-        // The list order, so `init --model-file` and covey.read_model_file
-        // take the file back as it was.
-        (
-            ORDER_KEY.to_owned(),
-            serde_json::to_string(&order).unwrap_or_default(),
-        ),
+        order_metadata(&tensors),
     ]);
-    let out = safetensors::serialize(views, Some(metadata))?;
-    std::fs::write(path, out).map_err(|source| ExportError::Write {
-        path: path.display().to_string(),
-        source,
-    })
+    Ok(checkpoint::write_safetensors(
+        path,
+        &tensors,
+        &model.weights,
+        "",
+        metadata,
+    )?)
 }
 
 #[cfg(test)]

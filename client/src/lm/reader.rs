@@ -87,13 +87,21 @@ fn convert<T: Element>(dtype: Dtype, data: &[u8], out: &mut [T]) -> Option<()> {
                 *o = T::from_bf16(bf16::from_le_bytes([b[0], b[1]]));
             }
         }
+        // numpy's default float: an external model's file may hold it.
+        Dtype::F64 => {
+            for (o, b) in out.iter_mut().zip(data.chunks_exact(8)) {
+                let mut w = [0; 8];
+                w.copy_from_slice(b);
+                *o = T::from_f32(f64::from_le_bytes(w) as f32);
+            }
+        }
         _ => return None,
     }
     Some(())
 }
 
-/// Little-endian f32, f16 or bf16 bytes as f32.
-pub(super) fn widen(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+/// Little-endian f32, f16, bf16 or f64 bytes as f32.
+pub(crate) fn widen(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
     let mut out = vec![0.0; data.len() / dtype.bitsize().div_ceil(8).max(1)];
     convert(dtype, data, &mut out)?;
     Some(out)
