@@ -9,7 +9,7 @@ client also the peak RSS of the same torch loop run alone (no Covey), so
 the difference is what Covey adds.
 
     cargo build --release -p covey-server -p covey-client
-    pip install ./client/python torch pytest                # pytest: the test helpers it reuses
+    pip install ./client/python torch
     python examples/bench/python_client.py --rounds 5 --examples 2000
 """
 
@@ -30,10 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "python"))
-sys.path.insert(0, str(ROOT / "client" / "python" / "tests"))
 
+import local_server  # noqa: E402
 import mnist  # noqa: E402
-from conftest import set_option  # noqa: E402
 
 
 def write_idx(directory: Path, images, labels) -> None:
@@ -86,24 +85,15 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="covey-pybench-"))
     images, labels = mnist.load("train")
     write_idx(tmp / "data", images[: args.examples], labels[: args.examples])
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     state = tmp / "state"
-    subprocess.run([server, "init", "--dir", state, "--listen", f"127.0.0.1:{port}",
-                    "--model", "cnn", "--rounds", str(args.rounds), "--clients-per-round", "2"],
-                   check=True, capture_output=True)
+    local_server.init(server, state, local_server.free_udp_port(), "--model", "cnn",
+                      "--rounds", str(args.rounds), "--clients-per-round", "2")
     config = state / "config.toml"
-    set_option(config, "training", "learning_rate", "0.05")
-    set_option(config, "training", "batch_size", str(args.batch))
-    set_option(config, "training", "epochs", "1")
-    ids = {}
-    for name in ("python", "rust"):
-        ids[name] = tmp / f"{name}.identity"
-        subprocess.run([server, "enroll", "--dir", state, "--name", f"{name}-device",
-                        "--out", ids[name]], check=True, capture_output=True)
+    local_server.set_option(config, "training", "learning_rate", "0.05")
+    local_server.set_option(config, "training", "batch_size", str(args.batch))
+    local_server.set_option(config, "training", "epochs", "1")
+    ids = dict(zip(("python", "rust"),
+                   local_server.enroll(server, state, ["python-device", "rust-device"], tmp)))
     env = dict(os.environ, NO_COLOR="1", COVEY_LOG="warn")
     run = timed([server, "run", "--json", "--dir", state], env)
     time.sleep(0.5)

@@ -6,7 +6,7 @@ temporaries), R rounds on loopback. One client's RSS is sampled every
 task, and the most it reached through the rounds.
 
     cargo build --release -p covey-server
-    pip install ./client/python pytest
+    pip install ./client/python
     python examples/bench/python_memory.py --rounds 30
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples" / "python"))
+
+import local_server  # noqa: E402
 
 ECHO = """
 import sys, covey
@@ -52,18 +54,10 @@ def main():
     args = ap.parse_args()
     server = Path(args.bin) / "covey-server"
     tmp = Path(tempfile.mkdtemp(prefix="covey-pymem-"))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     state = tmp / "state"
-    subprocess.run([server, "init", "--dir", state, "--listen", f"127.0.0.1:{port}", "--model",
-                    "cnn", "--rounds", str(args.rounds), "--clients-per-round", "2"],
-                   check=True, capture_output=True)
-    ids = []
-    for i in range(2):
-        ids.append(tmp / f"d{i}.identity")
-        subprocess.run([server, "enroll", "--dir", state, "--name", f"d{i}", "--out", ids[-1]],
-                       check=True, capture_output=True)
+    local_server.init(server, state, local_server.free_udp_port(), "--model", "cnn",
+                      "--rounds", str(args.rounds), "--clients-per-round", "2")
+    ids = local_server.enroll(server, state, ["d0", "d1"], tmp)
     env = dict(os.environ, NO_COLOR="1", COVEY_LOG="warn")
     # The sampled client starts first and alone: its RSS before any task is the baseline.
     run = subprocess.Popen([server, "run", "--json", "--dir", state], stdout=subprocess.PIPE,

@@ -8,7 +8,7 @@ Prints one JSON object: the time between round commits, and the server's
 peak RSS.
 
     cargo build --release -p covey-server
-    pip install ./client/python torch pytest
+    pip install ./client/python torch
     python examples/bench/python_rounds.py --clients 10 --rounds 5
 """
 
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,9 +25,9 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "client" / "python" / "tests"))
+sys.path.insert(0, str(ROOT / "examples" / "python"))
 
-from conftest import set_option  # noqa: E402
+import local_server  # noqa: E402
 
 
 def stamp(line: str) -> float:
@@ -43,19 +42,10 @@ def main():
     args = ap.parse_args()
     server = Path(args.bin) / "covey-server"
     tmp = Path(tempfile.mkdtemp(prefix="covey-rounds-"))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     state = tmp / "state"
-    subprocess.run([server, "init", "--dir", state, "--listen", f"127.0.0.1:{port}",
-                    "--model", "cnn", "--rounds", str(args.rounds),
-                    "--clients-per-round", str(args.clients)], check=True, capture_output=True)
-    set_option(state / "config.toml", "compliance", "min_cohort", "2")
-    ids = []
-    for i in range(args.clients):
-        ids.append(tmp / f"d{i}.identity")
-        subprocess.run([server, "enroll", "--dir", state, "--name", f"device-{i}", "--out", ids[-1]],
-                       check=True, capture_output=True)
+    local_server.init(server, state, local_server.free_udp_port(), "--model", "cnn",
+                      "--rounds", str(args.rounds), "--clients-per-round", str(args.clients))
+    ids = local_server.enroll(server, state, [f"device-{i}" for i in range(args.clients)], tmp)
     env = dict(os.environ, NO_COLOR="1", COVEY_LOG="info,quinn=warn,quinn_proto=warn")
     run = subprocess.Popen(["/usr/bin/time", "-f", "maxrss_kb=%M", server, "run", "--json",
                             "--dir", state], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,8 +22,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples" / "python"
 TESTS = Path(__file__).resolve().parent
-# The examples' data loader and clients, imported by the tests too.
+# The examples' data loader, clients and local server, imported by the tests too.
 sys.path.insert(0, str(EXAMPLES))
+
+from local_server import enroll, free_tcp_port, free_udp_port, init, set_option  # noqa: E402, F401
 
 
 def binary(name: str) -> Path:
@@ -36,33 +37,6 @@ def binary(name: str) -> Path:
         if path.exists():
             return path
     pytest.fail(f"{name} is not built: run `cargo build --bin {name}` or set COVEY_*")
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def set_option(config: Path, section: str, key: str, value: str) -> None:
-    """Sets `key = value` (a TOML literal) in `[section]` of config.toml."""
-    text = config.read_text()
-    start = text.index(f"[{section}]\n")
-    end = text.find("\n[", start + 1)
-    end = len(text) if end < 0 else end
-    body = text[start:end]
-    line = re.compile(rf"^{re.escape(key)} = .*$", re.M)
-    if line.search(body):
-        body = line.sub(f"{key} = {value}", body, count=1)
-    else:
-        body = body.rstrip("\n") + f"\n{key} = {value}\n"
-    config.write_text(text[:start] + body + text[end:])
 
 
 class Federation:
@@ -80,8 +54,7 @@ class Federation:
         return binary(name)
 
     def init(self, *args: str) -> None:
-        run([binary("covey-server"), "init", "--dir", self.dir,
-             "--listen", f"127.0.0.1:{self.port}", *args])
+        init(binary("covey-server"), self.dir, self.port, *args)
         # The Prometheus endpoint tells the tests how many devices are connected.
         self.metrics = f"127.0.0.1:{free_tcp_port()}"
         text = self.config.read_text().replace(
@@ -108,8 +81,7 @@ class Federation:
         set_option(self.config, section, key, value)
 
     def enroll(self, name: str) -> Path:
-        out = self.root / f"{name}.identity"
-        run([binary("covey-server"), "enroll", "--dir", self.dir, "--name", name, "--out", out])
+        (out,) = enroll(binary("covey-server"), self.dir, [name], self.root)
         return out
 
     def start(self) -> None:
