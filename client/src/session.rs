@@ -600,6 +600,13 @@ impl Session {
                 got: "more",
             }));
         }
+        if let Err(e) = task.spec.validate() {
+            warn!("refusing the evaluation: its model cannot be built: {e}");
+            return Err(ConverseError::Stream(StreamError::Unexpected {
+                expected: "an evaluation whose model can be built",
+                got: "an invalid model spec",
+            }));
+        }
         let plan = ChunkPlan::new(task.spec.param_count(), task.chunk_len);
         let limits = FrameLimits {
             max_frame: plan
@@ -766,6 +773,17 @@ impl Session {
         task: Task,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), ConverseError> {
+        // Sizes come from the spec, so it is checked before anything is
+        // sized from it (an external model's shapes are arbitrary numbers).
+        // Without a size the model's frames cannot be skipped either: this
+        // task's stream is dropped, and the device checks in again.
+        if let Err(e) = task.spec.validate() {
+            warn!(round = %task.round, "refusing the task: its model cannot be built: {e}");
+            return Err(ConverseError::Stream(StreamError::Unexpected {
+                expected: "a task whose model can be built",
+                got: "an invalid model spec",
+            }));
+        }
         let params = task.spec.param_count();
         let model_bytes = params as u64 * 4;
         if model_bytes > self.options.max_model_bytes {
@@ -782,12 +800,6 @@ impl Session {
         };
         let global = read_tensor(recv, plan, UpdateEncoding::F32, limits).await?;
         self.summary.bytes_down += plan.wire_bytes(UpdateEncoding::F32);
-        // A model this device cannot build is refused here, with the reason;
-        // the device stays and checks in for the next round.
-        if let Err(e) = task.spec.validate() {
-            warn!(round = %task.round, "refusing the task: its model cannot be built: {e}");
-            return Ok(());
-        }
         if !task.spec.assets().is_empty() {
             let Some(cache) = self.options.assets.clone() else {
                 warn!(round = %task.round, "refusing the task: its model needs fetched files, and this device keeps no asset cache");
