@@ -30,7 +30,9 @@ impl Role {
             AdminRequest::Status
             | AdminRequest::Report
             | AdminRequest::AuditExport
-            | AdminRequest::AuditPublicKey => Role::Auditor,
+            | AdminRequest::AuditPublicKey
+            | AdminRequest::DashboardLogin { .. }
+            | AdminRequest::DashboardLogout => Role::Auditor,
             AdminRequest::Enroll {
                 role: Role::Device, ..
             }
@@ -112,6 +114,13 @@ pub enum AdminRequest {
     Forget {
         name: String,
     },
+    /// Issue a login for the web dashboard, in the caller's own role,
+    /// valid for `hours`.
+    DashboardLogin {
+        hours: u64,
+    },
+    /// Revoke every dashboard login the caller was issued.
+    DashboardLogout,
 }
 
 impl AdminRequest {
@@ -128,6 +137,8 @@ impl AdminRequest {
             Self::Enroll { .. } => "grant a role",
             Self::Revoke { .. } => "revoke an enrollment",
             Self::Forget { .. } => "erase an enrollment",
+            Self::DashboardLogin { .. } => "issue a dashboard login",
+            Self::DashboardLogout => "revoke own dashboard logins",
         }
     }
 }

@@ -148,6 +148,15 @@ impl<C: Copy + Ord> Buffered<C> {
         matches!(self.phase, Phase::Finished)
     }
 
+    /// The phase, in words, for dashboards.
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Filling => "filling the buffer",
+            Phase::Committing(_) => "committing",
+            Phase::Finished => "finished",
+        }
+    }
+
     /// The version `client`'s task was built on, while it holds one.
     pub fn lease_base(&self, client: &C) -> Option<ModelVersion> {
         self.leases.get(client).map(|l| l.base)

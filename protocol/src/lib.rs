@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod asset;
 pub mod buffered;
+pub mod dashboard;
 pub mod encoding;
 pub mod frame;
 pub mod identity;

@@ -355,6 +355,16 @@ impl<C: Copy + Ord> Coordinator<C> {
         matches!(self.phase, Phase::Finished(_))
     }
 
+    /// The phase, in words, for dashboards.
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Waiting => "waiting for devices",
+            Phase::Collecting(_) => "collecting updates",
+            Phase::Committing { .. } => "committing",
+            Phase::Finished(_) => "finished",
+        }
+    }
+
     /// Clients waiting for a task.
     pub fn pool_len(&self) -> usize {
         self.pool.len()

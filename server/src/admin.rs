@@ -40,6 +40,14 @@ pub enum AdminReply {
     Forgotten {
         enrollments: usize,
     },
+    /// A dashboard login; the token is shown once and never stored.
+    DashboardLogin {
+        token: String,
+        expires_unix: i64,
+    },
+    DashboardLoggedOut {
+        logins: usize,
+    },
 }
 
 /// The answer on the wire.

@@ -169,6 +169,29 @@ pub enum AuditEvent {
         rounds: Vec<u64>,
         versions: Vec<u64>,
     },
+    /// A dashboard login was issued to this role holder; `login` is the
+    /// first 8 bytes of its token's SHA-256, never the token.
+    DashboardLoginIssued {
+        actor: Pseudonym,
+        role: Role,
+        login: String,
+        expires_unix: i64,
+    },
+    /// A browser signed in to the dashboard with that login.
+    DashboardSignedIn {
+        actor: Pseudonym,
+        role: Role,
+        login: String,
+    },
+    /// A dashboard sign-in was refused (unknown, expired or revoked login).
+    DashboardRefused {
+        reason: String,
+    },
+    /// These logins of the holder's ended: signed out, or revoked.
+    DashboardLoginsRevoked {
+        actor: Pseudonym,
+        logins: Vec<String>,
+    },
     /// The trail was exported; `entries` counts every entry up to and
     /// including this one, so a shortened file is detected.
     AuditExported {
@@ -360,6 +383,69 @@ struct Line<'a> {
     signature: String,
 }
 
+/// Checks a trail link by link as it grows. An export's verifier runs one
+/// over the file; the dashboard keeps one and feeds it new entries, so a
+/// long trail is verified once, not on every refresh.
+pub struct ChainCheck {
+    key: signature::UnparsedPublicKey<[u8; 32]>,
+    head: ChainHead,
+}
+
+impl ChainCheck {
+    pub fn new(public_key: [u8; 32]) -> Self {
+        Self {
+            key: signature::UnparsedPublicKey::new(&signature::ED25519, public_key),
+            head: ChainHead::EMPTY,
+        }
+    }
+
+    /// Entries verified so far.
+    pub fn entries(&self) -> u64 {
+        self.head.next_seq
+    }
+
+    /// The last verified entry's hash.
+    pub fn head(&self) -> EntryHash {
+        self.head.prev
+    }
+
+    /// Checks the next entry: its text against its hash, the signature, its
+    /// place in the sequence and its link to the entry before.
+    pub fn push(
+        &mut self,
+        json: &str,
+        hash: &[u8; 32],
+        sig: &[u8],
+    ) -> Result<AuditEntry, (Option<u64>, Problem)> {
+        let entry: AuditEntry =
+            serde_json::from_str(json).map_err(|e| (None, Problem::Malformed(e.to_string())))?;
+        let seq = Some(entry.seq);
+        let computed = EntryHash::of(json);
+        if computed.as_bytes() != hash {
+            return Err((seq, Problem::HashMismatch));
+        }
+        self.key
+            .verify(&signed_message(&computed), sig)
+            .map_err(|_| (seq, Problem::BadSignature))?;
+        if entry.seq != self.head.next_seq {
+            return Err((
+                seq,
+                Problem::OutOfSequence {
+                    expected: self.head.next_seq,
+                },
+            ));
+        }
+        if entry.prev != self.head.prev {
+            return Err((seq, Problem::BrokenLink));
+        }
+        self.head = ChainHead {
+            next_seq: entry.seq + 1,
+            prev: computed,
+        };
+        Ok(entry)
+    }
+}
+
 /// Checks every line of an exported trail against `public_key`, and that
 /// each of `checkpoints` (heads of earlier exports) is in it.
 pub fn verify_export(
@@ -367,8 +453,7 @@ pub fn verify_export(
     public_key: &[u8; 32],
     checkpoints: &[EntryHash],
 ) -> Result<Verified, VerifyError> {
-    let key = signature::UnparsedPublicKey::new(&signature::ED25519, public_key);
-    let mut head = ChainHead::EMPTY;
+    let mut chain = ChainCheck::new(*public_key);
     let mut events = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut last_line = 0;
@@ -381,35 +466,21 @@ pub fn verify_export(
         }
         let parsed: Line = serde_json::from_str(&text)
             .map_err(|e| fail(None, Problem::Malformed(e.to_string())))?;
-        let entry: AuditEntry = serde_json::from_str(parsed.entry.get())
-            .map_err(|e| fail(None, Problem::Malformed(e.to_string())))?;
-        let seq = Some(entry.seq);
-        let hash = EntryHash::of(parsed.entry.get());
-        if EntryHash::parse(&parsed.hash) != Some(hash) {
-            return Err(fail(seq, Problem::HashMismatch));
-        }
-        let sig = hex::decode(&parsed.signature).map_err(|_| fail(seq, Problem::BadSignature))?;
-        key.verify(&signed_message(&hash), &sig)
-            .map_err(|_| fail(seq, Problem::BadSignature))?;
-        if entry.seq != head.next_seq {
-            return Err(fail(
-                seq,
-                Problem::OutOfSequence {
-                    expected: head.next_seq,
-                },
-            ));
-        }
-        if entry.prev != head.prev {
-            return Err(fail(seq, Problem::BrokenLink));
-        }
-        head = ChainHead {
-            next_seq: entry.seq + 1,
-            prev: hash,
-        };
+        let hash = EntryHash::parse(&parsed.hash).ok_or_else(|| {
+            let seq = serde_json::from_str::<AuditEntry>(parsed.entry.get())
+                .ok()
+                .map(|e| e.seq);
+            fail(seq, Problem::HashMismatch)
+        })?;
+        let sig = hex::decode(&parsed.signature).unwrap_or_default();
+        let entry = chain
+            .push(parsed.entry.get(), hash.as_bytes(), &sig)
+            .map_err(|(seq, problem)| fail(seq, problem))?;
         seen.insert(hash);
         events.push(entry);
         last_line = line;
     }
+    let head = chain.head;
     let Some(last) = events.last() else {
         return Err(VerifyError {
             line: last_line,

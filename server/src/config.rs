@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub storage: Storage,
     #[serde(default)]
     pub metrics: MetricsEndpoint,
+    #[serde(default)]
+    pub dashboard: DashboardConfig,
     /// Passed as-is to devices' own training code in every task.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub fit_config: toml::Table,
@@ -59,6 +61,34 @@ pub struct ServerConfig {
 pub struct MetricsEndpoint {
     /// TCP address serving `GET /metrics` (OpenMetrics text).
     pub listen: Option<SocketAddr>,
+}
+
+/// The web dashboard (`server/src/dashboard`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardConfig {
+    pub enabled: bool,
+    /// A loopback address serves HTTP, with the auditor's view for anyone
+    /// on this host; any other address serves HTTPS and needs a login.
+    /// Port 0 picks a free port; the URL is logged and written to
+    /// `dashboard.url` in the state directory.
+    pub listen: SocketAddr,
+    /// HTTPS off loopback uses the server's own certificate (named
+    /// `covey-server`, issued by the federation's CA) unless these name a
+    /// PEM certificate chain and key for the host's real name.
+    pub certificate: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            certificate: None,
+            key: None,
+        }
+    }
 }
 
 /// Where the database's key-encryption key comes from.
@@ -869,6 +899,7 @@ impl Default for ServerConfig {
             compliance: Compliance::default(),
             storage: Storage::default(),
             metrics: MetricsEndpoint::default(),
+            dashboard: DashboardConfig::default(),
             fit_config: toml::Table::new(),
         }
     }
@@ -1360,6 +1391,16 @@ kek = "{kek}"
 # TCP address of the Prometheus endpoint (GET /metrics, OpenMetrics text); off when absent.
 {metrics_listen}
 
+[dashboard]
+# The live web dashboard. On a loopback address it serves HTTP: anyone on this host sees the
+# auditor's view (pseudonyms only), and a login shows an operator's. Any other address serves
+# HTTPS and needs a login (`covey-server remote --identity X dashboard-login`). Port 0 picks a
+# free port; the URL is logged and written to dashboard.url in this directory.
+enabled = {dashboard_enabled}
+listen = "{dashboard_listen}"
+# HTTPS under the host's real name instead of the server's own `covey-server` certificate:
+{dashboard_tls}
+
 [fit_config]
 # Handed as-is, with every task, to devices' own training code: the Python package passes them
 # to `fit` and `evaluate` in `config`, beside round, epochs, batch_size and learning_rate.
@@ -1371,6 +1412,16 @@ kek = "{kek}"
                 .map(|(k, v)| format!("{} = {v}\n", toml::Value::String(k.clone())))
                 .collect::<String>(),
             kek = self.storage.kek,
+            dashboard_enabled = self.dashboard.enabled,
+            dashboard_listen = self.dashboard.listen,
+            dashboard_tls = match (&self.dashboard.certificate, &self.dashboard.key) {
+                (Some(c), Some(k)) => format!(
+                    "certificate = {}\nkey = {}",
+                    toml::Value::String(c.display().to_string()),
+                    toml::Value::String(k.display().to_string())
+                ),
+                _ => "# certificate = \"/etc/ssl/covey/fullchain.pem\"\n# key = \"/etc/ssl/covey/privkey.pem\"".to_owned(),
+            },
             metrics_listen = match self.metrics.listen {
                 Some(addr) => format!("listen = \"{addr}\""),
                 None => "# listen = \"127.0.0.1:9464\"".to_owned(),

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod central;
 pub mod compliance;
 pub mod config;
+pub mod dashboard;
 pub mod dir;
 pub mod dp;
 pub mod export;

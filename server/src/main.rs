@@ -264,6 +264,14 @@ enum RemoteCommand {
         #[arg(long)]
         name: String,
     },
+    /// A login for the web dashboard in this identity's role; the token is
+    /// printed once. Paste it at the dashboard's /login page.
+    DashboardLogin {
+        #[arg(long, default_value_t = 12)]
+        hours: u64,
+    },
+    /// End every dashboard login this identity was issued.
+    DashboardLogout,
 }
 
 fn remote(identity: &std::path::Path, command: RemoteCommand) -> Result<()> {
@@ -284,6 +292,8 @@ fn remote(identity: &std::path::Path, command: RemoteCommand) -> Result<()> {
         },
         RemoteCommand::Revoke { name } => AdminRequest::Revoke { name: name.clone() },
         RemoteCommand::Forget { name } => AdminRequest::Forget { name: name.clone() },
+        RemoteCommand::DashboardLogin { hours } => AdminRequest::DashboardLogin { hours: *hours },
+        RemoteCommand::DashboardLogout => AdminRequest::DashboardLogout,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let reply = runtime.block_on(call(&bundle, &request))?;
@@ -325,6 +335,22 @@ fn remote(identity: &std::path::Path, command: RemoteCommand) -> Result<()> {
         }
         (_, AdminReply::Forgotten { enrollments }) => {
             println!("forgot {enrollments} enrollment(s)")
+        }
+        (
+            RemoteCommand::DashboardLogin { .. },
+            AdminReply::DashboardLogin {
+                token,
+                expires_unix,
+            },
+        ) => {
+            let expires = covey_server::report::utc(expires_unix);
+            eprintln!(
+                "a dashboard login valid until {expires}; paste it at the dashboard's /login page (it is shown only now):"
+            );
+            println!("{token}");
+        }
+        (_, AdminReply::DashboardLoggedOut { logins }) => {
+            println!("ended {logins} dashboard login(s)")
         }
         // Never printed: an answer may hold an identity's private key.
         (_, _) => bail!("the server answered a different request"),

@@ -68,6 +68,9 @@ pub struct Metrics {
     pub connections_accepted: Counter,
     /// Connections and requests refused, by reason.
     pub connections_refused: Family<Reason, Counter>,
+    /// The latest duration of each phase, for the dashboard (a histogram
+    /// cannot be read back).
+    latest_phase: std::sync::Mutex<std::collections::BTreeMap<&'static str, f64>>,
 }
 
 impl Default for Metrics {
@@ -178,6 +181,7 @@ impl Metrics {
             connections_open,
             connections_accepted,
             connections_refused,
+            latest_phase: Default::default(),
         }
     }
 
@@ -185,6 +189,17 @@ impl Metrics {
         self.phase_seconds
             .get_or_create(&Phase { phase })
             .observe(elapsed.as_secs_f64());
+        if let Ok(mut latest) = self.latest_phase.lock() {
+            latest.insert(phase, elapsed.as_secs_f64());
+        }
+    }
+
+    /// Each phase's latest duration in seconds.
+    pub fn latest_phases(&self) -> std::collections::BTreeMap<&'static str, f64> {
+        self.latest_phase
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
     }
 
     pub fn refuse_connection(&self, reason: &'static str) {

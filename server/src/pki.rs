@@ -328,6 +328,27 @@ pub fn server_tls_config(
     Ok(config)
 }
 
+/// HTTPS for the dashboard off loopback: the server's certificate, no
+/// client certificates (browsers sign in with a login instead).
+pub fn https_config(server: &ServerIdentity) -> Result<rustls::ServerConfig, PkiError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(
+            // The whole chain, for an operator's own certificate.
+            CertificateDer::pem_slice_iter(server.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| PkiError::Pem {
+                    what: "dashboard certificate",
+                    detail: e.to_string(),
+                })?,
+            parse_key(&server.key_pem, "dashboard key")?,
+        )?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -572,7 +572,7 @@ fn line_chart(
 
 /// `unix` seconds as UTC ISO 8601 (`2026-12-07T07:38:25Z`); the raw number
 /// when it is out of the calendar's range.
-fn utc(unix: i64) -> String {
+pub fn utc(unix: i64) -> String {
     match time::OffsetDateTime::from_unix_timestamp(unix) {
         Ok(t) => format!(
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",

@@ -48,6 +48,10 @@ impl Machine {
         either!(self, m => m.is_finished())
     }
 
+    pub fn phase_name(&self) -> &'static str {
+        either!(self, m => m.phase_name())
+    }
+
     pub fn limit_rounds(&mut self, rounds: u64) {
         either!(self, m => m.limit_rounds(rounds))
     }

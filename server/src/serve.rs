@@ -77,6 +77,11 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen for the dashboard on {addr}: {source}")]
+    DashboardBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("the database was created for a {stored} model but config.toml asks for {configured}")]
@@ -273,6 +278,7 @@ struct Shared {
 pub struct Server {
     endpoint: quinn::Endpoint,
     metrics_listener: Option<std::net::TcpListener>,
+    dashboard: Option<(crate::dashboard::Listener, Arc<crate::dashboard::Board>)>,
     shared: Arc<Shared>,
     hub: Hub,
     events: mpsc::Receiver<Event>,
@@ -421,6 +427,60 @@ impl Server {
         };
         let metrics = Arc::new(Metrics::new());
         metrics.model_version.set(version.0 as i64);
+        let store = Arc::new(store);
+        let logins = Arc::new(crate::dashboard::LoginBook::load(
+            store.clone(),
+            admitted.clone(),
+        )?);
+        let (board, live) = crate::dashboard::live::Publisher::new();
+        let dashboard = match config.dashboard.enabled {
+            false => None,
+            true => {
+                let identity = match (&config.dashboard.certificate, &config.dashboard.key) {
+                    (Some(cert), Some(key)) => {
+                        let read = |path: &std::path::Path| {
+                            std::fs::read_to_string(path).map_err(|e| {
+                                ServeError::Tls(format!("dashboard: {}: {e}", path.display()))
+                            })
+                        };
+                        crate::pki::ServerIdentity {
+                            cert_pem: read(cert)?,
+                            key_pem: read(key)?,
+                        }
+                    }
+                    (None, None) => dir.server_identity()?,
+                    _ => {
+                        return Err(ServeError::Tls(
+                            "dashboard: set both certificate and key, or neither".into(),
+                        ));
+                    }
+                };
+                let listener = crate::dashboard::bind(config.dashboard.listen, &identity)?;
+                let facts = crate::dashboard::Facts {
+                    model: settings.spec.to_string(),
+                    parameters: settings.spec.param_count(),
+                    language_model: settings.spec.as_language().is_some(),
+                    target_version: settings.round.target_version.0,
+                    mode: if settings.buffer.is_some() {
+                        "fedbuff"
+                    } else {
+                        "rounds"
+                    },
+                    secure_aggregation: settings.secagg.is_some(),
+                    epsilon_target: settings.dp.as_ref().map(|d| d.target_epsilon.get()),
+                    delta: settings.dp.as_ref().map(|d| d.delta.get()),
+                    min_cohort: settings.min_cohort.get(),
+                };
+                let board = Arc::new(crate::dashboard::Board::new(
+                    store.clone(),
+                    metrics.clone(),
+                    logins.clone(),
+                    live,
+                    facts,
+                ));
+                Some((listener, board))
+            }
+        };
         if let Some(p) = &privacy {
             metrics.epsilon.set(p.ledger.epsilon(&p.dp));
         }
@@ -445,7 +505,9 @@ impl Server {
             machine,
             package: None,
             optimizer_state: store.optimizer_state()?,
-            store: Arc::new(store),
+            store,
+            board,
+            logins,
             settings,
             chunk_len: config.training.chunk_len,
             model: Arc::new(model),
@@ -469,6 +531,7 @@ impl Server {
         Ok(Self {
             endpoint,
             metrics_listener,
+            dashboard,
             shared,
             hub,
             events: rx,
@@ -486,6 +549,11 @@ impl Server {
             .and_then(|l| l.local_addr().ok())
     }
 
+    /// The dashboard's address for a browser, when it is on.
+    pub fn dashboard_url(&self) -> Option<String> {
+        self.dashboard.as_ref().and_then(|(l, _)| l.url().ok())
+    }
+
     /// Commits as they happen; a slow subscriber misses old notices.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CommitNotice> {
         self.hub.commits.subscribe()
@@ -500,10 +568,25 @@ impl Server {
         let Self {
             endpoint,
             metrics_listener,
+            dashboard,
             shared,
             hub,
             events,
         } = self;
+        let dashboard_task = match dashboard {
+            None => None,
+            Some((listener, board)) => {
+                let url = listener
+                    .url()
+                    .map_err(|e| ServeError::Internal(format!("dashboard: {e}")))?;
+                info!(%url, "dashboard listening");
+                let path = hub.state_root.join("dashboard.url");
+                if let Err(e) = std::fs::write(&path, format!("{url}\n")) {
+                    warn!("cannot write {}: {e}", path.display());
+                }
+                Some(tokio::spawn(crate::dashboard::serve(listener, board)))
+            }
+        };
         let metrics_task = match metrics_listener {
             None => None,
             Some(listener) => {
@@ -527,6 +610,9 @@ impl Server {
         let result = hub.run(events, shared.clone()).await;
         accept.abort();
         if let Some(task) = metrics_task {
+            task.abort();
+        }
+        if let Some(task) = dashboard_task {
             task.abort();
         }
         endpoint.close(VarInt::from_u32(CloseCode::Done as u32), b"run finished");
@@ -1200,6 +1286,10 @@ struct Hub {
     /// The round's secure aggregation, when on.
     secagg: Option<SecAggRound>,
     metrics: Arc<Metrics>,
+    /// What the dashboard shows of the hub's memory.
+    board: crate::dashboard::live::Publisher,
+    /// Dashboard logins, issued over the operator API.
+    logins: Arc<crate::dashboard::LoginBook>,
 }
 
 /// Secure aggregation of the round in progress: the session, the clients
@@ -1301,6 +1391,7 @@ impl Hub {
                 Some(s) => s.wake().map_or(wake, |at| wake.min(at)),
                 None => wake,
             };
+            self.publish();
             tokio::select! {
                 event = events.recv() => {
                     let Some(event) = event else { break };
@@ -1321,6 +1412,7 @@ impl Hub {
             }
         }
         self.summary.final_version = self.machine.version().0;
+        self.publish();
         info!(version = %self.machine.version(), "run finished");
         Ok(self.summary)
     }
@@ -2408,6 +2500,25 @@ impl Hub {
                 self.bar(forgotten);
                 AdminReply::Forgotten { enrollments }
             }),
+            AdminRequest::DashboardLogin { hours } => {
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                return Ok(match self.logins.issue(actor, role, hours, now) {
+                    Ok((token, expires_unix)) => AdminResponse::Ok {
+                        reply: AdminReply::DashboardLogin {
+                            token: token.to_text(),
+                            expires_unix,
+                        },
+                    },
+                    Err(e) => AdminResponse::Refused {
+                        reason: e.to_string(),
+                    },
+                });
+            }
+            AdminRequest::DashboardLogout => self
+                .logins
+                .revoke_all(actor)
+                .map(|logins| AdminReply::DashboardLoggedOut { logins })
+                .map_err(DirError::from),
         };
         Ok(match reply {
             Ok(reply) => AdminResponse::Ok { reply },
@@ -2566,6 +2677,7 @@ impl Hub {
             answered = outcome.answered,
             "federated evaluation finished"
         );
+        self.board.evaluated(outcome.clone());
         if let Err(e) = StateDir::new(&self.state_root).write_eval_outcome(&outcome) {
             warn!("cannot write evaluation outcome: {e}");
         }
@@ -2710,6 +2822,25 @@ impl Hub {
         }
         purge(&self.store, self.settings.retention)?;
         Ok(record)
+    }
+
+    /// Hands the dashboard the state only the hub holds.
+    fn publish(&self) {
+        let secagg = self.secagg.as_ref();
+        self.board.publish(crate::dashboard::Live {
+            version: self.machine.version().0,
+            round: self.machine.current_round().map(|r| r.0),
+            phase: self.machine.phase_name(),
+            secagg_phase: secagg.map(|s| s.session.phase().as_str()),
+            deadline_unix_ms: secagg
+                .and_then(SecAggRound::wake)
+                .or(self.machine.next_deadline())
+                .map(crate::dashboard::live::deadline_unix_ms),
+            connected: self.live.len(),
+            selected: usize::try_from(self.metrics.selected.get()).unwrap_or(0),
+            reported: self.round.as_ref().map_or(0, |r| r.sum.contributors()),
+            federated_evaluation: None,
+        });
     }
 
     /// A snapshot for `covey-server status` while the database is locked.

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{RoundOutcome, Store, StoreError};
+use crate::store::{RoundOutcome, RoundRecord, Store, StoreError};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -50,6 +50,37 @@ pub struct ClientLine {
     pub expires_unix: i64,
 }
 
+impl RoundLine {
+    pub fn from_record(r: &RoundRecord) -> Self {
+        let (outcome, committed_version) = match &r.outcome {
+            RoundOutcome::InFlight => ("in flight".to_owned(), None),
+            RoundOutcome::Committed { version } => ("committed".to_owned(), Some(version.0)),
+            RoundOutcome::Aborted { reason } => (format!("aborted: {reason}"), None),
+            RoundOutcome::Abandoned => ("abandoned (server stopped)".to_owned(), None),
+        };
+        Self {
+            round: r.round.0,
+            base_version: r.base.0,
+            outcome,
+            committed_version,
+            selected: r.selected,
+            accepted: r.accepted,
+            dropped: r.dropped,
+            seconds: r
+                .ended_unix_ms
+                .map(|end| end.saturating_sub(r.started_unix_ms) as f64 / 1000.0),
+            mean_client_loss: r.mean_client_loss,
+            test_accuracy: r.test_accuracy,
+            test_loss: r.test_loss,
+            bytes_up: r.bytes_up,
+            bytes_down: r.bytes_down,
+            clip: r.clip,
+            epsilon: r.epsilon,
+            rejected: r.rejected.clone(),
+        }
+    }
+}
+
 impl Report {
     pub fn from_store(store: &Store, with_names: bool) -> Result<Self, StoreError> {
         let spec = store.spec()?;
@@ -68,36 +99,7 @@ impl Report {
             epsilon_spent,
             rounds: rounds
                 .into_iter()
-                .map(|r| {
-                    let (outcome, committed_version) = match &r.outcome {
-                        RoundOutcome::InFlight => ("in flight".to_owned(), None),
-                        RoundOutcome::Committed { version } => {
-                            ("committed".to_owned(), Some(version.0))
-                        }
-                        RoundOutcome::Aborted { reason } => (format!("aborted: {reason}"), None),
-                        RoundOutcome::Abandoned => ("abandoned (server stopped)".to_owned(), None),
-                    };
-                    RoundLine {
-                        round: r.round.0,
-                        base_version: r.base.0,
-                        outcome,
-                        committed_version,
-                        selected: r.selected,
-                        accepted: r.accepted,
-                        dropped: r.dropped,
-                        seconds: r
-                            .ended_unix_ms
-                            .map(|end| end.saturating_sub(r.started_unix_ms) as f64 / 1000.0),
-                        mean_client_loss: r.mean_client_loss,
-                        test_accuracy: r.test_accuracy,
-                        test_loss: r.test_loss,
-                        bytes_up: r.bytes_up,
-                        bytes_down: r.bytes_down,
-                        clip: r.clip,
-                        epsilon: r.epsilon,
-                        rejected: r.rejected.clone(),
-                    }
-                })
+                .map(|r| RoundLine::from_record(&r))
                 .collect(),
             clients: store
                 .enrollments()?

@@ -2,7 +2,8 @@
 //!
 //! Trees: `models` (version → header + f32 bytes), `rounds` (round id →
 //! record), `registry` (pseudonym → enrollment), `audit` (sequence number →
-//! sealed audit entry), `meta` (current version, next round id, optimizer
+//! sealed audit entry), `logins` (SHA-256 of a dashboard token → login),
+//! `meta` (current version, next round id, optimizer
 //! moments, secrets). A commit writes the new version, its round record,
 //! the optimizer state, the current-version pointer and its audit entry in
 //! one transaction and then flushes, so a crash at any point leaves either
@@ -20,7 +21,7 @@ use std::{
 };
 
 use covey_privacy::Pseudonym;
-use covey_protocol::{ModelVersion, RoundId, model::ModelSpec};
+use covey_protocol::{ModelVersion, RoundId, dashboard::LoginDigest, model::ModelSpec};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sled::{
     Transactional,
@@ -272,8 +273,19 @@ fn round_event(record: &RoundRecord) -> Option<AuditEvent> {
     }
 }
 
+/// A dashboard login, stored under the SHA-256 of its token; the token
+/// itself is never stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Login {
+    pub actor: Pseudonym,
+    pub role: Role,
+    pub issued_unix: i64,
+    pub expires_unix: i64,
+}
+
 pub struct Store {
     db: sled::Db,
+    logins: sled::Tree,
     models: sled::Tree,
     rounds: sled::Tree,
     registry: sled::Tree,
@@ -334,6 +346,7 @@ impl Store {
             rounds: db.open_tree("rounds")?,
             registry: db.open_tree("registry")?,
             audit: db.open_tree("audit")?,
+            logins: db.open_tree("logins")?,
             meta,
             chain: Mutex::new(None),
             data_key,
@@ -495,6 +508,18 @@ impl Store {
         self.values(&self.audit)?
             .iter()
             .map(|v| decode(v, "audit entry"))
+            .collect()
+    }
+
+    /// Stored audit entries from sequence number `first` on.
+    pub fn audit_entries_from(&self, first: u64) -> Result<Vec<SealedEntry>, StoreError> {
+        self.audit
+            .range(first.to_be_bytes()..)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let plain = self.data_key.open(&location(&self.audit, &k), &v)?;
+                decode(&plain, "audit entry")
+            })
             .collect()
     }
 
@@ -762,6 +787,67 @@ impl Store {
             .iter()
             .map(|v| decode(v, "enrollment"))
             .collect()
+    }
+
+    /// Stores a dashboard login with the audit entry that issues it.
+    pub fn put_login(&self, digest: &LoginDigest, login: &Login) -> Result<(), StoreError> {
+        let value = self.sealed(&self.logins, &digest.0, &encode(login))?;
+        let pending = self.seal([AuditEvent::DashboardLoginIssued {
+            actor: login.actor,
+            role: login.role,
+            login: digest.to_string(),
+            expires_unix: login.expires_unix,
+        }])?;
+        (&self.logins, &self.audit).transaction(|(logins, audit)| {
+            logins.insert(&digest.0, value.as_slice())?;
+            pending.insert(audit)?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        })?;
+        self.db.flush()?;
+        pending.stored();
+        Ok(())
+    }
+
+    /// Every stored dashboard login, expired ones included.
+    pub fn logins(&self) -> Result<Vec<(LoginDigest, Login)>, StoreError> {
+        self.logins
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let digest: [u8; 32] = k
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("login key is not a SHA-256".into()))?;
+                let plain = self.data_key.open(&location(&self.logins, &k), &v)?;
+                Ok((LoginDigest(digest), decode(&plain, "login")?))
+            })
+            .collect()
+    }
+
+    /// Deletes the given logins of `actor`, with one audit entry naming
+    /// them; nothing is written when the list is empty.
+    pub fn remove_logins(
+        &self,
+        actor: Pseudonym,
+        digests: &[LoginDigest],
+    ) -> Result<(), StoreError> {
+        if digests.is_empty() {
+            return Ok(());
+        }
+        let pending = self.seal([AuditEvent::DashboardLoginsRevoked {
+            actor,
+            logins: digests.iter().map(|d| d.to_string()).collect(),
+        }])?;
+        (&self.logins, &self.audit).transaction(|(logins, audit)| {
+            for d in digests {
+                logins.remove(&d.0)?;
+            }
+            pending.insert(audit)?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        })?;
+        self.db.flush()?;
+        pending.stored();
+        Ok(())
     }
 
     /// Revokes every active certificate enrolled under `name`; returns

@@ -136,6 +136,10 @@ struct Args {
     /// One JSON object per round on stdout.
     #[arg(long)]
     json: bool,
+    /// Serve the live web dashboard at this address while the run lasts
+    /// (e.g. 127.0.0.1:7480; port 0 picks one). Its URL goes to stderr.
+    #[arg(long)]
+    dashboard: Option<std::net::SocketAddr>,
     /// Differential privacy: off, central (the server noises the sum) or
     /// distributed (clients noise, secure aggregation sums).
     #[arg(long, default_value = "off")]
@@ -453,6 +457,10 @@ async fn simulate(args: Args) -> Result<()> {
     let per_round = per_round(&args);
     let mut config = ServerConfig::default();
     config.server.listen = "127.0.0.1:0".parse()?;
+    config.dashboard.enabled = args.dashboard.is_some();
+    if let Some(addr) = args.dashboard {
+        config.dashboard.listen = addr;
+    }
     config.server.public_addr = "127.0.0.1:0".into();
     config.model.init_seed = args.seed;
     prepared.configure(&mut config)?;
@@ -551,6 +559,9 @@ async fn simulate(args: Args) -> Result<()> {
 
     let server = Server::open(&state)?;
     let addr = server.local_addr()?;
+    if let Some(url) = server.dashboard_url() {
+        eprintln!("dashboard: {url}");
+    }
     let mut commits = server.subscribe();
     let stopper = server.stopper();
     let server = tokio::spawn(server.run());
