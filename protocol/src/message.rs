@@ -287,6 +287,20 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// Every reason, so counters can start at zero for each.
+    pub const ALL: [Self; 10] = [
+        Self::WrongRound,
+        Self::RoundClosed,
+        Self::NotSelected,
+        Self::Duplicate,
+        Self::ShapeMismatch,
+        Self::NonFinite,
+        Self::NoExamples,
+        Self::ClipExceeded,
+        Self::PrivacyMismatch,
+        Self::Stale,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::WrongRound => "wrong round",

@@ -32,6 +32,12 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Self; 3] = [
+        Self::ServerFull,
+        Self::TooManyConnections,
+        Self::RateLimited,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ServerFull => "server full",

@@ -36,6 +36,13 @@ pub struct Phase {
     pub phase: &'static str,
 }
 
+/// Refusals that are not limits: a client that failed QUIC's address
+/// validation or the TLS and version handshake, and a refused dashboard
+/// sign-in.
+pub const ADDRESS_VALIDATION_FAILED: &str = "address validation failed";
+pub const HANDSHAKE_FAILED: &str = "handshake failed";
+pub const DASHBOARD_SIGN_IN_REFUSED: &str = "dashboard sign-in refused";
+
 /// Every series the server exports.
 pub struct Metrics {
     registry: Registry,
@@ -43,6 +50,22 @@ pub struct Metrics {
     pub rounds: Family<Outcome, Counter>,
     /// The current global model version.
     pub model_version: Gauge,
+    /// The version the run stops at, so alerts can tell a finished run
+    /// from a stalled one.
+    pub target_version: Gauge,
+    /// How long a round may collect; the stall alert counts in these.
+    pub round_timeout: Gauge<f64, AtomicU64>,
+    /// When the last version was committed (or the server started).
+    pub last_commit: Gauge<f64, AtomicU64>,
+    /// The ε the run may spend (0 without differential privacy).
+    pub epsilon_target: Gauge<f64, AtomicU64>,
+    /// The smallest cohort a release may come from (k).
+    pub min_cohort: Gauge,
+    /// The last committed version on the server's test set (central
+    /// evaluation), and the devices' mean training loss in its round.
+    pub test_accuracy: Gauge<f64, AtomicU64>,
+    pub test_loss: Gauge<f64, AtomicU64>,
+    pub client_loss: Gauge<f64, AtomicU64>,
     /// Members selected for the round in progress (or the last one); in
     /// FedBuff mode, tasks handed out for the open buffer.
     pub selected: Gauge,
@@ -89,6 +112,56 @@ impl Metrics {
             "model_version",
             "Current global model version",
             model_version.clone(),
+        );
+        let target_version = Gauge::default();
+        registry.register(
+            "target_version",
+            "The version the run stops at",
+            target_version.clone(),
+        );
+        let round_timeout = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "round_timeout",
+            "How long a round may collect updates",
+            Unit::Seconds,
+            round_timeout.clone(),
+        );
+        let last_commit = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "last_commit_timestamp",
+            "Unix time of the last commit, or of the server's start",
+            Unit::Seconds,
+            last_commit.clone(),
+        );
+        let epsilon_target = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "epsilon_target",
+            "The differential-privacy epsilon the run may spend (0 without DP)",
+            epsilon_target.clone(),
+        );
+        let min_cohort = Gauge::default();
+        registry.register(
+            "min_cohort",
+            "The smallest cohort a release may come from (k)",
+            min_cohort.clone(),
+        );
+        let test_accuracy = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "test_accuracy",
+            "Accuracy of the last committed version on the server's test set",
+            test_accuracy.clone(),
+        );
+        let test_loss = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "test_loss",
+            "Mean loss of the last committed version on the server's test set",
+            test_loss.clone(),
+        );
+        let client_loss = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "client_loss",
+            "Devices' example-weighted mean training loss in the last committed round",
+            client_loss.clone(),
         );
         let selected = Gauge::default();
         registry.register(
@@ -165,10 +238,40 @@ impl Metrics {
             "Connections and requests refused, by reason",
             connections_refused.clone(),
         );
+        // Every known reason starts at zero, so rate() and alerts see the
+        // series from the first scrape rather than from the first event.
+        for reason in covey_protocol::message::RejectReason::ALL {
+            let _ = rejected.get_or_create(&Reason {
+                reason: reason.as_str(),
+            });
+        }
+        for outcome in ["committed", "aborted"] {
+            let _ = rounds.get_or_create(&Outcome { outcome });
+        }
+        let others = [
+            ADDRESS_VALIDATION_FAILED,
+            HANDSHAKE_FAILED,
+            DASHBOARD_SIGN_IN_REFUSED,
+        ];
+        for reason in crate::limits::Refusal::ALL
+            .map(crate::limits::Refusal::as_str)
+            .into_iter()
+            .chain(others)
+        {
+            let _ = connections_refused.get_or_create(&Reason { reason });
+        }
         Self {
             registry,
             rounds,
             model_version,
+            target_version,
+            round_timeout,
+            last_commit,
+            epsilon_target,
+            min_cohort,
+            test_accuracy,
+            test_loss,
+            client_loss,
             selected,
             participants,
             updates_accepted,
@@ -206,6 +309,22 @@ impl Metrics {
         self.connections_refused
             .get_or_create(&Reason { reason })
             .inc();
+    }
+
+    /// Records a commit (or the start) as now, with what it measured.
+    pub fn committed_now(&self, record: Option<&crate::store::RoundRecord>) {
+        self.last_commit
+            .set(crate::store::unix_ms_now() as f64 / 1000.0);
+        let Some(r) = record else { return };
+        for (gauge, value) in [
+            (&self.test_accuracy, r.test_accuracy),
+            (&self.test_loss, r.test_loss),
+            (&self.client_loss, r.mean_client_loss),
+        ] {
+            if let Some(v) = value {
+                gauge.set(f64::from(v));
+            }
+        }
     }
 
     /// The OpenMetrics text exposition of every series.
@@ -329,6 +448,10 @@ mod tests {
             "covey_epsilon_spent 1.5",
             "covey_phase_seconds_count{phase=\"collect\"} 1",
             "covey_connections_open 0",
+            "covey_target_version 0",
+            "covey_last_commit_timestamp_seconds 0.0",
+            "covey_round_timeout_seconds 0.0",
+            "covey_epsilon_target 0.0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -427,6 +427,15 @@ impl Server {
         };
         let metrics = Arc::new(Metrics::new());
         metrics.model_version.set(version.0 as i64);
+        metrics
+            .target_version
+            .set(settings.round.target_version.0 as i64);
+        metrics.round_timeout.set(config.rounds.round_timeout_secs);
+        metrics.committed_now(None);
+        metrics.min_cohort.set(settings.min_cohort.get() as i64);
+        if let Some(dp) = &settings.dp {
+            metrics.epsilon_target.set(dp.target_epsilon.get());
+        }
         let store = Arc::new(store);
         let logins = Arc::new(crate::dashboard::LoginBook::load(
             store.clone(),
@@ -642,7 +651,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             if incoming.retry().is_err() {
                 shared
                     .metrics
-                    .refuse_connection("address validation failed");
+                    .refuse_connection(crate::metrics::ADDRESS_VALIDATION_FAILED);
             }
             continue;
         }
@@ -654,7 +663,9 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                 Err(e) => {
                     // No address in the log: the refusal reason is enough.
                     info!("handshake refused: {e}");
-                    shared.metrics.refuse_connection("handshake failed");
+                    shared
+                        .metrics
+                        .refuse_connection(crate::metrics::HANDSHAKE_FAILED);
                     return;
                 }
             };
@@ -2272,6 +2283,7 @@ impl Hub {
                         Ok(record) => {
                             self.count_round(true);
                             self.metrics.model_version.set(new_version.0 as i64);
+                            self.metrics.committed_now(Some(&record));
                             if let Some(epsilon) = record.epsilon {
                                 self.metrics.epsilon.set(epsilon);
                             }

@@ -1,20 +1,11 @@
-"""A real covey-server on loopback for the Python package's tests.
-
-The server binary is $COVEY_SERVER, else the workspace's target/debug or
-target/release build; clients run as real processes (the examples), each
-with its own identity bundle, on a port chosen at run time.
-"""
+"""A real covey-server on loopback for the Python package's tests; clients
+run as real processes (the examples and this directory's scripts), each
+with its own identity bundle, on a port chosen at run time. The harness is
+examples/python/local_server.py, shared with the console's tests."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,142 +16,16 @@ TESTS = Path(__file__).resolve().parent
 # The examples' data loader, clients and local server, imported by the tests too.
 sys.path.insert(0, str(EXAMPLES))
 
-from local_server import enroll, free_tcp_port, free_udp_port, init, set_option  # noqa: E402, F401
-
-
-def binary(name: str) -> Path:
-    env = os.environ.get(f"COVEY_{name.split('-')[1].upper()}")
-    if env:
-        return Path(env)
-    for profile in ("debug", "release"):
-        path = ROOT / "target" / profile / name
-        if path.exists():
-            return path
-    pytest.fail(f"{name} is not built: run `cargo build --bin {name}` or set COVEY_*")
-
-
-class Federation:
-    """One state directory, its enrolled devices and a running server."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.dir = root / "state"
-        self.port = free_udp_port()
-        self.server = None
-        self.clients: list[subprocess.Popen] = []
-
-    @staticmethod
-    def binary(name: str) -> Path:
-        return binary(name)
-
-    def init(self, *args: str) -> None:
-        init(binary("covey-server"), self.dir, self.port, *args)
-        # The Prometheus endpoint tells the tests how many devices are connected.
-        self.metrics = f"127.0.0.1:{free_tcp_port()}"
-        text = self.config.read_text().replace(
-            '# listen = "127.0.0.1:9464"', f'listen = "{self.metrics}"')
-        self.config.write_text(text)
-
-    def wait_connected(self, n: int, timeout: float = 60.0) -> None:
-        """Until `n` devices hold a connection (the server's connections_open)."""
-        def connected():
-            try:
-                with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=2) as r:
-                    body = r.read().decode()
-            except OSError:
-                return False
-            found = re.search(r"^covey_connections_open (\d+)", body, re.M)
-            return found is not None and int(found.group(1)) >= n
-        eventually(connected, timeout)
-
-    @property
-    def config(self) -> Path:
-        return self.dir / "config.toml"
-
-    def set(self, section: str, key: str, value: str) -> None:
-        set_option(self.config, section, key, value)
-
-    def enroll(self, name: str) -> Path:
-        (out,) = enroll(binary("covey-server"), self.dir, [name], self.root)
-        return out
-
-    def start(self) -> None:
-        env = dict(os.environ, NO_COLOR="1",
-                   COVEY_LOG="info,quinn=warn,quinn_proto=warn,rustls=warn,sled=warn")
-        self.server = subprocess.Popen(
-            [binary("covey-server"), "run", "--json", "--dir", self.dir],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-
-    def python_client(self, script: str, identity: Path, *args: str) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(EXAMPLES), str(TESTS), os.environ.get("PYTHONPATH", "")]))
-        path = TESTS / script if (TESTS / script).exists() else EXAMPLES / script
-        proc = subprocess.Popen(
-            [sys.executable, path, "--identity", identity, *map(str, args)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=EXAMPLES)
-        self.clients.append(proc)
-        return proc
-
-    def rust_client(self, identity: Path, data: Path) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [binary("covey-client"), "run", "--identity", identity, "--data", data],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, NO_COLOR="1"))
-        self.clients.append(proc)
-        return proc
-
-    def finish(self, timeout: float = 120) -> dict:
-        """Waits for the server to end the run; its JSON summary."""
-        try:
-            out, err = self.server.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.close()
-            logs = [p.communicate()[1][-3000:] for p in self.clients]
-            raise AssertionError(f"the run did not end in {timeout} s; clients' logs: {logs}")
-        assert self.server.returncode == 0, err
-        self.server_log = err
-        return json.loads(out)
-
-    def export(self, version: int) -> Path:
-        out = self.root / f"v{version}.safetensors"
-        run([binary("covey-server"), "export", "--dir", self.dir,
-             "--version", str(version), "--out", out])
-        return out
-
-    def close(self) -> None:
-        for p in self.clients + ([self.server] if self.server else []):
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-
-
-def run(cmd) -> str:
-    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    assert out.returncode == 0, f"{cmd}: {out.stderr}"
-    return out.stdout
-
-
-def wait(proc: subprocess.Popen, timeout: float = 300):
-    """A client's exit code, stdout and stderr."""
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
+from local_server import (  # noqa: E402, F401
+    Federation, binary, enroll, eventually, free_tcp_port, free_udp_port, init, interrupt, run,
+    set_option, wait)
 
 
 @pytest.fixture
 def federation(tmp_path):
     f = Federation(tmp_path)
+    f.scripts.insert(0, TESTS)
     yield f
     f.close()
 
 
-def interrupt(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-
-
-def eventually(check, timeout: float = 60.0, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(every)
-    raise AssertionError("condition not met in time")

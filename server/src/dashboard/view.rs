@@ -168,7 +168,8 @@ impl Board {
 
     /// Counts a refused sign-in where Prometheus sees it.
     pub fn refused_sign_in(&self) {
-        self.metrics.refuse_connection("dashboard sign-in refused");
+        self.metrics
+            .refuse_connection(crate::metrics::DASHBOARD_SIGN_IN_REFUSED);
     }
 
     pub fn live(&self) -> watch::Receiver<Live> {

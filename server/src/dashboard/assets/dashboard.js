@@ -90,6 +90,7 @@ function drawCharts() {
 
   const eps = lines.filter((l) => l.epsilon !== null);
   const target = facts && facts.epsilon_target;
+  $("epsilon-caption").textContent = target === null ? "ε spent by round (no differential privacy in this run)" : "ε spent by round";
   draw("epsilon-chart",
     [{ label: "ε spent", stroke: "#9467bd", width: 2 }, { label: "target", stroke: "#999", dash: [6, 4] }],
     "ε",
