@@ -108,12 +108,26 @@ pub struct RunSummary {
     pub bytes_down: u64,
     /// Peak resident memory of this process (Linux only).
     pub peak_rss_bytes: Option<u64>,
+    /// CPU time this process used, user and system (Linux only).
+    pub cpu_seconds: Option<f64>,
     /// Why the run ended.
     pub finish_reason: Option<String>,
     /// Under central DP: ε spent by the run so far, at the configured δ.
     pub epsilon: Option<f64>,
     /// Refused updates, by reason.
     pub rejected: std::collections::BTreeMap<String, u64>,
+}
+
+/// utime + stime from /proc/self/stat, in USER_HZ ticks (100 a second on
+/// every Linux target this runs on).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; the rest follows its ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    // Fields 14 and 15 of the line are 12 and 13 after the name.
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
 /// VmHWM from /proc/self/status: the process's peak resident set.
@@ -630,6 +644,7 @@ impl Server {
         summary.bytes_up = shared.metrics.bytes_in.get();
         summary.bytes_down = shared.metrics.bytes_out.get();
         summary.peak_rss_bytes = peak_rss_bytes();
+        summary.cpu_seconds = cpu_seconds();
         Ok(summary)
     }
 }

@@ -5,7 +5,9 @@
 //!
 //! `cargo build --release -p covey-server -p covey-examples &&
 //!  target/release/covey-bench-round --clients 100`; the load test is
-//! `--clients 1000 --model 2nn`.
+//! `--clients 1000 --model 2nn`. `--viewers 0,4` runs each case without
+//! and with that many live dashboards open (server-sent-event feeds read
+//! to the end), for the dashboard's cost.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -37,6 +39,38 @@ struct Args {
     /// The covey-server binary (defaults to the one beside this binary).
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Live dashboards open during the round, one run per value.
+    #[arg(long, default_value = "0", value_delimiter = ',')]
+    viewers: Vec<usize>,
+}
+
+/// A browser's live feed: reads the dashboard's server-sent events until
+/// the server ends them; returns the bytes read.
+async fn view(url: String) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(addr) = url
+        .trim()
+        .strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/').to_owned())
+    else {
+        return 0;
+    };
+    let Ok(mut stream) = tokio::net::TcpStream::connect(&addr).await else {
+        return 0;
+    };
+    let request = format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return 0;
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0;
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    total
 }
 
 /// Random updates of the task's size: the bench measures transport and
@@ -69,11 +103,16 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "| model | encoding | clients | round wall time (s) | bytes up | bytes down | server peak RSS (MiB) |"
+        "| model | encoding | clients | dashboards | round wall time (s) | bytes up | bytes down | server CPU (s) | server peak RSS (MiB) | dashboard bytes |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let runtime = tokio::runtime::Runtime::new()?;
-    for encoding in args.encodings {
+    let cases: Vec<(UpdateEncoding, usize)> = args
+        .encodings
+        .iter()
+        .flat_map(|e| args.viewers.iter().map(move |v| (*e, *v)))
+        .collect();
+    for (encoding, viewers) in cases {
         let tmp = tempfile::tempdir()?;
         let port = std::net::UdpSocket::bind("127.0.0.1:0")?
             .local_addr()?
@@ -110,6 +149,26 @@ fn main() -> Result<()> {
             .context("starting covey-server")?;
         let addr = config.server.listen;
         let started = Instant::now();
+        let url_file = tmp.path().join("dashboard.url");
+        let feeds = runtime.block_on(async {
+            let mut feeds = Vec::new();
+            if viewers > 0 {
+                // The server writes its dashboard's address once it serves.
+                let mut url = None;
+                for _ in 0..200 {
+                    if let Ok(text) = std::fs::read_to_string(&url_file) {
+                        url = Some(text);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                let url = url.context("the server wrote no dashboard.url")?;
+                feeds = (0..viewers)
+                    .map(|_| tokio::spawn(view(url.clone())))
+                    .collect();
+            }
+            Ok::<_, anyhow::Error>(feeds)
+        })?;
         runtime.block_on(async {
             let tasks: Vec<_> = identities
                 .into_iter()
@@ -133,18 +192,23 @@ fn main() -> Result<()> {
         })?;
         let out = server.wait_with_output()?;
         let wall = started.elapsed();
+        let mut dashboard_bytes = 0;
+        for feed in feeds {
+            dashboard_bytes += runtime.block_on(feed)?;
+        }
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("server output: {}", String::from_utf8_lossy(&out.stdout)))?;
         let report = covey_server::status::Report::from_store(&state.open_store()?, false)?;
         let round = report.rounds.first().context("no round recorded")?;
         println!(
-            "| {} | {encoding} | {} | {:.2} (process {:.2}) | {} | {} | {:.0} |",
+            "| {} | {encoding} | {} | {viewers} | {:.2} (process {:.2}) | {} | {} | {:.2} | {:.0} | {dashboard_bytes} |",
             args.model,
             args.clients,
             round.seconds.unwrap_or(f64::NAN),
             wall.as_secs_f64(),
             summary["bytes_up"],
             summary["bytes_down"],
+            summary["cpu_seconds"].as_f64().unwrap_or(f64::NAN),
             summary["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / (1 << 20) as f64,
         );
     }

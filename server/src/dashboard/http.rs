@@ -37,8 +37,10 @@ const MAX_CONNECTIONS: usize = 64;
 /// Live feeds open at once; more get 503.
 const MAX_FEEDS: usize = 32;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// The feed sends at most this often, however fast the run moves.
-const FEED_INTERVAL: Duration = Duration::from_millis(250);
+/// The feed sends at most this often, however fast the run moves: enough
+/// for a person watching, and it keeps a thousand-device round's events
+/// from turning into as many snapshots.
+const FEED_INTERVAL: Duration = Duration::from_secs(1);
 /// And at least this often, so proxies keep the stream open.
 const FEED_HEARTBEAT: Duration = Duration::from_secs(10);
 

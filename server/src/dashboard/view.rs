@@ -23,6 +23,9 @@ use crate::{
 const AUDIT_TAIL: usize = 25;
 /// How many devices the page lists; counts cover all of them.
 const DEVICES_LISTED: usize = 200;
+/// Enrollments change rarely and a federation may hold many: the list is
+/// read again at most this often, not for every snapshot of every feed.
+const DEVICES_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What does not change while the server runs.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -51,6 +54,7 @@ pub struct Board {
     facts: Facts,
     audit: Mutex<AuditTail>,
     rounds: Mutex<RoundsCache>,
+    devices: Mutex<Option<(std::time::Instant, Arc<Devices>)>>,
 }
 
 /// The trail, verified link by link as it grows.
@@ -107,7 +111,7 @@ struct AuditSummary {
     latest: Vec<serde_json::Value>,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 struct Devices {
     active: usize,
     revoked: usize,
@@ -115,7 +119,7 @@ struct Devices {
     listed: Vec<DeviceLine>,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 struct DeviceLine {
     pseudonym: String,
     /// Only for operators and admins.
@@ -158,6 +162,7 @@ impl Board {
                 problem,
             }),
             rounds: Mutex::new(RoundsCache::default()),
+            devices: Mutex::new(None),
         }
     }
 
@@ -271,6 +276,28 @@ impl Board {
     }
 
     fn devices(&self, with_names: bool) -> Result<Devices, StoreError> {
+        let all = {
+            let mut cache = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+            match &*cache {
+                Some((read, devices)) if read.elapsed() < DEVICES_TTL => devices.clone(),
+                _ => {
+                    let devices = Arc::new(self.read_devices()?);
+                    *cache = Some((std::time::Instant::now(), devices.clone()));
+                    devices
+                }
+            }
+        };
+        let mut devices = (*all).clone();
+        if !with_names {
+            for d in &mut devices.listed {
+                d.name = None;
+            }
+        }
+        Ok(devices)
+    }
+
+    /// Every enrollment, names included; `devices` strips them per viewer.
+    fn read_devices(&self) -> Result<Devices, StoreError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let mut devices = Devices {
             active: 0,
@@ -292,7 +319,7 @@ impl Board {
             if devices.listed.len() < DEVICES_LISTED {
                 devices.listed.push(DeviceLine {
                     pseudonym: e.pseudonym.to_string(),
-                    name: with_names.then_some(e.name),
+                    name: Some(e.name),
                     role: e.role,
                     state,
                 });
