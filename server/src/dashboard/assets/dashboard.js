@@ -102,11 +102,13 @@ function drawCharts() {
     [
       { label: "accepted", stroke: "#2ca02c", width: 2 },
       { label: "selected", stroke: "#8c564b" },
+      { label: "dropped", stroke: "#d62728" },
       { label: "k", stroke: "#999", dash: [6, 4] },
     ],
     "devices",
     lines.map((l) => l.round),
-    [lines.map((l) => l.accepted), lines.map((l) => l.selected), lines.map(() => k)]);
+    [lines.map((l) => l.accepted), lines.map((l) => l.selected), lines.map((l) => l.dropped),
+      lines.map(() => k)]);
 
   draw("bytes-chart",
     [{ label: "up", stroke: "#17becf", width: 2 }, { label: "down", stroke: "#7f7f7f" }],
