@@ -70,7 +70,7 @@ pub struct DashboardConfig {
     pub enabled: bool,
     /// A loopback address serves HTTP, with the auditor's view for anyone
     /// on this host; any other address serves HTTPS and needs a login.
-    /// Port 0 picks a free port; the URL is logged and written to
+    /// Port 0 picks a free port; the port is logged and the URL written to
     /// `dashboard.url` in the state directory.
     pub listen: SocketAddr,
     /// HTTPS off loopback uses the server's own certificate (named
@@ -1395,7 +1395,7 @@ kek = "{kek}"
 # The live web dashboard. On a loopback address it serves HTTP: anyone on this host sees the
 # auditor's view (pseudonyms only), and a login shows an operator's. Any other address serves
 # HTTPS and needs a login (`covey-server remote --identity X dashboard-login`). Port 0 picks a
-# free port; the URL is logged and written to dashboard.url in this directory.
+# free port; the port is logged and the URL written to dashboard.url in this directory.
 enabled = {dashboard_enabled}
 listen = "{dashboard_listen}"
 # HTTPS under the host's real name instead of the server's own `covey-server` certificate:

@@ -41,7 +41,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// for a person watching, and it keeps a thousand-device round's events
 /// from turning into as many snapshots.
 const FEED_INTERVAL: Duration = Duration::from_secs(1);
-/// And at least this often, so proxies keep the stream open.
+/// How long connections live on once the run has ended.
+const FINAL_GRACE: Duration = Duration::from_secs(2);
+/// A feed sends at least this often, so proxies keep the stream open.
 const FEED_HEARTBEAT: Duration = Duration::from_secs(10);
 
 type Limiter = RateLimiter<
@@ -102,8 +104,12 @@ pub async fn serve(listener: Listener, board: Arc<Board>) {
         };
         let shared = shared.clone();
         let acceptor = acceptor.clone();
+        let mut stopped = shared.board.live();
         tokio::spawn(async move {
             let _permit = permit;
+            // The run's end (the hub drops its side) ends the connection too,
+            // so no open browser keeps the store alive after the server stops.
+            let stop = async move { while stopped.changed().await.is_ok() {} };
             let service = service_fn(move |request: Request<Incoming>| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(respond(request, &shared).await) }
@@ -113,24 +119,36 @@ pub async fn serve(listener: Listener, board: Arc<Board>) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(64 << 10);
-            let served = match acceptor {
-                None => {
-                    builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                }
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await;
-                    match handshake {
-                        Ok(Ok(tls)) => builder.serve_connection(TokioIo::new(tls), service).await,
-                        Ok(Err(e)) => {
-                            debug!("dashboard: TLS handshake failed: {e}");
-                            return;
+            let serve = async move {
+                match acceptor {
+                    None => {
+                        builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                    }
+                    Some(acceptor) => {
+                        let handshake =
+                            tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await;
+                        match handshake {
+                            Ok(Ok(tls)) => {
+                                builder.serve_connection(TokioIo::new(tls), service).await
+                            }
+                            Ok(Err(e)) => {
+                                debug!("dashboard: TLS handshake failed: {e}");
+                                Ok(())
+                            }
+                            Err(_) => Ok(()),
                         }
-                        Err(_) => return,
                     }
                 }
+            };
+            let mut serve = std::pin::pin!(serve);
+            let served = tokio::select! {
+                served = &mut serve => served,
+                // A live feed still gets the finished run's last snapshot.
+                () = stop => tokio::time::timeout(FINAL_GRACE, serve)
+                    .await
+                    .unwrap_or(Ok(())),
             };
             if let Err(e) = served {
                 debug!("dashboard: connection ended: {e}");

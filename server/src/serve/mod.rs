@@ -616,8 +616,14 @@ impl Server {
                 let url = listener
                     .url()
                     .map_err(|e| ServeError::Internal(format!("dashboard: {e}")))?;
-                info!(%url, "dashboard listening");
                 let path = hub.state_root.join("dashboard.url");
+                // Logs carry no addresses: the port, and where the URL is.
+                let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+                info!(
+                    port,
+                    "dashboard listening; its URL is in {}",
+                    path.display()
+                );
                 if let Err(e) = std::fs::write(&path, format!("{url}\n")) {
                     warn!("cannot write {}: {e}", path.display());
                 }
