@@ -118,6 +118,7 @@ fn run_client(
             final_version: s.final_version.map(|v| v.0),
             bytes_up: s.bytes_up,
             bytes_down: s.bytes_down,
+            connections: s.connections,
             round_seconds: s.round_time.as_secs_f64(),
             train_seconds: s.train_time.as_secs_f64(),
             fit_seconds: fit_nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9,
@@ -140,6 +141,9 @@ pub struct Summary {
     pub final_version: Option<u64>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Connections made to the server; more than one means the device
+    /// reconnected (a lost link, a server restart) and went on.
+    pub connections: u32,
     /// Wall time of the rounds this device served, task to receipt.
     pub round_seconds: f64,
     /// The part of it between handing the model to `fit` and having the
@@ -153,7 +157,7 @@ pub struct Summary {
 impl Summary {
     fn __repr__(&self) -> String {
         format!(
-            "Summary(rounds_trained={}, updates_accepted={}, updates_rejected={}, final_version={}, bytes_up={}, bytes_down={}, round_seconds={:.3}, train_seconds={:.3}, fit_seconds={:.3})",
+            "Summary(rounds_trained={}, updates_accepted={}, updates_rejected={}, final_version={}, bytes_up={}, bytes_down={}, connections={}, round_seconds={:.3}, train_seconds={:.3}, fit_seconds={:.3})",
             self.rounds_trained,
             self.updates_accepted,
             self.updates_rejected,
@@ -161,6 +165,7 @@ impl Summary {
                 .map_or_else(|| "None".to_owned(), |v| v.to_string()),
             self.bytes_up,
             self.bytes_down,
+            self.connections,
             self.round_seconds,
             self.train_seconds,
             self.fit_seconds

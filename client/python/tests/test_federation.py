@@ -5,6 +5,7 @@ Python and Rust clients in one federation, failures, and Ctrl-C."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -228,3 +229,38 @@ def test_a_pytorch_cnn_and_the_rust_client_share_rounds(federation, tmp_path):
     assert code == 0 and "updates_accepted=2" in out, err
     code, out, err = wait(rust)
     assert code == 0 and "2 updates accepted" in out, err
+
+
+def test_a_python_client_cut_off_mid_upload_resumes_and_the_round_completes(federation, tmp_path):
+    # Every member is needed, so each round commits only if the cut-off
+    # device's update arrives after all. A link silent for 2 s is dead.
+    ids = external_run(federation, tmp_path, 3, rounds=2, settings={
+        ("server", "idle_timeout_secs"): "2", ("server", "keep_alive_secs"): "1",
+        ("rounds", "rejoin_grace_secs"): "20.0"})
+    federation.start()
+    from relay import FlakyRelay
+    # Before its first upload the device sends its handshake, check-in and
+    # the download's acknowledgements, well under 12 kB; the update is 31 kB.
+    relay = FlakyRelay(("127.0.0.1", federation.port), cut_after=12_000, cut_for=4.0)
+    try:
+        flaky = federation.python_client("numpy_client.py", ids[0], "--shard", "0/3",
+                                         "--server", relay.address)
+        steady = [federation.python_client("numpy_client.py", ids[i], "--shard", f"{i}/3")
+                  for i in (1, 2)]
+        summary = federation.finish()
+        assert summary["final_version"] == 2
+        assert relay.cut_at is not None, f"the relay never cut ({relay.upstream_bytes} bytes)"
+        code, out, err = wait(flaky)
+        assert code == 0 and "updates_accepted=2" in out, out + err
+        connections = int(re.search(r"connections=(\d+)", out).group(1))
+        assert connections >= 2, f"the device never lost its link: {out}"
+        # It sent the cut-off update again on its new connection.
+        assert "sending again the update a lost connection cut off" in err, err
+        assert all(wait(p)[0] == 0 for p in steady)
+        status = json.loads(run([federation.binary("covey-server"), "status", "--dir",
+                                 federation.dir, "--json"]))
+        assert [r["accepted"] for r in status["rounds"]] == [3, 3], status["rounds"]
+        # A lost link is not the device's fault: nothing was refused.
+        assert summary["rejected"] == {}, summary
+    finally:
+        relay.close()
