@@ -128,28 +128,39 @@ class Federation:
         (out,) = enroll(binary("covey-server"), self.dir, [name], self.root)
         return out
 
+    def _spawn(self, name: str, cmd, **kwargs) -> subprocess.Popen:
+        """Starts `cmd` with its output in files under root/logs: a pipe
+        nobody reads fills up, and a long run would then block on a log line."""
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out_path, err_path = logs / f"{name}.out", logs / f"{name}.err"
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, text=True,
+                                    **kwargs)
+        proc.out_path, proc.err_path = out_path, err_path
+        return proc
+
     def start(self) -> None:
         env = dict(os.environ, NO_COLOR="1",
                    COVEY_LOG="info,quinn=warn,quinn_proto=warn,rustls=warn,sled=warn")
-        self.server = subprocess.Popen(
-            [binary("covey-server"), "run", "--json", "--dir", self.dir],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        self.server = self._spawn(
+            "server", [binary("covey-server"), "run", "--json", "--dir", self.dir], env=env)
 
     def python_client(self, script: str, identity: Path, *args: str) -> subprocess.Popen:
         """Runs `script`, found in `self.scripts` (the examples by default)."""
         path = next((d / script for d in self.scripts if (d / script).exists()), EXAMPLES / script)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [*map(str, self.scripts), os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.Popen(
-            [sys.executable, path, "--identity", identity, *map(str, args)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=EXAMPLES)
+        proc = self._spawn(
+            f"client-{len(self.clients)}",
+            [sys.executable, path, "--identity", identity, *map(str, args)], env=env, cwd=EXAMPLES)
         self.clients.append(proc)
         return proc
 
     def rust_client(self, identity: Path, data: Path) -> subprocess.Popen:
-        proc = subprocess.Popen(
+        proc = self._spawn(
+            f"client-{len(self.clients)}",
             [binary("covey-client"), "run", "--identity", identity, "--data", data],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=dict(os.environ, NO_COLOR="1"))
         self.clients.append(proc)
         return proc
@@ -157,11 +168,12 @@ class Federation:
     def finish(self, timeout: float = 120) -> dict:
         """Waits for the server to end the run; its JSON summary."""
         try:
-            out, err = self.server.communicate(timeout=timeout)
+            self.server.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.close()
-            logs = [p.communicate()[1][-3000:] for p in self.clients]
+            logs = [output(p)[1][-3000:] for p in self.clients]
             raise AssertionError(f"the run did not end in {timeout} s; clients' logs: {logs}")
+        out, err = output(self.server)
         assert self.server.returncode == 0, err
         self.server_log = err
         return json.loads(out)
@@ -176,7 +188,7 @@ class Federation:
         for p in self.clients + ([self.server] if self.server else []):
             if p.poll() is None:
                 p.kill()
-                p.communicate()
+                p.wait()
 
 
 def run(cmd) -> str:
@@ -185,10 +197,15 @@ def run(cmd) -> str:
     return out.stdout
 
 
+def output(proc: subprocess.Popen) -> tuple[str, str]:
+    """What a process `Federation` started wrote, so far."""
+    return proc.out_path.read_text(), proc.err_path.read_text()
+
+
 def wait(proc: subprocess.Popen, timeout: float = 300):
     """A client's exit code, stdout and stderr."""
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
+    proc.wait(timeout=timeout)
+    return (proc.returncode, *output(proc))
 
 
 def interrupt(proc: subprocess.Popen) -> None:

@@ -58,17 +58,19 @@ def shot(page: Page, name: str) -> None:
 
 
 def test_a_covey_sim_run_updates_the_dashboard_live(browser, tmp_path):
-    sim = subprocess.Popen(
-        [binary("covey-sim"), "--model", "logreg", "--clients", "4", "--rounds", "100000",
-         "--dashboard", "127.0.0.1:0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Output to a file: a pipe nobody reads would fill and stall the run.
+    log = tmp_path / "sim.err"
+    with open(log, "w") as err:
+        sim = subprocess.Popen(
+            [binary("covey-sim"), "--model", "logreg", "--clients", "4", "--rounds", "100000",
+             "--dashboard", "127.0.0.1:0"],
+            stdout=subprocess.DEVNULL, stderr=err, text=True)
     try:
-        url = None
-        for line in sim.stderr:
-            if line.startswith("dashboard: "):
-                url = line.split(" ", 1)[1].strip()
-                break
-        assert url, "covey-sim printed no dashboard URL"
+        def printed_url():
+            return re.search(r"^dashboard: (\S+)$", log.read_text(), re.M)
+        eventually(lambda: printed_url() or sim.poll() is not None, 60)
+        assert printed_url(), f"covey-sim printed no dashboard URL: {log.read_text()[-2000:]}"
+        url = printed_url().group(1)
         page = Page(browser)
         page.page.goto(url)
         page.wait(lambda: page.number("#version") >= 1)
@@ -82,8 +84,8 @@ def test_a_covey_sim_run_updates_the_dashboard_live(browser, tmp_path):
         shot(page, "dashboard-sim")
         assert page.errors == [], page.errors
     finally:
-        sim.send_signal(signal.SIGKILL)
-        sim.communicate()
+        sim.kill()
+        sim.wait()
 
 
 def test_an_auditor_signed_in_sees_pseudonyms_only(browser, federation):
@@ -132,10 +134,10 @@ def test_an_auditor_signed_in_sees_pseudonyms_only(browser, federation):
         assert ops.errors == [], ops.errors
     finally:
         federation.server.send_signal(signal.SIGINT)
-        federation.server.communicate(timeout=60)
+        federation.server.wait(timeout=60)
         for c in clients:
             c.kill()
-            c.communicate()
+            c.wait()
 
 
 def test_the_compliance_report_renders_cleanly(browser, federation):
@@ -146,7 +148,7 @@ def test_the_compliance_report_renders_cleanly(browser, federation):
     clients = [federation.rust_client(d, MNIST) for d in devices]
     assert federation.finish()["final_version"] == 4
     for c in clients:
-        c.communicate(timeout=60)
+        c.wait(timeout=60)
     out = federation.root / "report"
     run([binary("covey-server"), "report", "--dir", federation.dir, "--out", out])
     page = Page(browser)

@@ -106,7 +106,7 @@ def test_prometheus_scrapes_a_live_server_and_runs_every_shipped_query(federatio
         prom.send_signal(signal.SIGTERM)
         prom.communicate(timeout=30)
         federation.server.send_signal(signal.SIGINT)
-        federation.server.communicate(timeout=60)
+        federation.server.wait(timeout=60)
         for c in clients:
             c.kill()
-            c.communicate()
+            c.wait()
