@@ -8,6 +8,7 @@ use std::{process::Command, time::Duration};
 use common::*;
 use covey_protocol::ModelVersion;
 use covey_server::{Server, dir::EvalOutcome};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn evaluate(dir: &std::path::Path, versions: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_covey-server"))
@@ -80,6 +81,24 @@ async fn idle_clients_evaluate_and_the_server_weights_by_examples() {
         "{} vs {expected_loss}",
         v.loss
     );
+
+    // The dashboard charts it against the version.
+    let url = std::fs::read_to_string(tmp.path().join("dashboard.url")).unwrap();
+    let web = url
+        .trim()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&web).await.unwrap();
+    let request = format!("GET /api/state HTTP/1.1\r\nHost: {web}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    let body = reply.split_once("\r\n\r\n").unwrap().1;
+    let view: serde_json::Value = serde_json::from_str(body).unwrap();
+    let charted = &view["live"]["federated_evaluations"][0]["versions"][0];
+    assert_eq!(charted["version"], 0);
+    assert!((charted["accuracy"].as_f64().unwrap() - 7.0 / 30.0).abs() < 1e-6);
 
     let dir = tmp.path().to_path_buf();
     let out = tokio::task::spawn_blocking(move || evaluate(&dir, "9"))

@@ -3,9 +3,14 @@
 //! every event it handles; publishing copies a few numbers into a watch
 //! channel, so no dashboard can slow a round down.
 
-use serde::Serialize;
+use std::sync::Arc;
+
+use serde::{Serialize, Serializer};
 
 use crate::dir::EvalOutcome;
+
+/// Federated evaluations the dashboard remembers, oldest dropped first.
+const EVALUATIONS_KEPT: usize = 100;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Live {
@@ -24,8 +29,26 @@ pub struct Live {
     pub selected: usize,
     /// Updates received in the round in progress.
     pub reported: usize,
-    /// The latest federated evaluation's outcome.
-    pub federated_evaluation: Option<EvalOutcome>,
+    /// Federated evaluations' outcomes since the server started, oldest
+    /// first.
+    pub federated_evaluations: Evaluations,
+}
+
+/// Shared, so publishing after every event copies a pointer; a new list
+/// is a new allocation, so comparing pointers tells whether it changed.
+#[derive(Clone, Debug, Default)]
+pub struct Evaluations(Arc<Vec<EvalOutcome>>);
+
+impl PartialEq for Evaluations {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Serialize for Evaluations {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.as_slice().serialize(s)
+    }
 }
 
 /// Converts a deadline to wall-clock time, to the second.
@@ -38,7 +61,7 @@ pub fn deadline_unix_ms(deadline: std::time::Instant) -> u64 {
 /// The hub's end of the channel, with what it remembers between events.
 pub struct Publisher {
     tx: tokio::sync::watch::Sender<Live>,
-    federated_evaluation: Option<EvalOutcome>,
+    federated_evaluations: Evaluations,
 }
 
 impl Publisher {
@@ -47,20 +70,25 @@ impl Publisher {
         (
             Self {
                 tx,
-                federated_evaluation: None,
+                federated_evaluations: Evaluations::default(),
             },
             rx,
         )
     }
 
     pub fn evaluated(&mut self, outcome: EvalOutcome) {
-        self.federated_evaluation = Some(outcome);
+        let mut all = (*self.federated_evaluations.0).clone();
+        if all.len() == EVALUATIONS_KEPT {
+            all.remove(0);
+        }
+        all.push(outcome);
+        self.federated_evaluations = Evaluations(Arc::new(all));
     }
 
     /// Publishes `live` if it differs from what was published last; wakes
     /// the dashboards only then.
     pub fn publish(&self, mut live: Live) {
-        live.federated_evaluation = self.federated_evaluation.clone();
+        live.federated_evaluations = self.federated_evaluations.clone();
         self.tx.send_if_modified(|old| {
             if *old == live {
                 false

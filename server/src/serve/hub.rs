@@ -895,7 +895,7 @@ impl Hub {
             connected: self.live.len(),
             selected: usize::try_from(self.metrics.selected.get()).unwrap_or(0),
             reported: self.round.as_ref().map_or(0, |r| r.sum.contributors()),
-            federated_evaluation: None,
+            federated_evaluations: Default::default(),
         });
     }
 

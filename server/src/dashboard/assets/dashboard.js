@@ -6,6 +6,8 @@
 const rounds = new Map();
 const charts = {};
 let facts = null;
+// Federated evaluation by version: the latest answer for each.
+let federated = new Map();
 
 const $ = (id) => document.getElementById(id);
 
@@ -71,22 +73,34 @@ function drawCharts() {
   const committed = lines.filter((l) => l.committed_version !== null);
   const lm = facts && facts.language_model;
 
-  const byVersion = committed.filter((l) => l.test_accuracy !== null || l.test_loss !== null || l.mean_client_loss !== null);
+  // One x axis of versions for central and federated figures alike.
+  const central = new Map(committed.map((l) => [l.committed_version, l]));
+  const versions = [...new Set([...central.keys(), ...federated.keys()])].sort((a, b) => a - b);
+  const field = (v, name) => (central.has(v) ? central.get(v)[name] : null);
+  const fed = (v, name) => (federated.has(v) ? federated.get(v)[name] : null);
+  const accuracy = versions.filter((v) => field(v, "test_accuracy") !== null || fed(v, "accuracy") !== null);
   draw("accuracy-chart",
-    [{ label: "central test accuracy", stroke: "#1f77b4", width: 2, points: { show: true } }],
+    [
+      { label: "central test accuracy", stroke: "#1f77b4", width: 2, points: { show: true }, spanGaps: true },
+      { label: "federated accuracy", stroke: "#2ca02c", width: 2, points: { show: true }, spanGaps: true },
+    ],
     "accuracy",
-    committed.filter((l) => l.test_accuracy !== null).map((l) => l.committed_version),
-    [committed.filter((l) => l.test_accuracy !== null).map((l) => l.test_accuracy)]);
+    accuracy,
+    [accuracy.map((v) => field(v, "test_accuracy")), accuracy.map((v) => fed(v, "accuracy"))]);
   const lossOf = (v) => (v === null ? null : (lm ? Math.exp(v) : v));
   $("loss-caption").textContent = lm ? "Perplexity by version" : "Loss by version";
+  const losses = versions.filter((v) => field(v, "test_loss") !== null ||
+    field(v, "mean_client_loss") !== null || fed(v, "loss") !== null);
   draw("loss-chart",
     [
-      { label: lm ? "central test perplexity" : "central test loss", stroke: "#d62728", width: 2 },
-      { label: lm ? "devices' training perplexity" : "devices' training loss", stroke: "#ff7f0e", width: 1 },
+      { label: lm ? "central test perplexity" : "central test loss", stroke: "#d62728", width: 2, spanGaps: true },
+      { label: lm ? "devices' training perplexity" : "devices' training loss", stroke: "#ff7f0e", width: 1, spanGaps: true },
+      { label: lm ? "federated perplexity" : "federated loss", stroke: "#2ca02c", width: 2, spanGaps: true },
     ],
     lm ? "perplexity" : "loss",
-    byVersion.map((l) => l.committed_version),
-    [byVersion.map((l) => lossOf(l.test_loss)), byVersion.map((l) => lossOf(l.mean_client_loss))]);
+    losses,
+    [losses.map((v) => lossOf(field(v, "test_loss"))), losses.map((v) => lossOf(field(v, "mean_client_loss"))),
+      losses.map((v) => lossOf(fed(v, "loss")))]);
 
   const eps = lines.filter((l) => l.epsilon !== null);
   const target = facts && facts.epsilon_target;
@@ -137,6 +151,10 @@ function show(s) {
   for (const line of s.rounds) rounds.set(line.round, line);
 
   const live = s.live;
+  federated = new Map();
+  for (const outcome of live.federated_evaluations) {
+    for (const v of outcome.versions) federated.set(v.version, v);
+  }
   setText("model", `${facts.model}, ${facts.parameters.toLocaleString("en")} parameters, ${facts.mode}` +
     (facts.secure_aggregation ? ", secure aggregation" : ""));
   setText("viewer", s.viewer.signed_in ? `signed in as ${s.viewer.role}` : `${s.viewer.role}'s view (not signed in)`);
@@ -162,7 +180,8 @@ function show(s) {
   drawCharts();
 
   table("phases", Object.entries(s.phase_seconds).map(([p, t]) => [[p], [t.toFixed(3)]]));
-  const fe = live.federated_evaluation;
+  const all = live.federated_evaluations;
+  const fe = all.length ? all[all.length - 1] : null;
   setText("federated", !fe ? "none yet" : fe.error ? `evaluation ${fe.id}: ${fe.error}` :
     fe.versions.map((v) => `v${v.version}: accuracy ${v.accuracy.toFixed(4)}, loss ${v.loss.toFixed(4)}`).join("; ") +
       ` (${fe.answered} of ${fe.asked} devices, ${fe.examples} examples)`);
