@@ -1414,14 +1414,21 @@ listen = "{dashboard_listen}"
             kek = self.storage.kek,
             dashboard_enabled = self.dashboard.enabled,
             dashboard_listen = self.dashboard.listen,
-            dashboard_tls = match (&self.dashboard.certificate, &self.dashboard.key) {
-                (Some(c), Some(k)) => format!(
-                    "certificate = {}\nkey = {}",
-                    toml::Value::String(c.display().to_string()),
-                    toml::Value::String(k.display().to_string())
+            dashboard_tls = [
+                (
+                    "certificate",
+                    &self.dashboard.certificate,
+                    "/etc/ssl/covey/fullchain.pem"
                 ),
-                _ => "# certificate = \"/etc/ssl/covey/fullchain.pem\"\n# key = \"/etc/ssl/covey/privkey.pem\"".to_owned(),
-            },
+                ("key", &self.dashboard.key, "/etc/ssl/covey/privkey.pem"),
+            ]
+            .iter()
+            .map(|(name, path, example)| match path {
+                Some(p) => format!("{name} = {}", toml::Value::String(p.display().to_string())),
+                None => format!("# {name} = \"{example}\""),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
             metrics_listen = match self.metrics.listen {
                 Some(addr) => format!("listen = \"{addr}\""),
                 None => "# listen = \"127.0.0.1:9464\"".to_owned(),

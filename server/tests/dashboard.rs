@@ -406,3 +406,70 @@ async fn off_loopback_the_dashboard_is_https_and_needs_a_login() {
     stopper.stop().await;
     running.await.unwrap().unwrap();
 }
+
+/// One HTTPS exchange with `web`, trusting `root` for `name`.
+async fn https_get(web: SocketAddr, root: &str, name: &'static str, path: &str) -> Reply {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(covey_server::pki::parse_cert(root, "root").unwrap())
+        .unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(web).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(rustls::pki_types::ServerName::try_from(name).unwrap(), tcp)
+        .await
+        .unwrap();
+    exchange(stream, &request("GET", path, name, None, "")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_own_certificate_serves_the_dashboard_under_the_hosts_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let issued = rcgen::generate_simple_self_signed(vec!["dash.example".to_owned()]).unwrap();
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::write(&cert, issued.cert.pem()).unwrap();
+    std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
+    let mut cfg = config("logreg", 1, 3);
+    cfg.rounds.min_clients = 3;
+    cfg.dashboard.listen = "0.0.0.0:0".parse().unwrap();
+    cfg.dashboard.certificate = Some(cert);
+    let state = init(&tmp.path().join("state"), &cfg);
+    // Half a pair is refused at start, saying what is missing.
+    match Server::open(&state) {
+        Err(e) => assert!(
+            e.to_string().contains("set both certificate and key"),
+            "{e}"
+        ),
+        Ok(_) => panic!("a certificate without its key was accepted"),
+    }
+    let mut text = std::fs::read_to_string(state.root().join("config.toml")).unwrap();
+    text = text.replace(
+        "# key = \"/etc/ssl/covey/privkey.pem\"",
+        &format!("key = {:?}", key.display().to_string()),
+    );
+    std::fs::write(state.root().join("config.toml"), text).unwrap();
+    let server = Server::open(&state).unwrap();
+    let port: u16 = server
+        .dashboard_url()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let web = SocketAddr::from(([127, 0, 0, 1], port));
+    let stopper = server.stopper();
+    let running = tokio::spawn(server.run());
+    let reply = https_get(web, &issued.cert.pem(), "dash.example", "/").await;
+    assert_eq!(reply.status, 303);
+    assert_eq!(reply.header("location"), Some("/login"));
+    stopper.stop().await;
+    running.await.unwrap().unwrap();
+}
