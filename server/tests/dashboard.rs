@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use common::*;
 use covey_protocol::identity::IdentityBundle;
@@ -230,9 +230,10 @@ async fn logins_decide_who_sees_names_and_every_sign_in_is_on_the_record() {
     }
 }
 
-/// Reads server-sent events until one shows `version`; returns every
-/// version seen on the way.
-async fn follow(web: SocketAddr, until: u64) -> Vec<u64> {
+/// Reads server-sent events until one shows `version`, merging each
+/// message's changed rounds as the page does; returns every version seen
+/// on the way and the rounds as merged.
+async fn follow(web: SocketAddr, until: u64) -> (Vec<u64>, BTreeMap<u64, serde_json::Value>) {
     let mut stream = tokio::net::TcpStream::connect(web).await.unwrap();
     let host = web.to_string();
     stream
@@ -240,6 +241,7 @@ async fn follow(web: SocketAddr, until: u64) -> Vec<u64> {
         .await
         .unwrap();
     let mut seen = Vec::new();
+    let mut rounds = BTreeMap::new();
     let mut buffer = String::new();
     let mut chunk = vec![0u8; 64 << 10];
     loop {
@@ -253,12 +255,18 @@ async fn follow(web: SocketAddr, until: u64) -> Vec<u64> {
             let event: String = buffer.drain(..at + 2).collect();
             if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
                 let view: serde_json::Value = serde_json::from_str(data).unwrap();
+                if view["rounds_reset"] == true {
+                    rounds.clear();
+                }
+                for line in view["rounds"].as_array().unwrap() {
+                    rounds.insert(line["round"].as_u64().unwrap(), line.clone());
+                }
                 let version = view["live"]["version"].as_u64().unwrap();
                 if seen.last() != Some(&version) {
                     seen.push(version);
                 }
                 if version >= until {
-                    return seen;
+                    return (seen, rounds);
                 }
             }
         }
@@ -314,9 +322,17 @@ async fn bad_requests_get_clear_errors_while_rounds_commit_and_the_feed_follows(
     while last < 3 {
         last = commits.recv().await.unwrap().version.0;
     }
-    let seen = feed.await.unwrap();
+    let (seen, rounds) = feed.await.unwrap();
     assert_eq!(seen.last(), Some(&3));
     assert!(seen.len() >= 2, "the feed did not move: {seen:?}");
+    // The changes the feed sent add up to the whole history, each round
+    // committed in turn.
+    let committed: Vec<_> = rounds
+        .values()
+        .filter(|r| r["outcome"] == "committed")
+        .map(|r| r["committed_version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(committed, [1, 2, 3], "{rounds:?}");
     assert_eq!(running.await.unwrap().unwrap().final_version, 3);
     for c in clients {
         c.await.unwrap();
@@ -350,27 +366,14 @@ async fn off_loopback_the_dashboard_is_https_and_needs_a_login() {
     let plain = http(web, "GET", "/api/state", None, "").await;
     assert_ne!(plain.status, 200);
 
-    let mut roots = rustls::RootCertStore::empty();
     let ca = state.ca_cert_pem().unwrap();
-    roots
-        .add(covey_server::pki::parse_cert(&ca, "ca").unwrap())
-        .unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let https = |method: &'static str, path: &'static str, cookie: Option<String>, body: String| {
-        let connector = connector.clone();
+    let call = |method: &'static str, path: &'static str, cookie: Option<String>, body: String| {
+        let ca = ca.clone();
         async move {
-            let tcp = tokio::net::TcpStream::connect(web).await.unwrap();
-            let name = rustls::pki_types::ServerName::try_from("covey-server").unwrap();
-            let stream = connector.connect(name, tcp).await.unwrap();
-            exchange(
-                stream,
+            https(
+                web,
+                &ca,
+                "covey-server",
                 &request(method, path, "covey-server", cookie.as_deref(), &body),
             )
             .await
@@ -378,15 +381,12 @@ async fn off_loopback_the_dashboard_is_https_and_needs_a_login() {
     };
 
     // Without a login: nothing but the login page.
-    let reply = https("GET", "/api/state", None, String::new()).await;
+    let reply = call("GET", "/api/state", None, String::new()).await;
     assert_eq!(reply.status, 401);
-    let reply = https("GET", "/", None, String::new()).await;
+    let reply = call("GET", "/", None, String::new()).await;
     assert_eq!(reply.status, 303);
     assert_eq!(reply.header("location"), Some("/login"));
-    assert_eq!(
-        https("GET", "/login", None, String::new()).await.status,
-        200
-    );
+    assert_eq!(call("GET", "/login", None, String::new()).await.status, 200);
 
     // With one: the auditor's view, and a cookie only sent over HTTPS.
     let auditor = IdentityBundle {
@@ -394,12 +394,12 @@ async fn off_loopback_the_dashboard_is_https_and_needs_a_login() {
         ..auditor
     };
     let token = login(&auditor, 1).await.unwrap();
-    let reply = https("POST", "/login", None, format!("token={token}")).await;
+    let reply = call("POST", "/login", None, format!("token={token}")).await;
     assert_eq!(reply.status, 303);
     let set = reply.header("set-cookie").unwrap().to_owned();
     assert!(set.contains("; Secure"), "{set}");
     let cookie = set.split(';').next().unwrap().to_owned();
-    let reply = https("GET", "/api/state", Some(cookie), String::new()).await;
+    let reply = call("GET", "/api/state", Some(cookie), String::new()).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["viewer"]["role"], "auditor");
 
@@ -408,7 +408,7 @@ async fn off_loopback_the_dashboard_is_https_and_needs_a_login() {
 }
 
 /// One HTTPS exchange with `web`, trusting `root` for `name`.
-async fn https_get(web: SocketAddr, root: &str, name: &'static str, path: &str) -> Reply {
+async fn https(web: SocketAddr, root: &str, name: &'static str, request: &[u8]) -> Reply {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(covey_server::pki::parse_cert(root, "root").unwrap())
@@ -425,7 +425,7 @@ async fn https_get(web: SocketAddr, root: &str, name: &'static str, path: &str) 
         .connect(rustls::pki_types::ServerName::try_from(name).unwrap(), tcp)
         .await
         .unwrap();
-    exchange(stream, &request("GET", path, name, None, "")).await
+    exchange(stream, request).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -467,7 +467,8 @@ async fn an_operators_own_certificate_serves_the_dashboard_under_the_hosts_name(
     let web = SocketAddr::from(([127, 0, 0, 1], port));
     let stopper = server.stopper();
     let running = tokio::spawn(server.run());
-    let reply = https_get(web, &issued.cert.pem(), "dash.example", "/").await;
+    let get = request("GET", "/", "dash.example", None, "");
+    let reply = https(web, &issued.cert.pem(), "dash.example", &get).await;
     assert_eq!(reply.status, 303);
     assert_eq!(reply.header("location"), Some("/login"));
     stopper.stop().await;

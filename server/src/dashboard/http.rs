@@ -242,14 +242,12 @@ async fn sign_in(request: Request<Incoming>, shared: &Shared, now_unix: i64) -> 
     let checked = token_from_form(&body)
         .map_err(|e| e.to_string())
         .and_then(|token| {
-            shared
-                .board
-                .logins
-                .check(&token, now_unix)
+            let held = shared.board.logins.check(&token, now_unix);
+            held.map(|(digest, login)| (token, digest, login))
                 .map_err(|e| e.to_string())
         });
     match checked {
-        Ok((digest, login)) => {
+        Ok((token, digest, login)) => {
             let event = AuditEvent::DashboardSignedIn {
                 actor: login.actor,
                 role: login.role,
@@ -265,7 +263,7 @@ async fn sign_in(request: Request<Incoming>, shared: &Shared, now_unix: i64) -> 
             info!(role = %login.role, login = %digest, "dashboard sign-in");
             let mut response = redirect("/");
             let max_age = login.expires_unix.saturating_sub(now_unix);
-            set_cookie(&mut response, &token_text(&body), max_age, shared.tls);
+            set_cookie(&mut response, &token.to_text(), max_age, shared.tls);
             response
         }
         Err(reason) => {
@@ -281,13 +279,6 @@ async fn sign_in(request: Request<Incoming>, shared: &Shared, now_unix: i64) -> 
             html(StatusCode::UNAUTHORIZED, &login_page(&reason))
         }
     }
-}
-
-/// The token as the form sent it, already checked to parse.
-fn token_text(body: &[u8]) -> String {
-    token_from_form(body)
-        .map(|t| t.to_text())
-        .unwrap_or_default()
 }
 
 /// Server-sent events: a full snapshot first, then changes as they come.
