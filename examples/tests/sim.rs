@@ -139,7 +139,7 @@ fn bad_flags_are_refused_with_a_reason() {
 }
 
 /// Mean and std over coordinates of version 1 − version 0 in `state`.
-fn released_noise(state: &std::path::Path) -> (f64, f64, covey_server::store::Store) {
+fn released_noise(state: &std::path::Path) -> (f64, f64, covey_server::state::store::Store) {
     let store = covey_server::StateDir::new(state).open_store().unwrap();
     let before = store
         .model(covey_protocol::ModelVersion(0))
@@ -229,7 +229,7 @@ fn a_run_stops_cleanly_before_it_exceeds_its_privacy_budget() {
         stderr.contains("one more round would exceed the target epsilon"),
         "{stderr}"
     );
-    let report = covey_server::status::Report::from_store(
+    let report = covey_server::operator::status::Report::from_store(
         &covey_server::StateDir::new(&state).open_store().unwrap(),
         false,
     )
@@ -334,9 +334,9 @@ fn adaptive_clipping_moves_the_clip_between_rounds() {
 
     // The auditor's report of the same run.
     let out = dir.path().join("report");
-    let report = covey_server::StateDir::new(&state)
-        .write_report(&store, &out)
-        .unwrap();
+    let report =
+        covey_server::operator::report::write(&covey_server::StateDir::new(&state), &store, &out)
+            .unwrap();
     assert!(report.audit.valid, "{:?}", report.audit.problem);
     assert_eq!(report.privacy.mode, "central");
     assert_eq!(report.cohorts.committed_rounds, 3);

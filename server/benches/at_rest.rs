@@ -3,8 +3,8 @@
 //! audit entry.
 
 use covey_server::{
-    audit::{AuditEvent, AuditSigner, ChainHead},
-    sealing::DataKey,
+    state::audit::{AuditEvent, AuditSigner, ChainHead},
+    state::sealing::DataKey,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;

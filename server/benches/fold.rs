@@ -1,7 +1,7 @@
 //! The aggregation fold `acc += w · update` for CNN-sized updates
 //! (1,663,370 f32 parameters), in bytes of update folded per second.
 
-use covey_server::aggregate::{WeightedSum, fold_into};
+use covey_server::fold::aggregate::{WeightedSum, fold_into};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 

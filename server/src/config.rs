@@ -21,11 +21,11 @@ use covey_protocol::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::OptimizerKind,
-    compliance::{MinCohort, Retention},
-    dp::{AccountantKind, AdaptiveClip, DpMode, DpSettings, PrivacyLedger},
-    robust::Aggregator,
-    sealing::KekSource,
+    fold::aggregate::OptimizerKind,
+    fold::robust::Aggregator,
+    rounds::dp::{AccountantKind, AdaptiveClip, DpMode, DpSettings, PrivacyLedger},
+    state::compliance::{MinCohort, Retention},
+    state::sealing::KekSource,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -598,6 +598,54 @@ fn default_aggregator() -> String {
     "mean".into()
 }
 
+impl Aggregation {
+    /// The server optimizer these settings name, checked.
+    pub fn optimizer(&self) -> Result<OptimizerKind, String> {
+        let a = self;
+        let unit = |name: &str, v: f32| {
+            if (0.0..1.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(format!("{name} must be in [0, 1), got {v}"))
+            }
+        };
+        if !(a.server_learning_rate.is_finite() && a.server_learning_rate > 0.0) {
+            return Err(format!(
+                "server_learning_rate must be positive, got {}",
+                a.server_learning_rate
+            ));
+        }
+        if !(a.tau.is_finite() && a.tau > 0.0) {
+            return Err(format!("tau must be positive, got {}", a.tau));
+        }
+        let lr = a.server_learning_rate;
+        Ok(match a.optimizer.as_str() {
+            "fedavg" => OptimizerKind::FedAvg { lr },
+            "fedavgm" => OptimizerKind::FedAvgM {
+                lr,
+                momentum: unit("momentum", a.momentum)?,
+            },
+            "fedadam" => OptimizerKind::FedAdam {
+                lr,
+                beta1: unit("beta1", a.beta1)?,
+                beta2: unit("beta2", a.beta2)?,
+                tau: a.tau,
+            },
+            "fedyogi" => OptimizerKind::FedYogi {
+                lr,
+                beta1: unit("beta1", a.beta1)?,
+                beta2: unit("beta2", a.beta2)?,
+                tau: a.tau,
+            },
+            other => {
+                return Err(format!(
+                    "unknown optimizer '{other}': expected fedavg, fedavgm, fedadam or fedyogi"
+                ));
+            }
+        })
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Evaluation {
@@ -1070,8 +1118,10 @@ impl ServerConfig {
                 "must be below a non-zero idle_timeout_secs",
             ));
         }
-        let optimizer =
-            OptimizerKind::from_config(&self.aggregation).map_err(|e| invalid("aggregation", e))?;
+        let optimizer = self
+            .aggregation
+            .optimizer()
+            .map_err(|e| invalid("aggregation", e))?;
         let aggregator: Aggregator = self
             .aggregation
             .aggregator
@@ -1502,6 +1552,20 @@ listen = "{dashboard_listen}"
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_optimizers_and_bad_rates_are_named() {
+        let mut a = ServerConfig::default().aggregation;
+        a.optimizer = "sgd".into();
+        assert!(
+            a.optimizer()
+                .unwrap_err()
+                .contains("unknown optimizer 'sgd'")
+        );
+        a.optimizer = "fedadam".into();
+        a.beta2 = 1.5;
+        assert!(a.optimizer().unwrap_err().contains("beta2"));
+    }
 
     #[test]
     fn the_documented_file_parses_back_to_the_same_config() {

@@ -20,13 +20,14 @@ use std::{
 };
 
 use covey_privacy::Pseudonym;
-use covey_protocol::{SERVER_NAME, identity::IdentityBundle, message::RenewedCertificate};
+use covey_protocol::{
+    SERVER_NAME, admin::Role, identity::IdentityBundle, message::RenewedCertificate,
+};
 
 use crate::{
-    admin::Role,
+    admission::pki::{self, PkiError, ServerIdentity},
     config::{ConfigError, ServerConfig},
-    pki::{self, PkiError, ServerIdentity},
-    store::{Enrollment, Store, StoreError},
+    state::store::{Enrollment, Store, StoreError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -45,9 +46,7 @@ pub enum DirError {
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
-    Seal(#[from] crate::sealing::SealError),
-    #[error(transparent)]
-    Report(#[from] crate::report::ReportError),
+    Seal(#[from] crate::state::sealing::SealError),
     #[error(
         "enrollment name must be 1 to 64 characters of letters, digits, '-', '_' or '.', got {0:?}"
     )]
@@ -68,109 +67,9 @@ pub enum DirError {
     },
 }
 
-/// An operator request for a running server, which holds the database.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub enum ControlRequest {
-    Revoke {
-        name: String,
-    },
-    /// Erase the enrollment (right to erasure); also refuses the client.
-    Forget {
-        name: String,
-    },
-    /// Register a certificate the CLI already signed.
-    Enroll {
-        name: String,
-        cert_pem: String,
-        not_after_unix: i64,
-        #[serde(default)]
-        role: Role,
-    },
-    /// Federated evaluation of `versions` on idle clients' held-out data.
-    Evaluate {
-        id: u64,
-        versions: Vec<u64>,
-        timeout_secs: u64,
-    },
-    /// Export the audit trail to `control/audit-<id>.jsonl`.
-    ExportAudit {
-        id: u64,
-    },
-    /// Write the compliance report to `control/report-<id>/`.
-    Report {
-        id: u64,
-    },
-}
-
-/// The answer to an `Evaluate` request, written to `control/eval-<id>.json`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct EvalOutcome {
-    pub id: u64,
-    /// Idle clients asked, and how many answered in time.
-    pub asked: usize,
-    pub answered: usize,
-    /// Answering clients that hold held-out data, and their examples.
-    pub clients_with_data: usize,
-    pub examples: u64,
-    pub versions: Vec<VersionMetrics>,
-    pub error: Option<String>,
-}
-
-/// Example-weighted means over the clients' held-out data.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct VersionMetrics {
-    pub version: u64,
-    pub accuracy: f64,
-    pub loss: f64,
-}
-
-/// What applying requests changed, for the server's TLS admission set.
-#[derive(Debug, Default)]
-pub struct Applied {
-    pub revoked: Vec<Pseudonym>,
-    pub admitted: Vec<(Pseudonym, Role)>,
-    /// Evaluations to start: (id, versions, timeout in seconds).
-    pub evaluations: Vec<(u64, Vec<u64>, u64)>,
-}
-
-fn apply(
-    dir: &StateDir,
-    store: &Store,
-    request: ControlRequest,
-    applied: &mut Applied,
-) -> Result<(), DirError> {
-    match request {
-        ControlRequest::Revoke { name } => applied.revoked.extend(dir.revoke(store, &name)?),
-        ControlRequest::Forget { name } => applied.revoked.extend(dir.forget(store, &name)?),
-        ControlRequest::Enroll {
-            name,
-            cert_pem,
-            not_after_unix,
-            role,
-        } => {
-            check_name(&name)?;
-            refuse_duplicate(store, &name)?;
-            let pseudonym = register(store, &name, &cert_pem, not_after_unix, role)?;
-            applied.admitted.push((pseudonym, role));
-        }
-        ControlRequest::Evaluate {
-            id,
-            versions,
-            timeout_secs,
-        } => applied.evaluations.push((id, versions, timeout_secs)),
-        ControlRequest::ExportAudit { id } => {
-            dir.export_audit(store, &dir.audit_export_path(id))?;
-        }
-        ControlRequest::Report { id } => {
-            dir.write_report(store, &dir.report_path(id))?;
-        }
-    }
-    Ok(())
-}
-
 /// One live certificate per name. An expired or revoked one does not
 /// count, so a device re-enrolls under the same CA and name.
-fn refuse_duplicate(store: &Store, name: &str) -> Result<(), DirError> {
+pub(crate) fn refuse_duplicate(store: &Store, name: &str) -> Result<(), DirError> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if store
         .enrollments()?
@@ -183,7 +82,7 @@ fn refuse_duplicate(store: &Store, name: &str) -> Result<(), DirError> {
 }
 
 /// Records a signed certificate in the registry under its pseudonym.
-fn register(
+pub(crate) fn register(
     store: &Store,
     name: &str,
     cert_pem: &str,
@@ -205,7 +104,7 @@ fn register(
     Ok(pseudonym)
 }
 
-fn check_name(name: &str) -> Result<(), DirError> {
+pub(crate) fn check_name(name: &str) -> Result<(), DirError> {
     let valid = !name.is_empty()
         && name.len() <= 64
         && name
@@ -222,14 +121,14 @@ pub struct StateDir {
     root: PathBuf,
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DirError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DirError + '_ {
     move |source| DirError::Io {
         path: path.display().to_string(),
         source,
     }
 }
 
-fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DirError> {
+pub(crate) fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DirError> {
     fs::write(path, contents).map_err(io_err(path))?;
     #[cfg(unix)]
     if secret {
@@ -243,7 +142,7 @@ fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DirError
 
 /// Writes `path` through a temporary file and a rename, so a crash leaves
 /// either the old contents or the new, never half of each.
-fn replace_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DirError> {
+pub(crate) fn replace_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DirError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -251,7 +150,7 @@ fn replace_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DirErr
     fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-fn read_file(path: &Path) -> Result<String, DirError> {
+pub(crate) fn read_file(path: &Path) -> Result<String, DirError> {
     fs::read_to_string(path).map_err(io_err(path))
 }
 
@@ -334,7 +233,7 @@ impl StateDir {
             });
         }
         fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
-        crate::model::store_assets(&self.assets()?, assets, &self.assets_dir())?;
+        crate::state::model::store_assets(&self.assets()?, assets, &self.assets_dir())?;
         let ca = pki::create_ca()?;
         let server = pki::issue_server_cert(&ca.key_pem)?;
         write_file(&self.ca_cert_path(), ca.cert_pem.as_bytes(), false)?;
@@ -479,7 +378,7 @@ impl StateDir {
             not_after_unix,
             current.role,
         )?;
-        store.audit([crate::audit::AuditEvent::Renewed {
+        store.audit([crate::state::audit::AuditEvent::Renewed {
             from: current.pseudonym,
             to: pseudonym,
             not_after_unix,
@@ -494,50 +393,14 @@ impl StateDir {
         ))
     }
 
-    /// Hands `request` to the running server, which holds the database; it
-    /// applies requests within a second, or at its next start.
-    pub fn queue(&self, request: &ControlRequest) -> Result<PathBuf, DirError> {
-        let dir = self.control_path();
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let nonce: u64 = rand::random();
-        let tmp = dir.join(format!(".request-{nonce:016x}.tmp"));
-        let path = dir.join(format!("request-{nonce:016x}"));
-        let body = serde_json::to_vec(request).map_err(|e| DirError::Io {
-            path: tmp.display().to_string(),
-            source: std::io::Error::other(e),
-        })?;
-        write_file(&tmp, &body, true)?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        Ok(path)
-    }
-
-    /// Waits up to `timeout` for the server to take `request`: `Some(Ok)`
-    /// once applied, `Some(Err(reason))` if refused, `None` if no server
-    /// took it in time.
-    pub fn await_request(&self, request: &Path, timeout: Duration) -> Option<Result<(), String>> {
-        let deadline = std::time::Instant::now() + timeout;
-        while request.exists() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if request.exists() {
-            return None;
-        }
-        match fs::read_to_string(request.with_extension("refused")) {
-            Ok(reason) => {
-                let _ = fs::remove_file(request.with_extension("refused"));
-                Some(Err(reason))
-            }
-            Err(_) => Some(Ok(())),
-        }
-    }
-
     /// Re-wraps the data key under the KEK `to` (`file:` or `env:`), then
     /// points config.toml at it.
     pub fn rotate_kek(&self, store: &Store, to: &str) -> Result<(), DirError> {
-        let source = crate::sealing::KekSource::parse(to).map_err(|e| ConfigError::Invalid {
-            setting: "--to",
-            problem: e,
-        })?;
+        let source =
+            crate::state::sealing::KekSource::parse(to).map_err(|e| ConfigError::Invalid {
+                setting: "--to",
+                problem: e,
+            })?;
         source.create_if_missing(&self.root)?;
         let new = source.load(&self.root)?;
         let path = self.config_path();
@@ -607,117 +470,6 @@ impl StateDir {
         drop(writer);
         fs::rename(&tmp, out).map_err(io_err(out))?;
         Ok(entries)
-    }
-
-    /// Writes `report.json` and `report.html` into `out` (created if
-    /// needed); returns the report.
-    pub fn write_report(
-        &self,
-        store: &Store,
-        out: &Path,
-    ) -> Result<crate::report::ComplianceReport, DirError> {
-        let config = self.config()?;
-        let settings = config.settings()?;
-        let report = crate::report::ComplianceReport::build(store, &config, &settings)?;
-        let html = report.to_html()?;
-        fs::create_dir_all(out).map_err(io_err(out))?;
-        write_file(&out.join("report.json"), report.to_json().as_bytes(), false)?;
-        write_file(&out.join("report.html"), html.as_bytes(), false)?;
-        Ok(report)
-    }
-
-    fn report_path(&self, id: u64) -> PathBuf {
-        self.control_path().join(format!("report-{id:016x}"))
-    }
-
-    /// Moves a running server's report `id` into `out`.
-    pub fn take_report(&self, id: u64, out: &Path) -> Result<(), DirError> {
-        let from = self.report_path(id);
-        fs::create_dir_all(out).map_err(io_err(out))?;
-        for name in ["report.json", "report.html"] {
-            let (src, dst) = (from.join(name), out.join(name));
-            fs::copy(&src, &dst).map_err(io_err(&dst))?;
-        }
-        fs::remove_dir_all(&from).map_err(io_err(&from))
-    }
-
-    fn audit_export_path(&self, id: u64) -> PathBuf {
-        self.control_path().join(format!("audit-{id:016x}.jsonl"))
-    }
-
-    /// Moves a running server's audit export `id` to `out`.
-    pub fn take_audit_export(&self, id: u64, out: &Path) -> Result<(), DirError> {
-        let from = self.audit_export_path(id);
-        if fs::rename(&from, out).is_err() {
-            // Another filesystem: copy, then remove.
-            fs::copy(&from, out).map_err(io_err(out))?;
-            fs::remove_file(&from).map_err(io_err(&from))?;
-        }
-        Ok(())
-    }
-
-    fn eval_path(&self, id: u64) -> PathBuf {
-        self.control_path().join(format!("eval-{id:016x}.json"))
-    }
-
-    pub fn write_eval_outcome(&self, outcome: &EvalOutcome) -> Result<(), DirError> {
-        let path = self.eval_path(outcome.id);
-        let body = serde_json::to_vec_pretty(outcome).map_err(|e| DirError::Io {
-            path: path.display().to_string(),
-            source: std::io::Error::other(e),
-        })?;
-        replace_file(&path, &body, false)
-    }
-
-    /// Takes the outcome of evaluation `id` once the server wrote it.
-    pub fn take_eval_outcome(&self, id: u64) -> Option<EvalOutcome> {
-        let path = self.eval_path(id);
-        let bytes = fs::read(&path).ok()?;
-        let _ = fs::remove_file(&path);
-        serde_json::from_slice(&bytes).ok()
-    }
-
-    /// Withdraws a request no server took; false if a server took it first.
-    pub fn withdraw(&self, request: &Path) -> bool {
-        fs::rename(request, request.with_extension("withdrawn"))
-            .map(|()| {
-                let _ = fs::remove_file(request.with_extension("withdrawn"));
-            })
-            .is_ok()
-    }
-
-    /// Applies queued requests to `store` (the server calls this).
-    pub fn apply_requests(&self, store: &Store) -> Result<Applied, DirError> {
-        let mut applied = Applied::default();
-        let dir = self.control_path();
-        let Ok(entries) = fs::read_dir(&dir) else {
-            return Ok(applied);
-        };
-        let mut paths: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("request-") && !n.contains('.'))
-            })
-            .collect();
-        paths.sort();
-        for path in paths {
-            let outcome = fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    serde_json::from_slice::<ControlRequest>(&b).map_err(|e| e.to_string())
-                })
-                .and_then(|request| {
-                    apply(self, store, request, &mut applied).map_err(|e| e.to_string())
-                });
-            if let Err(reason) = outcome {
-                write_file(&path.with_extension("refused"), reason.as_bytes(), false)?;
-            }
-            fs::remove_file(&path).map_err(io_err(&path))?;
-        }
-        Ok(applied)
     }
 
     pub fn revoke(&self, store: &Store, name: &str) -> Result<Vec<Pseudonym>, DirError> {

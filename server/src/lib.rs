@@ -1,28 +1,21 @@
 //! covey-server: enrollment CA, rounds over QUIC, aggregation, state in sled.
+//!
+//! The folders follow an update's path: `admission` (who gets in) →
+//! `serve` (connections and the hub that drives rounds) → `fold` (updates
+//! into a sum) → `rounds` (the schedule, DP and evaluation that release a
+//! version) → `state` (what survives a crash) → `operator` (what operators
+//! and auditors see). `config` and `dir` hold the settings and the state
+//! directory every part is opened from.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod aggregate;
-pub mod assets;
-pub mod audit;
-pub mod central;
-pub mod compliance;
+pub mod admission;
 pub mod config;
-pub mod dashboard;
 pub mod dir;
-pub mod dp;
-pub mod export;
-pub mod limits;
-pub mod metrics;
-pub mod model;
-pub mod pki;
-pub mod report;
-pub mod robust;
-pub mod schedule;
-pub mod sealing;
+pub mod fold;
+pub mod operator;
+pub mod rounds;
 pub mod serve;
-pub mod status;
-pub mod store;
+pub mod state;
 
 pub use config::ServerConfig;
 pub use dir::StateDir;

@@ -8,10 +8,11 @@ use clap::{Parser, Subcommand};
 use covey_protocol::ModelVersion;
 use covey_server::{
     Server, ServerConfig, StateDir,
-    admin::Role,
-    dir::{ControlRequest, DirError},
-    model::{LoraChoice, ModelChoice},
-    status::{self, Report},
+    dir::DirError,
+    operator::admin::Role,
+    operator::control::ControlRequest,
+    operator::status::{self, Report},
+    state::model::{LoraChoice, ModelChoice},
 };
 
 #[derive(Parser)]
@@ -174,7 +175,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value = "safetensors")]
-        format: covey_server::export::Format,
+        format: covey_server::operator::export::Format,
     },
     /// Federated evaluation on a live run: idle clients evaluate the given
     /// versions on their own held-out data; prints example-weighted metrics.
@@ -275,7 +276,7 @@ enum RemoteCommand {
 }
 
 fn remote(identity: &std::path::Path, command: RemoteCommand) -> Result<()> {
-    use covey_server::admin::{AdminReply, AdminRequest, call};
+    use covey_server::operator::admin::{AdminReply, AdminRequest, call};
     let bundle = covey_protocol::identity::IdentityBundle::load(identity)
         .with_context(|| format!("reading the identity {}", identity.display()))?;
     let request = match &command {
@@ -343,7 +344,7 @@ fn remote(identity: &std::path::Path, command: RemoteCommand) -> Result<()> {
                 expires_unix,
             },
         ) => {
-            let expires = covey_server::report::utc(expires_unix);
+            let expires = covey_server::operator::report::utc(expires_unix);
             eprintln!(
                 "a dashboard login valid until {expires}; paste it at the dashboard's /login page (it is shown only now):"
             );
@@ -392,7 +393,7 @@ enum AuditCommand {
 }
 
 fn audit(command: AuditCommand) -> Result<()> {
-    use covey_server::audit::{self, EntryHash};
+    use covey_server::state::audit::{self, EntryHash};
     match command {
         AuditCommand::Export { dir, out } => {
             let state = StateDir::new(&dir);
@@ -754,7 +755,11 @@ fn main() -> Result<()> {
         Command::Report { dir, out } => {
             let state = StateDir::new(&dir);
             let valid = match state.open_store() {
-                Ok(store) => state.write_report(&store, &out)?.audit.valid,
+                Ok(store) => {
+                    covey_server::operator::report::write(&state, &store, &out)?
+                        .audit
+                        .valid
+                }
                 Err(e) if holds_lock(&e) => {
                     let id: u64 = rand::random();
                     live_answer(&state, &ControlRequest::Report { id }, "the report")?;
@@ -790,7 +795,7 @@ fn main() -> Result<()> {
                 }
                 other => other?,
             };
-            let purged = store.purge(retention, covey_server::store::unix_ms_now())?;
+            let purged = store.purge(retention, covey_server::state::store::unix_ms_now())?;
             println!(
                 "purged {} round record(s) and {} model version(s)",
                 purged.rounds.len(),
@@ -827,9 +832,9 @@ fn main() -> Result<()> {
             let state = StateDir::new(&dir);
             let store = state.open_store()?;
             let model = store.model(ModelVersion(version))?;
-            covey_server::export::export(&model, format, &state.assets()?, &out)?;
+            covey_server::operator::export::export(&model, format, &state.assets()?, &out)?;
             // Plaintext leaves the store only on request, and on the record.
-            store.audit([covey_server::audit::AuditEvent::ModelExported { version }])?;
+            store.audit([covey_server::state::audit::AuditEvent::ModelExported { version }])?;
             println!("wrote version {version} to {}", out.display());
         }
         Command::Evaluate {
@@ -918,7 +923,7 @@ const LIVE_WAIT: Duration = Duration::from_secs(5);
 /// that holds it (which applies it and closes affected connections).
 fn offline_or_live(
     state: &StateDir,
-    offline: impl FnOnce(&StateDir, &covey_server::store::Store) -> Result<String>,
+    offline: impl FnOnce(&StateDir, &covey_server::state::store::Store) -> Result<String>,
     request: ControlRequest,
     what: &str,
 ) -> Result<()> {
@@ -955,7 +960,7 @@ fn live_answer(state: &StateDir, request: &ControlRequest, what: &str) -> Result
 fn holds_lock(e: &DirError) -> bool {
     matches!(
         e,
-        DirError::Store(covey_server::store::StoreError::Open { .. })
+        DirError::Store(covey_server::state::store::StoreError::Open { .. })
     )
 }
 

@@ -10,8 +10,8 @@ use common::*;
 use covey_protocol::identity::IdentityBundle;
 use covey_server::{
     Server,
-    admin::{AdminClientError, AdminReply, AdminRequest, Role, call},
-    audit::AuditEvent,
+    operator::admin::{AdminClientError, AdminReply, AdminRequest, Role, call},
+    state::audit::AuditEvent,
 };
 
 async fn refused(identity: &IdentityBundle, request: AdminRequest) -> String {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::*;
 use covey_server::{
     Server,
-    audit::AuditEvent,
-    store::{RoundOutcome, Store},
+    state::audit::AuditEvent,
+    state::store::{RoundOutcome, Store},
 };
 
 fn audit_events(store: &Store) -> Vec<AuditEvent> {
@@ -47,7 +47,7 @@ async fn a_round_below_k_commits_nothing_and_is_on_the_record() {
     let mut aborted = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let snapshot = covey_server::status::read_snapshot(&state.status_path());
+        let snapshot = covey_server::operator::status::read_snapshot(&state.status_path());
         if let Ok(report) = snapshot
             && report
                 .rounds

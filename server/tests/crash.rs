@@ -12,7 +12,7 @@ use std::{
 
 use common::*;
 use covey_protocol::ModelVersion;
-use covey_server::{status, store::RoundOutcome};
+use covey_server::{operator::status, state::store::RoundOutcome};
 
 /// Kills the child on drop, so a failing test leaves no server behind.
 struct ServerProcess(Child);

@@ -10,8 +10,8 @@ use common::*;
 use covey_protocol::identity::IdentityBundle;
 use covey_server::{
     Server, StateDir,
-    admin::{AdminClientError, AdminReply, AdminRequest, Role, call},
-    audit::AuditEvent,
+    operator::admin::{AdminClientError, AdminReply, AdminRequest, Role, call},
+    state::audit::AuditEvent,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -411,7 +411,7 @@ async fn off_loopback_the_dashboard_is_https_and_needs_a_login() {
 async fn https(web: SocketAddr, root: &str, name: &'static str, request: &[u8]) -> Reply {
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(covey_server::pki::parse_cert(root, "root").unwrap())
+        .add(covey_server::admission::pki::parse_cert(root, "root").unwrap())
         .unwrap();
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),

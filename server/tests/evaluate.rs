@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 
 use common::*;
 use covey_protocol::ModelVersion;
-use covey_server::{Server, dir::EvalOutcome};
+use covey_server::{Server, operator::control::EvalOutcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn evaluate(dir: &std::path::Path, versions: &str) -> std::process::Output {

@@ -24,8 +24,8 @@ use covey_protocol::{
 };
 use covey_server::{
     Server, StateDir,
-    export::{self, Format},
-    model::{LoraChoice, ModelChoice},
+    operator::export::{self, Format},
+    state::model::{LoraChoice, ModelChoice},
 };
 
 const TEXT: &str =
@@ -142,7 +142,7 @@ async fn a_lora_run_fetches_its_base_trains_on_text_and_exports() {
     let initial = store.model(ModelVersion(0)).unwrap().weights;
     drop(store);
     let cache = state.assets().unwrap();
-    let test_set = covey_server::central::TestSet::load(&test, &spec, &cache).unwrap();
+    let test_set = covey_server::rounds::central::TestSet::load(&test, &spec, &cache).unwrap();
     let before = test_set.evaluate(&spec, &initial).unwrap().loss;
     assert!(losses[1] < before, "test loss {before} -> {losses:?}");
 

@@ -12,7 +12,7 @@ use covey_client::{
     trainer::{DeviceData, evaluate},
 };
 use covey_protocol::{ModelVersion, model::ModelSpec};
-use covey_server::store::RoundOutcome;
+use covey_server::state::store::RoundOutcome;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_clients_three_rounds_follow_fedavg_exactly() {

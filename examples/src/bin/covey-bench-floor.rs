@@ -15,7 +15,7 @@ use covey_client::session::client_config;
 use covey_privacy::PseudonymKey;
 use covey_server::{
     ServerConfig, StateDir,
-    pki::{self, Admitted},
+    admission::pki::{self, Admitted},
 };
 
 const TOTAL: usize = 1 << 30;

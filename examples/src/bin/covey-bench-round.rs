@@ -198,7 +198,8 @@ fn main() -> Result<()> {
         }
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("server output: {}", String::from_utf8_lossy(&out.stdout)))?;
-        let report = covey_server::status::Report::from_store(&state.open_store()?, false)?;
+        let report =
+            covey_server::operator::status::Report::from_store(&state.open_store()?, false)?;
         let round = report.rounds.first().context("no round recorded")?;
         println!(
             "| {} | {encoding} | {} | {viewers} | {:.2} (process {:.2}) | {} | {} | {:.2} | {:.0} | {dashboard_bytes} |",

@@ -23,7 +23,7 @@ use covey_protocol::{
     },
     tensor::ChunkPlan,
 };
-use covey_server::pki;
+use covey_server::admission::pki;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 

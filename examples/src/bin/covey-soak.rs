@@ -25,7 +25,7 @@ use covey_protocol::{
     ModelVersion,
     message::{LocalMetrics, Task},
 };
-use covey_server::{Server, ServerConfig, StateDir, store::RoundOutcome};
+use covey_server::{Server, ServerConfig, StateDir, state::store::RoundOutcome};
 use rand::{Rng, SeedableRng, seq::SliceRandom};
 
 #[derive(Parser)]

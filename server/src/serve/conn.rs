@@ -20,7 +20,7 @@ pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
             if incoming.retry().is_err() {
                 shared
                     .metrics
-                    .refuse_connection(crate::metrics::ADDRESS_VALIDATION_FAILED);
+                    .refuse_connection(crate::operator::metrics::ADDRESS_VALIDATION_FAILED);
             }
             continue;
         }
@@ -34,7 +34,7 @@ pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
                     info!("handshake refused: {e}");
                     shared
                         .metrics
-                        .refuse_connection(crate::metrics::HANDSHAKE_FAILED);
+                        .refuse_connection(crate::operator::metrics::HANDSHAKE_FAILED);
                     return;
                 }
             };
@@ -572,8 +572,13 @@ pub(super) async fn serve_stream(
         }
         Message::FetchAsset(request) => {
             let _permit = shared.downloads.acquire().await;
-            match crate::assets::serve(&mut send, &shared.assets, request, shared.transfer_timeout)
-                .await
+            match crate::state::assets::serve(
+                &mut send,
+                &shared.assets,
+                request,
+                shared.transfer_timeout,
+            )
+            .await
             {
                 Ok(bytes) => {
                     shared.metrics.bytes_out.inc_by(bytes);

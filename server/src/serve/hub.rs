@@ -748,8 +748,8 @@ impl Hub {
         mut record: RoundRecord,
         version: ModelVersion,
         round: RoundId,
-    ) -> Result<RoundRecord, crate::store::StoreError> {
-        let corrupt = |e: String| crate::store::StoreError::Corrupt(e);
+    ) -> Result<RoundRecord, crate::state::store::StoreError> {
+        let corrupt = |e: String| crate::state::store::StoreError::Corrupt(e);
         // Under DP: noise on the sum, a fixed denominator, and the ledger
         // entry that goes into the same transaction as the version.
         let (mean, ledger) = match (&self.privacy, sum) {
@@ -867,10 +867,10 @@ impl Hub {
                 }
             }
             store.commit_round(&model, &record, &state, ledger.as_ref())?;
-            Ok::<_, crate::store::StoreError>((model, state, record, ledger))
+            Ok::<_, crate::state::store::StoreError>((model, state, record, ledger))
         })
         .await
-        .map_err(|e| crate::store::StoreError::Corrupt(format!("commit task: {e}")))??;
+        .map_err(|e| crate::state::store::StoreError::Corrupt(format!("commit task: {e}")))??;
         self.model = Arc::new(model.weights);
         self.optimizer_state = state;
         if let (Some(p), Some(ledger)) = (&mut self.privacy, ledger) {
@@ -883,7 +883,7 @@ impl Hub {
     /// Hands the dashboard the state only the hub holds.
     pub(super) fn publish(&self) {
         let secagg = self.secagg.as_ref();
-        self.board.publish(crate::dashboard::Live {
+        self.board.publish(crate::operator::dashboard::Live {
             version: self.machine.version().0,
             round: self.machine.current_round().map(|r| r.0),
             phase: self.machine.phase_name(),
@@ -891,7 +891,7 @@ impl Hub {
             deadline_unix_ms: secagg
                 .and_then(SecAggRound::wake)
                 .or(self.machine.next_deadline())
-                .map(crate::dashboard::live::deadline_unix_ms),
+                .map(crate::operator::dashboard::live::deadline_unix_ms),
             connected: self.live.len(),
             selected: usize::try_from(self.metrics.selected.get()).unwrap_or(0),
             reported: self.round.as_ref().map_or(0, |r| r.sum.contributors()),

@@ -50,23 +50,24 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
-    admin::{AdminReply, AdminRequest, AdminResponse, MAX_REQUEST_BYTES, Role},
-    aggregate::{OptimizerState, WeightedSum},
-    audit::AuditEvent,
-    central::TestSet,
-    compliance::Retention,
+    admission::limits::Limits,
+    admission::pki::{self, Admitted},
     config::Settings,
-    dir::{DirError, EvalOutcome, StateDir, VersionMetrics},
-    dp::{DpMode, DpSettings, PrivacyLedger},
-    limits::Limits,
-    metrics::{Metrics, OpenConnection, Outcome, Reason},
-    pki::{self, Admitted},
-    report::ComplianceReport,
-    robust::Aggregator,
-    schedule::Machine,
-    status,
-    status::Report,
-    store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
+    dir::{DirError, StateDir},
+    fold::aggregate::{OptimizerState, WeightedSum},
+    fold::robust::Aggregator,
+    operator::admin::{AdminReply, AdminRequest, AdminResponse, MAX_REQUEST_BYTES, Role},
+    operator::control::{EvalOutcome, VersionMetrics},
+    operator::metrics::{Metrics, OpenConnection, Outcome, Reason},
+    operator::report::{ComplianceReport, ReportError},
+    operator::status,
+    operator::status::Report,
+    rounds::central::TestSet,
+    rounds::dp::{DpMode, DpSettings, PrivacyLedger},
+    rounds::schedule::Machine,
+    state::audit::AuditEvent,
+    state::compliance::Retention,
+    state::store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
 };
 
 mod conn;
@@ -91,25 +92,22 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot listen for the dashboard on {addr}: {source}")]
-    DashboardBind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Dashboard(#[from] crate::operator::dashboard::BindError),
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("the database was created for a {stored} model but config.toml asks for {configured}")]
     SpecChanged { stored: String, configured: String },
     #[error(transparent)]
-    TestSet(#[from] crate::central::TestSetError),
+    TestSet(#[from] crate::rounds::central::TestSetError),
     #[error(transparent)]
-    Assets(#[from] crate::assets::ServedAssetError),
+    Assets(#[from] crate::state::assets::ServedAssetError),
     #[error("noise source: {0}")]
     Noise(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error("storing state failed, stopping so nothing is lost: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::state::store::StoreError),
 }
 
 /// What a finished run did.
@@ -299,14 +297,17 @@ struct Shared {
     /// Who may connect, and in which role.
     admitted: Arc<Admitted>,
     /// The files devices fetch by hash to build the model.
-    assets: crate::assets::ServedAssets,
+    assets: crate::state::assets::ServedAssets,
 }
 
 /// A bound, ready server. `run` drives it until the run finishes.
 pub struct Server {
     endpoint: quinn::Endpoint,
     metrics_listener: Option<std::net::TcpListener>,
-    dashboard: Option<(crate::dashboard::Listener, Arc<crate::dashboard::Board>)>,
+    dashboard: Option<(
+        crate::operator::dashboard::Listener,
+        Arc<crate::operator::dashboard::Board>,
+    )>,
     shared: Arc<Shared>,
     hub: Hub,
     events: mpsc::Receiver<Event>,
@@ -336,7 +337,7 @@ impl Server {
         }
         let key = Arc::new(
             PseudonymKey::from_bytes(&store.pseudonym_key()?)
-                .map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))?,
+                .map_err(|e| crate::state::store::StoreError::Corrupt(e.to_string()))?,
         );
         let queued = dir.apply_requests(&store)?;
         if !(queued.revoked.is_empty() && queued.admitted.is_empty()) {
@@ -383,7 +384,7 @@ impl Server {
 
         let assets = dir.assets()?;
         // Checked before anything reads them.
-        let served = crate::assets::ServedAssets::for_spec(&settings.spec, &assets)?;
+        let served = crate::state::assets::ServedAssets::for_spec(&settings.spec, &assets)?;
         let test_set = match config.evaluation.test_data.as_str() {
             "" => None,
             path => Some(Arc::new(TestSet::load(
@@ -449,7 +450,7 @@ impl Server {
         let metrics_listener = match config.metrics.listen {
             None => None,
             Some(addr) => Some(
-                crate::metrics::bind(addr)
+                crate::operator::metrics::bind(addr)
                     .map_err(|source| ServeError::MetricsBind { addr, source })?,
             ),
         };
@@ -465,11 +466,11 @@ impl Server {
             metrics.epsilon_target.set(dp.target_epsilon.get());
         }
         let store = Arc::new(store);
-        let logins = Arc::new(crate::dashboard::LoginBook::load(
+        let logins = Arc::new(crate::operator::dashboard::LoginBook::load(
             store.clone(),
             admitted.clone(),
         )?);
-        let (board, live) = crate::dashboard::live::Publisher::new();
+        let (board, live) = crate::operator::dashboard::live::Publisher::new();
         let dashboard = match config.dashboard.enabled {
             false => None,
             true => {
@@ -480,7 +481,7 @@ impl Server {
                                 ServeError::Tls(format!("dashboard: {}: {e}", path.display()))
                             })
                         };
-                        crate::pki::ServerIdentity {
+                        crate::admission::pki::ServerIdentity {
                             cert_pem: read(cert)?,
                             key_pem: read(key)?,
                         }
@@ -492,8 +493,9 @@ impl Server {
                         ));
                     }
                 };
-                let listener = crate::dashboard::bind(config.dashboard.listen, &identity)?;
-                let facts = crate::dashboard::Facts {
+                let listener =
+                    crate::operator::dashboard::bind(config.dashboard.listen, &identity)?;
+                let facts = crate::operator::dashboard::Facts {
                     model: settings.spec.to_string(),
                     parameters: settings.spec.param_count(),
                     language_model: settings.spec.as_language().is_some(),
@@ -508,7 +510,7 @@ impl Server {
                     delta: settings.dp.as_ref().map(|d| d.delta.get()),
                     min_cohort: settings.min_cohort.get(),
                 };
-                let board = Arc::new(crate::dashboard::Board::new(
+                let board = Arc::new(crate::operator::dashboard::Board::new(
                     store.clone(),
                     metrics.clone(),
                     logins.clone(),
@@ -627,7 +629,9 @@ impl Server {
                 if let Err(e) = std::fs::write(&path, format!("{url}\n")) {
                     warn!("cannot write {}: {e}", path.display());
                 }
-                Some(tokio::spawn(crate::dashboard::serve(listener, board)))
+                Some(tokio::spawn(crate::operator::dashboard::serve(
+                    listener, board,
+                )))
             }
         };
         let metrics_task = match metrics_listener {
@@ -638,7 +642,7 @@ impl Server {
                 if let Ok(addr) = listener.local_addr() {
                     info!(%addr, "metrics endpoint listening");
                 }
-                Some(tokio::spawn(crate::metrics::serve(
+                Some(tokio::spawn(crate::operator::metrics::serve(
                     listener,
                     shared.metrics.clone(),
                 )))
@@ -670,7 +674,7 @@ impl Server {
 }
 
 /// Applies the retention policy now.
-fn purge(store: &Store, retention: Retention) -> Result<(), crate::store::StoreError> {
+fn purge(store: &Store, retention: Retention) -> Result<(), crate::state::store::StoreError> {
     if retention.is_forever() {
         return Ok(());
     }
@@ -757,9 +761,9 @@ struct Hub {
     secagg: Option<SecAggRound>,
     metrics: Arc<Metrics>,
     /// What the dashboard shows of the hub's memory.
-    board: crate::dashboard::live::Publisher,
+    board: crate::operator::dashboard::live::Publisher,
     /// Dashboard logins, issued over the operator API.
-    logins: Arc<crate::dashboard::LoginBook>,
+    logins: Arc<crate::operator::dashboard::LoginBook>,
 }
 
 /// Secure aggregation of the round in progress: the session, the clients

@@ -99,13 +99,21 @@ impl Hub {
                 &self.store,
                 role != Role::Auditor,
             )?))),
-            AdminRequest::Report => dir.config().and_then(|config| {
-                let report = ComplianceReport::build(&self.store, &config, &self.settings)?;
-                Ok(AdminReply::Report {
-                    json: report.to_json(),
-                    html: report.to_html()?,
-                })
-            }),
+            AdminRequest::Report => {
+                let built = dir.config().map_err(ReportError::from).and_then(|config| {
+                    let report = ComplianceReport::build(&self.store, &config, &self.settings)?;
+                    Ok(AdminReply::Report {
+                        json: report.to_json(),
+                        html: report.to_html()?,
+                    })
+                });
+                return Ok(match built {
+                    Ok(reply) => AdminResponse::Ok { reply },
+                    Err(e) => AdminResponse::Refused {
+                        reason: e.to_string(),
+                    },
+                });
+            }
             AdminRequest::AuditExport => {
                 let mut out = Vec::new();
                 self.store.export_audit(&mut out)?;

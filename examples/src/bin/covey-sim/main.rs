@@ -37,8 +37,8 @@ use covey_protocol::{
 };
 use covey_server::{
     Server, ServerConfig, StateDir,
-    central::TestSet,
-    model::{LoraChoice, ModelChoice},
+    rounds::central::TestSet,
+    state::model::{LoraChoice, ModelChoice},
 };
 
 use attack::Attack;
@@ -257,7 +257,7 @@ impl Local {
             epochs: args.epochs.unwrap_or(if language { 3 } else { 5 }),
             batch: args.batch.unwrap_or(if language { 8 } else { 10 }),
             lr: args.lr.unwrap_or(match (adam, language) {
-                (true, true) => covey_server::model::LANGUAGE_LEARNING_RATE,
+                (true, true) => covey_server::state::model::LANGUAGE_LEARNING_RATE,
                 (true, false) => 0.002,
                 (false, _) => 0.1,
             }),
@@ -375,7 +375,7 @@ fn main() -> Result<()> {
 /// are revoked and new ones issued.
 fn enroll(
     state: &StateDir,
-    store: &covey_server::store::Store,
+    store: &covey_server::state::store::Store,
     name: &str,
 ) -> Result<covey_protocol::identity::IdentityBundle> {
     let lifetime = Duration::from_secs(86_400);

@@ -11,7 +11,7 @@
 //!
 //! Every value is sealed (AES-256-GCM, bound to its tree and key) under a
 //! data key that is stored wrapped by the operator's key-encryption key;
-//! see [`crate::sealing`]. Keys (version numbers, round ids, pseudonyms,
+//! see [`crate::state::sealing`]. Keys (version numbers, round ids, pseudonyms,
 //! sequence numbers) stay plain so sled can order them.
 
 use std::{
@@ -21,7 +21,9 @@ use std::{
 };
 
 use covey_privacy::Pseudonym;
-use covey_protocol::{ModelVersion, RoundId, dashboard::LoginDigest, model::ModelSpec};
+use covey_protocol::{
+    ModelVersion, RoundId, admin::Role, dashboard::LoginDigest, model::ModelSpec,
+};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sled::{
     Transactional,
@@ -29,12 +31,11 @@ use sled::{
 };
 
 use crate::{
-    admin::Role,
-    aggregate::OptimizerState,
-    audit::{AuditEvent, AuditKeyError, AuditSigner, ChainHead, SealedEntry},
-    compliance::Retention,
-    dp::PrivacyLedger,
-    sealing::{DataKey, Kek, SealError},
+    fold::aggregate::OptimizerState,
+    rounds::dp::PrivacyLedger,
+    state::audit::{AuditEvent, AuditKeyError, AuditSigner, ChainHead, SealedEntry},
+    state::compliance::Retention,
+    state::sealing::{DataKey, Kek, SealError},
 };
 
 const CURRENT_VERSION: &[u8] = b"current_version";
@@ -630,7 +631,7 @@ impl Store {
             .map(|bytes| {
                 decode(&bytes, "privacy ledger").or_else(|e| {
                     // Written before the ledger kept its history.
-                    decode::<crate::dp::LegacyPrivacyLedger>(&bytes, "privacy ledger")
+                    decode::<crate::rounds::dp::LegacyPrivacyLedger>(&bytes, "privacy ledger")
                         .map(Into::into)
                         .map_err(|_| e)
                 })

@@ -17,7 +17,7 @@ use covey_client::{
 };
 use covey_protocol::model::{LanguageSpec, ModelSpec};
 
-use crate::store::StoredModel;
+use crate::state::store::StoredModel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -135,7 +135,7 @@ pub fn write_safetensors(model: &StoredModel, path: &Path) -> Result<(), ExportE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ModelHeader;
+    use crate::state::store::ModelHeader;
     use covey_protocol::{
         ModelVersion,
         model::{Architecture, ModelSpec},

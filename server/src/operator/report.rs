@@ -3,25 +3,44 @@
 //! against k, retention, enrollments, and a fresh verification of the
 //! audit trail against its public key.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, fs, path::Path};
 
 use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::{
-    audit::{self, AuditEvent},
+    config::ConfigError,
     config::{ServerConfig, Settings},
-    dp::DpMode,
-    sealing::KekSource,
-    store::{RoundOutcome, Store, StoreError},
+    dir::{DirError, StateDir},
+    rounds::dp::DpMode,
+    state::audit::{self, AuditEvent},
+    state::sealing::KekSource,
+    state::store::{RoundOutcome, Store, StoreError},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error(transparent)]
+    Dir(#[from] DirError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("drawing the {0} plot: {1}")]
     Plot(&'static str, String),
+}
+
+/// Writes `report.json` and `report.html` into `out` (created if
+/// needed); returns the report.
+pub fn write(dir: &StateDir, store: &Store, out: &Path) -> Result<ComplianceReport, ReportError> {
+    let config = dir.config()?;
+    let settings = config.settings()?;
+    let report = ComplianceReport::build(store, &config, &settings)?;
+    let html = report.to_html()?;
+    fs::create_dir_all(out).map_err(crate::dir::io_err(out))?;
+    crate::dir::write_file(&out.join("report.json"), report.to_json().as_bytes(), false)?;
+    crate::dir::write_file(&out.join("report.html"), html.as_bytes(), false)?;
+    Ok(report)
 }
 
 #[derive(Clone, Debug, Serialize)]

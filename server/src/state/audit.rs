@@ -11,8 +11,7 @@
 use std::{collections::BTreeMap, fmt, io::BufRead};
 
 use covey_privacy::Pseudonym;
-
-use crate::admin::Role;
+use covey_protocol::admin::Role;
 use ring::{
     digest,
     rand::SystemRandom,

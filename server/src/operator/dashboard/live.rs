@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
-use crate::dir::EvalOutcome;
+use crate::operator::control::EvalOutcome;
 
 /// Federated evaluations the dashboard remembers, oldest dropped first.
 const EVALUATIONS_KEPT: usize = 100;
@@ -55,7 +55,7 @@ impl Serialize for Evaluations {
 pub fn deadline_unix_ms(deadline: std::time::Instant) -> u64 {
     let now = std::time::Instant::now();
     let ahead = deadline.saturating_duration_since(now).as_millis() as u64;
-    (crate::store::unix_ms_now() + ahead).div_ceil(1000) * 1000
+    (crate::state::store::unix_ms_now() + ahead).div_ceil(1000) * 1000
 }
 
 /// The hub's end of the channel, with what it remembers between events.

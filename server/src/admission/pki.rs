@@ -8,9 +8,8 @@ use std::{
 };
 
 use covey_privacy::{Pseudonym, PseudonymKey};
-use covey_protocol::{ADMIN_ALPN, ALPN, SERVER_NAME};
+use covey_protocol::{ADMIN_ALPN, ALPN, SERVER_NAME, admin::Role};
 
-use crate::admin::Role;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SerialNumber,

@@ -16,7 +16,7 @@ mod view;
 
 use std::{net::SocketAddr, sync::Arc};
 
-pub use http::{bind, serve};
+pub use http::{BindError, bind, serve};
 pub use live::Live;
 pub use logins::LoginBook;
 pub use view::{Board, Facts};

@@ -12,11 +12,11 @@ use tokio::sync::watch;
 
 use super::{Live, LoginBook};
 use crate::{
-    admin::Role,
-    audit::{ChainCheck, parse_public_key},
-    metrics::Metrics,
-    status::RoundLine,
-    store::{RoundOutcome, Store, StoreError, unix_ms_now},
+    operator::admin::Role,
+    operator::metrics::Metrics,
+    operator::status::RoundLine,
+    state::audit::{ChainCheck, parse_public_key},
+    state::store::{RoundOutcome, Store, StoreError, unix_ms_now},
 };
 
 /// How many audit entries the page lists.
@@ -167,14 +167,14 @@ impl Board {
     }
 
     /// Appends one event to the audit trail (sign-ins and refusals).
-    pub fn audit(&self, event: crate::audit::AuditEvent) -> Result<(), StoreError> {
+    pub fn audit(&self, event: crate::state::audit::AuditEvent) -> Result<(), StoreError> {
         self.store.audit([event])
     }
 
     /// Counts a refused sign-in where Prometheus sees it.
     pub fn refused_sign_in(&self) {
         self.metrics
-            .refuse_connection(crate::metrics::DASHBOARD_SIGN_IN_REFUSED);
+            .refuse_connection(crate::operator::metrics::DASHBOARD_SIGN_IN_REFUSED);
     }
 
     pub fn live(&self) -> watch::Receiver<Live> {

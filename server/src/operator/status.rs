@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{RoundOutcome, RoundRecord, Store, StoreError};
+use crate::state::store::{RoundOutcome, RoundRecord, Store, StoreError};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {

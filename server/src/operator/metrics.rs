@@ -253,8 +253,8 @@ impl Metrics {
             HANDSHAKE_FAILED,
             DASHBOARD_SIGN_IN_REFUSED,
         ];
-        for reason in crate::limits::Refusal::ALL
-            .map(crate::limits::Refusal::as_str)
+        for reason in crate::admission::limits::Refusal::ALL
+            .map(crate::admission::limits::Refusal::as_str)
             .into_iter()
             .chain(others)
         {
@@ -312,9 +312,9 @@ impl Metrics {
     }
 
     /// Records a commit (or the start) as now, with what it measured.
-    pub fn committed_now(&self, record: Option<&crate::store::RoundRecord>) {
+    pub fn committed_now(&self, record: Option<&crate::state::store::RoundRecord>) {
         self.last_commit
-            .set(crate::store::unix_ms_now() as f64 / 1000.0);
+            .set(crate::state::store::unix_ms_now() as f64 / 1000.0);
         let Some(r) = record else { return };
         for (gauge, value) in [
             (&self.test_accuracy, r.test_accuracy),

@@ -5,8 +5,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Aggregation;
-
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum AggregateError {
     #[error("update has {got} values, the model has {expected}")]
@@ -102,52 +100,6 @@ pub enum OptimizerKind {
         beta2: f32,
         tau: f32,
     },
-}
-
-impl OptimizerKind {
-    pub fn from_config(a: &Aggregation) -> Result<Self, String> {
-        let unit = |name: &str, v: f32| {
-            if (0.0..1.0).contains(&v) {
-                Ok(v)
-            } else {
-                Err(format!("{name} must be in [0, 1), got {v}"))
-            }
-        };
-        if !(a.server_learning_rate.is_finite() && a.server_learning_rate > 0.0) {
-            return Err(format!(
-                "server_learning_rate must be positive, got {}",
-                a.server_learning_rate
-            ));
-        }
-        if !(a.tau.is_finite() && a.tau > 0.0) {
-            return Err(format!("tau must be positive, got {}", a.tau));
-        }
-        let lr = a.server_learning_rate;
-        Ok(match a.optimizer.as_str() {
-            "fedavg" => Self::FedAvg { lr },
-            "fedavgm" => Self::FedAvgM {
-                lr,
-                momentum: unit("momentum", a.momentum)?,
-            },
-            "fedadam" => Self::FedAdam {
-                lr,
-                beta1: unit("beta1", a.beta1)?,
-                beta2: unit("beta2", a.beta2)?,
-                tau: a.tau,
-            },
-            "fedyogi" => Self::FedYogi {
-                lr,
-                beta1: unit("beta1", a.beta1)?,
-                beta2: unit("beta2", a.beta2)?,
-                tau: a.tau,
-            },
-            other => {
-                return Err(format!(
-                    "unknown optimizer '{other}': expected fedavg, fedavgm, fedadam or fedyogi"
-                ));
-            }
-        })
-    }
 }
 
 /// Optimizer moments, stored with each committed version so a restarted
@@ -284,24 +236,6 @@ mod tests {
             let expected = 0.1 * (0.1 * d) / (v.sqrt() + 1e-3);
             assert!((x[i] - expected).abs() < 1e-6);
         }
-    }
-
-    #[test]
-    fn unknown_optimizers_and_bad_rates_are_named() {
-        let mut a = crate::config::ServerConfig::default().aggregation;
-        a.optimizer = "sgd".into();
-        assert!(
-            OptimizerKind::from_config(&a)
-                .unwrap_err()
-                .contains("unknown optimizer 'sgd'")
-        );
-        a.optimizer = "fedadam".into();
-        a.beta2 = 1.5;
-        assert!(
-            OptimizerKind::from_config(&a)
-                .unwrap_err()
-                .contains("beta2")
-        );
     }
 
     proptest! {

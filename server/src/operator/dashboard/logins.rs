@@ -9,9 +9,9 @@ use covey_privacy::Pseudonym;
 use covey_protocol::dashboard::{LoginDigest, LoginToken};
 
 use crate::{
-    admin::Role,
-    pki::Admitted,
-    store::{Login, Store, StoreError},
+    admission::pki::Admitted,
+    operator::admin::Role,
+    state::store::{Login, Store, StoreError},
 };
 
 /// The longest a login may last: 30 days.
@@ -142,7 +142,7 @@ impl LoginBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sealing::Kek;
+    use crate::state::sealing::Kek;
 
     fn book(dir: &std::path::Path, admitted: Arc<Admitted>) -> LoginBook {
         let store = Arc::new(Store::open(dir, &Kek::from_bytes([7; 32], "test")).unwrap());

@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use super::{Exposure, Listener, view::Board, view::Sent, view::Viewer};
-use crate::{admin::Role, audit::AuditEvent};
+use crate::{operator::admin::Role, state::audit::AuditEvent};
 
 type Body = Either<Full<Bytes>, Channel<Bytes>>;
 
@@ -443,24 +443,35 @@ fn error(e: &RequestError) -> Response<Body> {
     response
 }
 
+/// Why the dashboard could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen for the dashboard on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("dashboard TLS setup: {0}")]
+    Tls(String),
+}
+
 /// Binds the dashboard now, so a bad address fails at start-up. Off
 /// loopback it serves HTTPS with the server's own certificate.
 pub fn bind(
     addr: SocketAddr,
-    server: &crate::pki::ServerIdentity,
-) -> Result<Listener, crate::serve::ServeError> {
+    server: &crate::admission::pki::ServerIdentity,
+) -> Result<Listener, BindError> {
     let exposure = Exposure::of(addr);
     let tls = match exposure {
         Exposure::Loopback => None,
-        Exposure::Network => {
-            Some(Arc::new(crate::pki::https_config(server).map_err(|e| {
-                crate::serve::ServeError::Tls(format!("dashboard: {e}"))
-            })?))
-        }
+        Exposure::Network => Some(Arc::new(
+            crate::admission::pki::https_config(server)
+                .map_err(|e| BindError::Tls(e.to_string()))?,
+        )),
     };
     let listener = std::net::TcpListener::bind(addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|source| crate::serve::ServeError::DashboardBind { addr, source })?;
+        .map_err(|source| BindError::Listen { addr, source })?;
     Ok(Listener {
         listener,
         exposure,

@@ -11,7 +11,7 @@ use covey_protocol::{ADMIN_ALPN, identity::IdentityBundle};
 pub use covey_protocol::admin::{AdminRequest, Denied, MAX_REQUEST_BYTES, Role};
 use serde::{Deserialize, Serialize};
 
-use crate::status::Report;
+use crate::operator::status::Report;
 
 /// The largest answer a client reads (an audit export of a long run).
 pub const MAX_RESPONSE_BYTES: usize = 256 << 20;
