@@ -45,7 +45,7 @@ impl Hub {
                 }
             }
         }
-        if self.waiters.is_empty() {
+        if !self.devices.has_waiting() {
             refuse("no idle client is connected to evaluate on".into());
             return Vec::new();
         }
@@ -61,7 +61,7 @@ impl Hub {
         });
         let mut asked = HashSet::new();
         let mut actions = Vec::new();
-        for (client, (_, tx)) in std::mem::take(&mut self.waiters) {
+        for (client, tx) in self.devices.take_waiting() {
             if tx.send(Assignment::Evaluate(package.clone())).is_ok() {
                 asked.insert(client);
             }

@@ -15,7 +15,7 @@ impl Hub {
         let mut control = tokio::time::interval(CONTROL_POLL);
         loop {
             if let Some(at) = self.finished
-                && (self.live.is_empty() || at.elapsed() >= FINISH_GRACE)
+                && (self.devices.connected_count() == 0 || at.elapsed() >= FINISH_GRACE)
             {
                 break;
             }
@@ -78,23 +78,11 @@ impl Hub {
                 conn,
                 handle,
             } => {
-                if let Some((old, old_handle)) = self.live.insert(client, (conn, handle))
-                    && old != conn
-                {
-                    // A device reconnects when it lost its link; whatever the
-                    // old connection was doing is over.
-                    close(
-                        &old_handle,
-                        CloseCode::Superseded,
-                        "replaced by a newer connection",
-                    );
-                    if self.uploads.get(&client) == Some(&old) {
-                        self.uploads.remove(&client);
-                        self.metrics.uploads_interrupted.inc();
-                        if let Some(round) = self.machine.current_round() {
-                            let actions = self.machine.upload_interrupted(client, round, now);
-                            self.execute(actions, shared).await?;
-                        }
+                if self.devices.connected(client, conn, handle) {
+                    self.metrics.uploads_interrupted.inc();
+                    if let Some(round) = self.machine.current_round() {
+                        let actions = self.machine.upload_interrupted(client, round, now);
+                        self.execute(actions, shared).await?;
                     }
                 }
             }
@@ -141,14 +129,12 @@ impl Hub {
                     let _ = reply.send(Assignment::Finished(self.machine.version()));
                     return Ok(());
                 }
-                self.waiters.insert(client, (conn, reply));
+                self.devices.wait(client, conn, reply);
                 let actions = self.machine.check_in(client, now);
                 self.execute(actions, shared).await?;
             }
             Event::Disconnected { client, conn, lost } => {
-                if self.live.get(&client).map(|(id, _)| *id) == Some(conn) {
-                    self.live.remove(&client);
-                    self.waiters.remove(&client);
+                if self.devices.disconnected(client, conn) {
                     if let Some(s) = &mut self.secagg {
                         s.session.drop_member(client);
                         s.waiters.remove(&client);
@@ -173,7 +159,7 @@ impl Hub {
                 }
                 let (decision, actions) = self.begin_update(client, &header, now);
                 if decision.is_ok() {
-                    self.uploads.insert(client, conn);
+                    self.devices.begin_upload(client, conn);
                 }
                 let _ = reply.send(decision);
                 self.execute(actions, shared).await?;
@@ -185,12 +171,11 @@ impl Hub {
                 result,
                 reply,
             } => {
-                if self.uploads.get(&client) != Some(&conn) {
+                if !self.devices.end_upload(client, conn) {
                     // A superseded connection's upload: already written off.
                     let _ = reply.send(UpdateReceipt::Rejected(RejectReason::RoundClosed));
                     return Ok(());
                 }
-                self.uploads.remove(&client);
                 let receipt = self
                     .finish_update(client, round, result, shared, now)
                     .await?;
@@ -547,10 +532,8 @@ impl Hub {
                     });
                     for client in cohort {
                         let sent = self
-                            .waiters
-                            .remove(&client)
-                            .map(|(_, tx)| tx.send(Assignment::Task(package.clone())).is_ok())
-                            .unwrap_or(false);
+                            .devices
+                            .assign(client, Assignment::Task(package.clone()));
                         if !sent {
                             queue.extend(self.machine.disconnected(client, false, now));
                         }
@@ -578,11 +561,7 @@ impl Hub {
                         task,
                         model: current.model.clone(),
                     });
-                    let sent = self
-                        .waiters
-                        .remove(&client)
-                        .map(|(_, tx)| tx.send(Assignment::Task(package)).is_ok())
-                        .unwrap_or(false);
+                    let sent = self.devices.assign(client, Assignment::Task(package));
                     if sent {
                         // FedBuff: tasks handed out for the open buffer.
                         self.metrics.selected.inc();
@@ -730,7 +709,7 @@ impl Hub {
                         }
                     }
                     self.finished.get_or_insert(now);
-                    for (_, (_, tx)) in self.waiters.drain() {
+                    for (_, tx) in self.devices.take_waiting() {
                         let _ = tx.send(Assignment::Finished(version));
                     }
                 }
@@ -892,7 +871,7 @@ impl Hub {
                 .and_then(SecAggRound::wake)
                 .or(self.machine.next_deadline())
                 .map(crate::operator::dashboard::live::deadline_unix_ms),
-            connected: self.live.len(),
+            connected: self.devices.connected_count(),
             selected: usize::try_from(self.metrics.selected.get()).unwrap_or(0),
             reported: self.round.as_ref().map_or(0, |r| r.sum.contributors()),
             federated_evaluations: Default::default(),

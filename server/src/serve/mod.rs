@@ -71,12 +71,14 @@ use crate::{
 };
 
 mod conn;
+mod devices;
 mod evaluation;
 mod hub;
 mod operator;
 mod secagg;
 
 use conn::*;
+use devices::Devices;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -550,9 +552,7 @@ impl Server {
             settings,
             chunk_len: config.training.chunk_len,
             model: Arc::new(model),
-            waiters: HashMap::new(),
-            live: HashMap::new(),
-            uploads: HashMap::new(),
+            devices: Devices::default(),
             round: None,
             finished: None,
             rng: ChaCha8Rng::seed_from_u64(config.rounds.selection_seed.wrapping_add(version.0)),
@@ -737,11 +737,7 @@ struct Hub {
     chunk_len: u32,
     model: Arc<Vec<f32>>,
     optimizer_state: OptimizerState,
-    waiters: HashMap<Pseudonym, (u64, oneshot::Sender<Assignment>)>,
-    /// The latest connection of each connected client.
-    live: HashMap<Pseudonym, (u64, quinn::Connection)>,
-    /// The connection each update being read arrives on.
-    uploads: HashMap<Pseudonym, u64>,
+    devices: Devices,
     round: Option<RoundInProgress>,
     finished: Option<Instant>,
     rng: ChaCha8Rng,

@@ -36,9 +36,8 @@ impl Hub {
     pub(super) fn bar(&mut self, pseudonyms: Vec<Pseudonym>) {
         for p in pseudonyms {
             self.admitted.remove(&p);
-            if let Some((_, conn)) = self.live.get(&p) {
-                close(conn, CloseCode::Revoked, "enrollment revoked");
-            }
+            self.devices
+                .close(&p, CloseCode::Revoked, "enrollment revoked");
             warn!(client = %p, "revoked by the operator; connection closed");
         }
     }
