@@ -214,7 +214,7 @@ impl Hub {
             RejectReason::ShapeMismatch
         } else if header.num_examples == 0 {
             RejectReason::NoExamples
-        } else if self.privacy.is_some() && !distributed && header.within_clip.is_none() {
+        } else if self.committer.privacy.is_some() && !distributed && header.within_clip.is_none() {
             RejectReason::PrivacyMismatch
         } else if self
             .secagg
@@ -283,15 +283,7 @@ impl Hub {
     /// The quantizer of ring-word updates: distributed DP's, or secure
     /// aggregation's own when DP is off.
     pub(super) fn ring_quantizer(&self) -> Option<Quantizer> {
-        match self.privacy.as_ref().map(|p| p.dp.mode) {
-            Some(DpMode::Distributed(plan)) => Some(plan.quantizer),
-            Some(DpMode::Central { .. }) => None,
-            None => self
-                .settings
-                .secagg
-                .and_then(|sa| sa.noiseless)
-                .map(|(_, q)| q),
-        }
+        self.committer.ring_quantizer(&self.settings)
     }
 
     pub(super) async fn finish_update(
@@ -305,7 +297,7 @@ impl Hub {
         match result {
             Ok(mut update) => {
                 let (_, expected) = self.expected_payload();
-                let refusal = match (&mut update.values, &self.privacy) {
+                let refusal = match (&mut update.values, &self.committer.privacy) {
                     (Values::Floats(v), _) if v.len() != expected => {
                         Some(RejectReason::ShapeMismatch)
                     }
@@ -341,7 +333,7 @@ impl Hub {
                             // count would let one client's count leak.
                             let weight = if self.machine.is_buffered() {
                                 staleness_weight
-                            } else if self.privacy.is_some() {
+                            } else if self.committer.privacy.is_some() {
                                 1.0
                             } else {
                                 update.num_examples as f64
@@ -372,7 +364,7 @@ impl Hub {
                                 (Aggregate::Ring { .. }, Values::Words(_))
                                     if self.secagg.is_some() => {}
                                 (Aggregate::Ring { sum, count }, Values::Words(w)) => {
-                                    if let Some(p) = &self.privacy
+                                    if let Some(p) = &self.committer.privacy
                                         && let DpMode::Distributed(plan) = p.dp.mode
                                         && plan.quantizer.accumulate(sum, &w).is_ok()
                                     {
@@ -441,26 +433,7 @@ impl Hub {
                         chunk_len: self.chunk_len,
                         deadline_ms: deadline.saturating_duration_since(now).as_millis() as u64,
                         seed: self.rng.random(),
-                        privacy: match &self.privacy {
-                            None => match self.settings.secagg.and_then(|sa| sa.noiseless) {
-                                Some((clip, quantizer)) => UpdatePrivacy::Distributed {
-                                    clip,
-                                    quantizer,
-                                    noise_sigma: 0.0,
-                                },
-                                None => UpdatePrivacy::Plain,
-                            },
-                            Some(p) => match p.dp.mode {
-                                DpMode::Central { .. } => UpdatePrivacy::Clipped {
-                                    clip: p.ledger.clip,
-                                },
-                                DpMode::Distributed(plan) => UpdatePrivacy::Distributed {
-                                    clip: p.ledger.clip,
-                                    quantizer: plan.quantizer,
-                                    noise_sigma: plan.client_sigma,
-                                },
-                            },
-                        },
+                        privacy: self.committer.update_privacy(&self.settings),
                         secure_aggregation: self.settings.secagg.map(|s| s.params),
                         config: self.settings.fit_config.clone(),
                     };
@@ -498,7 +471,7 @@ impl Hub {
                         test_loss: None,
                         bytes_up: 0,
                         bytes_down: 0,
-                        clip: self.privacy.as_ref().map(|p| p.ledger.clip.get()),
+                        clip: self.committer.privacy.as_ref().map(|p| p.ledger.clip.get()),
                         epsilon: None,
                         rejected: Default::default(),
                     };
@@ -507,7 +480,7 @@ impl Hub {
                     info!(round = %round, base = %base, cohort = cohort.len(), "round started");
                     let package = Arc::new(TaskPackage {
                         task,
-                        model: self.model.clone(),
+                        model: self.committer.model.clone(),
                     });
                     self.package = Some(package.clone());
                     self.round = Some(RoundInProgress {
@@ -521,7 +494,7 @@ impl Hub {
                                 updates: Vec::new(),
                                 weights: Vec::new(),
                             },
-                            _ => Aggregate::Weighted(WeightedSum::new(self.model.len())),
+                            _ => Aggregate::Weighted(WeightedSum::new(self.committer.model.len())),
                         },
                         loss_weighted: 0.0,
                         examples: 0.0,
@@ -618,7 +591,9 @@ impl Hub {
                         version: new_version,
                     };
                     let committed = self
+                        .committer
                         .commit(
+                            &self.settings,
                             progress.sum,
                             progress.within_clip,
                             record.clone(),
@@ -645,10 +620,10 @@ impl Hub {
                                 epsilon = record.epsilon,
                                 "round committed"
                             );
-                            let _ = self.commits.send(CommitNotice {
+                            let _ = self.committer.commits.send(CommitNotice {
                                 record: record.clone(),
                                 version: new_version,
-                                weights: self.model.clone(),
+                                weights: self.committer.model.clone(),
                             });
                             queue.extend(self.machine.commit_done(round, new_version, now));
                         }
@@ -695,7 +670,7 @@ impl Hub {
                 Action::Finished { version, reason } => {
                     if self.finished.is_none() {
                         self.summary.finish_reason = Some(reason.as_str().to_owned());
-                        if let Some(p) = &self.privacy {
+                        if let Some(p) = &self.committer.privacy {
                             let spent = p.ledger.epsilon(&p.dp);
                             self.summary.epsilon = Some(spent);
                             if reason == FinishReason::BudgetExhausted {
@@ -716,147 +691,6 @@ impl Hub {
             }
         }
         Ok(())
-    }
-
-    /// Applies the round's mean update, evaluates the result on the test
-    /// set if there is one, and stores the new version with its record.
-    pub(super) async fn commit(
-        &mut self,
-        sum: Aggregate,
-        within_clip: usize,
-        mut record: RoundRecord,
-        version: ModelVersion,
-        round: RoundId,
-    ) -> Result<RoundRecord, crate::state::store::StoreError> {
-        let corrupt = |e: String| crate::state::store::StoreError::Corrupt(e);
-        // Under DP: noise on the sum, a fixed denominator, and the ledger
-        // entry that goes into the same transaction as the version.
-        let (mean, ledger) = match (&self.privacy, sum) {
-            (None, Aggregate::Weighted(sum)) => match &self.settings.buffer {
-                // FedBuff: the staleness-weighted sum over K, not a mean,
-                // so stale updates move the model less.
-                Some(buffer) => {
-                    let mut total = sum.into_sum().map_err(|e| corrupt(e.to_string()))?;
-                    let inv = 1.0 / buffer.size as f32;
-                    total.iter_mut().for_each(|v| *v *= inv);
-                    (total, None)
-                }
-                None => (sum.mean().map_err(|e| corrupt(e.to_string()))?, None),
-            },
-            (Some(p), Aggregate::Ring { sum, count }) => {
-                if count == 0 {
-                    return Err(corrupt("no update was aggregated".into()));
-                }
-                let DpMode::Distributed(plan) = p.dp.mode else {
-                    return Err(corrupt("a ring aggregate without distributed DP".into()));
-                };
-                let (mean, at_risk) =
-                    p.dp.decode_sum(&plan, &sum)
-                        .map_err(|e| corrupt(e.to_string()))?;
-                if at_risk > 0 {
-                    warn!(
-                        round = %round,
-                        coordinates = at_risk,
-                        "the modular sum came near the ring's edge and may have wrapped: raise privacy.bits or lower the clip"
-                    );
-                }
-                let mut ledger = p.ledger.clone();
-                ledger.spend(&p.dp);
-                record.epsilon = Some(ledger.epsilon(&p.dp));
-                (mean, Some(ledger))
-            }
-            (Some(p), Aggregate::Weighted(sum)) => {
-                let mut total = sum.into_sum().map_err(|e| corrupt(e.to_string()))?;
-                let (dp, clip, rng) = (p.dp, p.ledger.clip, p.rng.clone());
-                let mut ledger = p.ledger.clone();
-                let (total, ledger) = tokio::task::spawn_blocking(move || {
-                    let mut rng = rng.lock().map_err(|_| "noise source poisoned".to_owned())?;
-                    dp.privatize(&mut total, clip, &mut rng)
-                        .map_err(|e| e.to_string())?;
-                    ledger.clip = dp
-                        .next_clip(clip, within_clip, &mut rng)
-                        .map_err(|e| e.to_string())?;
-                    ledger.spend(&dp);
-                    Ok::<_, String>((total, ledger))
-                })
-                .await
-                .map_err(|e| corrupt(format!("noise task: {e}")))?
-                .map_err(corrupt)?;
-                record.epsilon = Some(ledger.epsilon(&p.dp));
-                (total, Some(ledger))
-            }
-            (None, Aggregate::Buffered { updates, weights }) => {
-                let aggregator = self.settings.aggregator;
-                let combined =
-                    tokio::task::spawn_blocking(move || aggregator.aggregate(&updates, &weights))
-                        .await
-                        .map_err(|e| corrupt(format!("aggregation task: {e}")))?
-                        .map_err(|e| corrupt(e.to_string()))?;
-                (combined, None)
-            }
-            (None, Aggregate::Ring { sum, count }) => {
-                // Secure aggregation without DP: the survivors' plain mean.
-                let Some(quantizer) = self.ring_quantizer().filter(|_| count > 0) else {
-                    return Err(corrupt("a ring aggregate without its quantizer".into()));
-                };
-                let (mut mean, at_risk) =
-                    quantizer.decode(&sum).map_err(|e| corrupt(e.to_string()))?;
-                if at_risk > 0 {
-                    warn!(
-                        round = %round,
-                        coordinates = at_risk,
-                        "the modular sum came near the ring's edge and may have wrapped: raise secure_aggregation.bits or lower its clip"
-                    );
-                }
-                let inv = 1.0 / count as f32;
-                mean.iter_mut().for_each(|v| *v *= inv);
-                (mean, None)
-            }
-            (Some(_), Aggregate::Buffered { .. }) => {
-                return Err(corrupt(
-                    "the round's aggregate does not match its privacy mode".into(),
-                ));
-            }
-        };
-        let mut weights = self.model.as_ref().clone();
-        let mut state = self.optimizer_state.clone();
-        self.settings
-            .optimizer
-            .apply(&mut state, &mut weights, &mean);
-        let spec = self.settings.spec.clone();
-        let model = StoredModel {
-            header: ModelHeader {
-                version,
-                spec: spec.clone(),
-                round: Some(round),
-                created_unix_ms: unix_ms_now(),
-            },
-            weights,
-        };
-        let store = self.store.clone();
-        let test_set = self.test_set.clone();
-        let (model, state, record, ledger) = tokio::task::spawn_blocking(move || {
-            if let Some(test) = test_set {
-                match test.evaluate(&spec, &model.weights) {
-                    Ok(m) => {
-                        record.test_accuracy = Some(m.accuracy);
-                        record.test_loss = Some(m.loss);
-                    }
-                    Err(e) => warn!(version = %version, "central evaluation failed: {e}"),
-                }
-            }
-            store.commit_round(&model, &record, &state, ledger.as_ref())?;
-            Ok::<_, crate::state::store::StoreError>((model, state, record, ledger))
-        })
-        .await
-        .map_err(|e| crate::state::store::StoreError::Corrupt(format!("commit task: {e}")))??;
-        self.model = Arc::new(model.weights);
-        self.optimizer_state = state;
-        if let (Some(p), Some(ledger)) = (&mut self.privacy, ledger) {
-            p.ledger = ledger;
-        }
-        purge(&self.store, self.settings.retention)?;
-        Ok(record)
     }
 
     /// Hands the dashboard the state only the hub holds.

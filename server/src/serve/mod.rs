@@ -70,6 +70,7 @@ use crate::{
     state::store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
 };
 
+mod commit;
 mod conn;
 mod devices;
 mod evaluation;
@@ -77,6 +78,7 @@ mod hub;
 mod operator;
 mod secagg;
 
+use commit::{Committer, Privacy};
 use conn::*;
 use devices::Devices;
 
@@ -545,25 +547,27 @@ impl Server {
         let hub = Hub {
             machine,
             package: None,
-            optimizer_state: store.optimizer_state()?,
+            committer: Committer::new(
+                model,
+                store.optimizer_state()?,
+                privacy,
+                test_set,
+                store.clone(),
+            ),
             store,
             board,
             logins,
             settings,
             chunk_len: config.training.chunk_len,
-            model: Arc::new(model),
             devices: Devices::default(),
             round: None,
             finished: None,
             rng: ChaCha8Rng::seed_from_u64(config.rounds.selection_seed.wrapping_add(version.0)),
             summary: RunSummary::default(),
             status_path: dir.status_path(),
-            commits: tokio::sync::broadcast::channel(16).0,
             admitted,
             state_root: dir.root().to_path_buf(),
-            test_set,
             evaluation: None,
-            privacy,
             secagg: None,
             metrics,
         };
@@ -595,7 +599,7 @@ impl Server {
 
     /// Commits as they happen; a slow subscriber misses old notices.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CommitNotice> {
-        self.hub.commits.subscribe()
+        self.hub.committer.commits.subscribe()
     }
 
     pub fn stopper(&self) -> Stopper {
@@ -727,7 +731,8 @@ struct RoundInProgress {
     started: Instant,
 }
 
-/// Owns the state machine and everything a commit touches.
+/// The event loop's state: the scheduler, and one owner for each part a
+/// round touches (devices, the commit, secure aggregation, evaluation).
 struct Hub {
     machine: Machine,
     /// The task of the round (or FedBuff buffer) in progress.
@@ -735,24 +740,20 @@ struct Hub {
     store: Arc<Store>,
     settings: Settings,
     chunk_len: u32,
-    model: Arc<Vec<f32>>,
-    optimizer_state: OptimizerState,
+    /// The connection driver's registry (a leaf's).
     devices: Devices,
+    /// The model, the optimizer and the ledger a commit changes (the root's).
+    committer: Committer,
     round: Option<RoundInProgress>,
     finished: Option<Instant>,
     rng: ChaCha8Rng,
     summary: RunSummary,
     status_path: std::path::PathBuf,
-    commits: tokio::sync::broadcast::Sender<CommitNotice>,
     /// Shared with the TLS verifier: removing a pseudonym refuses it at
     /// the next handshake.
     admitted: Arc<Admitted>,
     state_root: std::path::PathBuf,
-    /// Held-out data every new version is evaluated on, if configured.
-    test_set: Option<Arc<TestSet>>,
     evaluation: Option<PendingEval>,
-    /// Central DP: settings, what was spent, and the noise source.
-    privacy: Option<Privacy>,
     /// The round's secure aggregation, when on.
     secagg: Option<SecAggRound>,
     metrics: Arc<Metrics>,
@@ -803,13 +804,6 @@ fn abort_waiters(
             reason: reason.to_owned(),
         });
     }
-}
-
-struct Privacy {
-    dp: DpSettings,
-    ledger: PrivacyLedger,
-    /// Behind a mutex only so a commit's blocking task can borrow it.
-    rng: Arc<std::sync::Mutex<NoiseRng>>,
 }
 
 /// Central DP's check on an update's norm: one above the clip (beyond what
