@@ -12,7 +12,7 @@ impl Hub {
         timeout_secs: u64,
         now: Instant,
     ) -> Vec<Action<Pseudonym>> {
-        let dir = StateDir::new(&self.state_root);
+        let dir = &self.registry.dir;
         let refuse = |error: String| {
             let outcome = EvalOutcome {
                 id,
@@ -154,7 +154,7 @@ impl Hub {
             "federated evaluation finished"
         );
         self.board.evaluated(outcome.clone());
-        if let Err(e) = StateDir::new(&self.state_root).write_eval_outcome(&outcome) {
+        if let Err(e) = self.registry.dir.write_eval_outcome(&outcome) {
             warn!("cannot write evaluation outcome: {e}");
         }
     }

@@ -63,7 +63,11 @@ impl Hub {
                 certificate,
                 reply,
             } => {
-                let _ = reply.send(self.renew(client, &request, &certificate));
+                let _ =
+                    reply.send(
+                        self.registry
+                            .renew(&self.store, client, &request, &certificate),
+                    );
             }
             Event::Admin {
                 actor,
@@ -327,6 +331,9 @@ impl Hub {
                 match self.machine.accept_update(client, round_id, now) {
                     Ok(actions) => {
                         self.metrics.updates_accepted.inc();
+                        // Ring words are summed here unless secure
+                        // aggregation's session already holds them.
+                        let ring = self.ring_quantizer().filter(|_| self.secagg.is_none());
                         if let Some(round) = &mut self.round {
                             // FedBuff weighs by staleness alone. Under DP every
                             // update weighs the same: weighting by example
@@ -338,41 +345,8 @@ impl Hub {
                             } else {
                                 update.num_examples as f64
                             };
-                            if update.within_clip == Some(true) {
-                                round.within_clip += 1;
-                            }
-                            if update.loss.is_finite() {
-                                round.loss_weighted += f64::from(update.loss) * weight;
-                                round.examples += weight;
-                            }
                             // Length, range and weight were checked above.
-                            match (&mut round.sum, update.values) {
-                                (Aggregate::Weighted(sum), Values::Floats(mut v)) => {
-                                    if let Aggregator::NormBound { max_norm } =
-                                        self.settings.aggregator
-                                        && let Ok(bound) = ClipNorm::new(max_norm)
-                                    {
-                                        clip_l2(&mut v, bound);
-                                    }
-                                    let _ = sum.fold(&v, weight);
-                                }
-                                (Aggregate::Buffered { updates, weights }, Values::Floats(v)) => {
-                                    updates.push(v);
-                                    weights.push(weight);
-                                }
-                                // Masked input is already in the session's sum.
-                                (Aggregate::Ring { .. }, Values::Words(_))
-                                    if self.secagg.is_some() => {}
-                                (Aggregate::Ring { sum, count }, Values::Words(w)) => {
-                                    if let Some(p) = &self.committer.privacy
-                                        && let DpMode::Distributed(plan) = p.dp.mode
-                                        && plan.quantizer.accumulate(sum, &w).is_ok()
-                                    {
-                                        *count += 1;
-                                    }
-                                }
-                                _ => {}
-                            }
+                            round.fold(update, weight, self.settings.aggregator, ring);
                         }
                         debug!(client = %client, "update accepted");
                         self.execute(actions, shared).await?;
@@ -483,26 +457,16 @@ impl Hub {
                         model: self.committer.model.clone(),
                     });
                     self.package = Some(package.clone());
-                    self.round = Some(RoundInProgress {
+                    self.round = Some(RoundInProgress::new(
                         record,
-                        sum: match self.ring_quantizer() {
-                            Some(quantizer) => Aggregate::Ring {
-                                sum: vec![0; quantizer.encoded_len()],
-                                count: 0,
-                            },
-                            _ if !self.settings.aggregator.is_streaming() => Aggregate::Buffered {
-                                updates: Vec::new(),
-                                weights: Vec::new(),
-                            },
-                            _ => Aggregate::Weighted(WeightedSum::new(self.committer.model.len())),
-                        },
-                        loss_weighted: 0.0,
-                        examples: 0.0,
-                        within_clip: 0,
-                        bytes_up_start: shared.metrics.bytes_in.get(),
-                        bytes_down_start: shared.metrics.bytes_out.get(),
-                        started: now,
-                    });
+                        Aggregate::empty(
+                            self.ring_quantizer(),
+                            self.settings.aggregator,
+                            self.committer.model.len(),
+                        ),
+                        &shared.metrics,
+                        now,
+                    ));
                     for client in cohort {
                         let sent = self
                             .devices

@@ -5,11 +5,17 @@
 //! store; connection tasks talk to it over a channel. Nothing here decides
 //! *whether* a round starts or ends: `covey_protocol::round` does.
 //!
-//! This module opens the server and holds the types the parts share; the
-//! parts follow an event's path: `conn` (connections and streams), `hub`
-//! (the event loop, updates, actions, commits), `secagg` (secure
-//! aggregation's phases), `evaluation` (federated evaluation) and
-//! `operator` (control requests, the operator API, renewals).
+//! This module opens the server and holds the types the parts share. The
+//! hub's parts each have one owner, split the way a leaf (which meets
+//! devices) and a root (which commits) would split them:
+//! - `conn`: connections and streams; `devices`: who is connected, waiting
+//!   or uploading (leaf);
+//! - `partial`: the round's partial aggregate; `secagg`: secure
+//!   aggregation's phases among the leaf's devices (leaf);
+//! - `hub`: the event loop and the scheduler's actions (root);
+//! - `commit`: the model, the optimizer, central DP and the ledger (root);
+//! - `evaluation`: federated evaluation; `operator`: control requests, the
+//!   operator API, admissions and renewals.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -76,11 +82,15 @@ mod devices;
 mod evaluation;
 mod hub;
 mod operator;
+mod partial;
 mod secagg;
 
 use commit::{Committer, Privacy};
 use conn::*;
 use devices::Devices;
+use operator::Registry;
+use partial::{Aggregate, RoundInProgress};
+use secagg::SecAggRound;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -556,7 +566,6 @@ impl Server {
             ),
             store,
             board,
-            logins,
             settings,
             chunk_len: config.training.chunk_len,
             devices: Devices::default(),
@@ -565,8 +574,11 @@ impl Server {
             rng: ChaCha8Rng::seed_from_u64(config.rounds.selection_seed.wrapping_add(version.0)),
             summary: RunSummary::default(),
             status_path: dir.status_path(),
-            admitted,
-            state_root: dir.root().to_path_buf(),
+            registry: Registry {
+                admitted,
+                logins,
+                dir: StateDir::new(dir.root()),
+            },
             evaluation: None,
             secagg: None,
             metrics,
@@ -622,7 +634,7 @@ impl Server {
                 let url = listener
                     .url()
                     .map_err(|e| ServeError::Internal(format!("dashboard: {e}")))?;
-                let path = hub.state_root.join("dashboard.url");
+                let path = hub.registry.dir.root().join("dashboard.url");
                 // Logs carry no addresses: the port, and where the URL is.
                 let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
                 info!(
@@ -693,117 +705,40 @@ fn purge(store: &Store, retention: Retention) -> Result<(), crate::state::store:
     Ok(())
 }
 
-/// The running aggregate of a round.
-enum Aggregate {
-    Weighted(WeightedSum),
-    /// Distributed DP: the modular sum of ring words.
-    Ring {
-        sum: Vec<u32>,
-        count: usize,
-    },
-    /// A robust rule: every update of the round, with its weight.
-    Buffered {
-        updates: Vec<Vec<f32>>,
-        weights: Vec<f64>,
-    },
-}
-
-impl Aggregate {
-    /// How many participants' updates are in it.
-    fn contributors(&self) -> usize {
-        match self {
-            Self::Weighted(sum) => sum.count(),
-            Self::Ring { count, .. } => *count,
-            Self::Buffered { updates, .. } => updates.len(),
-        }
-    }
-}
-
-struct RoundInProgress {
-    record: RoundRecord,
-    sum: Aggregate,
-    loss_weighted: f64,
-    examples: f64,
-    /// Accepted updates that were within the clip before clipping (DP).
-    within_clip: usize,
-    bytes_up_start: u64,
-    bytes_down_start: u64,
-    started: Instant,
-}
-
 /// The event loop's state: the scheduler, and one owner for each part a
 /// round touches (devices, the commit, secure aggregation, evaluation).
 struct Hub {
+    settings: Settings,
+    chunk_len: u32,
+    store: Arc<Store>,
+
+    // The round driver (the root's): the scheduler, the task it hands out,
+    // and when the run finished.
     machine: Machine,
     /// The task of the round (or FedBuff buffer) in progress.
     package: Option<Arc<TaskPackage>>,
-    store: Arc<Store>,
-    settings: Settings,
-    chunk_len: u32,
-    /// The connection driver's registry (a leaf's).
-    devices: Devices,
-    /// The model, the optimizer and the ledger a commit changes (the root's).
-    committer: Committer,
-    round: Option<RoundInProgress>,
-    finished: Option<Instant>,
+    /// Task seeds.
     rng: ChaCha8Rng,
+    finished: Option<Instant>,
+    /// The model, the optimizer and the ledger a commit changes.
+    committer: Committer,
+
+    // A leaf's: connections, the round's partial aggregate, and its secure
+    // aggregation.
+    devices: Devices,
+    round: Option<RoundInProgress>,
+    secagg: Option<SecAggRound>,
+
+    // Admin and renewal, and federated evaluation on request.
+    registry: Registry,
+    evaluation: Option<PendingEval>,
+
+    // What the run shows: the summary `run` returns, the status snapshot,
+    // Prometheus, and the dashboard's view of the hub's memory.
     summary: RunSummary,
     status_path: std::path::PathBuf,
-    /// Shared with the TLS verifier: removing a pseudonym refuses it at
-    /// the next handshake.
-    admitted: Arc<Admitted>,
-    state_root: std::path::PathBuf,
-    evaluation: Option<PendingEval>,
-    /// The round's secure aggregation, when on.
-    secagg: Option<SecAggRound>,
     metrics: Arc<Metrics>,
-    /// What the dashboard shows of the hub's memory.
     board: crate::operator::dashboard::live::Publisher,
-    /// Dashboard logins, issued over the operator API.
-    logins: Arc<crate::operator::dashboard::LoginBook>,
-}
-
-/// Secure aggregation of the round in progress: the session, the clients
-/// waiting for the current phase to close, and the commit it holds back.
-struct SecAggRound {
-    round: RoundId,
-    /// When the current phase opened, for its timing.
-    phase_started: Instant,
-    session: Session<Pseudonym>,
-    waiters: HashMap<Pseudonym, oneshot::Sender<SecAggMessage>>,
-    /// When the current phase stops waiting for stragglers.
-    deadline: Instant,
-    /// How long each key phase and the unmask phase wait.
-    phase_timeout: Duration,
-    requests: HashMap<Pseudonym, UnmaskRequest>,
-    /// The coordinator's commit, held until the masks are removed.
-    commit: Option<(ModelVersion, ModelVersion, RoundStats)>,
-}
-
-impl SecAggRound {
-    fn abort_all(&mut self, reason: &str) {
-        abort_waiters(self.round, self.waiters.drain().map(|(_, tx)| tx), reason);
-    }
-
-    /// When the hub must look at the session again. Masked input has no
-    /// deadline of its own: the round's deadline (the coordinator's) ends it.
-    fn wake(&self) -> Option<Instant> {
-        (self.session.phase() != SecAggPhase::MaskedInput).then_some(self.deadline)
-    }
-}
-
-/// Tells clients waiting on a secure-aggregation phase that it will not close.
-fn abort_waiters(
-    round: RoundId,
-    waiters: impl IntoIterator<Item = oneshot::Sender<SecAggMessage>>,
-    reason: &str,
-) {
-    for tx in waiters {
-        let _ = tx.send(SecAggMessage::Aborted {
-            round,
-            reason: reason.to_owned(),
-        });
-    }
 }
 
 /// Central DP's check on an update's norm: one above the clip (beyond what

@@ -3,12 +3,53 @@
 
 use super::*;
 
+/// Admin and renewal's own state: who may connect (shared with the TLS
+/// verifier, so removing a pseudonym refuses it at the next handshake), the
+/// dashboard's logins, and the state directory enrollments are written to.
+pub(super) struct Registry {
+    pub(super) admitted: Arc<Admitted>,
+    pub(super) logins: Arc<crate::operator::dashboard::LoginBook>,
+    pub(super) dir: StateDir,
+}
+
+impl Registry {
+    /// Signs a new certificate for a device's new key, once the device has
+    /// proved it holds that key; refuses anything else with a reason.
+    pub(super) fn renew(
+        &self,
+        store: &Store,
+        client: Pseudonym,
+        request: &RenewRequest,
+        certificate: &[u8],
+    ) -> Result<RenewedCertificate, String> {
+        let proof = ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            &request.public_key,
+        );
+        proof
+            .verify(&renewal_message(certificate), &request.proof)
+            .map_err(|_| "the renewal proof does not verify for that P-256 key".to_owned())?;
+        let enrollments = store.enrollments().map_err(|e| e.to_string())?;
+        let current = enrollments
+            .iter()
+            .find(|e| e.pseudonym == client && e.revoked_unix.is_none())
+            .ok_or_else(|| "no live enrollment for this certificate".to_owned())?;
+        let (renewed, pseudonym) = self
+            .dir
+            .renew(store, current, &request.public_key)
+            .map_err(|e| e.to_string())?;
+        self.admitted.insert(pseudonym, current.role);
+        info!(client = %client, renewed = %pseudonym, "certificate renewed");
+        Ok(renewed)
+    }
+}
+
 impl Hub {
     /// Applies requests queued by `covey-server enroll`, `revoke` and
     /// `evaluate` while the server runs.
     pub(super) fn apply_control(&mut self, now: Instant) -> Vec<Action<Pseudonym>> {
         let mut actions = Vec::new();
-        let dir = StateDir::new(&self.state_root);
+        let dir = &self.registry.dir;
         match dir.apply_requests(&self.store) {
             Ok(applied) => {
                 for (p, role) in applied.admitted {
@@ -28,47 +69,18 @@ impl Hub {
     }
 
     pub(super) fn admit(&mut self, p: Pseudonym, role: Role) {
-        self.admitted.insert(p, role);
+        self.registry.admitted.insert(p, role);
         info!(client = %p, %role, "enrolled by the operator");
     }
 
     /// Revoked or forgotten: refused from now on, and disconnected.
     pub(super) fn bar(&mut self, pseudonyms: Vec<Pseudonym>) {
         for p in pseudonyms {
-            self.admitted.remove(&p);
+            self.registry.admitted.remove(&p);
             self.devices
                 .close(&p, CloseCode::Revoked, "enrollment revoked");
             warn!(client = %p, "revoked by the operator; connection closed");
         }
-    }
-
-    /// Signs a new certificate for a device's new key, once the device has
-    /// proved it holds that key; refuses anything else with a reason.
-    pub(super) fn renew(
-        &mut self,
-        client: Pseudonym,
-        request: &RenewRequest,
-        certificate: &[u8],
-    ) -> Result<RenewedCertificate, String> {
-        let proof = ring::signature::UnparsedPublicKey::new(
-            &ring::signature::ECDSA_P256_SHA256_ASN1,
-            &request.public_key,
-        );
-        proof
-            .verify(&renewal_message(certificate), &request.proof)
-            .map_err(|_| "the renewal proof does not verify for that P-256 key".to_owned())?;
-        let enrollments = self.store.enrollments().map_err(|e| e.to_string())?;
-        let current = enrollments
-            .iter()
-            .find(|e| e.pseudonym == client && e.revoked_unix.is_none())
-            .ok_or_else(|| "no live enrollment for this certificate".to_owned())?;
-        let dir = StateDir::new(&self.state_root);
-        let (renewed, pseudonym) = dir
-            .renew(&self.store, current, &request.public_key)
-            .map_err(|e| e.to_string())?;
-        self.admitted.insert(pseudonym, current.role);
-        info!(client = %client, renewed = %pseudonym, "certificate renewed");
-        Ok(renewed)
     }
 
     /// Answers an operator API request, after checking the caller's role;
@@ -92,7 +104,7 @@ impl Hub {
                 reason: denied.to_string(),
             });
         }
-        let dir = StateDir::new(&self.state_root);
+        let dir = &self.registry.dir;
         let reply = match request {
             AdminRequest::Status => Ok(AdminReply::Status(Box::new(Report::from_store(
                 &self.store,
@@ -155,7 +167,7 @@ impl Hub {
             }),
             AdminRequest::DashboardLogin { hours } => {
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                return Ok(match self.logins.issue(actor, role, hours, now) {
+                return Ok(match self.registry.logins.issue(actor, role, hours, now) {
                     Ok((token, expires_unix)) => AdminResponse::Ok {
                         reply: AdminReply::DashboardLogin {
                             token: token.to_text(),
@@ -168,6 +180,7 @@ impl Hub {
                 });
             }
             AdminRequest::DashboardLogout => self
+                .registry
                 .logins
                 .revoke_all(actor)
                 .map(|logins| AdminReply::DashboardLoggedOut { logins })

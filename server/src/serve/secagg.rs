@@ -3,6 +3,49 @@
 
 use super::*;
 
+/// Secure aggregation of the round in progress: the session, the clients
+/// waiting for the current phase to close, and the commit it holds back.
+pub(super) struct SecAggRound {
+    pub(super) round: RoundId,
+    /// When the current phase opened, for its timing.
+    pub(super) phase_started: Instant,
+    pub(super) session: Session<Pseudonym>,
+    pub(super) waiters: HashMap<Pseudonym, oneshot::Sender<SecAggMessage>>,
+    /// When the current phase stops waiting for stragglers.
+    pub(super) deadline: Instant,
+    /// How long each key phase and the unmask phase wait.
+    pub(super) phase_timeout: Duration,
+    pub(super) requests: HashMap<Pseudonym, UnmaskRequest>,
+    /// The coordinator's commit, held until the masks are removed.
+    pub(super) commit: Option<(ModelVersion, ModelVersion, RoundStats)>,
+}
+
+impl SecAggRound {
+    pub(super) fn abort_all(&mut self, reason: &str) {
+        abort_waiters(self.round, self.waiters.drain().map(|(_, tx)| tx), reason);
+    }
+
+    /// When the hub must look at the session again. Masked input has no
+    /// deadline of its own: the round's deadline (the coordinator's) ends it.
+    pub(super) fn wake(&self) -> Option<Instant> {
+        (self.session.phase() != SecAggPhase::MaskedInput).then_some(self.deadline)
+    }
+}
+
+/// Tells clients waiting on a secure-aggregation phase that it will not close.
+fn abort_waiters(
+    round: RoundId,
+    waiters: impl IntoIterator<Item = oneshot::Sender<SecAggMessage>>,
+    reason: &str,
+) {
+    for tx in waiters {
+        let _ = tx.send(SecAggMessage::Aborted {
+            round,
+            reason: reason.to_owned(),
+        });
+    }
+}
+
 impl Hub {
     /// A secure-aggregation request: answered now, or when its phase closes.
     pub(super) async fn secagg_message(
