@@ -5,10 +5,12 @@
 //! into a sum) → `rounds` (the schedule, DP and evaluation that release a
 //! version) → `state` (what survives a crash) → `operator` (what operators
 //! and auditors see). `config` and `dir` hold the settings and the state
-//! directory every part is opened from.
+//! directory every part is opened from; `cluster` holds what replicas share
+//! when the roles run on separate machines.
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod cluster;
 pub mod config;
 pub mod dir;
 pub mod fold;

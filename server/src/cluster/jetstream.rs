@@ -1,0 +1,273 @@
+//! The root lease over NATS JetStream KV: one key, `root`, in a replicated
+//! bucket, read and swapped on revisions. This module only moves bytes; the
+//! decisions are [`Lease`]'s.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use super::lease::{Lease, NotLeader, Outcome, Refused, Request, RootRecord};
+
+/// The key the root's lease and state live under.
+const ROOT_KEY: &str = "root";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot reach NATS at {urls}: {detail}")]
+    Connect { urls: String, detail: String },
+    #[error("JetStream bucket '{bucket}': {detail}")]
+    Bucket { bucket: String, detail: String },
+    #[error("reading the root key: {0}")]
+    Read(String),
+    #[error("the root key does not hold a root record: {0}")]
+    Corrupt(String),
+}
+
+/// Where the cluster's shared state lives.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// NATS URLs of the cluster's nodes; any one that answers will do.
+    pub urls: Vec<String>,
+    pub bucket: String,
+    /// How many NATS nodes hold each value: 3 tolerates one down.
+    pub replicas: usize,
+    /// How long one request to JetStream may take before it counts as
+    /// unavailable.
+    pub request_timeout: Duration,
+}
+
+/// The root key, in its bucket.
+#[derive(Clone)]
+pub struct RootKey {
+    kv: kv::Store,
+    timeout: Duration,
+}
+
+impl RootKey {
+    /// Connects (retrying in the background when nodes are down) and opens
+    /// the bucket, creating it if this is the cluster's first start.
+    pub async fn open(config: &ClusterConfig) -> Result<Self, ClusterError> {
+        let urls = config.urls.join(",");
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(config.request_timeout)
+            .connect(config.urls.as_slice())
+            .await
+            .map_err(|e| ClusterError::Connect {
+                urls: urls.clone(),
+                detail: e.to_string(),
+            })?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .build(client);
+        let kv = js
+            .create_or_update_key_value(kv::Config {
+                bucket: config.bucket.clone(),
+                history: 8,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError::Bucket {
+                bucket: config.bucket.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(Self {
+            kv,
+            timeout: config.request_timeout,
+        })
+    }
+
+    /// The key's revision and record; `None` if it was never written.
+    pub async fn read(&self) -> Result<Option<(u64, RootRecord)>, ClusterError> {
+        let entry = tokio::time::timeout(self.timeout, self.kv.entry(ROOT_KEY))
+            .await
+            .map_err(|_| ClusterError::Read("timed out".into()))?
+            .map_err(|e| ClusterError::Read(e.to_string()))?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            return Ok(None);
+        };
+        let record =
+            postcard::from_bytes(&entry.value).map_err(|e| ClusterError::Corrupt(e.to_string()))?;
+        Ok(Some((entry.revision, record)))
+    }
+
+    /// Makes the write the lease asked for: the key's new revision, or why not.
+    pub async fn write(&self, request: &Request) -> Result<u64, Refused> {
+        let value = match postcard::to_allocvec(request.record()) {
+            Ok(bytes) => Bytes::from(bytes),
+            // A record always encodes; refuse rather than write garbage.
+            Err(_) => return Err(Refused::Unavailable),
+        };
+        let sent = async {
+            match request {
+                Request::Create(_) => match self.kv.create(ROOT_KEY, value).await {
+                    Ok(revision) => Ok(revision),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        Err(Refused::Conflict)
+                    }
+                    Err(e) => {
+                        debug!("root key create failed: {e}");
+                        Err(Refused::Unavailable)
+                    }
+                },
+                Request::Swap { expected, .. } => {
+                    match self.kv.update(ROOT_KEY, value, *expected).await {
+                        Ok(revision) => Ok(revision),
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                            Err(Refused::Conflict)
+                        }
+                        Err(e) => {
+                            debug!("root key swap failed: {e}");
+                            Err(Refused::Unavailable)
+                        }
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(self.timeout, sent)
+            .await
+            .unwrap_or(Err(Refused::Unavailable))
+    }
+}
+
+/// Where a replica stands, as its driver last saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// The term this replica leads in, if it does.
+    pub leading: Option<u64>,
+    /// The committed state, as last read or written.
+    pub state: Option<Vec<u8>>,
+}
+
+/// Why a proposed state was not committed.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error(transparent)]
+    NotLeader(#[from] NotLeader),
+    #[error("the state was not committed: the lease was lost or the store did not answer")]
+    NotCommitted,
+    #[error("the lease's driver has stopped")]
+    Stopped,
+}
+
+struct Proposal {
+    state: Vec<u8>,
+    reply: oneshot::Sender<Result<u64, ProposeError>>,
+}
+
+/// A replica taking part in the root election. Dropping it stops its
+/// driver; the lease then lapses and a standby takes over.
+pub struct Replica {
+    proposals: mpsc::Sender<Proposal>,
+    standing: watch::Receiver<Standing>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Replica {
+    /// Starts the driver of `lease` against `key`.
+    pub fn start(key: RootKey, lease: Lease) -> Self {
+        let (proposals, rx) = mpsc::channel(16);
+        let (tx, standing) = watch::channel(Standing::default());
+        let driver = tokio::spawn(drive(key, lease, rx, tx));
+        Self {
+            proposals,
+            standing,
+            driver,
+        }
+    }
+
+    pub fn standing(&self) -> watch::Receiver<Standing> {
+        self.standing.clone()
+    }
+
+    /// Commits `state` if this replica leads: the key's new revision.
+    pub async fn propose(&self, state: Vec<u8>) -> Result<u64, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.proposals
+            .send(Proposal { state, reply })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        answer.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Stops at once, as a crash would: no hand-over, the lease lapses.
+    pub fn kill(self) {
+        self.driver.abort();
+    }
+}
+
+async fn drive(
+    key: RootKey,
+    mut lease: Lease,
+    mut proposals: mpsc::Receiver<Proposal>,
+    standing: watch::Sender<Standing>,
+) {
+    let mut waiting: Option<oneshot::Sender<Result<u64, ProposeError>>> = None;
+    let mut read_due = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= read_due {
+            match key.read().await {
+                Ok(entry) => lease.observed(entry, Instant::now()),
+                Err(e) => debug!("cannot read the root key: {e}"),
+            }
+            // Followers read at the renewal cadence: a takeover is noticed
+            // within one period of the lease lapsing.
+            read_due = Instant::now() + lease.timing().renew_every() / 2;
+        }
+        while let Some(request) = lease.poll(Instant::now()) {
+            let result = key.write(&request).await;
+            let outcome = lease.written(result, Instant::now());
+            match outcome {
+                Outcome::Elected { term } => info!(term, "this replica now holds the root lease"),
+                Outcome::Deposed => warn!("this replica lost the root lease"),
+                Outcome::Committed { revision, .. } => {
+                    if let Some(reply) = waiting.take() {
+                        let _ = reply.send(Ok(revision));
+                    }
+                }
+                Outcome::NotCommitted => {
+                    if let Some(reply) = waiting.take() {
+                        let _ = reply.send(Err(ProposeError::NotCommitted));
+                    }
+                }
+                Outcome::Quiet => {}
+            }
+            if result.is_err() {
+                // Whatever happened, the key says what holds now.
+                read_due = Instant::now();
+                break;
+            }
+        }
+        if !lease.proposing()
+            && let Some(reply) = waiting.take()
+        {
+            // Dropped unsent: the lease lapsed first.
+            let _ = reply.send(Err(ProposeError::NotCommitted));
+        }
+        let _ = standing.send(Standing {
+            leading: lease.leading(Instant::now()),
+            state: lease.state().map(<[u8]>::to_vec),
+        });
+        if read_due <= Instant::now() {
+            continue;
+        }
+        let wake = lease.wake(Instant::now()).min(read_due);
+        tokio::select! {
+            proposal = proposals.recv(), if waiting.is_none() => {
+                let Some(Proposal { state, reply }) = proposal else { return };
+                match lease.propose(state, Instant::now()) {
+                    Ok(()) => waiting = Some(reply),
+                    Err(e) => { let _ = reply.send(Err(e.into())); }
+                }
+            }
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}

