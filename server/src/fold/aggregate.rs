@@ -13,10 +13,12 @@ pub enum AggregateError {
     Weight(f64),
     #[error("no update was aggregated")]
     Empty,
+    #[error("a sum holds a value or weight that is not finite")]
+    NotFinite,
 }
 
 /// Σ wᵢ·Δᵢ and Σ wᵢ over the updates folded so far.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub struct WeightedSum {
     sum: Vec<f32>,
     total_weight: f64,
@@ -34,6 +36,40 @@ impl WeightedSum {
 
     pub fn count(&self) -> usize {
         self.count
+    }
+
+    pub fn len(&self) -> usize {
+        self.sum.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sum.is_empty()
+    }
+
+    /// Refuses a sum no fold could have produced: non-finite values, or a
+    /// weight that is negative, not finite, or present without updates.
+    pub fn check(&self) -> Result<(), AggregateError> {
+        let weight_ok = self.total_weight.is_finite()
+            && self.total_weight >= 0.0
+            && (self.count > 0 || self.total_weight == 0.0);
+        if !weight_ok || !self.sum.iter().all(|v| v.is_finite()) {
+            return Err(AggregateError::NotFinite);
+        }
+        Ok(())
+    }
+
+    /// Adds another sum of the same round's updates in.
+    pub fn merge(&mut self, other: &WeightedSum) -> Result<(), AggregateError> {
+        if other.sum.len() != self.sum.len() {
+            return Err(AggregateError::Length {
+                expected: self.sum.len(),
+                got: other.sum.len(),
+            });
+        }
+        fold_into(&mut self.sum, &other.sum, 1.0);
+        self.total_weight += other.total_weight;
+        self.count += other.count;
+        Ok(())
     }
 
     /// Adds `weight · update`.

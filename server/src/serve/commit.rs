@@ -85,7 +85,7 @@ impl Committer {
         &mut self,
         settings: &Settings,
         sum: Aggregate,
-        within_clip: usize,
+        within_clip: u64,
         mut record: RoundRecord,
         version: ModelVersion,
         round: RoundId,
@@ -94,7 +94,7 @@ impl Committer {
         // Under DP: noise on the sum, a fixed denominator, and the ledger
         // entry that goes into the same transaction as the version.
         let (mean, ledger) = match (&self.privacy, sum) {
-            (None, Aggregate::Weighted(sum)) => match &settings.buffer {
+            (None, Aggregate::Summed(Summed::Floats(sum))) => match &settings.buffer {
                 // FedBuff: the staleness-weighted sum over K, not a mean,
                 // so stale updates move the model less.
                 Some(buffer) => {
@@ -105,7 +105,7 @@ impl Committer {
                 }
                 None => (sum.mean().map_err(|e| corrupt(e.to_string()))?, None),
             },
-            (Some(p), Aggregate::Ring { sum, count }) => {
+            (Some(p), Aggregate::Summed(Summed::Ring { words, count, .. })) => {
                 if count == 0 {
                     return Err(corrupt("no update was aggregated".into()));
                 }
@@ -113,7 +113,7 @@ impl Committer {
                     return Err(corrupt("a ring aggregate without distributed DP".into()));
                 };
                 let (mean, at_risk) =
-                    p.dp.decode_sum(&plan, &sum)
+                    p.dp.decode_sum(&plan, &words)
                         .map_err(|e| corrupt(e.to_string()))?;
                 if at_risk > 0 {
                     warn!(
@@ -127,7 +127,7 @@ impl Committer {
                 record.epsilon = Some(ledger.epsilon(&p.dp));
                 (mean, Some(ledger))
             }
-            (Some(p), Aggregate::Weighted(sum)) => {
+            (Some(p), Aggregate::Summed(Summed::Floats(sum))) => {
                 let mut total = sum.into_sum().map_err(|e| corrupt(e.to_string()))?;
                 let (dp, clip, rng) = (p.dp, p.ledger.clip, p.rng.clone());
                 let mut ledger = p.ledger.clone();
@@ -136,7 +136,11 @@ impl Committer {
                     dp.privatize(&mut total, clip, &mut rng)
                         .map_err(|e| e.to_string())?;
                     ledger.clip = dp
-                        .next_clip(clip, within_clip, &mut rng)
+                        .next_clip(
+                            clip,
+                            usize::try_from(within_clip).unwrap_or(usize::MAX),
+                            &mut rng,
+                        )
                         .map_err(|e| e.to_string())?;
                     ledger.spend(&dp);
                     Ok::<_, String>((total, ledger))
@@ -156,13 +160,14 @@ impl Committer {
                         .map_err(|e| corrupt(e.to_string()))?;
                 (combined, None)
             }
-            (None, Aggregate::Ring { sum, count }) => {
+            (None, Aggregate::Summed(Summed::Ring { words, count, .. })) => {
                 // Secure aggregation without DP: the survivors' plain mean.
                 let Some(quantizer) = self.ring_quantizer(settings).filter(|_| count > 0) else {
                     return Err(corrupt("a ring aggregate without its quantizer".into()));
                 };
-                let (mut mean, at_risk) =
-                    quantizer.decode(&sum).map_err(|e| corrupt(e.to_string()))?;
+                let (mut mean, at_risk) = quantizer
+                    .decode(&words)
+                    .map_err(|e| corrupt(e.to_string()))?;
                 if at_risk > 0 {
                     warn!(
                         round = %round,

@@ -547,8 +547,7 @@ impl Hub {
                         self.write_status();
                         continue;
                     }
-                    record.mean_client_loss = (progress.examples > 0.0)
-                        .then(|| (progress.loss_weighted / progress.examples) as f32);
+                    record.mean_client_loss = progress.tally.mean_loss();
                     record.bytes_up = shared.metrics.bytes_in.get() - progress.bytes_up_start;
                     record.bytes_down = shared.metrics.bytes_out.get() - progress.bytes_down_start;
                     record.outcome = RoundOutcome::Committed {
@@ -559,7 +558,7 @@ impl Hub {
                         .commit(
                             &self.settings,
                             progress.sum,
-                            progress.within_clip,
+                            progress.tally.within_clip,
                             record.clone(),
                             new_version,
                             round,

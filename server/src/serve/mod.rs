@@ -60,8 +60,11 @@ use crate::{
     admission::pki::{self, Admitted},
     config::Settings,
     dir::{DirError, StateDir},
-    fold::aggregate::{OptimizerState, WeightedSum},
     fold::robust::Aggregator,
+    fold::{
+        aggregate::{OptimizerState, WeightedSum},
+        merge::{Summed, Tally},
+    },
     operator::admin::{AdminReply, AdminRequest, AdminResponse, MAX_REQUEST_BYTES, Role},
     operator::control::{EvalOutcome, VersionMetrics},
     operator::metrics::{Metrics, OpenConnection, Outcome, Reason},

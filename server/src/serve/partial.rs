@@ -1,45 +1,22 @@
 //! A leaf's half of a round: the partial aggregate it folds accepted
-//! updates into, with the round's record. Under secure aggregation the sum
-//! lives in the session instead, and only the unmasked total lands here.
+//! updates into, with the round's record. The sum is a [`Summed`], the
+//! same value a leaf forwards to the root and the root merges; under
+//! secure aggregation the session holds the masked sum, and only its
+//! unmasked total lands here.
 
 use super::*;
 
 /// The running aggregate of a round.
 pub(super) enum Aggregate {
-    Weighted(WeightedSum),
-    /// Distributed DP: the modular sum of ring words.
-    Ring {
-        sum: Vec<u32>,
-        count: usize,
-    },
-    /// A robust rule: every update of the round, with its weight.
+    /// A running sum: floats, or ring words (distributed DP, secure
+    /// aggregation).
+    Summed(Summed),
+    /// A robust rule: every update of the round, with its weight. It needs
+    /// them all at once, so it cannot be split across leaves.
     Buffered {
         updates: Vec<Vec<f32>>,
         weights: Vec<f64>,
     },
-}
-
-impl Aggregate {
-    /// How many participants' updates are in it.
-    pub(super) fn contributors(&self) -> usize {
-        match self {
-            Self::Weighted(sum) => sum.count(),
-            Self::Ring { count, .. } => *count,
-            Self::Buffered { updates, .. } => updates.len(),
-        }
-    }
-}
-
-pub(super) struct RoundInProgress {
-    pub(super) record: RoundRecord,
-    pub(super) sum: Aggregate,
-    pub(super) loss_weighted: f64,
-    pub(super) examples: f64,
-    /// Accepted updates that were within the clip before clipping (DP).
-    pub(super) within_clip: usize,
-    pub(super) bytes_up_start: u64,
-    pub(super) bytes_down_start: u64,
-    pub(super) started: Instant,
 }
 
 impl Aggregate {
@@ -48,17 +25,35 @@ impl Aggregate {
     /// a running weighted sum otherwise.
     pub(super) fn empty(ring: Option<Quantizer>, aggregator: Aggregator, len: usize) -> Self {
         match ring {
-            Some(quantizer) => Self::Ring {
-                sum: vec![0; quantizer.encoded_len()],
+            Some(quantizer) => Self::Summed(Summed::Ring {
+                words: vec![0; quantizer.encoded_len()],
+                bits: quantizer.bits,
                 count: 0,
-            },
+            }),
             None if !aggregator.is_streaming() => Self::Buffered {
                 updates: Vec::new(),
                 weights: Vec::new(),
             },
-            None => Self::Weighted(WeightedSum::new(len)),
+            None => Self::Summed(Summed::Floats(WeightedSum::new(len))),
         }
     }
+
+    /// How many participants' updates are in it.
+    pub(super) fn contributors(&self) -> usize {
+        match self {
+            Self::Summed(summed) => usize::try_from(summed.count()).unwrap_or(usize::MAX),
+            Self::Buffered { updates, .. } => updates.len(),
+        }
+    }
+}
+
+pub(super) struct RoundInProgress {
+    pub(super) record: RoundRecord,
+    pub(super) sum: Aggregate,
+    pub(super) tally: Tally,
+    pub(super) bytes_up_start: u64,
+    pub(super) bytes_down_start: u64,
+    pub(super) started: Instant,
 }
 
 impl RoundInProgress {
@@ -71,9 +66,7 @@ impl RoundInProgress {
         Self {
             record,
             sum,
-            loss_weighted: 0.0,
-            examples: 0.0,
-            within_clip: 0,
+            tally: Tally::default(),
             bytes_up_start: metrics.bytes_in.get(),
             bytes_down_start: metrics.bytes_out.get(),
             started: now,
@@ -91,14 +84,14 @@ impl RoundInProgress {
         ring: Option<Quantizer>,
     ) {
         if update.within_clip == Some(true) {
-            self.within_clip += 1;
+            self.tally.within_clip += 1;
         }
         if update.loss.is_finite() {
-            self.loss_weighted += f64::from(update.loss) * weight;
-            self.examples += weight;
+            self.tally.loss_weighted += f64::from(update.loss) * weight;
+            self.tally.loss_weight += weight;
         }
         match (&mut self.sum, update.values) {
-            (Aggregate::Weighted(sum), Values::Floats(mut v)) => {
+            (Aggregate::Summed(Summed::Floats(sum)), Values::Floats(mut v)) => {
                 if let Aggregator::NormBound { max_norm } = aggregator
                     && let Ok(bound) = ClipNorm::new(max_norm)
                 {
@@ -110,9 +103,9 @@ impl RoundInProgress {
                 updates.push(v);
                 weights.push(weight);
             }
-            (Aggregate::Ring { sum, count }, Values::Words(w)) => {
+            (Aggregate::Summed(Summed::Ring { words, count, .. }), Values::Words(w)) => {
                 if let Some(quantizer) = ring
-                    && quantizer.accumulate(sum, &w).is_ok()
+                    && quantizer.accumulate(words, &w).is_ok()
                 {
                     *count += 1;
                 }

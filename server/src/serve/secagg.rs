@@ -262,8 +262,13 @@ impl Hub {
                     unmask_ms = started.elapsed().as_millis() as u64,
                     "secure aggregation unmasked the sum"
                 );
-                if let Some(progress) = &mut self.round {
-                    progress.sum = Aggregate::Ring { sum, count };
+                if let Some(progress) = &mut self.round
+                    && let Aggregate::Summed(Summed::Ring {
+                        words, count: c, ..
+                    }) = &mut progress.sum
+                {
+                    *words = sum;
+                    *c = count as u64;
                 }
                 self.execute(
                     vec![Action::Commit {
