@@ -1,7 +1,9 @@
 //! Shared state for a federation that runs on more than one machine, kept
 //! in NATS JetStream rather than in a consensus of Covey's own: the root
 //! coordinator's lease, which fences every write the root makes
-//! (`lease`, sans-IO), and its driver over JetStream KV (`jetstream`).
+//! (`lease`, sans-IO), its driver over JetStream KV (`jetstream`), and which
+//! leaf serves each device (`route`).
 
 pub mod jetstream;
 pub mod lease;
+pub mod route;
