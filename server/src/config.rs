@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     fold::aggregate::OptimizerKind,
     fold::robust::Aggregator,
+    rounds::compliance::{MinCohort, Retention},
     rounds::dp::{AccountantKind, AdaptiveClip, DpMode, DpSettings, PrivacyLedger},
-    state::compliance::{MinCohort, Retention},
     state::sealing::KekSource,
 };
 

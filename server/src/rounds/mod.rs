@@ -1,7 +1,12 @@
 //! What decides a round and releases its result: the schedule (synchronous
-//! rounds or FedBuff), central and distributed DP with the privacy ledger
-//! (`dp`), and central evaluation of each new version (`central`).
+//! rounds or FedBuff), the rules an auditor holds every release to (the
+//! minimum cohort and retention, `compliance`), central and distributed DP
+//! with the privacy ledger (`dp`), central evaluation of each new version
+//! (`central`), and a round the root splits across leaf aggregators
+//! (`split`).
 
 pub mod central;
+pub mod compliance;
 pub mod dp;
 pub mod schedule;
+pub mod split;

@@ -72,10 +72,10 @@ use crate::{
     operator::status,
     operator::status::Report,
     rounds::central::TestSet,
+    rounds::compliance::Retention,
     rounds::dp::{DpMode, DpSettings, PrivacyLedger},
     rounds::schedule::Machine,
     state::audit::AuditEvent,
-    state::compliance::Retention,
     state::store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
 };
 

@@ -1,11 +1,9 @@
 //! What survives a crash: the sled store (`store`), sealed at rest
-//! (`sealing`), the tamper-evident audit trail (`audit`), the rules an
-//! auditor holds it to (`compliance`), the initial model (`model`) and the
-//! content-addressed files devices fetch (`assets`).
+//! (`sealing`), the tamper-evident audit trail (`audit`), the initial model
+//! (`model`) and the content-addressed files devices fetch (`assets`).
 
 pub mod assets;
 pub mod audit;
-pub mod compliance;
 pub mod model;
 pub mod sealing;
 pub mod store;

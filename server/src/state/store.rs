@@ -32,9 +32,9 @@ use sled::{
 
 use crate::{
     fold::aggregate::OptimizerState,
+    rounds::compliance::Retention,
     rounds::dp::PrivacyLedger,
     state::audit::{AuditEvent, AuditKeyError, AuditSigner, ChainHead, SealedEntry},
-    state::compliance::Retention,
     state::sealing::{DataKey, Kek, SealError},
 };
 
