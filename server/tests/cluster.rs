@@ -11,9 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use covey_protocol::{ModelVersion, RoundId};
 use covey_server::cluster::{
-    jetstream::{ClusterConfig, ProposeError, Replica, RootKey},
+    jetstream::{Cluster, ClusterConfig, ProposeError, Replica, RootKey},
     lease::{Lease, Outcome, Refused, Timing},
+    objects::{ModelRef, ObjectError},
+    route::LeafId,
 };
 
 fn nats_server() -> PathBuf {
@@ -94,11 +97,15 @@ impl Nats {
         }
     }
 
-    /// Opens the bucket, waiting for the cluster to elect its leaders.
+    /// Opens the root's bucket, waiting for the cluster to elect leaders.
     async fn key(&self) -> RootKey {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match RootKey::open(&self.config()).await {
+            let opened = match Cluster::connect(&self.config()).await {
+                Ok(cluster) => cluster.root_key().await,
+                Err(e) => Err(e),
+            };
+            match opened {
                 Ok(key) => return key,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("waiting for the NATS cluster: {e}");
@@ -259,4 +266,62 @@ async fn commits_go_on_when_one_of_three_nats_nodes_is_killed() {
     assert_eq!(record.state, vec![4]);
     // However the node's loss went, one replica has led throughout.
     assert_eq!(record.holder, "root-a/1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_and_partial_sums_round_trip_checked_and_survive_a_node() {
+    let mut nats = Nats::start();
+    nats.key().await; // the cluster is up
+    let cluster = Cluster::connect(&nats.config()).await.unwrap();
+    let objects = cluster.objects().await.unwrap();
+    // A model of 600k values (2.4 MB): many chunks.
+    let weights: Vec<f32> = (0..600_000).map(|i| (i as f32).sin()).collect();
+    let model = objects.put_model(ModelVersion(7), &weights).await.unwrap();
+    assert_eq!(objects.get_model(&model).await.unwrap(), weights);
+
+    // A reference the store does not match is refused by name.
+    let mut forged = model.clone();
+    forged.sha256[0] ^= 1;
+    let err = objects.get_model(&forged).await.unwrap_err();
+    assert!(matches!(err, ObjectError::Mismatch { .. }), "{err}");
+    assert!(err.to_string().contains("SHA-256"), "{err}");
+    let short = ModelRef {
+        values: 10,
+        ..model.clone()
+    };
+    let err = objects.get_model(&short).await.unwrap_err();
+    assert!(err.to_string().contains("larger than"), "{err}");
+    let missing = ModelRef {
+        version: ModelVersion(8),
+        ..model.clone()
+    };
+    assert!(objects.get_model(&missing).await.is_err());
+
+    let leaf = LeafId("leaf-0".into());
+    objects
+        .put_partial(RoundId(3), &leaf, b"partial bytes")
+        .await
+        .unwrap();
+    assert_eq!(
+        objects.get_partial(RoundId(3), &leaf, 1024).await.unwrap(),
+        b"partial bytes"
+    );
+    assert!(objects.get_partial(RoundId(3), &leaf, 4).await.is_err());
+
+    // Replicated three ways: the model is still there with a node gone.
+    nats.kill(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match objects.get_model(&model).await {
+            Ok(read) => {
+                assert_eq!(read, weights);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for the store after a node's loss: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("the model was lost with one node: {e}"),
+        }
+    }
 }

@@ -39,6 +39,67 @@ pub struct ClusterConfig {
     pub request_timeout: Duration,
 }
 
+/// A connection to the cluster's JetStream, from which each replica opens
+/// the buckets it uses.
+#[derive(Clone)]
+pub struct Cluster {
+    js: jetstream::Context,
+    config: ClusterConfig,
+}
+
+impl Cluster {
+    /// Connects, retrying in the background while nodes are down.
+    pub async fn connect(config: &ClusterConfig) -> Result<Self, ClusterError> {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(config.request_timeout)
+            .connect(config.urls.as_slice())
+            .await
+            .map_err(|e| ClusterError::Connect {
+                urls: config.urls.join(","),
+                detail: e.to_string(),
+            })?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .build(client);
+        Ok(Self {
+            js,
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    pub(super) fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The root's key, in its bucket, created on the cluster's first start.
+    pub async fn root_key(&self) -> Result<RootKey, ClusterError> {
+        let kv = self
+            .js
+            .create_or_update_key_value(kv::Config {
+                bucket: self.config.bucket.clone(),
+                history: 8,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: self.config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError::Bucket {
+                bucket: self.config.bucket.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(RootKey {
+            kv,
+            timeout: self.config.request_timeout,
+        })
+    }
+}
+
 /// The root key, in its bucket.
 #[derive(Clone)]
 pub struct RootKey {
@@ -47,42 +108,6 @@ pub struct RootKey {
 }
 
 impl RootKey {
-    /// Connects (retrying in the background when nodes are down) and opens
-    /// the bucket, creating it if this is the cluster's first start.
-    pub async fn open(config: &ClusterConfig) -> Result<Self, ClusterError> {
-        let urls = config.urls.join(",");
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connection_timeout(config.request_timeout)
-            .connect(config.urls.as_slice())
-            .await
-            .map_err(|e| ClusterError::Connect {
-                urls: urls.clone(),
-                detail: e.to_string(),
-            })?;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(config.request_timeout)
-            .build(client);
-        let kv = js
-            .create_or_update_key_value(kv::Config {
-                bucket: config.bucket.clone(),
-                history: 8,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: config.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ClusterError::Bucket {
-                bucket: config.bucket.clone(),
-                detail: e.to_string(),
-            })?;
-        Ok(Self {
-            kv,
-            timeout: config.request_timeout,
-        })
-    }
-
     /// The key's revision and record; `None` if it was never written.
     pub async fn read(&self) -> Result<Option<(u64, RootRecord)>, ClusterError> {
         let entry = tokio::time::timeout(self.timeout, self.kv.entry(ROOT_KEY))

@@ -1,9 +1,11 @@
 //! Shared state for a federation that runs on more than one machine, kept
 //! in NATS JetStream rather than in a consensus of Covey's own: the root
 //! coordinator's lease, which fences every write the root makes
-//! (`lease`, sans-IO), its driver over JetStream KV (`jetstream`), and which
-//! leaf serves each device (`route`).
+//! (`lease`, sans-IO), its driver over JetStream KV (`jetstream`), model
+//! versions and leaves' partial sums in an object store (`objects`), and
+//! which leaf serves each device (`route`).
 
 pub mod jetstream;
 pub mod lease;
+pub mod objects;
 pub mod route;

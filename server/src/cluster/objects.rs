@@ -1,0 +1,209 @@
+//! Model versions and leaves' partial sums in a JetStream object store.
+//!
+//! The root puts version n+1 here before the swap on its key that commits
+//! it, so a version is always in the store before anyone is told of it; a
+//! put whose swap then fails is an orphan nobody names. Each model is named
+//! in the root's state by a [`ModelRef`] carrying our own SHA-256 of its
+//! bytes, checked on every read, so a leaf never serves a model the root did
+//! not commit. Leaves put their partial sum of a round under the round and
+//! their name; the root reads them once the leaf says it is there.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, object_store};
+use covey_protocol::{ModelVersion, RoundId};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use super::{
+    jetstream::{Cluster, ClusterError},
+    route::LeafId,
+};
+
+/// A committed model as the root's state names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub version: ModelVersion,
+    pub values: u64,
+    pub sha256: [u8; 32],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("object '{name}': {detail}")]
+    Store { name: String, detail: String },
+    #[error("object '{name}' is not what the root committed: {problem}")]
+    Mismatch { name: String, problem: String },
+}
+
+/// The cluster's object bucket.
+#[derive(Clone)]
+pub struct Objects {
+    store: object_store::ObjectStore,
+    timeout: Duration,
+}
+
+fn model_name(version: ModelVersion) -> String {
+    format!("model-{}", version.0)
+}
+
+fn partial_name(round: RoundId, leaf: &LeafId) -> String {
+    // Object names allow any text; the leaf's name is ours, not a device's.
+    format!("partial-{}-{}", round.0, leaf.0)
+}
+
+impl Cluster {
+    /// The object bucket (`<bucket>-objects`), created on first use.
+    pub async fn objects(&self) -> Result<Objects, ClusterError> {
+        let bucket = format!("{}-objects", self.config().bucket);
+        let js = self.jetstream();
+        let store =
+            match js.get_object_store(&bucket).await {
+                Ok(store) => store,
+                Err(_) => {
+                    let created = js
+                        .create_object_store(object_store::Config {
+                            bucket: bucket.clone(),
+                            storage: jetstream::stream::StorageType::File,
+                            num_replicas: self.config().replicas,
+                            ..Default::default()
+                        })
+                        .await;
+                    match created {
+                        Ok(store) => store,
+                        // Another replica created it first.
+                        Err(e) => js.get_object_store(&bucket).await.map_err(|_| {
+                            ClusterError::Bucket {
+                                bucket: bucket.clone(),
+                                detail: e.to_string(),
+                            }
+                        })?,
+                    }
+                }
+            };
+        Ok(Objects {
+            store,
+            timeout: self.config().request_timeout,
+        })
+    }
+}
+
+impl Objects {
+    async fn put(&self, name: &str, bytes: &[u8]) -> Result<(), ObjectError> {
+        let mut reader = bytes;
+        // A model is many chunks: allow a request timeout per megabyte.
+        let budget = self.timeout * (1 + (bytes.len() >> 20) as u32);
+        tokio::time::timeout(budget, self.store.put(name, &mut reader))
+            .await
+            .map_err(|_| ObjectError::Store {
+                name: name.into(),
+                detail: "timed out".into(),
+            })?
+            .map_err(|e| ObjectError::Store {
+                name: name.into(),
+                detail: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    async fn get(&self, name: &str, limit: usize) -> Result<Vec<u8>, ObjectError> {
+        let failed = |detail: String| ObjectError::Store {
+            name: name.into(),
+            detail,
+        };
+        let read = async {
+            let object = self
+                .store
+                .get(name)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let mut bytes = Vec::new();
+            // One byte past the limit tells an oversized object from a full one.
+            object
+                .take(limit as u64 + 1)
+                .read_to_end(&mut bytes)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            if bytes.len() > limit {
+                return Err(failed(format!("larger than the {limit} bytes expected")));
+            }
+            Ok(bytes)
+        };
+        let budget = self.timeout * (1 + (limit >> 20) as u32);
+        tokio::time::timeout(budget, read)
+            .await
+            .map_err(|_| failed("timed out".into()))?
+    }
+
+    /// Stores `weights` as `version`; the reference goes into the root's
+    /// state with the commit.
+    pub async fn put_model(
+        &self,
+        version: ModelVersion,
+        weights: &[f32],
+    ) -> Result<ModelRef, ObjectError> {
+        let bytes: Vec<u8> = weights.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(digest.as_ref());
+        self.put(&model_name(version), &bytes).await?;
+        Ok(ModelRef {
+            version,
+            values: weights.len() as u64,
+            sha256,
+        })
+    }
+
+    /// The weights `model` names, checked against its length and hash.
+    pub async fn get_model(&self, model: &ModelRef) -> Result<Vec<f32>, ObjectError> {
+        let name = model_name(model.version);
+        let expected = usize::try_from(model.values)
+            .ok()
+            .and_then(|v| v.checked_mul(4))
+            .ok_or_else(|| ObjectError::Mismatch {
+                name: name.clone(),
+                problem: format!("{} values do not fit in memory", model.values),
+            })?;
+        let bytes = self.get(&name, expected).await?;
+        if bytes.len() != expected {
+            return Err(ObjectError::Mismatch {
+                name,
+                problem: format!("{} bytes, the reference says {expected}", bytes.len()),
+            });
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        if digest.as_ref() != model.sha256 {
+            return Err(ObjectError::Mismatch {
+                name,
+                problem: "its SHA-256 differs".into(),
+            });
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    /// A leaf's partial sum of `round`, encoded.
+    pub async fn put_partial(
+        &self,
+        round: RoundId,
+        leaf: &LeafId,
+        encoded: &[u8],
+    ) -> Result<(), ObjectError> {
+        self.put(&partial_name(round, leaf), encoded).await
+    }
+
+    /// The bytes a leaf put for `round`, at most `limit` of them; the root
+    /// decodes and checks them (`rounds::split`).
+    pub async fn get_partial(
+        &self,
+        round: RoundId,
+        leaf: &LeafId,
+        limit: usize,
+    ) -> Result<Vec<u8>, ObjectError> {
+        self.get(&partial_name(round, leaf), limit).await
+    }
+}
