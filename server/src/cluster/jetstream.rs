@@ -240,6 +240,9 @@ async fn drive(
         if now >= read_due {
             match key.read().await {
                 Ok(entry) => lease.observed(entry, Instant::now()),
+                // Garbage in the key stalls the cluster until an operator
+                // looks; an unreachable store is routine while nodes fail.
+                Err(e @ ClusterError::Corrupt(_)) => warn!("{e}"),
                 Err(e) => debug!("cannot read the root key: {e}"),
             }
             // Followers read at the renewal cadence: a takeover is noticed

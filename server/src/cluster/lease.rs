@@ -192,10 +192,6 @@ impl Lease {
         }
     }
 
-    pub fn holder_id(&self) -> &str {
-        &self.me
-    }
-
     pub fn timing(&self) -> Timing {
         self.timing
     }

