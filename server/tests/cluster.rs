@@ -3,7 +3,10 @@
 //! standby takes over when it dies, a paused old root's writes are refused,
 //! commits go on with a node down, and models come back checked.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 #[path = "common/nats.rs"]
 mod nats;
@@ -194,4 +197,55 @@ async fn models_and_partial_sums_round_trip_checked_and_survive_a_node() {
             Err(e) => panic!("the model was lost with one node: {e}"),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_node_is_refused_on_every_other() {
+    use covey_privacy::Pseudonym;
+    use covey_protocol::admin::Role;
+    use covey_server::admission::pki::Admitted;
+
+    let nats = nats::Nats::start();
+    nats.key().await; // the cluster is up
+    let on_node = |i: usize| {
+        let mut config = nats.config();
+        config.urls = vec![nats.urls[i].clone()];
+        config
+    };
+    let root = Cluster::connect(&on_node(0)).await.unwrap();
+    let leaf = Cluster::connect(&on_node(2)).await.unwrap();
+    let (early, late, kept) = (
+        Pseudonym::from_bytes([1; 8]),
+        Pseudonym::from_bytes([2; 8]),
+        Pseudonym::from_bytes([3; 8]),
+    );
+    let admitted = Arc::new(Admitted::new([
+        (early, Role::Device),
+        (late, Role::Device),
+        (kept, Role::Device),
+    ]));
+    // One revoked before the leaf starts following, one after.
+    let registry = root.revocations().await.unwrap();
+    registry.revoke(&early, 1).await.unwrap();
+    let (follower, mut applied) = leaf
+        .revocations()
+        .await
+        .unwrap()
+        .follow(admitted.clone())
+        .await
+        .unwrap();
+    let revoked = Instant::now();
+    registry.revoke(&late, 2).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), applied.wait_for(|n| *n >= 2))
+        .await
+        .expect("the revocations never reached the other node")
+        .unwrap();
+    eprintln!(
+        "revocation reached the other node in {:?}",
+        revoked.elapsed()
+    );
+    assert!(!admitted.contains(&early));
+    assert!(!admitted.contains(&late));
+    assert!(admitted.contains(&kept));
+    follower.abort();
 }

@@ -22,6 +22,10 @@ pub enum ClusterError {
     Bucket { bucket: String, detail: String },
     #[error("reading the root key: {0}")]
     Read(String),
+    #[error("writing to JetStream: {0}")]
+    Write(String),
+    #[error("watching JetStream: {0}")]
+    Watch(String),
     #[error("the root key does not hold a root record: {0}")]
     Corrupt(String),
 }

@@ -2,10 +2,12 @@
 //! in NATS JetStream rather than in a consensus of Covey's own: the root
 //! coordinator's lease, which fences every write the root makes
 //! (`lease`, sans-IO), its driver over JetStream KV (`jetstream`), model
-//! versions and leaves' partial sums in an object store (`objects`), and
-//! which leaf serves each device (`route`).
+//! versions and leaves' partial sums in an object store (`objects`),
+//! revocations every node applies (`revocations`), and which leaf serves
+//! each device (`route`).
 
 pub mod jetstream;
 pub mod lease;
 pub mod objects;
+pub mod revocations;
 pub mod route;

@@ -37,7 +37,7 @@ fn free_port() -> u16 {
 /// Three nats-server processes in one JetStream cluster, killed on drop.
 pub struct Nats {
     nodes: Vec<Option<Child>>,
-    urls: Vec<String>,
+    pub urls: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
