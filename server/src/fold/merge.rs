@@ -5,6 +5,7 @@
 //! the round's sum: exactly for ring words, whose addition modulo 2^bits is
 //! associative and commutative, and within float rounding for floats.
 
+use covey_protocol::secagg::prg::ring_mask;
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{AggregateError, WeightedSum};
@@ -213,14 +214,6 @@ impl PartialSum {
             )));
         }
         Ok(partial)
-    }
-}
-
-fn ring_mask(bits: u32) -> u32 {
-    if bits >= 32 {
-        u32::MAX
-    } else {
-        (1u32 << bits) - 1
     }
 }
 

@@ -94,10 +94,10 @@ fn proportional<'a>(
             if left == 0 {
                 break;
             }
-            let q = shares
-                .get_mut(leaf)
-                .expect("every weighted leaf has a share");
-            if *q < weights[leaf] {
+            let cap = weights.get(leaf).copied().unwrap_or(0);
+            if let Some(q) = shares.get_mut(leaf)
+                && *q < cap
+            {
                 *q += 1;
                 left -= 1;
                 moved = true;
