@@ -283,9 +283,17 @@ async fn drive(
             // Dropped unsent: the lease lapsed first.
             let _ = reply.send(Err(ProposeError::NotCommitted));
         }
-        let _ = standing.send(Standing {
+        let now_standing = Standing {
             leading: lease.leading(Instant::now()),
             state: lease.state().map(<[u8]>::to_vec),
+        };
+        // Wake watchers only for a change, not every read.
+        standing.send_if_modified(|s| {
+            let changed = *s != now_standing;
+            if changed {
+                *s = now_standing;
+            }
+            changed
         });
         if read_due <= Instant::now() {
             continue;
