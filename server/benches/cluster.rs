@@ -21,6 +21,7 @@ use covey_server::{
         lease::{Lease, Timing},
         route::LeafId,
     },
+    state::store::{ModelHeader, StoredModel},
 };
 
 const COMMITS: usize = 300;
@@ -85,17 +86,28 @@ async fn main() {
         .objects()
         .await
         .unwrap();
-    let weights: Vec<f32> = (0..CNN).map(|i| (i as f32 * 1e-3).sin()).collect();
+    let cnn = covey_protocol::model::ModelSpec::mnist(covey_protocol::model::Architecture::Cnn);
+    assert_eq!(cnn.param_count(), CNN);
+    let record = |v: u64| StoredModel {
+        header: ModelHeader {
+            version: ModelVersion(v),
+            spec: cnn.clone(),
+            round: None,
+            created_unix_ms: 0,
+        },
+        weights: (0..CNN).map(|i| (i as f32 * 1e-3).sin()).collect(),
+    };
     let mut put = Vec::new();
     let mut get = Vec::new();
     for v in 0..5 {
+        let stored = record(v);
         let t = Instant::now();
-        let model = objects.put_model(ModelVersion(v), &weights).await.unwrap();
+        let model = objects.put_model(&stored).await.unwrap();
         put.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
         let back = objects.get_model(&model).await.unwrap();
         get.push(t.elapsed().as_secs_f64());
-        assert_eq!(back.len(), CNN);
+        assert_eq!(back.weights.len(), CNN);
     }
     let partial = vec![7u8; TWO_NN * 4];
     let leaf = LeafId("leaf-0".into());

@@ -18,6 +18,7 @@ use covey_server::cluster::{
     objects::{ModelRef, ObjectError},
     route::LeafId,
 };
+use covey_server::state::store::{ModelHeader, StoredModel};
 
 fn timing() -> Timing {
     Timing::new(Duration::from_secs(3), Duration::from_millis(400)).unwrap()
@@ -147,10 +148,20 @@ async fn models_and_partial_sums_round_trip_checked_and_survive_a_node() {
     nats.key().await; // the cluster is up
     let cluster = Cluster::connect(&nats.config()).await.unwrap();
     let objects = cluster.objects().await.unwrap();
-    // A model of 600k values (2.4 MB): many chunks.
-    let weights: Vec<f32> = (0..600_000).map(|i| (i as f32).sin()).collect();
-    let model = objects.put_model(ModelVersion(7), &weights).await.unwrap();
-    assert_eq!(objects.get_model(&model).await.unwrap(), weights);
+    // McMahan's CNN (6.65 MB): many chunks, in the store's own record.
+    let cnn = covey_protocol::model::ModelSpec::mnist(covey_protocol::model::Architecture::Cnn);
+    let weights: Vec<f32> = (0..cnn.param_count()).map(|i| (i as f32).sin()).collect();
+    let stored = |version: u64| StoredModel {
+        header: ModelHeader {
+            version: ModelVersion(version),
+            spec: cnn.clone(),
+            round: Some(RoundId(version)),
+            created_unix_ms: 1,
+        },
+        weights: weights.clone(),
+    };
+    let model = objects.put_model(&stored(7)).await.unwrap();
+    assert_eq!(objects.get_model(&model).await.unwrap(), stored(7));
 
     // A reference the store does not match is refused by name.
     let mut forged = model.clone();
@@ -159,7 +170,7 @@ async fn models_and_partial_sums_round_trip_checked_and_survive_a_node() {
     assert!(matches!(err, ObjectError::Mismatch { .. }), "{err}");
     assert!(err.to_string().contains("SHA-256"), "{err}");
     let short = ModelRef {
-        values: 10,
+        bytes: 10,
         ..model.clone()
     };
     let err = objects.get_model(&short).await.unwrap_err();
@@ -187,7 +198,7 @@ async fn models_and_partial_sums_round_trip_checked_and_survive_a_node() {
     loop {
         match objects.get_model(&model).await {
             Ok(read) => {
-                assert_eq!(read, weights);
+                assert_eq!(read, stored(7));
                 break;
             }
             Err(e) if Instant::now() < deadline => {

@@ -5,7 +5,9 @@
 //! put whose swap then fails is an orphan nobody names. Each model is named
 //! in the root's state by a [`ModelRef`] carrying our own SHA-256 of its
 //! bytes, checked on every read, so a leaf never serves a model the root did
-//! not commit. Leaves put their partial sum of a round under the round and
+//! not commit. A model travels as the store's own record (header and
+//! weights, `StoredModel::to_bytes`), so its spec and round come with it.
+//! Leaves put their partial sum of a round under the round and
 //! their name; the root reads them once the leaf says it is there.
 
 use std::time::Duration;
@@ -19,19 +21,19 @@ use super::{
     jetstream::{Cluster, ClusterError},
     route::LeafId,
 };
+use crate::state::store::StoredModel;
 
-/// A committed model as the root's state names it.
+/// A committed model as the root's state names it: its version, and the
+/// length and SHA-256 of its record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelRef {
     pub version: ModelVersion,
-    pub values: u64,
+    pub bytes: u64,
     pub sha256: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
-    #[error(transparent)]
-    Cluster(#[from] ClusterError),
     #[error("object '{name}': {detail}")]
     Store { name: String, detail: String },
     #[error("object '{name}' is not what the root committed: {problem}")]
@@ -137,53 +139,50 @@ impl Objects {
             .map_err(|_| failed("timed out".into()))?
     }
 
-    /// Stores `weights` as `version`; the reference goes into the root's
-    /// state with the commit.
-    pub async fn put_model(
-        &self,
-        version: ModelVersion,
-        weights: &[f32],
-    ) -> Result<ModelRef, ObjectError> {
-        let bytes: Vec<u8> = weights.iter().flat_map(|w| w.to_le_bytes()).collect();
+    /// Stores `model` under its version; the reference goes into the
+    /// root's state with the commit.
+    pub async fn put_model(&self, model: &StoredModel) -> Result<ModelRef, ObjectError> {
+        let bytes = model.to_bytes();
         let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(digest.as_ref());
-        self.put(&model_name(version), &bytes).await?;
+        self.put(&model_name(model.header.version), &bytes).await?;
         Ok(ModelRef {
-            version,
-            values: weights.len() as u64,
+            version: model.header.version,
+            bytes: bytes.len() as u64,
             sha256,
         })
     }
 
-    /// The weights `model` names, checked against its length and hash.
-    pub async fn get_model(&self, model: &ModelRef) -> Result<Vec<f32>, ObjectError> {
+    /// The model `model` names, checked against its length, hash and
+    /// version before it is decoded.
+    pub async fn get_model(&self, model: &ModelRef) -> Result<StoredModel, ObjectError> {
         let name = model_name(model.version);
-        let expected = usize::try_from(model.values)
-            .ok()
-            .and_then(|v| v.checked_mul(4))
-            .ok_or_else(|| ObjectError::Mismatch {
-                name: name.clone(),
-                problem: format!("{} values do not fit in memory", model.values),
-            })?;
+        let mismatch = |problem: String| ObjectError::Mismatch {
+            name: name.clone(),
+            problem,
+        };
+        let expected = usize::try_from(model.bytes)
+            .map_err(|_| mismatch(format!("{} bytes do not fit in memory", model.bytes)))?;
         let bytes = self.get(&name, expected).await?;
         if bytes.len() != expected {
-            return Err(ObjectError::Mismatch {
-                name,
-                problem: format!("{} bytes, the reference says {expected}", bytes.len()),
-            });
+            return Err(mismatch(format!(
+                "{} bytes, the reference says {expected}",
+                bytes.len()
+            )));
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
         if digest.as_ref() != model.sha256 {
-            return Err(ObjectError::Mismatch {
-                name,
-                problem: "its SHA-256 differs".into(),
-            });
+            return Err(mismatch("its SHA-256 differs".into()));
         }
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        let stored = StoredModel::from_bytes(&bytes).map_err(|e| mismatch(e.to_string()))?;
+        if stored.header.version != model.version {
+            return Err(mismatch(format!(
+                "it holds version {}",
+                stored.header.version
+            )));
+        }
+        Ok(stored)
     }
 
     /// A leaf's partial sum of `round`, encoded.

@@ -213,11 +213,11 @@ impl SplitRound {
         if self.lost.contains(leaf) {
             return Err(ReportError::Lost(name()));
         }
-        let partial =
-            PartialSum::from_bytes(bytes, self.shape).map_err(|source| ReportError::Malformed {
-                leaf: name(),
-                source,
-            })?;
+        let malformed = |source| ReportError::Malformed {
+            leaf: name(),
+            source,
+        };
+        let partial = PartialSum::from_bytes(bytes, self.shape).map_err(malformed)?;
         let count = partial.summed.count();
         if count > quota as u64 {
             return Err(ReportError::OverQuota {
@@ -234,12 +234,7 @@ impl SplitRound {
             });
         }
         match &mut self.sum {
-            Some(sum) => sum
-                .merge(&partial)
-                .map_err(|source| ReportError::Malformed {
-                    leaf: name(),
-                    source,
-                })?,
+            Some(sum) => sum.merge(&partial).map_err(malformed)?,
             None => self.sum = Some(partial),
         }
         self.reported.insert(leaf.clone(), count);

@@ -100,6 +100,19 @@ pub struct StoredModel {
     pub weights: Vec<f32>,
 }
 
+impl StoredModel {
+    /// The record as the store keeps it (before sealing), and as the
+    /// cluster's object store carries it between root and leaves.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_model(self)
+    }
+
+    /// Decodes a record, checking its weights against its spec.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StoreError> {
+        decode_model(bytes)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum RoundOutcome {
     InFlight,
