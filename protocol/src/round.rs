@@ -126,6 +126,9 @@ pub enum AbortReason {
     CommitFailed,
     /// Secure aggregation lost too many members to go on.
     SecureAggregation,
+    /// A leaf's root moved on to another round (or ended the run) before
+    /// this one closed.
+    Superseded,
 }
 
 impl AbortReason {
@@ -135,6 +138,7 @@ impl AbortReason {
             Self::QuorumUnreachable => "too many selected clients dropped out",
             Self::CommitFailed => "commit failed",
             Self::SecureAggregation => "secure aggregation lost too many members",
+            Self::Superseded => "the root coordinator moved on",
         }
     }
 }
@@ -281,11 +285,29 @@ enum Phase<C> {
     Finished(FinishReason),
 }
 
+/// Who decides when a round starts.
+#[derive(Debug)]
+enum Gate {
+    /// This machine, whenever enough clients wait: a single server.
+    Own,
+    /// A root coordinator, one round at a time: a leaf aggregator holds at
+    /// most one permit, for the round id, size and deadline the root chose.
+    Root(Option<Permit>),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Permit {
+    round: RoundId,
+    quota: usize,
+    deadline: Instant,
+}
+
 /// The server's round state machine, generic over the client key (a
 /// pseudonym in production) so tests can use small integers.
 #[derive(Debug)]
 pub struct Coordinator<C> {
     config: RoundConfig,
+    gate: Gate,
     version: ModelVersion,
     next_round: RoundId,
     pool: BTreeSet<C>,
@@ -314,6 +336,7 @@ impl<C: Copy + Ord> Coordinator<C> {
         };
         Ok(Self {
             config,
+            gate: Gate::Own,
             version,
             next_round,
             pool: BTreeSet::new(),
@@ -322,6 +345,69 @@ impl<C: Copy + Ord> Coordinator<C> {
             budget_rounds: None,
             redraw_at: None,
         })
+    }
+
+    /// Makes this a leaf's machine: it starts a round only when its root
+    /// coordinator permits one ([`Coordinator::permit`]), with the root's
+    /// round id, quota and deadline. Its quorum is the leaf's own minimum.
+    pub fn follow_root(mut self) -> Self {
+        self.gate = Gate::Root(None);
+        self
+    }
+
+    /// The root planned `round` on `base`, asking this leaf for `quota`
+    /// devices by `deadline`. A round of this leaf still collecting is
+    /// superseded (the root gave up on it); one this leaf forwarded and the
+    /// root did not commit is forgotten. Stale permits (a round id already
+    /// used here) and permits to a machine that is not a leaf are ignored.
+    pub fn permit(
+        &mut self,
+        round: RoundId,
+        base: ModelVersion,
+        quota: usize,
+        deadline: Instant,
+        now: Instant,
+    ) -> Vec<Action<C>> {
+        if matches!(self.gate, Gate::Own)
+            || matches!(self.phase, Phase::Finished(_))
+            || round < self.next_round
+            || quota == 0
+        {
+            return Vec::new();
+        }
+        let mut actions = Vec::new();
+        match &self.phase {
+            Phase::Collecting(_) => actions = self.close(false, AbortReason::Superseded),
+            Phase::Committing { .. } => self.phase = Phase::Waiting,
+            _ => {}
+        }
+        self.version = base;
+        self.next_round = round;
+        self.gate = Gate::Root(Some(Permit {
+            round,
+            quota,
+            deadline,
+        }));
+        self.then_start(actions, now)
+    }
+
+    /// The root ended the run: whatever this leaf collects is discarded and
+    /// waiting clients are told.
+    pub fn finish(&mut self, version: ModelVersion, reason: FinishReason) -> Vec<Action<C>> {
+        if matches!(self.phase, Phase::Finished(_)) {
+            return Vec::new();
+        }
+        let mut actions = match &self.phase {
+            Phase::Collecting(_) => self.close(false, AbortReason::Superseded),
+            _ => Vec::new(),
+        };
+        self.version = self.version.max(version);
+        self.phase = Phase::Finished(reason);
+        actions.push(Action::Finished {
+            version: self.version,
+            reason,
+        });
+        actions
     }
 
     /// Allows at most `rounds` more commits (the privacy budget); once
@@ -549,7 +635,15 @@ impl<C: Copy + Ord> Coordinator<C> {
                 let actions = self.close(quorum, AbortReason::DeadlineBelowQuorum);
                 self.then_start(actions, now)
             }
-            Phase::Waiting => self.start_if_ready(now),
+            Phase::Waiting => {
+                if let Gate::Root(permit) = &mut self.gate
+                    && permit.is_some_and(|p| p.deadline <= now)
+                {
+                    // Too few devices came for the root's quota in time.
+                    *permit = None;
+                }
+                self.start_if_ready(now)
+            }
             _ => Vec::new(),
         }
     }
@@ -562,7 +656,10 @@ impl<C: Copy + Ord> Coordinator<C> {
                     .next_return_deadline()
                     .map_or(active.deadline, |at| at.min(active.deadline)),
             ),
-            Phase::Waiting => self.redraw_at,
+            Phase::Waiting => match &self.gate {
+                Gate::Root(Some(permit)) => Some(permit.deadline),
+                _ => self.redraw_at,
+            },
             _ => None,
         }
     }
@@ -612,6 +709,14 @@ impl<C: Copy + Ord> Coordinator<C> {
                 reason,
             }];
         }
+        let permit = match &self.gate {
+            Gate::Own => None,
+            Gate::Root(None) => return Vec::new(),
+            Gate::Root(Some(permit)) => Some(*permit),
+        };
+        if let Some(permit) = permit {
+            return self.start_permitted(permit);
+        }
         if self.pool.len() < self.config.min_clients {
             return Vec::new();
         }
@@ -658,6 +763,36 @@ impl<C: Copy + Ord> Coordinator<C> {
             base: self.version,
             cohort: candidates,
             deadline,
+        }]
+    }
+
+    /// A leaf's round: exactly the root's quota, drawn at random once that
+    /// many wait, with the root's id and deadline.
+    fn start_permitted(&mut self, permit: Permit) -> Vec<Action<C>> {
+        if self.pool.len() < permit.quota {
+            return Vec::new();
+        }
+        let mut candidates: Vec<C> = self.pool.iter().copied().collect();
+        candidates.shuffle(&mut self.rng);
+        candidates.truncate(permit.quota);
+        candidates.sort();
+        for c in &candidates {
+            self.pool.remove(c);
+        }
+        self.gate = Gate::Root(None);
+        self.next_round = permit.round.next();
+        self.phase = Phase::Collecting(ActiveRound {
+            id: permit.round,
+            base: self.version,
+            deadline: permit.deadline,
+            target: permit.quota,
+            members: candidates.iter().map(|&c| (c, Member::Training)).collect(),
+        });
+        vec![Action::StartRound {
+            round: permit.round,
+            base: self.version,
+            cohort: candidates,
+            deadline: permit.deadline,
         }]
     }
 
@@ -1161,5 +1296,206 @@ mod tests {
             [Action::Abort { reason: AbortReason::SecureAggregation, stats, .. }] if stats.selected == 3
         ));
         assert_eq!(c.current_round(), None);
+    }
+
+    fn leaf(quorum: usize) -> Coordinator<u32> {
+        Coordinator::new(config(10, quorum, 100), ModelVersion(0), RoundId(1), 7)
+            .unwrap()
+            .follow_root()
+    }
+
+    #[test]
+    fn a_leaf_starts_only_the_rounds_its_root_permits() {
+        let now = Instant::now();
+        let mut c = leaf(2);
+        for k in 0..6 {
+            assert!(c.check_in(k, now).is_empty(), "no permit, no round");
+        }
+        assert!(c.tick(now + Duration::from_secs(600)).is_empty());
+        let deadline = now + Duration::from_secs(30);
+        let actions = c.permit(RoundId(40), ModelVersion(3), 4, deadline, now);
+        let [
+            Action::StartRound {
+                round,
+                base,
+                cohort,
+                deadline: d,
+            },
+        ] = actions.as_slice()
+        else {
+            panic!("expected the permitted round, got {actions:?}");
+        };
+        assert_eq!(
+            (*round, *base, *d),
+            (RoundId(40), ModelVersion(3), deadline)
+        );
+        assert_eq!(cohort.len(), 4, "exactly the quota");
+        // Four accepted updates close the round early, as the target.
+        let mut last = Vec::new();
+        for &k in cohort {
+            last = submit(&mut c, k, RoundId(40), now);
+        }
+        assert!(matches!(
+            last.as_slice(),
+            [Action::Commit {
+                round: RoundId(40),
+                new_version: ModelVersion(4),
+                ..
+            }]
+        ));
+        // The root committed: the leaf waits for its next permit.
+        assert!(c.commit_done(RoundId(40), ModelVersion(4), now).is_empty());
+        assert_eq!(c.version(), ModelVersion(4));
+        for k in 0..6 {
+            assert!(c.check_in(k, now).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_leaf_waits_for_its_quota_and_drops_an_expired_permit() {
+        let now = Instant::now();
+        let mut c = leaf(1);
+        let deadline = now + Duration::from_secs(5);
+        assert!(
+            c.permit(RoundId(2), ModelVersion(1), 3, deadline, now)
+                .is_empty()
+        );
+        assert!(c.check_in(1, now).is_empty());
+        assert!(c.check_in(2, now).is_empty());
+        assert_eq!(c.next_deadline(), Some(deadline));
+        // The deadline passes with two of three: no round, and the permit
+        // is spent, so a third device starts nothing either.
+        assert!(c.tick(deadline).is_empty());
+        assert!(c.check_in(3, deadline).is_empty());
+        assert_eq!(c.current_round(), None);
+    }
+
+    #[test]
+    fn a_newer_permit_supersedes_a_collecting_round_and_stale_ones_are_ignored() {
+        let now = Instant::now();
+        let mut c = leaf(2);
+        for k in 0..4 {
+            c.check_in(k, now);
+        }
+        let later = now + Duration::from_secs(30);
+        let started = c.permit(RoundId(5), ModelVersion(2), 2, later, now);
+        assert_eq!(started.len(), 1);
+        // A permit for a round this leaf already ran is stale.
+        assert!(
+            c.permit(RoundId(5), ModelVersion(2), 2, later, now)
+                .is_empty()
+        );
+        assert!(
+            c.permit(RoundId(4), ModelVersion(2), 2, later, now)
+                .is_empty()
+        );
+        let actions = c.permit(RoundId(6), ModelVersion(2), 2, later, now);
+        assert!(
+            matches!(
+                actions.as_slice(),
+                [
+                    Action::Abort {
+                        round: RoundId(5),
+                        reason: AbortReason::Superseded,
+                        ..
+                    },
+                    Action::StartRound {
+                        round: RoundId(6),
+                        ..
+                    }
+                ]
+            ),
+            "got {actions:?}"
+        );
+    }
+
+    #[test]
+    fn a_forwarded_round_the_root_did_not_commit_is_forgotten() {
+        let now = Instant::now();
+        let mut c = leaf(1);
+        for k in 0..2 {
+            c.check_in(k, now);
+        }
+        let later = now + Duration::from_secs(30);
+        let actions = c.permit(RoundId(1), ModelVersion(0), 2, later, now);
+        let [Action::StartRound { cohort, .. }] = actions.as_slice() else {
+            panic!("expected a round, got {actions:?}");
+        };
+        let cohort = cohort.clone();
+        for k in cohort {
+            submit(&mut c, k, RoundId(1), now);
+        }
+        assert_eq!(c.phase_name(), "committing");
+        // The root abandoned round 1 and plans round 2 on the same base.
+        for k in 0..2 {
+            c.check_in(k, now);
+        }
+        let actions = c.permit(RoundId(2), ModelVersion(0), 2, later, now);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::StartRound {
+                round: RoundId(2),
+                base: ModelVersion(0),
+                ..
+            }]
+        ));
+        // A late answer for round 1 changes nothing.
+        assert!(c.commit_done(RoundId(1), ModelVersion(1), now).is_empty());
+        assert_eq!(c.version(), ModelVersion(0));
+    }
+
+    #[test]
+    fn a_root_that_ends_the_run_ends_the_leafs() {
+        let now = Instant::now();
+        let mut c = leaf(1);
+        for k in 0..2 {
+            c.check_in(k, now);
+        }
+        c.permit(
+            RoundId(1),
+            ModelVersion(0),
+            2,
+            now + Duration::from_secs(9),
+            now,
+        );
+        let actions = c.finish(ModelVersion(7), FinishReason::BudgetExhausted);
+        assert!(matches!(
+            actions.as_slice(),
+            [
+                Action::Abort {
+                    reason: AbortReason::Superseded,
+                    ..
+                },
+                Action::Finished {
+                    version: ModelVersion(7),
+                    reason: FinishReason::BudgetExhausted
+                }
+            ]
+        ));
+        assert!(c.is_finished());
+        assert!(
+            c.finish(ModelVersion(7), FinishReason::BudgetExhausted)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_single_server_ignores_permits() {
+        let now = Instant::now();
+        let mut c =
+            Coordinator::<u32>::new(config(2, 2, 5), ModelVersion(0), RoundId(1), 1).unwrap();
+        assert!(
+            c.permit(RoundId(9), ModelVersion(0), 2, now, now)
+                .is_empty()
+        );
+        c.check_in(1, now);
+        let actions = c.check_in(2, now);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::StartRound {
+                round: RoundId(1),
+                ..
+            }]
+        ));
     }
 }
