@@ -8,7 +8,53 @@
 use covey_protocol::secagg::prg::ring_mask;
 use serde::{Deserialize, Serialize};
 
-use super::aggregate::{AggregateError, WeightedSum};
+use covey_privacy::quantize::Quantizer;
+
+use super::{
+    aggregate::{AggregateError, WeightedSum},
+    robust::Aggregator,
+};
+
+/// The running aggregate of a round.
+pub enum Aggregate {
+    /// A running sum: floats, or ring words (distributed DP, secure
+    /// aggregation).
+    Summed(Summed),
+    /// A robust rule: every update of the round, with its weight. It needs
+    /// them all at once, so it cannot be split across leaves.
+    Buffered {
+        updates: Vec<Vec<f32>>,
+        weights: Vec<f64>,
+    },
+}
+
+impl Aggregate {
+    /// The empty aggregate a round starts with: ring words when updates
+    /// arrive quantized, every update when the rule needs them all at once,
+    /// a running weighted sum otherwise.
+    pub fn empty(ring: Option<Quantizer>, aggregator: Aggregator, len: usize) -> Self {
+        match ring {
+            Some(quantizer) => Self::Summed(Summed::Ring {
+                words: vec![0; quantizer.encoded_len()],
+                bits: quantizer.bits,
+                count: 0,
+            }),
+            None if !aggregator.is_streaming() => Self::Buffered {
+                updates: Vec::new(),
+                weights: Vec::new(),
+            },
+            None => Self::Summed(Summed::Floats(WeightedSum::new(len))),
+        }
+    }
+
+    /// How many participants' updates are in it.
+    pub fn contributors(&self) -> usize {
+        match self {
+            Self::Summed(summed) => usize::try_from(summed.count()).unwrap_or(usize::MAX),
+            Self::Buffered { updates, .. } => updates.len(),
+        }
+    }
+}
 
 /// The summed updates.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]

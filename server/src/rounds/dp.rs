@@ -318,6 +318,15 @@ impl PrivacyLedger {
     }
 }
 
+/// Central or distributed DP as a server runs it: the settings, what was
+/// spent, and the noise source.
+pub struct Privacy {
+    pub dp: DpSettings,
+    pub ledger: PrivacyLedger,
+    /// Behind a mutex only so a commit's blocking task can borrow it.
+    pub rng: std::sync::Arc<std::sync::Mutex<NoiseRng>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

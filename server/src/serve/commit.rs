@@ -18,13 +18,6 @@ pub(super) struct Committer {
     pub(super) commits: tokio::sync::broadcast::Sender<CommitNotice>,
 }
 
-pub(super) struct Privacy {
-    pub(super) dp: DpSettings,
-    pub(super) ledger: PrivacyLedger,
-    /// Behind a mutex only so a commit's blocking task can borrow it.
-    pub(super) rng: Arc<std::sync::Mutex<NoiseRng>>,
-}
-
 impl Committer {
     pub(super) fn new(
         model: Vec<f32>,
@@ -90,101 +83,19 @@ impl Committer {
         version: ModelVersion,
         round: RoundId,
     ) -> Result<RoundRecord, crate::state::store::StoreError> {
-        let corrupt = |e: String| crate::state::store::StoreError::Corrupt(e);
-        // Under DP: noise on the sum, a fixed denominator, and the ledger
-        // entry that goes into the same transaction as the version.
-        let (mean, ledger) = match (&self.privacy, sum) {
-            (None, Aggregate::Summed(Summed::Floats(sum))) => match &settings.buffer {
-                // FedBuff: the staleness-weighted sum over K, not a mean,
-                // so stale updates move the model less.
-                Some(buffer) => {
-                    let mut total = sum.into_sum().map_err(|e| corrupt(e.to_string()))?;
-                    let inv = 1.0 / buffer.size as f32;
-                    total.iter_mut().for_each(|v| *v *= inv);
-                    (total, None)
-                }
-                None => (sum.mean().map_err(|e| corrupt(e.to_string()))?, None),
-            },
-            (Some(p), Aggregate::Summed(Summed::Ring { words, count, .. })) => {
-                if count == 0 {
-                    return Err(corrupt("no update was aggregated".into()));
-                }
-                let DpMode::Distributed(plan) = p.dp.mode else {
-                    return Err(corrupt("a ring aggregate without distributed DP".into()));
-                };
-                let (mean, at_risk) =
-                    p.dp.decode_sum(&plan, &words)
-                        .map_err(|e| corrupt(e.to_string()))?;
-                if at_risk > 0 {
-                    warn!(
-                        round = %round,
-                        coordinates = at_risk,
-                        "the modular sum came near the ring's edge and may have wrapped: raise privacy.bits or lower the clip"
-                    );
-                }
-                let mut ledger = p.ledger.clone();
-                ledger.spend(&p.dp);
-                record.epsilon = Some(ledger.epsilon(&p.dp));
-                (mean, Some(ledger))
-            }
-            (Some(p), Aggregate::Summed(Summed::Floats(sum))) => {
-                let mut total = sum.into_sum().map_err(|e| corrupt(e.to_string()))?;
-                let (dp, clip, rng) = (p.dp, p.ledger.clip, p.rng.clone());
-                let mut ledger = p.ledger.clone();
-                let (total, ledger) = tokio::task::spawn_blocking(move || {
-                    let mut rng = rng.lock().map_err(|_| "noise source poisoned".to_owned())?;
-                    dp.privatize(&mut total, clip, &mut rng)
-                        .map_err(|e| e.to_string())?;
-                    ledger.clip = dp
-                        .next_clip(
-                            clip,
-                            usize::try_from(within_clip).unwrap_or(usize::MAX),
-                            &mut rng,
-                        )
-                        .map_err(|e| e.to_string())?;
-                    ledger.spend(&dp);
-                    Ok::<_, String>((total, ledger))
-                })
-                .await
-                .map_err(|e| corrupt(format!("noise task: {e}")))?
-                .map_err(corrupt)?;
-                record.epsilon = Some(ledger.epsilon(&p.dp));
-                (total, Some(ledger))
-            }
-            (None, Aggregate::Buffered { updates, weights }) => {
-                let aggregator = settings.aggregator;
-                let combined =
-                    tokio::task::spawn_blocking(move || aggregator.aggregate(&updates, &weights))
-                        .await
-                        .map_err(|e| corrupt(format!("aggregation task: {e}")))?
-                        .map_err(|e| corrupt(e.to_string()))?;
-                (combined, None)
-            }
-            (None, Aggregate::Summed(Summed::Ring { words, count, .. })) => {
-                // Secure aggregation without DP: the survivors' plain mean.
-                let Some(quantizer) = self.ring_quantizer(settings).filter(|_| count > 0) else {
-                    return Err(corrupt("a ring aggregate without its quantizer".into()));
-                };
-                let (mut mean, at_risk) = quantizer
-                    .decode(&words)
-                    .map_err(|e| corrupt(e.to_string()))?;
-                if at_risk > 0 {
-                    warn!(
-                        round = %round,
-                        coordinates = at_risk,
-                        "the modular sum came near the ring's edge and may have wrapped: raise secure_aggregation.bits or lower its clip"
-                    );
-                }
-                let inv = 1.0 / count as f32;
-                mean.iter_mut().for_each(|v| *v *= inv);
-                (mean, None)
-            }
-            (Some(_), Aggregate::Buffered { .. }) => {
-                return Err(corrupt(
-                    "the round's aggregate does not match its privacy mode".into(),
-                ));
-            }
-        };
+        let (mean, ledger) = crate::rounds::release::mean_update(
+            settings,
+            self.privacy.as_ref(),
+            self.ring_quantizer(settings),
+            sum,
+            within_clip,
+            round,
+        )
+        .await
+        .map_err(|e| crate::state::store::StoreError::Corrupt(e.to_string()))?;
+        if let (Some(p), Some(ledger)) = (&self.privacy, &ledger) {
+            record.epsilon = Some(ledger.epsilon(&p.dp));
+        }
         let mut weights = self.model.as_ref().clone();
         let mut state = self.optimizer_state.clone();
         settings.optimizer.apply(&mut state, &mut weights, &mean);

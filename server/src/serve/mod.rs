@@ -62,8 +62,8 @@ use crate::{
     dir::{DirError, StateDir},
     fold::robust::Aggregator,
     fold::{
-        aggregate::{OptimizerState, WeightedSum},
-        merge::{Summed, Tally},
+        aggregate::OptimizerState,
+        merge::{Aggregate, Summed, Tally},
     },
     operator::admin::{AdminReply, AdminRequest, AdminResponse, MAX_REQUEST_BYTES, Role},
     operator::control::{EvalOutcome, VersionMetrics},
@@ -73,7 +73,7 @@ use crate::{
     operator::status::Report,
     rounds::central::TestSet,
     rounds::compliance::Retention,
-    rounds::dp::{DpMode, DpSettings, PrivacyLedger},
+    rounds::dp::{DpMode, Privacy, PrivacyLedger},
     rounds::schedule::Machine,
     state::audit::AuditEvent,
     state::store::{ModelHeader, RoundOutcome, RoundRecord, Store, StoredModel, unix_ms_now},
@@ -88,11 +88,11 @@ mod operator;
 mod partial;
 mod secagg;
 
-use commit::{Committer, Privacy};
+use commit::Committer;
 use conn::*;
 use devices::Devices;
 use operator::Registry;
-use partial::{Aggregate, RoundInProgress};
+use partial::RoundInProgress;
 use secagg::SecAggRound;
 
 #[derive(Debug, thiserror::Error)]

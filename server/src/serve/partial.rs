@@ -6,47 +6,6 @@
 
 use super::*;
 
-/// The running aggregate of a round.
-pub(super) enum Aggregate {
-    /// A running sum: floats, or ring words (distributed DP, secure
-    /// aggregation).
-    Summed(Summed),
-    /// A robust rule: every update of the round, with its weight. It needs
-    /// them all at once, so it cannot be split across leaves.
-    Buffered {
-        updates: Vec<Vec<f32>>,
-        weights: Vec<f64>,
-    },
-}
-
-impl Aggregate {
-    /// The empty aggregate a round starts with: ring words when updates
-    /// arrive quantized, every update when the rule needs them all at once,
-    /// a running weighted sum otherwise.
-    pub(super) fn empty(ring: Option<Quantizer>, aggregator: Aggregator, len: usize) -> Self {
-        match ring {
-            Some(quantizer) => Self::Summed(Summed::Ring {
-                words: vec![0; quantizer.encoded_len()],
-                bits: quantizer.bits,
-                count: 0,
-            }),
-            None if !aggregator.is_streaming() => Self::Buffered {
-                updates: Vec::new(),
-                weights: Vec::new(),
-            },
-            None => Self::Summed(Summed::Floats(WeightedSum::new(len))),
-        }
-    }
-
-    /// How many participants' updates are in it.
-    pub(super) fn contributors(&self) -> usize {
-        match self {
-            Self::Summed(summed) => usize::try_from(summed.count()).unwrap_or(usize::MAX),
-            Self::Buffered { updates, .. } => updates.len(),
-        }
-    }
-}
-
 pub(super) struct RoundInProgress {
     pub(super) record: RoundRecord,
     pub(super) sum: Aggregate,
