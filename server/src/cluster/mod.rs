@@ -3,11 +3,14 @@
 //! coordinator's lease, which fences every write the root makes
 //! (`lease`, sans-IO), its driver over JetStream KV (`jetstream`), model
 //! versions and leaves' partial sums in an object store (`objects`),
-//! revocations every node applies (`revocations`), and which leaf serves
-//! each device (`route`).
+//! revocations every node applies (`revocations`), which leaf serves
+//! each device (`route`), what the root commits under its lease (`state`)
+//! and what leaves tell it (`leaves`).
 
 pub mod jetstream;
+pub mod leaves;
 pub mod lease;
 pub mod objects;
 pub mod revocations;
 pub mod route;
+pub mod state;

@@ -13,6 +13,33 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LeafId(pub String);
 
+/// Why a leaf name was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "leaf name '{0}' is not 1 to 64 characters of letters, digits, '-' and '_' (it becomes a JetStream key)"
+)]
+pub struct BadLeafName(pub String);
+
+impl LeafId {
+    pub fn parse(name: &str) -> Result<Self, BadLeafName> {
+        let ok = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(Self(name.to_owned()))
+        } else {
+            Err(BadLeafName(name.to_owned()))
+        }
+    }
+}
+
+impl std::fmt::Display for LeafId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The leaf that serves `device`, or `None` when there are no leaves.
 pub fn leaf_for<'a>(device: &Pseudonym, leaves: &'a [LeafId]) -> Option<&'a LeafId> {
     // Ties (a 2^-64 chance) go to the greater name, so order never matters.
@@ -34,6 +61,14 @@ fn score(device: &Pseudonym, leaf: &LeafId) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn leaf_names_are_safe_keys() {
+        assert!(super::LeafId::parse("leaf-0_a").is_ok());
+        for bad in ["", "a.b", "a b", "a>", "a*", &"x".repeat(65)] {
+            assert!(super::LeafId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 
