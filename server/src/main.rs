@@ -70,6 +70,34 @@ impl LanguageArgs {
     }
 }
 
+/// Where a cluster's JetStream is.
+#[derive(clap::Args, Clone)]
+struct NatsArgs {
+    /// NATS server URL; repeat for each node of the cluster.
+    #[arg(long = "nats", required = true)]
+    urls: Vec<String>,
+    /// The JetStream bucket prefix this federation's state lives under.
+    #[arg(long, default_value = "covey")]
+    bucket: String,
+    /// NATS nodes holding each value: 3 tolerates one down.
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// How long one JetStream request may take, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    request_timeout_ms: u64,
+}
+
+impl NatsArgs {
+    fn config(&self) -> covey_server::cluster::jetstream::ClusterConfig {
+        covey_server::cluster::jetstream::ClusterConfig {
+            urls: self.urls.clone(),
+            bucket: self.bucket.clone(),
+            replicas: self.replicas,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create a state directory: CA, server certificate, database, config.toml.
@@ -159,6 +187,35 @@ enum Command {
     Run {
         #[arg(long)]
         dir: PathBuf,
+        /// Print the run summary as JSON on exit.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A root coordinator replica of a cluster: plans rounds across leaves,
+    /// merges their sums and commits, while it holds the lease in JetStream.
+    Coordinator {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// This replica's name, for logs.
+        #[arg(long, default_value = "root")]
+        name: String,
+        /// How long the lease lasts; a standby takes over this long after
+        /// the holder stops renewing.
+        #[arg(long, default_value_t = 3000)]
+        lease_ms: u64,
+    },
+    /// A leaf aggregator of a cluster: meets devices over QUIC, runs the
+    /// rounds its root plans and forwards only the sum of their updates.
+    Aggregator {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// This leaf's stable name (letters, digits, '-', '_').
+        #[arg(long)]
+        leaf: String,
         /// Print the run summary as JSON on exit.
         #[arg(long)]
         json: bool,
@@ -821,6 +878,54 @@ fn main() -> Result<()> {
                     s.final_version, s.rounds_committed, s.rounds_aborted, s.bytes_up, s.bytes_down
                 ),
                 None => println!("interrupted; state is saved, `covey-server run` resumes"),
+            }
+        }
+        Command::Coordinator {
+            dir,
+            nats,
+            name,
+            lease_ms,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        let _ = stop.send(true);
+                    }
+                });
+                covey_server::cluster::process::coordinator(
+                    &StateDir::new(&dir),
+                    &nats.config(),
+                    &name,
+                    Duration::from_millis(lease_ms),
+                    stopped,
+                )
+                .await
+            })?;
+        }
+        Command::Aggregator {
+            dir,
+            nats,
+            leaf,
+            json,
+        } => {
+            let leaf = covey_server::cluster::route::LeafId::parse(&leaf)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let (state, cluster) = (StateDir::new(&dir), nats.config());
+            let summary = runtime.block_on(async {
+                tokio::select! {
+                    s = covey_server::cluster::process::aggregator(&state, &cluster, leaf) => Ok::<_, anyhow::Error>(Some(s?)),
+                    _ = tokio::signal::ctrl_c() => Ok(None),
+                }
+            })?;
+            match summary {
+                Some(s) if json => println!("{}", serde_json::to_string(&s)?),
+                Some(s) => println!(
+                    "run finished at version {}: {} rounds forwarded and committed, {} not, {} bytes up, {} bytes down",
+                    s.final_version, s.rounds_committed, s.rounds_aborted, s.bytes_up, s.bytes_down
+                ),
+                None => println!("interrupted; this leaf holds nothing the cluster needs"),
             }
         }
         Command::Export {

@@ -11,6 +11,9 @@ use tracing::{debug, info, warn};
 
 use super::lease::{Lease, NotLeader, Outcome, Refused, Request, RootRecord};
 
+/// How long a starting process waits for JetStream to answer.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+
 /// The key the root's lease and state live under.
 const ROOT_KEY: &str = "root";
 
@@ -75,6 +78,27 @@ impl Cluster {
 
     pub fn config(&self) -> &ClusterConfig {
         &self.config
+    }
+
+    /// Retries opening a bucket while JetStream cannot answer yet (a
+    /// cluster still electing its leaders, a node just lost), for up to
+    /// `STARTUP_PATIENCE`; then the last error.
+    pub async fn patiently<T, F, Fut>(&self, open: F) -> Result<T, ClusterError>
+    where
+        F: Fn(Self) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClusterError>>,
+    {
+        let deadline = Instant::now() + STARTUP_PATIENCE;
+        loop {
+            match open(self.clone()).await {
+                Ok(t) => return Ok(t),
+                Err(e) if Instant::now() < deadline => {
+                    debug!("JetStream not ready, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub(super) fn jetstream(&self) -> &jetstream::Context {

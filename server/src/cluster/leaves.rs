@@ -40,7 +40,10 @@ pub enum Report {
 /// Something a leaf wrote, as the root's watch delivers it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Heard {
-    Beat { leaf: LeafId, beat: Beat },
+    Beat {
+        leaf: LeafId,
+        beat: Beat,
+    },
     Report {
         round: RoundId,
         leaf: LeafId,

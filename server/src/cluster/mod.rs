@@ -5,12 +5,16 @@
 //! versions and leaves' partial sums in an object store (`objects`),
 //! revocations every node applies (`revocations`), which leaf serves
 //! each device (`route`), what the root commits under its lease (`state`)
-//! and what leaves tell it (`leaves`).
+//! and what leaves tell it (`leaves`); the root's driver (`root`) and a
+//! leaf's link to it (`leaf`).
 
 pub mod jetstream;
-pub mod leaves;
+pub mod leaf;
 pub mod lease;
+pub mod leaves;
 pub mod objects;
+pub mod process;
 pub mod revocations;
+pub mod root;
 pub mod route;
 pub mod state;

@@ -204,7 +204,10 @@ mod tests {
         let a1 = p1.abandoned(record(1));
         assert_eq!((a1.plan.clone(), a1.version), (None, ModelVersion(0)));
         let p2 = a1.planned(quotas, 1000, None);
-        assert_eq!(p2.plan.as_ref().map(|p| (p.round, p.base)), Some((RoundId(2), ModelVersion(0))));
+        assert_eq!(
+            p2.plan.as_ref().map(|p| (p.round, p.base)),
+            Some((RoundId(2), ModelVersion(0)))
+        );
         let c2 = p2.committed(model(1), None, record(2), None);
         assert_eq!(c2.version, ModelVersion(1));
         assert_eq!(c2.committed_round, Some(RoundId(2)));

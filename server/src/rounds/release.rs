@@ -19,6 +19,16 @@ use crate::{
 #[error("releasing the round's aggregate: {0}")]
 pub struct ReleaseError(String);
 
+/// The quantizer ring-word updates are encoded with: distributed DP's, or
+/// secure aggregation's own when DP is off; `None` when updates are floats.
+pub fn ring_quantizer(settings: &Settings) -> Option<Quantizer> {
+    match settings.dp.map(|dp| dp.mode) {
+        Some(DpMode::Distributed(plan)) => Some(plan.quantizer),
+        Some(DpMode::Central { .. }) => None,
+        None => settings.secagg.and_then(|sa| sa.noiseless).map(|(_, q)| q),
+    }
+}
+
 /// The mean update of `sum`, and under DP the ledger after this release.
 /// `ring` is the quantizer ring-word updates were encoded with.
 pub async fn mean_update(

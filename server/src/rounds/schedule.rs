@@ -9,7 +9,7 @@ use covey_protocol::{
     ModelVersion, RoundId,
     buffered::{Buffered, staleness_weight},
     message::RejectReason,
-    round::{AbortReason, Action, Coordinator},
+    round::{AbortReason, Action, Coordinator, FinishReason},
 };
 
 // One machine per server: the variants' sizes do not matter.
@@ -50,6 +50,37 @@ impl Machine {
 
     pub fn phase_name(&self) -> &'static str {
         either!(self, m => m.phase_name())
+    }
+
+    /// Devices checked in and waiting for a task.
+    pub fn waiting(&self) -> usize {
+        match self {
+            Self::Rounds(m) => m.pool_len(),
+            Self::Buffered(_) => 0,
+        }
+    }
+
+    /// A leaf's root planned `round`: see [`Coordinator::permit`].
+    pub fn permit(
+        &mut self,
+        round: RoundId,
+        base: ModelVersion,
+        quota: usize,
+        deadline: Instant,
+        now: Instant,
+    ) -> Actions {
+        match self {
+            Self::Rounds(m) => m.permit(round, base, quota, deadline, now),
+            Self::Buffered(_) => Vec::new(),
+        }
+    }
+
+    /// A leaf's root ended the run.
+    pub fn finish(&mut self, version: ModelVersion, reason: FinishReason) -> Actions {
+        match self {
+            Self::Rounds(m) => m.finish(version, reason),
+            Self::Buffered(_) => Vec::new(),
+        }
     }
 
     pub fn limit_rounds(&mut self, rounds: u64) {

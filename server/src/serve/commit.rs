@@ -39,11 +39,7 @@ impl Committer {
     /// The quantizer of ring-word updates: distributed DP's, or secure
     /// aggregation's own when DP is off.
     pub(super) fn ring_quantizer(&self, settings: &Settings) -> Option<Quantizer> {
-        match self.privacy.as_ref().map(|p| p.dp.mode) {
-            Some(DpMode::Distributed(plan)) => Some(plan.quantizer),
-            Some(DpMode::Central { .. }) => None,
-            None => settings.secagg.and_then(|sa| sa.noiseless).map(|(_, q)| q),
-        }
+        crate::rounds::release::ring_quantizer(settings)
     }
 
     /// What the round's task asks of each update: plain, clipped for

@@ -91,6 +91,7 @@ impl Hub {
                 }
             }
             Event::EvalReport { client, report } => self.eval_report(client, report),
+            Event::Root(news) => self.root_news(news, shared).await?,
             Event::SecAgg {
                 client,
                 message,
@@ -543,6 +544,8 @@ impl Hub {
                         };
                         self.count_round(false);
                         self.store.put_round(&record)?;
+                        self.report_failed(round, AbortReason::QuorumUnreachable)
+                            .await;
                         queue.extend(self.machine.commit_failed(round, now));
                         self.write_status();
                         continue;
@@ -550,6 +553,12 @@ impl Hub {
                     record.mean_client_loss = progress.tally.mean_loss();
                     record.bytes_up = shared.metrics.bytes_in.get() - progress.bytes_up_start;
                     record.bytes_down = shared.metrics.bytes_out.get() - progress.bytes_down_start;
+                    if self.upstream.is_some() {
+                        self.forward(round, progress.sum, progress.tally, record)
+                            .await?;
+                        self.write_status();
+                        continue;
+                    }
                     record.outcome = RoundOutcome::Committed {
                         version: new_version,
                     };
@@ -621,6 +630,7 @@ impl Hub {
                         self.store.put_round(&record)?;
                     }
                     self.count_round(false);
+                    self.report_failed(round, reason).await;
                     warn!(
                         round = %round,
                         accepted = stats.accepted,
@@ -658,6 +668,9 @@ impl Hub {
 
     /// Hands the dashboard the state only the hub holds.
     pub(super) fn publish(&self) {
+        if let Some(up) = &self.upstream {
+            up.advertise(self.machine.waiting());
+        }
         let secagg = self.secagg.as_ref();
         self.board.publish(crate::operator::dashboard::Live {
             version: self.machine.version().0,

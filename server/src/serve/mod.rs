@@ -40,7 +40,7 @@ use covey_protocol::{
         CloseCode, ErrorReport, EvalReport, EvalTask, Message, Payload, RejectReason, RenewRequest,
         RenewedCertificate, Task, UpdateHeader, UpdatePrivacy, UpdateReceipt, Welcome,
     },
-    round::{AbortReason, Action, Coordinator, FinishReason, RoundStats},
+    round::{AbortReason, Action, Coordinator, FinishReason, RoundConfig, RoundStats},
     secagg::{
         SecAggMessage, Session, UnmaskRequest,
         session::{Phase as SecAggPhase, SessionAbort},
@@ -63,7 +63,7 @@ use crate::{
     fold::robust::Aggregator,
     fold::{
         aggregate::OptimizerState,
-        merge::{Aggregate, Summed, Tally},
+        merge::{Aggregate, PartialSum, Summed, Tally},
     },
     operator::admin::{AdminReply, AdminRequest, AdminResponse, MAX_REQUEST_BYTES, Role},
     operator::control::{EvalOutcome, VersionMetrics},
@@ -87,6 +87,7 @@ mod hub;
 mod operator;
 mod partial;
 mod secagg;
+mod upstream;
 
 use commit::Committer;
 use conn::*;
@@ -94,6 +95,7 @@ use devices::Devices;
 use operator::Registry;
 use partial::RoundInProgress;
 use secagg::SecAggRound;
+use upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -284,6 +286,8 @@ enum Event {
         certificate: Vec<u8>,
         reply: oneshot::Sender<SecAggMessage>,
     },
+    /// A leaf's root committed a new state.
+    Root(crate::cluster::leaf::RootNews),
     Stop,
 }
 
@@ -328,10 +332,39 @@ pub struct Server {
     shared: Arc<Shared>,
     hub: Hub,
     events: mpsc::Receiver<Event>,
+    /// A leaf's news from its root, fed to the hub as events.
+    root_news: Option<mpsc::Receiver<crate::cluster::leaf::RootNews>>,
+}
+
+impl ServeError {
+    pub(crate) fn from_io(e: std::io::Error) -> Self {
+        Self::Internal(e.to_string())
+    }
 }
 
 impl Server {
+    /// The single-process server: it runs and commits its own rounds.
     pub fn open(dir: &StateDir) -> Result<Self, ServeError> {
+        Self::open_with(dir, None)
+    }
+
+    /// A leaf aggregator: it meets devices and runs the rounds its root
+    /// plans, forwarding each round's sum through `ends`.
+    pub fn open_leaf(
+        dir: &StateDir,
+        leaf: crate::cluster::route::LeafId,
+        ends: crate::cluster::leaf::LinkEnds,
+    ) -> Result<Self, ServeError> {
+        Self::open_with(dir, Some((leaf, ends)))
+    }
+
+    fn open_with(
+        dir: &StateDir,
+        leaf: Option<(
+            crate::cluster::route::LeafId,
+            crate::cluster::leaf::LinkEnds,
+        )>,
+    ) -> Result<Self, ServeError> {
         let config = dir.config()?;
         let settings = config.settings().map_err(DirError::from)?;
         let store = dir.open_store()?;
@@ -418,7 +451,26 @@ impl Server {
                 problem,
             })
         };
+        if leaf.is_some() {
+            crate::cluster::root::check_splittable(&settings).map_err(invalid_rounds)?;
+        }
         let mut machine = match &settings.buffer {
+            // A leaf's own quorum is the fewest devices it may release a
+            // sum of; the root holds the round's.
+            None if leaf.is_some() => Machine::Rounds(
+                Coordinator::new(
+                    RoundConfig {
+                        quorum: settings.min_cohort.get(),
+                        min_clients: settings.min_cohort.get(),
+                        ..settings.round.clone()
+                    },
+                    version,
+                    store.next_round()?,
+                    config.rounds.selection_seed ^ version.0,
+                )
+                .map_err(|e| invalid_rounds(e.to_string()))?
+                .follow_root(),
+            ),
             None => Machine::Rounds(
                 Coordinator::new(
                     settings.round.clone(),
@@ -441,7 +493,10 @@ impl Server {
                     .unwrap_or_else(|| PrivacyLedger::new(dp.initial_clip));
                 let cap = settings.round.target_version.0.saturating_sub(version.0);
                 let left = ledger.rounds_left(&dp, cap);
-                machine.limit_rounds(left);
+                // A leaf's root holds the ledger and ends the run.
+                if leaf.is_none() {
+                    machine.limit_rounds(left);
+                }
                 info!(
                     epsilon_spent = ledger.epsilon(&dp),
                     rounds_left = left,
@@ -585,6 +640,9 @@ impl Server {
             evaluation: None,
             secagg: None,
             metrics,
+            upstream: leaf
+                .as_ref()
+                .map(|(id, ends)| Upstream::new(id.clone(), ends)),
         };
         Ok(Self {
             endpoint,
@@ -593,6 +651,7 @@ impl Server {
             shared,
             hub,
             events: rx,
+            root_news: leaf.map(|(_, ends)| ends.news),
         })
     }
 
@@ -617,6 +676,11 @@ impl Server {
         self.hub.committer.commits.subscribe()
     }
 
+    /// Who may connect: a leaf applies the cluster's revocations to it.
+    pub fn admitted(&self) -> Arc<Admitted> {
+        self.shared.admitted.clone()
+    }
+
     pub fn stopper(&self) -> Stopper {
         Stopper(self.shared.events.clone())
     }
@@ -630,7 +694,18 @@ impl Server {
             shared,
             hub,
             events,
+            root_news,
         } = self;
+        let news_task = root_news.map(|mut news| {
+            let events = shared.events.clone();
+            tokio::spawn(async move {
+                while let Some(n) = news.recv().await {
+                    if events.send(Event::Root(n)).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        });
         let dashboard_task = match dashboard {
             None => None,
             Some((listener, board)) => {
@@ -675,6 +750,9 @@ impl Server {
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         let result = hub.run(events, shared.clone()).await;
         accept.abort();
+        if let Some(task) = news_task {
+            task.abort();
+        }
         if let Some(task) = metrics_task {
             task.abort();
         }
@@ -731,6 +809,9 @@ struct Hub {
     devices: Devices,
     round: Option<RoundInProgress>,
     secagg: Option<SecAggRound>,
+
+    /// A leaf's link to its root; `None` in the single-process server.
+    upstream: Option<Upstream>,
 
     // Admin and renewal, and federated evaluation on request.
     registry: Registry,

@@ -1,0 +1,527 @@
+//! The root coordinator's driver: while this replica holds the lease it
+//! plans rounds across the live leaves, merges their partial sums, releases
+//! the merged sum (central DP's noise goes on here, once), puts the next
+//! version in the object store and commits it with one swap of the root
+//! key. Every decision is the sans-IO pieces': quotas and the split round
+//! (`rounds::split`), the release (`rounds::release`), the lease
+//! (`cluster::lease`); this module moves bytes between them and JetStream.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use covey_privacy::noise::NoiseRng;
+use covey_protocol::{ModelVersion, RoundId};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use super::{
+    jetstream::{Cluster, ClusterError, ProposeError, Replica},
+    lease::{Lease, Timing},
+    leaves::{Heard, Report},
+    objects::{ModelRef, ObjectError},
+    route::LeafId,
+    state::{Finished, RootState},
+};
+use crate::{
+    config::Settings,
+    fold::{
+        aggregate::OptimizerState,
+        merge::{Aggregate, Shape},
+    },
+    rounds::{
+        central::TestSet,
+        dp::{Privacy, PrivacyLedger},
+        release,
+        split::{Decision, SplitRound, quotas},
+    },
+    state::store::{ModelHeader, RoundOutcome, RoundRecord, StoredModel, unix_ms_now},
+};
+
+/// How the root runs, beyond `config.toml`'s rounds.
+#[derive(Clone, Debug)]
+pub struct RootOptions {
+    /// This replica's name; a random suffix makes each start a new holder.
+    pub name: String,
+    pub lease: Timing,
+    /// A leaf whose heartbeat has not changed for this long is lost.
+    pub leaf_timeout: Duration,
+    /// Fewest devices a leaf may release a partial sum of (at least k).
+    pub min_per_leaf: usize,
+    /// After a round's collection window, how long leaves get to unmask
+    /// and forward their sums.
+    pub forward_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("this configuration cannot run split across leaves: {0}")]
+    Unsupported(String),
+}
+
+/// Refuses what cannot be split across leaves, naming the setting.
+pub fn check_splittable(settings: &Settings) -> Result<(), String> {
+    if settings.buffer.is_some() {
+        return Err(
+            "rounds.mode = \"buffered\" (FedBuff) needs one buffer; use synchronous rounds".into(),
+        );
+    }
+    if !settings.aggregator.is_streaming() {
+        return Err(format!(
+            "aggregation.rule = {} needs every update at once, so it cannot be split across leaves; use a streaming rule",
+            settings.aggregator
+        ));
+    }
+    if !matches!(
+        settings.optimizer,
+        crate::fold::aggregate::OptimizerKind::FedAvg { .. }
+    ) {
+        return Err("server optimizers with moments (FedAvgM, FedAdam) are not yet carried across root takeovers; use fedavg".into());
+    }
+    if !matches!(
+        settings.round.selection,
+        covey_protocol::round::Selection::Fixed
+    ) {
+        return Err("Poisson selection needs one pool; use fixed selection".into());
+    }
+    Ok(())
+}
+
+/// One root replica. It stands by until it holds the lease.
+pub struct Root {
+    pub cluster: Cluster,
+    pub settings: Settings,
+    /// Version 0, put in the object store by whichever replica leads first.
+    pub initial: StoredModel,
+    pub test_set: Option<Arc<TestSet>>,
+    pub options: RootOptions,
+}
+
+/// What the round in flight needs that the state does not hold.
+struct Collecting {
+    split: SplitRound,
+    fed: BTreeSet<LeafId>,
+    started_unix_ms: u64,
+}
+
+impl Root {
+    /// Runs until `stop` turns true or the run is finished.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), RootError> {
+        check_splittable(&self.settings).map_err(RootError::Unsupported)?;
+        let key = self
+            .cluster
+            .patiently(|c| async move { c.root_key().await })
+            .await?;
+        let objects = self
+            .cluster
+            .patiently(|c| async move { c.objects().await })
+            .await?;
+        let leaves = self
+            .cluster
+            .patiently(|c| async move { c.leaves().await })
+            .await?;
+        let me = format!("{}-{:08x}", self.options.name, rand::random::<u32>());
+        let replica = Replica::start(key, Lease::new(me, self.options.lease));
+        let mut standing = replica.standing();
+        let mut heard = self
+            .cluster
+            .patiently(|_| {
+                let leaves = leaves.clone();
+                async move { leaves.watch().await }
+            })
+            .await?;
+        let mut beats: BTreeMap<LeafId, (u64, Instant)> = BTreeMap::new();
+        let mut reports: BTreeMap<(RoundId, LeafId), Report> = BTreeMap::new();
+        let mut collecting: Option<Collecting> = None;
+        let mut model_cache: Option<StoredModel> = None;
+        let noise = match self.settings.dp {
+            Some(_) => Some(Arc::new(std::sync::Mutex::new(
+                NoiseRng::from_os().map_err(|e| RootError::Unsupported(e.to_string()))?,
+            ))),
+            None => None,
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                h = heard.recv() => match h {
+                    Some(Heard::Beat { leaf, beat }) => {
+                        beats.insert(leaf, (beat.available, Instant::now()));
+                    }
+                    Some(Heard::Report { round, leaf, report }) => {
+                        reports.insert((round, leaf), report);
+                    }
+                    None => return Err(ClusterError::Watch("the leaves' watch ended".into()).into()),
+                },
+                _ = standing.changed() => {}
+                _ = tick.tick() => {}
+                _ = stop.changed() => {}
+            }
+            if *stop.borrow() {
+                replica.kill();
+                return Ok(());
+            }
+            let now = Instant::now();
+            let current = standing.borrow().clone();
+            if current.leading.is_none() {
+                collecting = None;
+                continue;
+            }
+            let state = match RootState::from_bytes(current.state.as_deref().unwrap_or(&[])) {
+                Ok(Some(state)) => state,
+                Ok(None) => {
+                    self.initialize(&replica, &objects).await;
+                    continue;
+                }
+                Err(e) => {
+                    error!(
+                        "the root key holds a state this version cannot read, stalling until an operator looks: {e}"
+                    );
+                    continue;
+                }
+            };
+            if let Some(why) = state.finished {
+                info!(version = %state.version, ?why, "the run is finished");
+                tokio::time::sleep(self.options.lease.duration()).await;
+                replica.kill();
+                return Ok(());
+            }
+            // Reports of rounds long gone are of no use to anyone.
+            reports.retain(|(round, _), _| round.0 + 1 >= state.next_round.0);
+            let Some(plan) = state.plan.clone() else {
+                collecting = None;
+                let live: BTreeMap<LeafId, usize> = beats
+                    .iter()
+                    .filter(|(_, (_, seen))| now.duration_since(*seen) < self.options.leaf_timeout)
+                    .map(|(l, (n, _))| (l.clone(), usize::try_from(*n).unwrap_or(usize::MAX)))
+                    .collect();
+                self.plan(&replica, &state, &live).await;
+                continue;
+            };
+            let c = match &mut collecting {
+                Some(c) if c.split.round() == plan.round => c,
+                _ => {
+                    // Planned here, or by a root this one took over from:
+                    // either way the window counts from now, on this clock.
+                    let shape = match release::ring_quantizer(&self.settings) {
+                        Some(q) => Shape::Ring {
+                            len: q.encoded_len(),
+                            bits: q.bits,
+                        },
+                        None => Shape::Floats {
+                            len: self.settings.spec.param_count(),
+                        },
+                    };
+                    let deadline =
+                        now + Duration::from_millis(plan.collect_ms) + self.options.forward_grace;
+                    info!(round = %plan.round, leaves = plan.quotas.len(), "collecting partial sums");
+                    collecting.insert(Collecting {
+                        split: SplitRound::new(
+                            plan.round,
+                            shape,
+                            plan.quotas.clone(),
+                            self.options.min_per_leaf,
+                            self.settings.round.quorum,
+                            self.settings.min_cohort,
+                            deadline,
+                        ),
+                        fed: BTreeSet::new(),
+                        started_unix_ms: unix_ms_now(),
+                    })
+                }
+            };
+            for ((round, leaf), report) in &reports {
+                if *round != plan.round || c.fed.contains(leaf) {
+                    continue;
+                }
+                c.fed.insert(leaf.clone());
+                match report {
+                    Report::Failed { reason } => {
+                        warn!(round = %round, leaf = %leaf, "leaf released nothing: {reason}");
+                        c.split.leaf_lost(leaf);
+                    }
+                    Report::Partial { bytes } => {
+                        let limit = usize::try_from(*bytes).unwrap_or(usize::MAX);
+                        match objects.get_partial(*round, leaf, limit).await {
+                            Ok(bytes) => match c.split.report(leaf, &bytes) {
+                                Ok(()) => {
+                                    debug!(round = %round, leaf = %leaf, "partial sum merged")
+                                }
+                                Err(e) => warn!(round = %round, "partial sum refused: {e}"),
+                            },
+                            Err(e) => {
+                                warn!(round = %round, leaf = %leaf, "cannot read a partial sum: {e}");
+                                c.split.leaf_lost(leaf);
+                            }
+                        }
+                    }
+                }
+            }
+            for leaf in plan.quotas.keys() {
+                let alive = beats
+                    .get(leaf)
+                    .is_some_and(|(_, seen)| now.duration_since(*seen) < self.options.leaf_timeout);
+                if !alive {
+                    c.split.leaf_lost(leaf);
+                }
+            }
+            let selected: usize = plan.quotas.values().sum();
+            let record = |outcome, accepted: usize| RoundRecord {
+                round: plan.round,
+                base: plan.base,
+                outcome,
+                selected,
+                accepted,
+                dropped: selected.saturating_sub(accepted),
+                started_unix_ms: c.started_unix_ms,
+                ended_unix_ms: Some(unix_ms_now()),
+                mean_client_loss: None,
+                test_accuracy: None,
+                test_loss: None,
+                bytes_up: 0,
+                bytes_down: 0,
+                clip: plan.clip.map(|c| c.get()),
+                epsilon: None,
+                rejected: Default::default(),
+            };
+            match c.split.poll(now) {
+                Decision::Wait(_) => {}
+                Decision::Abandon(reason) => {
+                    warn!(round = %plan.round, "round abandoned: {reason}");
+                    let r = record(RoundOutcome::Aborted { reason }, 0);
+                    self.propose(&replica, &state.abandoned(r)).await;
+                }
+                Decision::Commit { sum, contributors } => {
+                    let accepted = usize::try_from(contributors).unwrap_or(usize::MAX);
+                    let mut r = record(
+                        RoundOutcome::Committed {
+                            version: state.version.next(),
+                        },
+                        accepted,
+                    );
+                    r.mean_client_loss = sum.tally.mean_loss();
+                    match self
+                        .release(
+                            &state,
+                            sum,
+                            noise.clone(),
+                            &mut r,
+                            &objects,
+                            &mut model_cache,
+                        )
+                        .await
+                    {
+                        Ok((model, ledger)) => {
+                            let finished = self.finished_after(model.version, ledger.as_ref());
+                            let next = state.committed(model, ledger, r, finished);
+                            if self.propose(&replica, &next).await {
+                                info!(round = %plan.round, version = %next.version, contributors, "round committed");
+                            }
+                        }
+                        Err(e) => {
+                            error!(round = %plan.round, "release failed, the round will be retried: {e}");
+                            let r = record(
+                                RoundOutcome::Aborted {
+                                    reason: format!("release failed: {e}"),
+                                },
+                                0,
+                            );
+                            self.propose(&replica, &state.abandoned(r)).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first leader puts version 0 and writes the first state.
+    async fn initialize(&self, replica: &Replica, objects: &super::objects::Objects) {
+        let model = match objects.put_model(&self.initial).await {
+            Ok(model) => model,
+            Err(e) => {
+                warn!("cannot store the initial model yet: {e}");
+                return;
+            }
+        };
+        let ledger = self
+            .settings
+            .dp
+            .map(|dp| PrivacyLedger::new(dp.initial_clip));
+        if self
+            .propose(replica, &RootState::initial(model, ledger))
+            .await
+        {
+            info!("initialized the cluster's state at version 0");
+        }
+    }
+
+    /// Plans the next round if enough devices wait across live leaves, or
+    /// ends the run when the budget allows no more.
+    async fn plan(&self, replica: &Replica, state: &RootState, live: &BTreeMap<LeafId, usize>) {
+        if let Some(why) = self.finished_after(state.version, state.ledger.as_ref()) {
+            self.propose(replica, &state.finish(why)).await;
+            return;
+        }
+        let q = quotas(
+            live,
+            self.settings.round.clients_per_round,
+            self.options.min_per_leaf,
+        );
+        let total: usize = q.values().sum();
+        if total
+            < self
+                .settings
+                .round
+                .min_clients
+                .max(self.settings.round.quorum)
+        {
+            return;
+        }
+        let collect_ms =
+            u64::try_from(self.settings.round.round_timeout.as_millis()).unwrap_or(u64::MAX);
+        let clip = match (&self.settings.dp, &state.ledger) {
+            (Some(_), Some(ledger)) => Some(ledger.clip),
+            _ => None,
+        };
+        let next = state.planned(
+            q.into_iter().filter(|(_, n)| *n > 0).collect(),
+            collect_ms,
+            clip,
+        );
+        if self.propose(replica, &next).await
+            && let Some(plan) = &next.plan
+        {
+            info!(round = %plan.round, base = %plan.base, devices = total, leaves = plan.quotas.len(), "round planned");
+        }
+    }
+
+    fn finished_after(
+        &self,
+        version: ModelVersion,
+        ledger: Option<&PrivacyLedger>,
+    ) -> Option<Finished> {
+        if version >= self.settings.round.target_version {
+            return Some(Finished::TargetReached);
+        }
+        let left = match (&self.settings.dp, ledger) {
+            (Some(dp), Some(ledger)) => {
+                let cap = self
+                    .settings
+                    .round
+                    .target_version
+                    .0
+                    .saturating_sub(version.0);
+                ledger.rounds_left(dp, cap)
+            }
+            _ => u64::MAX,
+        };
+        (left == 0).then_some(Finished::BudgetExhausted)
+    }
+
+    /// Turns the merged sum into the next version and puts it in the object
+    /// store; the caller's swap commits it.
+    async fn release(
+        &self,
+        state: &RootState,
+        sum: crate::fold::merge::PartialSum,
+        noise: Option<Arc<std::sync::Mutex<NoiseRng>>>,
+        record: &mut RoundRecord,
+        objects: &super::objects::Objects,
+        cache: &mut Option<StoredModel>,
+    ) -> Result<(ModelRef, Option<PrivacyLedger>), ReleaseFailed> {
+        let privacy = match (self.settings.dp, &state.ledger, noise) {
+            (Some(dp), Some(ledger), Some(rng)) => Some(Privacy {
+                dp,
+                ledger: ledger.clone(),
+                rng,
+            }),
+            (None, _, _) => None,
+            _ => return Err(ReleaseFailed("DP is on but the state has no ledger".into())),
+        };
+        let round = record.round;
+        let (mean, ledger) = release::mean_update(
+            &self.settings,
+            privacy.as_ref(),
+            release::ring_quantizer(&self.settings),
+            Aggregate::Summed(sum.summed),
+            sum.tally.within_clip,
+            round,
+        )
+        .await
+        .map_err(|e| ReleaseFailed(e.to_string()))?;
+        if let (Some(p), Some(ledger)) = (&privacy, &ledger) {
+            record.epsilon = Some(ledger.epsilon(&p.dp));
+        }
+        let base = match cache.take() {
+            Some(m) if m.header.version == state.version => m,
+            _ => objects
+                .get_model(&state.model)
+                .await
+                .map_err(|e: ObjectError| ReleaseFailed(e.to_string()))?,
+        };
+        let mut weights = base.weights.clone();
+        *cache = Some(base);
+        // FedAvg keeps no moments (check_splittable), so each commit
+        // starts from an empty state.
+        self.settings
+            .optimizer
+            .apply(&mut OptimizerState::default(), &mut weights, &mean);
+        if let Some(test) = &self.test_set {
+            let (test, spec, w) = (test.clone(), self.settings.spec.clone(), weights.clone());
+            match tokio::task::spawn_blocking(move || test.evaluate(&spec, &w)).await {
+                Ok(Ok(m)) => {
+                    record.test_accuracy = Some(m.accuracy);
+                    record.test_loss = Some(m.loss);
+                }
+                Ok(Err(e)) => warn!(round = %round, "central evaluation failed: {e}"),
+                Err(e) => warn!(round = %round, "central evaluation task: {e}"),
+            }
+        }
+        let model = StoredModel {
+            header: ModelHeader {
+                version: state.version.next(),
+                spec: self.settings.spec.clone(),
+                round: Some(round),
+                created_unix_ms: unix_ms_now(),
+            },
+            weights,
+        };
+        let stored = objects
+            .put_model(&model)
+            .await
+            .map_err(|e| ReleaseFailed(e.to_string()))?;
+        *cache = Some(model);
+        Ok((stored, ledger))
+    }
+
+    /// Commits `next`; `false` if it was not (the lease moved on).
+    async fn propose(&self, replica: &Replica, next: &RootState) -> bool {
+        let bytes = next.to_bytes();
+        match replica.propose(bytes.clone()).await {
+            Ok(_) => {
+                // The loop reads the state from the standing; acting on
+                // one from before this write would propose over it.
+                let mut standing = replica.standing();
+                let caught_up = standing.wait_for(|s| {
+                    s.leading.is_none() || s.state.as_deref() == Some(bytes.as_slice())
+                });
+                let _ = tokio::time::timeout(self.options.lease.duration(), caught_up).await;
+                true
+            }
+            Err(ProposeError::NotLeader(_)) | Err(ProposeError::NotCommitted) => {
+                warn!(
+                    "a root write was refused: this replica no longer leads, or the store did not answer"
+                );
+                false
+            }
+            Err(ProposeError::Stopped) => false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ReleaseFailed(String);
