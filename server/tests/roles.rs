@@ -83,7 +83,7 @@ impl Role {
 
     fn dump(&self) {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        let tail: Vec<&str> = text.lines().rev().take(60).collect();
         eprintln!("--- {} (last lines) ---", self.name);
         for l in tail.iter().rev() {
             eprintln!("{l}");
@@ -93,9 +93,8 @@ impl Role {
 
 impl Drop for Role {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.dump();
-        }
+        // The harness shows it only for a failed test (or --nocapture).
+        self.dump();
         self.kill();
     }
 }
@@ -115,11 +114,14 @@ fn copy_dir(from: &Path, to: &Path) {
 
 struct Federation {
     nats: Nats,
-    tmp: tempfile::TempDir,
+    /// The root's key, through one connection that outlives node losses.
+    key: covey_server::cluster::jetstream::RootKey,
     roots: Vec<Role>,
     leaves: Vec<Role>,
     bundles: Vec<IdentityBundle>,
     initial: Vec<f32>,
+    /// Last: the roles' logs must outlive their dumps.
+    _tmp: tempfile::TempDir,
 }
 
 fn nats_args(nats: &Nats) -> Vec<String> {
@@ -136,7 +138,7 @@ impl Federation {
     /// operator would provision machines.
     async fn start(cfg: covey_server::ServerConfig, devices: usize, leaves: usize) -> Self {
         let nats = Nats::start();
-        let _ = nats.key().await;
+        let key = nats.key().await;
         let tmp = tempfile::tempdir().unwrap();
         let base = tmp.path().join("base");
         let state = init(&base, &cfg);
@@ -184,7 +186,8 @@ impl Federation {
         }
         Self {
             nats,
-            tmp,
+            key,
+            _tmp: tmp,
             roots,
             leaves: leaf_roles,
             bundles,
@@ -242,8 +245,7 @@ impl Federation {
     }
 
     async fn state(&self) -> Option<RootState> {
-        let key = self.nats.key().await;
-        let (_, record) = key.read().await.ok()??;
+        let (_, record) = self.key.read().await.ok()??;
         RootState::from_bytes(&record.state).ok()?
     }
 
@@ -259,6 +261,10 @@ impl Federation {
             if let Some(s) = self.state().await
                 && done(&s)
             {
+                eprintln!(
+                    "{what} after {:?}",
+                    within - deadline.saturating_duration_since(Instant::now())
+                );
                 return s;
             }
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -273,13 +279,23 @@ impl Federation {
             .patiently(|c| async move { c.objects().await })
             .await
             .unwrap();
-        objects.get_model(&state.model).await.unwrap().weights
+        // Right after a node's loss the bucket may still be moving.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match objects.get_model(&state.model).await {
+                Ok(model) => return model.weights,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("reading the model again: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => panic!("cannot read the committed model: {e}"),
+            }
+        }
     }
 
     /// The replica holding the lease.
     async fn leader(&self) -> usize {
-        let key = self.nats.key().await;
-        let (_, record) = key.read().await.unwrap().unwrap();
+        let (_, record) = self.key.read().await.unwrap().unwrap();
         if record.holder.starts_with("r1-") {
             0
         } else {
@@ -330,4 +346,114 @@ async fn three_leaves_and_two_roots_release_what_one_server_would() {
             .expect("leaves exit once the run is over");
         assert!(status.success(), "{} exited with {status}", leaf.name);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leaf_a_killed_root_and_a_killed_nats_node_cost_only_their_share() {
+    let mut cfg = config("logreg", 3, 6);
+    cfg.rounds.min_clients = 4;
+    cfg.rounds.quorum = 4;
+    let mut fed = Federation::start(cfg, 6, 3).await;
+    // Training takes a second, so each kill lands mid-round.
+    let devices = fed.devices(Duration::from_secs(1)).await;
+    // Every state the root commits, as often as it can be read: round ids
+    // must only grow, across the takeover too.
+    let key = fed.key.clone();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = tokio::spawn(async move {
+        loop {
+            if let Ok(Some((_, record))) = key.read().await
+                && let Ok(Some(state)) = RootState::from_bytes(&record.state)
+                && seen_tx.send(state).is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+
+    // Leaf 2 dies while its devices train for round 1: they count as
+    // dropouts, and four devices on the other two leaves meet the quorum.
+    let planned = fed
+        .until(Duration::from_secs(60), "the first plan", |s| {
+            s.plan.is_some()
+        })
+        .await;
+    fed.leaves[2].kill();
+    let v1 = fed
+        .until(Duration::from_secs(60), "version 1", |s| {
+            s.version == ModelVersion(1)
+        })
+        .await;
+    let last = v1.last.clone().unwrap();
+    assert_eq!(last.accepted, 4, "the killed leaf's devices dropped out");
+    let quotas = &planned.plan.unwrap().quotas;
+    assert_eq!(last.selected, quotas.values().sum::<usize>());
+
+    // The leading root dies with round 2 planned: the standby takes the
+    // lease, reads the plan, and commits exactly one version 2.
+    fed.until(Duration::from_secs(60), "the second plan", |s| {
+        s.plan.as_ref().is_some_and(|p| p.base == ModelVersion(1))
+    })
+    .await;
+    let leader = fed.leader().await;
+    fed.roots[leader].kill();
+    fed.until(Duration::from_secs(60), "version 2", |s| {
+        s.version == ModelVersion(2)
+    })
+    .await;
+    assert_ne!(fed.leader().await, leader, "the standby holds the lease");
+
+    // One of three NATS nodes dies: rounds go on.
+    fed.nats.kill(0);
+    let done = fed
+        .until(Duration::from_secs(120), "the run to finish", |s| {
+            s.finished.is_some()
+        })
+        .await;
+    assert_eq!(done.version, ModelVersion(3));
+    // Devices 2 and 5 were on the killed leaf; every version is FedAvg
+    // over the other four.
+    let model = fed.model(&done).await;
+    assert_close(
+        &model,
+        &expected_model(&fed.initial, &[0, 1, 3, 4], 3),
+        1e-6,
+    );
+    for (leaf, d) in devices {
+        if leaf == 2 {
+            d.abort();
+            continue;
+        }
+        let s = tokio::time::timeout(Duration::from_secs(60), d)
+            .await
+            .expect("devices finish")
+            .unwrap();
+        assert_eq!(s.final_version, Some(ModelVersion(3)));
+    }
+    watcher.abort();
+    let mut states = Vec::new();
+    while let Ok(s) = seen.try_recv() {
+        states.push(s);
+    }
+    let mut planned_rounds: Vec<_> = states
+        .iter()
+        .filter_map(|s| s.plan.as_ref().map(|p| p.round))
+        .collect();
+    planned_rounds.dedup();
+    assert!(
+        planned_rounds.windows(2).all(|w| w[0] < w[1]),
+        "round ids only grow: {planned_rounds:?}"
+    );
+    let mut versions: Vec<_> = states
+        .iter()
+        .map(|s| (s.version, s.committed_round))
+        .collect();
+    versions.dedup();
+    assert!(
+        versions
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1),
+        "each version once, each from a new round: {versions:?}"
+    );
 }

@@ -74,7 +74,9 @@ pub async fn coordinator(
         options: RootOptions {
             name: name.to_owned(),
             lease: timing,
-            leaf_timeout: lease,
+            // Beats stop for a few seconds while JetStream moves a lost
+            // node's stream leaders; a leaf is not lost for that.
+            leaf_timeout: (lease * 3).max(Duration::from_secs(5)),
             min_per_leaf,
             forward_grace: lease * 2,
         },

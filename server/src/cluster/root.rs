@@ -145,16 +145,33 @@ impl Root {
             None => None,
         };
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut last_heard = Instant::now();
         loop {
+            if last_heard.elapsed() > self.options.leaf_timeout / 2 {
+                // Live leaves beat several times a second: this much
+                // silence means the watch's consumer was lost with a NATS
+                // node. A new one delivers every key's latest value again.
+                match leaves.watch().await {
+                    Ok(fresh) => {
+                        debug!("restarted the watch on the leaves' bucket");
+                        heard = fresh;
+                    }
+                    Err(e) => debug!("cannot restart the leaves' watch yet: {e}"),
+                }
+                last_heard = Instant::now();
+            }
             tokio::select! {
                 h = heard.recv() => match h {
                     Some(Heard::Beat { leaf, beat }) => {
+                        last_heard = Instant::now();
                         beats.insert(leaf, (beat.available, Instant::now()));
                     }
                     Some(Heard::Report { round, leaf, report }) => {
+                        last_heard = Instant::now();
                         reports.insert((round, leaf), report);
                     }
-                    None => return Err(ClusterError::Watch("the leaves' watch ended".into()).into()),
+                    // Restarted above once the silence is long enough.
+                    None => tokio::time::sleep(Duration::from_millis(100)).await,
                 },
                 _ = standing.changed() => {}
                 _ = tick.tick() => {}
@@ -237,7 +254,6 @@ impl Root {
                 if *round != plan.round || c.fed.contains(leaf) {
                     continue;
                 }
-                c.fed.insert(leaf.clone());
                 match report {
                     Report::Failed { reason } => {
                         warn!(round = %round, leaf = %leaf, "leaf released nothing: {reason}");
@@ -253,18 +269,23 @@ impl Root {
                                 Err(e) => warn!(round = %round, "partial sum refused: {e}"),
                             },
                             Err(e) => {
-                                warn!(round = %round, leaf = %leaf, "cannot read a partial sum: {e}");
-                                c.split.leaf_lost(leaf);
+                                // JetStream may be moving the bucket's
+                                // leader: read it again next time, until
+                                // the round's deadline.
+                                warn!(round = %round, leaf = %leaf, "cannot read a partial sum yet: {e}");
+                                continue;
                             }
                         }
                     }
                 }
+                c.fed.insert(leaf.clone());
             }
             for leaf in plan.quotas.keys() {
                 let alive = beats
                     .get(leaf)
                     .is_some_and(|(_, seen)| now.duration_since(*seen) < self.options.leaf_timeout);
-                if !alive {
+                // A leaf that reported is done with the round, alive or not.
+                if !alive && !c.fed.contains(leaf) {
                     c.split.leaf_lost(leaf);
                 }
             }

@@ -91,7 +91,7 @@ impl Hub {
                 }
             }
             Event::EvalReport { client, report } => self.eval_report(client, report),
-            Event::Root(news) => self.root_news(news, shared).await?,
+            Event::Root(news) => self.root_news(*news, shared).await?,
             Event::SecAgg {
                 client,
                 message,

@@ -287,7 +287,7 @@ enum Event {
         reply: oneshot::Sender<SecAggMessage>,
     },
     /// A leaf's root committed a new state.
-    Root(crate::cluster::leaf::RootNews),
+    Root(Box<crate::cluster::leaf::RootNews>),
     Stop,
 }
 
@@ -700,7 +700,7 @@ impl Server {
             let events = shared.events.clone();
             tokio::spawn(async move {
                 while let Some(n) = news.recv().await {
-                    if events.send(Event::Root(n)).await.is_err() {
+                    if events.send(Event::Root(Box::new(n))).await.is_err() {
                         return;
                     }
                 }

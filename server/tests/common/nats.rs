@@ -42,7 +42,47 @@ pub struct Nats {
 }
 
 impl Nats {
+    /// Starts the cluster, again on fresh ports if a node could not bind
+    /// its ports (another process took one between our probe and its bind).
     pub fn start() -> Self {
+        for _ in 0..3 {
+            let mut nats = Self::start_once();
+            if nats.listening(Duration::from_secs(15)) {
+                return nats;
+            }
+            eprintln!("a nats-server node did not come up; retrying on fresh ports");
+            for i in 0..3 {
+                nats.kill(i);
+            }
+        }
+        panic!("the NATS cluster did not start in three tries");
+    }
+
+    /// Whether every node is alive and accepts connections.
+    fn listening(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        for (node, url) in self.nodes.iter_mut().zip(&self.urls) {
+            let addr = url.trim_start_matches("nats://").to_owned();
+            loop {
+                let Some(child) = node.as_mut() else {
+                    return false;
+                };
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return false;
+                }
+                if std::net::TcpStream::connect(&addr).is_ok() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        true
+    }
+
+    fn start_once() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let binary = nats_server();
         let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
