@@ -457,3 +457,39 @@ async fn a_killed_leaf_a_killed_root_and_a_killed_nats_node_cost_only_their_shar
         "each version once, each from a new round: {versions:?}"
     );
 }
+
+/// Under secure aggregation each leaf unmasks only the sum of its own
+/// devices' ring words; the root adds the three sums modulo the ring and
+/// decodes once. The released mean is the nine devices' plain mean, up to
+/// the quantizer's rounding, exactly as one server releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_aggregation_runs_per_leaf_and_the_root_decodes_the_merged_words() {
+    let mut cfg = config("logreg", 1, 9);
+    cfg.secure_aggregation.enabled = true;
+    cfg.secure_aggregation.neighbors = 2;
+    let fed = Federation::start(cfg, 9, 3).await;
+    let devices = fed.devices(Duration::ZERO).await;
+    for (_, d) in devices {
+        let s = tokio::time::timeout(Duration::from_secs(120), d)
+            .await
+            .expect("devices finish")
+            .unwrap();
+        assert_eq!(s.final_version, Some(ModelVersion(1)));
+    }
+    let state = fed
+        .until(Duration::from_secs(30), "the run to finish", |s| {
+            s.finished.is_some()
+        })
+        .await;
+    assert_eq!(state.last.as_ref().map(|r| r.accepted), Some(9));
+    let model = fed.model(&state).await;
+    // Masked updates each weigh one: the plain mean of the nine deltas.
+    let len = fed.initial.len();
+    let mut expected = fed.initial.clone();
+    for id in 0..9 {
+        for (w, d) in expected.iter_mut().zip(scripted_delta(id, 0, len)) {
+            *w += d / 9.0;
+        }
+    }
+    assert_close(&model, &expected, 1e-4);
+}

@@ -40,7 +40,7 @@ use covey_protocol::{
         CloseCode, ErrorReport, EvalReport, EvalTask, Message, Payload, RejectReason, RenewRequest,
         RenewedCertificate, Task, UpdateHeader, UpdatePrivacy, UpdateReceipt, Welcome,
     },
-    round::{AbortReason, Action, Coordinator, FinishReason, RoundConfig, RoundStats},
+    round::{AbortReason, Action, Coordinator, FinishReason, RoundStats},
     secagg::{
         SecAggMessage, Session, UnmaskRequest,
         session::{Phase as SecAggPhase, SessionAbort},
@@ -366,7 +366,14 @@ impl Server {
         )>,
     ) -> Result<Self, ServeError> {
         let config = dir.config()?;
-        let settings = config.settings().map_err(DirError::from)?;
+        let mut settings = config.settings().map_err(DirError::from)?;
+        if leaf.is_some() {
+            // A leaf's own quorum, here and in its secure aggregation, is
+            // the fewest devices it may release a sum of; the root holds
+            // the round's.
+            settings.round.quorum = settings.min_cohort.get();
+            settings.round.min_clients = settings.min_cohort.get();
+        }
         let store = dir.open_store()?;
         let stored_spec = store.spec()?;
         if stored_spec != settings.spec {
@@ -455,15 +462,9 @@ impl Server {
             crate::cluster::root::check_splittable(&settings).map_err(invalid_rounds)?;
         }
         let mut machine = match &settings.buffer {
-            // A leaf's own quorum is the fewest devices it may release a
-            // sum of; the root holds the round's.
             None if leaf.is_some() => Machine::Rounds(
                 Coordinator::new(
-                    RoundConfig {
-                        quorum: settings.min_cohort.get(),
-                        min_clients: settings.min_cohort.get(),
-                        ..settings.round.clone()
-                    },
+                    settings.round.clone(),
                     version,
                     store.next_round()?,
                     config.rounds.selection_seed ^ version.0,
