@@ -168,6 +168,12 @@ enum Command {
         dir: PathBuf,
         #[arg(long)]
         name: String,
+        /// A cluster's NATS: the revocation also goes to its registry,
+        /// which every leaf applies within a second.
+        #[arg(long = "nats")]
+        nats: Vec<String>,
+        #[arg(long, default_value = "covey")]
+        bucket: String,
     },
     /// Right to erasure: delete a client's enrollment (the only link from
     /// its name to its pseudonym) and refuse it from then on.
@@ -789,7 +795,52 @@ fn main() -> Result<()> {
                 "the data key is now wrapped by {to} and config.toml points at it; the old key ({old}) no longer opens this database"
             );
         }
-        Command::Revoke { dir, name } => offline_or_live(
+        Command::Revoke {
+            dir,
+            name,
+            nats,
+            bucket,
+        } if !nats.is_empty() => {
+            // A cluster's provisioning directory: no server holds it open.
+            // The registry first, so a failure there can be retried: every
+            // certificate of the name, revoked before or not.
+            let state = StateDir::new(&dir);
+            let store = state.open_store()?;
+            let pseudonyms: Vec<_> = store
+                .enrollments()?
+                .into_iter()
+                .filter(|e| e.name == name)
+                .map(|e| e.pseudonym)
+                .collect();
+            if pseudonyms.is_empty() {
+                bail!("no device named '{name}' is enrolled in {}", dir.display());
+            }
+            let cluster = NatsArgs {
+                urls: nats,
+                bucket,
+                replicas: 3,
+                request_timeout_ms: 2000,
+            }
+            .config();
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let cluster = covey_server::cluster::jetstream::Cluster::connect(&cluster).await?;
+                let registry = cluster
+                    .patiently(|c| async move { c.revocations().await })
+                    .await?;
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                for pseudonym in &pseudonyms {
+                    registry.revoke(pseudonym, now).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })?;
+            let revoked = state.revoke(&store, &name).map(|r| r.len()).unwrap_or(0);
+            println!(
+                "revoked {} certificate(s) of '{name}' in the cluster's registry ({revoked} newly here)",
+                pseudonyms.len()
+            );
+        }
+        Command::Revoke { dir, name, .. } => offline_or_live(
             &StateDir::new(&dir),
             |state, store| {
                 let n = state.revoke(store, &name)?.len();

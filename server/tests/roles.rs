@@ -120,6 +120,8 @@ struct Federation {
     leaves: Vec<Role>,
     bundles: Vec<IdentityBundle>,
     initial: Vec<f32>,
+    /// The provisioning directory every process's was copied from.
+    base: PathBuf,
     /// Last: the roles' logs must outlive their dumps.
     _tmp: tempfile::TempDir,
 }
@@ -187,6 +189,7 @@ impl Federation {
         Self {
             nats,
             key,
+            base,
             _tmp: tmp,
             roots,
             leaves: leaf_roles,
@@ -492,4 +495,75 @@ async fn secure_aggregation_runs_per_leaf_and_the_root_decodes_the_merged_words(
         }
     }
     assert_close(&model, &expected, 1e-4);
+}
+
+/// `covey-server revoke --nats` on the provisioning directory reaches the
+/// registry every leaf follows: the revoked device is refused at the TLS
+/// handshake by whichever leaf it tries, while the others train on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_in_the_registry_bars_the_device_at_every_leaf() {
+    let fed = Federation::start(config("logreg", 1, 2), 3, 3).await;
+    let addrs: Vec<SocketAddr> = fed.leaf_addrs().await.into_values().collect();
+    let mut args = vec![
+        "revoke".to_string(),
+        "--dir".into(),
+        fed.base.display().to_string(),
+        "--name".into(),
+        "device-2".into(),
+    ];
+    args.extend(nats_args(&fed.nats));
+    let out = Command::new(env!("CARGO_BIN_EXE_covey-server"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cluster's registry"));
+    let revoked = fed.bundles[2].clone();
+    for &addr in &addrs {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let trainer = Box::new(ScriptedTrainer {
+                id: 2,
+                pause: Duration::ZERO,
+            });
+            let mut opts = options(addr);
+            opts.give_up_after = Some(Duration::from_secs(2));
+            match covey_client::run(&revoked, trainer, opts).await {
+                Err(covey_client::session::SessionError::Refused(_)) => break,
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "leaf at {addr} still serves a revoked device: {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    // The others train on, both on the first leaf.
+    let devices: Vec<_> = fed.bundles[..2]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let (b, addr) = (b.clone(), addrs[0]);
+            tokio::spawn(async move {
+                let trainer = Box::new(ScriptedTrainer {
+                    id: i as u32,
+                    pause: Duration::ZERO,
+                });
+                covey_client::run(&b, trainer, options(addr)).await.unwrap()
+            })
+        })
+        .collect();
+    for d in devices {
+        let s = tokio::time::timeout(Duration::from_secs(60), d)
+            .await
+            .expect("devices finish")
+            .unwrap();
+        assert_eq!(s.final_version, Some(ModelVersion(1)));
+    }
 }
