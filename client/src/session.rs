@@ -21,8 +21,8 @@ use covey_protocol::{
     identity::{IdentityBundle, renewal_message},
     io::{StreamError, read_message, read_tensor, write_message, write_tensor, write_words},
     message::{
-        CloseCode, EvalReport, EvalTask, Hello, Message, Payload, RenewRequest, Task, UpdateHeader,
-        UpdatePrivacy, UpdateReceipt,
+        CloseCode, EvalReport, EvalTask, Hello, Message, Payload, Redirect, RenewRequest, Task,
+        UpdateHeader, UpdatePrivacy, UpdateReceipt,
     },
     secagg::{
         KeySigner, Participant, PeerVerifier, SecAggMessage, SecAggParams,
@@ -145,6 +145,9 @@ pub struct ClientSummary {
     pub round_time: Duration,
     /// The part of `round_time` spent inside the trainer.
     pub train_time: Duration,
+    /// Times a cluster's leaf sent this device to another leaf or asked it
+    /// to come back later.
+    pub redirects: u32,
 }
 
 /// TLS 1.3 with the enrollment CA as the only root and the device
@@ -192,9 +195,16 @@ pub fn client_config_for(
 }
 
 /// Why one connection attempt ended.
+/// The longest a redirect may park a device: a server asking for more is
+/// treated as asking for this.
+const MAX_REDIRECT_WAIT_MS: u64 = 15 * 60 * 1000;
+
 enum Ended {
     /// The server finished the run.
     Finished,
+    /// The server sent this device elsewhere, or asked it to come back
+    /// later.
+    Redirected(Redirect),
     /// Worth trying again after a pause.
     Retry(String),
     Fatal(SessionError),
@@ -288,11 +298,14 @@ pub async fn run(
         attempt: 0,
     };
     let mut last_progress = Instant::now();
+    // Where a redirect sent this device; a failure there sends it back to
+    // its bundle's address, which redirects it anew.
+    let mut current = addr;
     let result = loop {
         let ended = session
             .attempt(
                 &endpoint,
-                addr,
+                current,
                 &identity.server_name,
                 &mut backoff,
                 &mut last_progress,
@@ -301,7 +314,30 @@ pub async fn run(
         match ended {
             Ended::Finished => break Ok(session.summary.clone()),
             Ended::Fatal(e) => break Err(e),
+            Ended::Redirected(r) => {
+                session.summary.redirects += 1;
+                last_progress = Instant::now();
+                if let Some(to) = &r.to {
+                    match tokio::net::lookup_host(to.as_str())
+                        .await
+                        .ok()
+                        .and_then(|mut a| a.next())
+                    {
+                        Some(next) => current = next,
+                        None => {
+                            warn!(
+                                "the server redirected to an address that does not resolve; staying"
+                            );
+                            current = addr;
+                        }
+                    }
+                }
+                debug!(after_ms = r.after_ms, "redirected");
+                tokio::time::sleep(Duration::from_millis(r.after_ms.min(MAX_REDIRECT_WAIT_MS)))
+                    .await;
+            }
             Ended::Retry(reason) => {
+                current = addr;
                 if let Some(limit) = options.give_up_after
                     && last_progress.elapsed() >= limit
                 {
@@ -468,6 +504,10 @@ impl Session {
         self.summary.connections += 1;
         let result = self.converse(&conn, backoff, last_progress).await;
         match result {
+            Err(ConverseError::Redirected(r)) => {
+                conn.close(VarInt::from_u32(CloseCode::Done as u32), b"redirected");
+                Ended::Redirected(r)
+            }
             Ok(()) => {
                 conn.close(VarInt::from_u32(CloseCode::Done as u32), b"run finished");
                 Ended::Finished
@@ -480,6 +520,7 @@ impl Session {
                         b"client error",
                     );
                     match e {
+                        ConverseError::Redirected(r) => Ended::Redirected(r),
                         ConverseError::Fatal(e) => Ended::Fatal(e),
                         ConverseError::Stream(e) => Ended::Retry(e.to_string()),
                         ConverseError::Connection(e) => classify(&e),
@@ -509,6 +550,7 @@ impl Session {
         let _ = send.finish();
         match read_message(&mut recv, limits).await? {
             Message::Welcome(w) if w.protocol == self.options.protocol_version => {}
+            Message::Redirect(r) => return Err(ConverseError::Redirected(r)),
             Message::Welcome(w) => {
                 return Err(ConverseError::Fatal(SessionError::Incompatible(format!(
                     "server speaks protocol {}, this client {}",
@@ -1071,6 +1113,8 @@ enum Outgoing {
 }
 
 enum ConverseError {
+    /// Not an error: the server sent this device on.
+    Redirected(Redirect),
     Connection(ConnectionError),
     Stream(StreamError),
     Fatal(SessionError),

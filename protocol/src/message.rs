@@ -56,6 +56,20 @@ pub enum Message {
     AssetFollows {
         offset: u64,
     },
+    /// Server → client instead of `Welcome`: reconnect elsewhere, later,
+    /// or both. A cluster's leaf sends devices it does not serve to the
+    /// leaf that does, and steers the pace of check-ins.
+    Redirect(Redirect),
+}
+
+/// Where and when a device should connect next.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redirect {
+    /// `host:port` of the server that serves this device; `None` is the
+    /// same one.
+    pub to: Option<String>,
+    /// Wait this long first.
+    pub after_ms: u64,
 }
 
 /// A fresh P-256 public key (uncompressed SEC1 point) and, signed with it,
@@ -93,6 +107,7 @@ impl Message {
             Self::SendUpdate => "SendUpdate",
             Self::FetchAsset(_) => "FetchAsset",
             Self::AssetFollows { .. } => "AssetFollows",
+            Self::Redirect(_) => "Redirect",
         }
     }
 }

@@ -222,6 +222,19 @@ enum Command {
         /// This leaf's stable name (letters, digits, '-', '_').
         #[arg(long)]
         leaf: String,
+        /// Past this many devices waiting for a task here, newcomers are
+        /// told to come back later (pace steering).
+        #[arg(long, default_value_t = 10_000)]
+        max_waiting: u64,
+        /// About how long (jittered ±50%) a paced device stays away, in
+        /// seconds.
+        #[arg(long, default_value_t = 60)]
+        pace_secs: u64,
+        /// Serve every device that connects here instead of sending each
+        /// to the leaf its pseudonym hashes to (leaves behind a load
+        /// balancer that already spreads devices).
+        #[arg(long)]
+        no_redirect: bool,
         /// Print the run summary as JSON on exit.
         #[arg(long)]
         json: bool,
@@ -959,14 +972,26 @@ fn main() -> Result<()> {
             dir,
             nats,
             leaf,
+            max_waiting,
+            pace_secs,
+            no_redirect,
             json,
         } => {
+            let routing = if no_redirect {
+                covey_server::cluster::route::Routing::Any
+            } else {
+                covey_server::cluster::route::Routing::Hashed
+            };
+            let pace = covey_server::cluster::route::Pace {
+                max_waiting,
+                every: Duration::from_secs(pace_secs),
+            };
             let leaf = covey_server::cluster::route::LeafId::parse(&leaf)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let (state, cluster) = (StateDir::new(&dir), nats.config());
             let summary = runtime.block_on(async {
                 tokio::select! {
-                    s = covey_server::cluster::process::aggregator(&state, &cluster, leaf) => Ok::<_, anyhow::Error>(Some(s?)),
+                    s = covey_server::cluster::process::aggregator(&state, &cluster, leaf, pace, routing) => Ok::<_, anyhow::Error>(Some(s?)),
                     _ = tokio::signal::ctrl_c() => Ok(None),
                 }
             })?;

@@ -20,6 +20,7 @@ use std::{
 use common::*;
 use covey_protocol::{ModelVersion, identity::IdentityBundle};
 use covey_server::{
+    StateDir,
     cluster::{
         jetstream::Cluster,
         leaves::Heard,
@@ -138,7 +139,14 @@ fn nats_args(nats: &Nats) -> Vec<String> {
 impl Federation {
     /// One state directory, enrolled once and copied to each process, as an
     /// operator would provision machines.
-    async fn start(cfg: covey_server::ServerConfig, devices: usize, leaves: usize) -> Self {
+    /// `redirect`: leaves send each device to the leaf its pseudonym
+    /// hashes to; without it each serves whoever connects.
+    async fn start(
+        cfg: covey_server::ServerConfig,
+        devices: usize,
+        leaves: usize,
+        redirect: bool,
+    ) -> Self {
         let nats = Nats::start();
         let key = nats.key().await;
         let tmp = tempfile::tempdir().unwrap();
@@ -183,6 +191,9 @@ impl Federation {
                 "--leaf".into(),
                 name.clone(),
             ];
+            if !redirect {
+                args.push("--no-redirect".into());
+            }
             args.extend(nats_args(&nats));
             leaf_roles.push(Role::start(&name, &args, &logs));
         }
@@ -309,7 +320,7 @@ impl Federation {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_leaves_and_two_roots_release_what_one_server_would() {
-    let fed = Federation::start(config("logreg", 2, 6), 6, 3).await;
+    let fed = Federation::start(config("logreg", 2, 6), 6, 3, false).await;
     let devices = fed.devices(Duration::ZERO).await;
     for (_, d) in devices {
         let s = tokio::time::timeout(Duration::from_secs(120), d)
@@ -356,7 +367,7 @@ async fn a_killed_leaf_a_killed_root_and_a_killed_nats_node_cost_only_their_shar
     let mut cfg = config("logreg", 3, 6);
     cfg.rounds.min_clients = 4;
     cfg.rounds.quorum = 4;
-    let mut fed = Federation::start(cfg, 6, 3).await;
+    let mut fed = Federation::start(cfg, 6, 3, false).await;
     // Training takes a second, so each kill lands mid-round.
     let devices = fed.devices(Duration::from_secs(1)).await;
     // Every state the root commits, as often as it can be read: round ids
@@ -470,7 +481,7 @@ async fn secure_aggregation_runs_per_leaf_and_the_root_decodes_the_merged_words(
     let mut cfg = config("logreg", 1, 9);
     cfg.secure_aggregation.enabled = true;
     cfg.secure_aggregation.neighbors = 2;
-    let fed = Federation::start(cfg, 9, 3).await;
+    let fed = Federation::start(cfg, 9, 3, false).await;
     let devices = fed.devices(Duration::ZERO).await;
     for (_, d) in devices {
         let s = tokio::time::timeout(Duration::from_secs(120), d)
@@ -502,7 +513,7 @@ async fn secure_aggregation_runs_per_leaf_and_the_root_decodes_the_merged_words(
 /// handshake by whichever leaf it tries, while the others train on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_in_the_registry_bars_the_device_at_every_leaf() {
-    let fed = Federation::start(config("logreg", 1, 2), 3, 3).await;
+    let fed = Federation::start(config("logreg", 1, 2), 3, 3, false).await;
     let addrs: Vec<SocketAddr> = fed.leaf_addrs().await.into_values().collect();
     let mut args = vec![
         "revoke".to_string(),
@@ -566,4 +577,69 @@ async fn a_revocation_in_the_registry_bars_the_device_at_every_leaf() {
             .unwrap();
         assert_eq!(s.final_version, Some(ModelVersion(1)));
     }
+}
+
+/// Every device enters through the first leaf; each not hashed to it is
+/// redirected to its own, and the run trains on all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_entering_anywhere_are_redirected_to_their_own_leaf() {
+    let fed = Federation::start(config("logreg", 1, 6), 6, 3, true).await;
+    let addrs = fed.leaf_addrs().await;
+    let ids: Vec<LeafId> = addrs.keys().cloned().collect();
+    let entry = addrs[&ids[0]];
+    let pseudonyms: BTreeMap<String, covey_privacy::Pseudonym> = StateDir::new(&fed.base)
+        .open_store()
+        .unwrap()
+        .enrollments()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.pseudonym))
+        .collect();
+    // Every leaf must see the others' beats before it routes by them.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let devices: Vec<_> = fed
+        .bundles
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let owner =
+                covey_server::cluster::route::leaf_for(&pseudonyms[&format!("device-{i}")], &ids)
+                    .unwrap()
+                    .clone();
+            let b = b.clone();
+            let task = tokio::spawn(async move {
+                let trainer = Box::new(ScriptedTrainer {
+                    id: i as u32,
+                    pause: Duration::ZERO,
+                });
+                covey_client::run(&b, trainer, options(entry))
+                    .await
+                    .unwrap()
+            });
+            (owner, task)
+        })
+        .collect();
+    for (owner, d) in devices {
+        let s = tokio::time::timeout(Duration::from_secs(120), d)
+            .await
+            .expect("devices finish")
+            .unwrap();
+        assert_eq!(s.final_version, Some(ModelVersion(1)));
+        if owner == ids[0] {
+            assert_eq!(s.redirects, 0, "served where it entered");
+        } else {
+            assert!(s.redirects >= 1, "a device of {owner} was not redirected");
+        }
+    }
+    let state = fed
+        .until(Duration::from_secs(30), "the run to finish", |s| {
+            s.finished.is_some()
+        })
+        .await;
+    let model = fed.model(&state).await;
+    assert_close(
+        &model,
+        &expected_model(&fed.initial, &[0, 1, 2, 3, 4, 5], 1),
+        1e-6,
+    );
 }

@@ -4,7 +4,11 @@
 //! devices wait, and forwards partial sums. The hub decides what to do
 //! with the root's state; this module only moves bytes.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use covey_protocol::RoundId;
 use tokio::sync::{mpsc, watch};
@@ -12,10 +16,13 @@ use tracing::{debug, warn};
 
 use super::{
     jetstream::{Cluster, ClusterError},
-    leaves::{Beat, Report},
-    route::LeafId,
+    leaves::{Beat, Heard, Leaves, Report},
+    route::{LeafId, Pace, Router, Routing},
     state::RootState,
 };
+
+/// A leaf whose beat has not changed for this long is not routed to.
+const LEAF_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The root's latest state, with the committed version's weights.
 #[derive(Clone, Debug)]
@@ -47,6 +54,8 @@ pub struct LinkEnds {
     pub news: mpsc::Receiver<RootNews>,
     pub outbound: mpsc::Sender<Outbound>,
     pub available: watch::Sender<u64>,
+    /// Which devices this leaf serves, from the live leaves the link sees.
+    pub router: Router,
 }
 
 /// The link's side of the channels.
@@ -54,26 +63,74 @@ pub struct LinkSide {
     news: mpsc::Sender<RootNews>,
     outbound: mpsc::Receiver<Outbound>,
     available: watch::Receiver<u64>,
+    live: watch::Sender<BTreeMap<LeafId, String>>,
 }
 
 /// The channels between a leaf's hub and its link, made before either
 /// starts: the hub needs its ends to open, the link the hub's address.
-pub fn channels() -> (LinkEnds, LinkSide) {
+pub fn channels(me: LeafId, pace: Pace, routing: Routing) -> (LinkEnds, LinkSide) {
     let (news_tx, news) = mpsc::channel(16);
     let (outbound, out_rx) = mpsc::channel::<Outbound>(16);
     let (available, available_rx) = watch::channel(0u64);
+    let (live, live_rx) = watch::channel(BTreeMap::new());
     (
         LinkEnds {
             news,
             outbound,
             available,
+            router: Router::new(me, live_rx, available_rx.clone(), pace, routing),
         },
         LinkSide {
             news: news_tx,
             outbound: out_rx,
             available: available_rx,
+            live,
         },
     )
+}
+
+/// Keeps `live` to the leaves whose beats keep changing, on this clock.
+async fn follow_leaves(leaves: Leaves, live: watch::Sender<BTreeMap<LeafId, String>>) {
+    let mut seen: BTreeMap<LeafId, (String, Instant)> = BTreeMap::new();
+    let mut heard: Option<mpsc::Receiver<Heard>> = None;
+    let mut last_heard = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        if heard.is_none() || last_heard.elapsed() > LEAF_TIMEOUT / 2 {
+            // Beats come several times a second: silence means the watch's
+            // consumer went with a NATS node.
+            heard = leaves.watch().await.ok();
+            last_heard = Instant::now();
+        }
+        let Some(rx) = heard.as_mut() else {
+            tick.tick().await;
+            continue;
+        };
+        tokio::select! {
+            h = rx.recv() => match h {
+                Some(Heard::Beat { leaf, beat }) => {
+                    last_heard = Instant::now();
+                    seen.insert(leaf, (beat.addr, Instant::now()));
+                }
+                Some(_) => last_heard = Instant::now(),
+                None => heard = None,
+            },
+            _ = tick.tick() => {}
+        }
+        if live.is_closed() {
+            return;
+        }
+        let now: BTreeMap<LeafId, String> = seen
+            .iter()
+            .filter(|(_, (_, at))| at.elapsed() < LEAF_TIMEOUT)
+            .map(|(l, (a, _))| (l.clone(), a.clone()))
+            .collect();
+        live.send_if_modified(|m| {
+            let changed = *m != now;
+            *m = now;
+            changed
+        });
+    }
 }
 
 impl LeafLink {
@@ -100,8 +157,11 @@ impl LeafLink {
             news: news_tx,
             outbound: mut out_rx,
             available: available_rx,
+            live,
         } = side;
+        let routes = tokio::spawn(follow_leaves(leaves.clone(), live));
         let task = tokio::spawn(async move {
+            let _routes = AbortOnDrop(routes);
             let mut last_state: Option<Vec<u8>> = None;
             let mut weights: Option<(covey_protocol::ModelVersion, Arc<Vec<f32>>)> = None;
             let mut tick = tokio::time::interval(self.every);
@@ -185,5 +245,14 @@ impl LeafLink {
             }
         });
         Ok(task)
+    }
+}
+
+/// Stops the route follower with the link.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -13,7 +13,7 @@ use super::{
     leaf::LeafLink,
     lease::{Timing, TimingError},
     root::{Root, RootError, RootOptions},
-    route::LeafId,
+    route::{LeafId, Pace, Routing},
 };
 use crate::{
     dir::{DirError, StateDir},
@@ -92,6 +92,8 @@ pub async fn aggregator(
     dir: &StateDir,
     cluster: &ClusterConfig,
     leaf: LeafId,
+    pace: Pace,
+    routing: Routing,
 ) -> Result<RunSummary, ProcessError> {
     let config = dir.config()?;
     let cluster = Cluster::connect(cluster).await?;
@@ -100,7 +102,7 @@ pub async fn aggregator(
         leaf: leaf.clone(),
         every: Duration::from_millis(250),
     };
-    let (ends, side) = super::leaf::channels();
+    let (ends, side) = super::leaf::channels(leaf.clone(), pace, routing);
     let server = Server::open_leaf(dir, leaf, ends)?;
     // A port of 0 in the public address means "the one bound".
     let addr = match config.server.public_addr.rsplit_once(':') {

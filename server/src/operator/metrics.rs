@@ -89,6 +89,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// Connections accepted after the handshake, over the run.
     pub connections_accepted: Counter,
+    /// A leaf's: devices sent to their own leaf or told to come back later.
+    pub redirects: Counter,
     /// Connections and requests refused, by reason.
     pub connections_refused: Family<Reason, Counter>,
     /// The latest duration of each phase, for the dashboard (a histogram
@@ -232,6 +234,12 @@ impl Metrics {
             "Connections admitted after the TLS and version handshake",
             connections_accepted.clone(),
         );
+        let redirects = Counter::default();
+        registry.register(
+            "redirects",
+            "Devices a leaf sent to the leaf that serves them, or paced",
+            redirects.clone(),
+        );
         let connections_refused = Family::<Reason, Counter>::default();
         registry.register(
             "connections_refused",
@@ -283,6 +291,7 @@ impl Metrics {
             epsilon,
             connections_open,
             connections_accepted,
+            redirects,
             connections_refused,
             latest_phase: Default::default(),
         }

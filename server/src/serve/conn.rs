@@ -2,6 +2,8 @@
 //! frames between the peer and the hub. Nothing here decides anything.
 
 use super::*;
+use crate::cluster::route::Steer;
+use covey_protocol::message::Redirect;
 
 pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
@@ -179,7 +181,7 @@ pub(super) async fn serve_connection(
     shared: Arc<Shared>,
 ) {
     let hello_timeout = shared.hello_timeout;
-    let handshake = tokio::time::timeout(hello_timeout, handshake(&conn, &shared));
+    let handshake = tokio::time::timeout(hello_timeout, handshake(&conn, &shared, &client));
     match handshake.await.unwrap_or_else(|_| {
         Err(Some(PeerFault::new(
             CloseCode::ProtocolViolation,
@@ -252,6 +254,7 @@ pub(super) fn link_lost(conn: &quinn::Connection) -> bool {
 pub(super) async fn handshake(
     conn: &quinn::Connection,
     shared: &Shared,
+    client: &Pseudonym,
 ) -> Result<(), Option<PeerFault>> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|_| None)?;
     let hello = match read_message(&mut recv, shared.limits).await {
@@ -280,6 +283,29 @@ pub(super) async fn handshake(
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
         return Err(Some(PeerFault::new(CloseCode::IncompatibleVersion, detail)));
+    }
+    let steer = shared
+        .router
+        .as_ref()
+        .map_or(Steer::Serve, |r| r.steer(client));
+    let redirect = match steer {
+        Steer::Serve => None,
+        Steer::Move(to) => Some(Redirect {
+            to: Some(to),
+            after_ms: 0,
+        }),
+        Steer::Later(after) => Some(Redirect {
+            to: None,
+            after_ms: u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
+        }),
+    };
+    if let Some(redirect) = redirect {
+        shared.metrics.redirects.inc();
+        let _ = write_message(&mut send, &Message::Redirect(redirect)).await;
+        let _ = send.finish();
+        // The device closes; this only bounds how long it may take.
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        return Err(None);
     }
     let welcome = Message::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,

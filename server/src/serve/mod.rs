@@ -319,6 +319,8 @@ struct Shared {
     admitted: Arc<Admitted>,
     /// The files devices fetch by hash to build the model.
     assets: crate::state::assets::ServedAssets,
+    /// A leaf's: which devices it serves, and the pace of check-ins.
+    router: Option<crate::cluster::route::Router>,
 }
 
 /// A bound, ready server. `run` drives it until the run finishes.
@@ -612,6 +614,7 @@ impl Server {
             transfer_timeout: Duration::from_secs_f64(config.server.transfer_timeout_secs),
             admitted: admitted.clone(),
             assets: served,
+            router: leaf.as_ref().map(|(_, ends)| ends.router.clone()),
         });
         let hub = Hub {
             machine,
