@@ -235,6 +235,10 @@ enum Command {
         /// balancer that already spreads devices).
         #[arg(long)]
         no_redirect: bool,
+        /// Where devices reach this leaf (`host:port`), which it advertises
+        /// for redirects; default: config.toml's server.public_addr.
+        #[arg(long)]
+        public_addr: Option<String>,
         /// Print the run summary as JSON on exit.
         #[arg(long)]
         json: bool,
@@ -975,6 +979,7 @@ fn main() -> Result<()> {
             max_waiting,
             pace_secs,
             no_redirect,
+            public_addr,
             json,
         } => {
             let routing = if no_redirect {
@@ -991,7 +996,7 @@ fn main() -> Result<()> {
             let (state, cluster) = (StateDir::new(&dir), nats.config());
             let summary = runtime.block_on(async {
                 tokio::select! {
-                    s = covey_server::cluster::process::aggregator(&state, &cluster, leaf, pace, routing) => Ok::<_, anyhow::Error>(Some(s?)),
+                    s = covey_server::cluster::process::aggregator(&state, &cluster, leaf, pace, routing, public_addr) => Ok::<_, anyhow::Error>(Some(s?)),
                     _ = tokio::signal::ctrl_c() => Ok(None),
                 }
             })?;

@@ -94,6 +94,7 @@ pub async fn aggregator(
     leaf: LeafId,
     pace: Pace,
     routing: Routing,
+    public_addr: Option<String>,
 ) -> Result<RunSummary, ProcessError> {
     let config = dir.config()?;
     let cluster = Cluster::connect(cluster).await?;
@@ -104,13 +105,15 @@ pub async fn aggregator(
     };
     let (ends, side) = super::leaf::channels(leaf.clone(), pace, routing);
     let server = Server::open_leaf(dir, leaf, ends)?;
-    // A port of 0 in the public address means "the one bound".
-    let addr = match config.server.public_addr.rsplit_once(':') {
+    // Each leaf's own, where a shared config.toml cannot say it; a port
+    // of 0 means "the one bound".
+    let public_addr = public_addr.unwrap_or_else(|| config.server.public_addr.clone());
+    let addr = match public_addr.rsplit_once(':') {
         Some((host, "0")) => format!(
             "{host}:{}",
             server.local_addr().map_err(ServeError::from_io)?.port()
         ),
-        _ => config.server.public_addr.clone(),
+        _ => public_addr.clone(),
     };
     let link_task = link.start(side, addr).await?;
     let admitted = server.admitted();
