@@ -766,8 +766,10 @@ impl<C: Copy + Ord> Coordinator<C> {
         }]
     }
 
-    /// A leaf's round: exactly the root's quota, drawn at random once that
-    /// many wait, with the root's id and deadline.
+    /// A leaf's round, with the root's id and deadline, once the root's
+    /// quota of devices wait: exactly that many, drawn at random, or under
+    /// Poisson selection each of them independently at the rate, so the
+    /// union over leaves is the Poisson sample the accountant assumes.
     fn start_permitted(&mut self, permit: Permit) -> Vec<Action<C>> {
         if self.pool.len() < permit.quota {
             return Vec::new();
@@ -775,6 +777,24 @@ impl<C: Copy + Ord> Coordinator<C> {
         let mut candidates: Vec<C> = self.pool.iter().copied().collect();
         candidates.shuffle(&mut self.rng);
         candidates.truncate(permit.quota);
+        if let Selection::Poisson { rate } = self.config.selection {
+            candidates.retain(|_| self.rng.random::<f64>() < rate);
+            if candidates.is_empty() {
+                // Nobody drawn: nothing to release, and the root need not wait.
+                self.gate = Gate::Root(None);
+                self.next_round = permit.round.next();
+                return vec![Action::Abort {
+                    round: permit.round,
+                    reason: AbortReason::QuorumUnreachable,
+                    stats: RoundStats {
+                        selected: 0,
+                        accepted: 0,
+                        dropped: 0,
+                    },
+                }];
+            }
+        }
+        let target = candidates.len();
         candidates.sort();
         for c in &candidates {
             self.pool.remove(c);
@@ -785,7 +805,7 @@ impl<C: Copy + Ord> Coordinator<C> {
             id: permit.round,
             base: self.version,
             deadline: permit.deadline,
-            target: permit.quota,
+            target,
             members: candidates.iter().map(|&c| (c, Member::Training)).collect(),
         });
         vec![Action::StartRound {
@@ -1497,5 +1517,42 @@ mod tests {
                 ..
             }]
         ));
+    }
+
+    #[test]
+    fn a_poisson_leaf_draws_each_of_its_quota_at_the_rate() {
+        let now = Instant::now();
+        let mut cfg = config(10, 1, 100);
+        cfg.selection = Selection::Poisson { rate: 0.5 };
+        let mut c = Coordinator::new(cfg, ModelVersion(0), RoundId(1), 3)
+            .unwrap()
+            .follow_root();
+        for k in 0..400 {
+            c.check_in(k, now);
+        }
+        let later = now + Duration::from_secs(30);
+        let actions = c.permit(RoundId(1), ModelVersion(0), 400, later, now);
+        let [Action::StartRound { cohort, .. }] = actions.as_slice() else {
+            panic!("expected a round, got {actions:?}");
+        };
+        assert!((160..240).contains(&cohort.len()), "drew {}", cohort.len());
+        // At rate 0 nobody is drawn: the round ends at once, so the root
+        // hears of it without waiting for the deadline.
+        let mut cfg = config(10, 1, 100);
+        cfg.selection = Selection::Poisson { rate: 1e-9 };
+        let mut c = Coordinator::new(cfg, ModelVersion(0), RoundId(1), 3)
+            .unwrap()
+            .follow_root();
+        c.check_in(1, now);
+        let actions = c.permit(RoundId(4), ModelVersion(0), 1, later, now);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Abort {
+                round: RoundId(4),
+                reason: AbortReason::QuorumUnreachable,
+                ..
+            }]
+        ));
+        assert_eq!(c.current_round(), None);
     }
 }

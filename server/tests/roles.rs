@@ -100,19 +100,6 @@ impl Drop for Role {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 struct Federation {
     nats: Nats,
     /// The root's key, through one connection that outlives node losses.
@@ -166,7 +153,7 @@ impl Federation {
         let mut roots = Vec::new();
         for r in ["r1", "r2"] {
             let dir = tmp.path().join(r);
-            copy_dir(&base, &dir);
+            nats::provision(&base, &dir);
             let mut args = vec![
                 "coordinator".to_string(),
                 "--dir".into(),
@@ -183,7 +170,7 @@ impl Federation {
         for i in 0..leaves {
             let name = format!("leaf-{i}");
             let dir = tmp.path().join(&name);
-            copy_dir(&base, &dir);
+            nats::provision(&base, &dir);
             let mut args = vec![
                 "aggregator".to_string(),
                 "--dir".into(),
@@ -642,4 +629,42 @@ async fn devices_entering_anywhere_are_redirected_to_their_own_leaf() {
         &expected_model(&fed.initial, &[0, 1, 2, 3, 4, 5], 1),
         1e-6,
     );
+}
+
+/// Central DP across leaves: the root adds the noise once to the merged
+/// sum, keeps the ledger in its committed state, and ends the run when the
+/// budget admits no more rounds, exactly where a single server would
+/// (three rounds at q = 1, z = 5 spend 1.4456 of 1.5; a fourth would not fit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_spends_and_enforces_the_privacy_budget_across_leaves() {
+    let mut cfg = config("logreg", 10, 3);
+    cfg.privacy.mode = "central".into();
+    cfg.privacy.population = 3;
+    cfg.privacy.noise_multiplier = 5.0;
+    cfg.privacy.target_epsilon = 1.5;
+    let fed = Federation::start(cfg, 3, 3, false).await;
+    let devices = fed.devices(Duration::ZERO).await;
+    let state = fed
+        .until(Duration::from_secs(120), "the budget to run out", |s| {
+            s.finished.is_some()
+        })
+        .await;
+    assert_eq!(state.finished, Some(Finished::BudgetExhausted));
+    assert_eq!(state.version, ModelVersion(3));
+    let ledger = state.ledger.as_ref().expect("the root's ledger");
+    assert_eq!(ledger.rounds, 3);
+    let spent = state.last.as_ref().and_then(|r| r.epsilon).unwrap();
+    assert!(spent > 1.4 && spent <= 1.5, "spent {spent}");
+    // Noise was added: the model is not the plain mean.
+    let model = fed.model(&state).await;
+    let plain = expected_model(&fed.initial, &[0, 1, 2], 3);
+    let moved: f32 = model.iter().zip(&plain).map(|(a, b)| (a - b).abs()).sum();
+    assert!(moved > 1e-3, "no noise in the released model");
+    for (_, d) in devices {
+        let s = tokio::time::timeout(Duration::from_secs(60), d)
+            .await
+            .expect("devices hear the run is over")
+            .unwrap();
+        assert_eq!(s.final_version, Some(ModelVersion(3)));
+    }
 }

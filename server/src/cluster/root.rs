@@ -82,12 +82,6 @@ pub fn check_splittable(settings: &Settings) -> Result<(), String> {
     ) {
         return Err("server optimizers with moments (FedAvgM, FedAdam) are not yet carried across root takeovers; use fedavg".into());
     }
-    if !matches!(
-        settings.round.selection,
-        covey_protocol::round::Selection::Fixed
-    ) {
-        return Err("Poisson selection needs one pool; use fixed selection".into());
-    }
     Ok(())
 }
 
@@ -386,11 +380,13 @@ impl Root {
             self.propose(replica, &state.finish(why)).await;
             return;
         }
-        let q = quotas(
-            live,
-            self.settings.round.clients_per_round,
-            self.options.min_per_leaf,
-        );
+        // Under Poisson selection every waiting device is a candidate and
+        // each leaf draws its own at the rate.
+        let cohort = match self.settings.round.selection {
+            covey_protocol::round::Selection::Fixed => self.settings.round.clients_per_round,
+            covey_protocol::round::Selection::Poisson { .. } => usize::MAX,
+        };
+        let q = quotas(live, cohort, self.options.min_per_leaf);
         let total: usize = q.values().sum();
         if total
             < self

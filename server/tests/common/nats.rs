@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -175,6 +175,22 @@ impl Drop for Nats {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
             self.kill(i);
+        }
+    }
+}
+
+/// Copies a provisioning directory (`covey-server init` and its
+/// enrollments) to a process's own, as an operator copies one to each
+/// machine of a cluster.
+pub fn provision(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            provision(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
         }
     }
 }
