@@ -133,14 +133,14 @@ async fn main() {
     let registry = Cluster::connect(&on_node(0))
         .await
         .unwrap()
-        .revocations()
+        .registry()
         .await
         .unwrap();
     let admitted = std::sync::Arc::new(Admitted::new([]));
     let (follower, mut applied) = Cluster::connect(&on_node(2))
         .await
         .unwrap()
-        .revocations()
+        .registry()
         .await
         .unwrap()
         .follow(admitted)

@@ -161,6 +161,12 @@ enum Command {
         /// device (trains), or auditor, operator or admin (the operator API).
         #[arg(long, default_value = "device")]
         role: Role,
+        /// A cluster's NATS: the enrollment also goes to its registry,
+        /// which every leaf applies within a second.
+        #[arg(long = "nats")]
+        nats: Vec<String>,
+        #[arg(long, default_value = "covey")]
+        bucket: String,
     },
     /// Revoke a client; it is refused at the TLS handshake from then on.
     Revoke {
@@ -761,6 +767,47 @@ fn main() -> Result<()> {
             out,
             days,
             role,
+            nats,
+            bucket,
+        } if !nats.is_empty() => {
+            if days == 0 {
+                bail!("--days must be at least 1");
+            }
+            // A cluster's provisioning directory: no server holds it open.
+            let state = StateDir::new(&dir);
+            let store = state.open_store()?;
+            let lifetime = Duration::from_secs(days * 86_400);
+            let (bundle, pseudonym) = state.enroll_as(&store, &name, lifetime, None, role)?;
+            let cluster = NatsArgs {
+                urls: nats,
+                bucket,
+                replicas: 3,
+                request_timeout_ms: 2000,
+            }
+            .config();
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let cluster = covey_server::cluster::jetstream::Cluster::connect(&cluster).await?;
+                let registry = cluster.patiently(|c| async move { c.registry().await }).await?;
+                registry.admit(&pseudonym, role).await?;
+                Ok::<_, anyhow::Error>(())
+            })
+            .with_context(|| {
+                format!("'{name}' is enrolled here but not yet in the cluster's registry; revoke it and enroll again")
+            })?;
+            write_secret(&out, bundle.to_toml().as_bytes())?;
+            println!(
+                "enrolled '{name}' as {role} here and in the cluster's registry: identity written to {}",
+                out.display()
+            );
+        }
+        Command::Enroll {
+            dir,
+            name,
+            out,
+            days,
+            role,
+            ..
         } => {
             if days == 0 {
                 bail!("--days must be at least 1");
@@ -843,7 +890,7 @@ fn main() -> Result<()> {
             runtime.block_on(async {
                 let cluster = covey_server::cluster::jetstream::Cluster::connect(&cluster).await?;
                 let registry = cluster
-                    .patiently(|c| async move { c.revocations().await })
+                    .patiently(|c| async move { c.registry().await })
                     .await?;
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
                 for pseudonym in &pseudonyms {

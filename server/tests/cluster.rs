@@ -236,10 +236,10 @@ async fn a_revocation_on_one_node_is_refused_on_every_other() {
         (kept, Role::Device),
     ]));
     // One revoked before the leaf starts following, one after.
-    let registry = root.revocations().await.unwrap();
+    let registry = root.registry().await.unwrap();
     registry.revoke(&early, 1).await.unwrap();
     let (follower, mut applied) = leaf
-        .revocations()
+        .registry()
         .await
         .unwrap()
         .follow(admitted.clone())

@@ -3,7 +3,9 @@
 //! aggregator` leaves, with devices on each leaf. The released model must
 //! be exactly what one server computes from the same updates, and the
 //! failures the design names (a leaf killed mid-round, the leading root
-//! killed, a NATS node killed) must cost no more than they should.
+//! frozen as by a partition and thawed, the leading root killed, a NATS
+//! node killed) must cost no more than they should. Revocations, routing
+//! by redirect, secure aggregation and central DP run split as well.
 
 mod common;
 #[path = "common/nats.rs"]
@@ -57,6 +59,17 @@ impl Role {
             child: Some(child),
             log,
         }
+    }
+
+    /// SIGSTOP or SIGCONT: a process frozen, as by a partition or a long
+    /// pause, and thawed.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     fn kill(&mut self) {
@@ -350,8 +363,8 @@ async fn three_leaves_and_two_roots_release_what_one_server_would() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_leaf_a_killed_root_and_a_killed_nats_node_cost_only_their_share() {
-    let mut cfg = config("logreg", 3, 6);
+async fn a_killed_leaf_a_frozen_root_a_killed_root_and_a_killed_nats_node_cost_only_their_share() {
+    let mut cfg = config("logreg", 4, 6);
     cfg.rounds.min_clients = 4;
     cfg.rounds.quorum = 4;
     let mut fed = Federation::start(cfg, 6, 3, false).await;
@@ -391,19 +404,35 @@ async fn a_killed_leaf_a_killed_root_and_a_killed_nats_node_cost_only_their_shar
     let quotas = &planned.plan.unwrap().quotas;
     assert_eq!(last.selected, quotas.values().sum::<usize>());
 
-    // The leading root dies with round 2 planned: the standby takes the
-    // lease, reads the plan, and commits exactly one version 2.
+    // The leading root freezes with round 2 planned, as if cut off: the
+    // standby takes the lease, reads the plan, and commits exactly one
+    // version 2. Thawed, the old root's writes are refused and it stands by.
     fed.until(Duration::from_secs(60), "the second plan", |s| {
         s.plan.as_ref().is_some_and(|p| p.base == ModelVersion(1))
     })
     .await;
-    let leader = fed.leader().await;
-    fed.roots[leader].kill();
+    let frozen = fed.leader().await;
+    fed.roots[frozen].signal("-STOP");
     fed.until(Duration::from_secs(60), "version 2", |s| {
         s.version == ModelVersion(2)
     })
     .await;
-    assert_ne!(fed.leader().await, leader, "the standby holds the lease");
+    assert_ne!(fed.leader().await, frozen, "the standby holds the lease");
+    fed.roots[frozen].signal("-CONT");
+
+    // Now the leader dies with round 3 planned: the thawed replica takes
+    // over and commits exactly one version 3.
+    fed.until(Duration::from_secs(60), "the third plan", |s| {
+        s.plan.as_ref().is_some_and(|p| p.base == ModelVersion(2))
+    })
+    .await;
+    let leader = fed.leader().await;
+    fed.roots[leader].kill();
+    fed.until(Duration::from_secs(60), "version 3", |s| {
+        s.version == ModelVersion(3)
+    })
+    .await;
+    assert_eq!(fed.leader().await, frozen, "the thawed replica leads");
 
     // One of three NATS nodes dies: rounds go on.
     fed.nats.kill(0);
@@ -412,13 +441,13 @@ async fn a_killed_leaf_a_killed_root_and_a_killed_nats_node_cost_only_their_shar
             s.finished.is_some()
         })
         .await;
-    assert_eq!(done.version, ModelVersion(3));
+    assert_eq!(done.version, ModelVersion(4));
     // Devices 2 and 5 were on the killed leaf; every version is FedAvg
     // over the other four.
     let model = fed.model(&done).await;
     assert_close(
         &model,
-        &expected_model(&fed.initial, &[0, 1, 3, 4], 3),
+        &expected_model(&fed.initial, &[0, 1, 3, 4], 4),
         1e-6,
     );
     for (leaf, d) in devices {
@@ -430,7 +459,7 @@ async fn a_killed_leaf_a_killed_root_and_a_killed_nats_node_cost_only_their_shar
             .await
             .expect("devices finish")
             .unwrap();
-        assert_eq!(s.final_version, Some(ModelVersion(3)));
+        assert_eq!(s.final_version, Some(ModelVersion(4)));
     }
     watcher.abort();
     let mut states = Vec::new();
@@ -495,11 +524,40 @@ async fn secure_aggregation_runs_per_leaf_and_the_root_decodes_the_merged_words(
     assert_close(&model, &expected, 1e-4);
 }
 
-/// `covey-server revoke --nats` on the provisioning directory reaches the
-/// registry every leaf follows: the revoked device is refused at the TLS
-/// handshake by whichever leaf it tries, while the others train on.
+/// Whether the leaf at `addr` lets `bundle` through its TLS handshake and
+/// answers its Hello with Welcome.
+async fn welcomed(bundle: &IdentityBundle, addr: SocketAddr) -> bool {
+    use covey_protocol::{
+        PROTOCOL_VERSION,
+        frame::FrameLimits,
+        io::{read_message, write_message},
+        message::{Hello, Message},
+    };
+    let Ok(conn) = try_connect(bundle, addr).await else {
+        return false;
+    };
+    let Ok((mut send, mut recv)) = conn.open_bi().await else {
+        return false;
+    };
+    let hello = Message::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "test".into(),
+    });
+    if write_message(&mut send, &hello).await.is_err() {
+        return false;
+    }
+    let _ = send.finish();
+    let welcome = read_message(&mut recv, FrameLimits::default()).await;
+    conn.close(0u32.into(), b"done");
+    matches!(welcome, Ok(Message::Welcome(_)))
+}
+
+/// `covey-server revoke --nats` and `enroll --nats` on the provisioning
+/// directory reach the registry every leaf follows: the revoked device is
+/// refused at the TLS handshake by whichever leaf it tries, one enrolled
+/// after the leaves started is admitted by all, and the others train on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revocation_in_the_registry_bars_the_device_at_every_leaf() {
+async fn enrollments_and_revocations_in_the_registry_reach_every_leaf() {
     let fed = Federation::start(config("logreg", 1, 2), 3, 3, false).await;
     let addrs: Vec<SocketAddr> = fed.leaf_addrs().await.into_values().collect();
     let mut args = vec![
@@ -542,6 +600,41 @@ async fn a_revocation_in_the_registry_bars_the_device_at_every_leaf() {
             }
         }
     }
+    // A device enrolled now, on the provisioning directory, is admitted by
+    // every leaf: it is not refused, and waits for a task like the others.
+    let late = fed.base.with_file_name("late.identity");
+    let mut args = vec![
+        "enroll".to_string(),
+        "--dir".into(),
+        fed.base.display().to_string(),
+        "--name".into(),
+        "device-late".into(),
+        "--out".into(),
+        late.display().to_string(),
+    ];
+    args.extend(nats_args(&fed.nats));
+    let out = Command::new(env!("CARGO_BIN_EXE_covey-server"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let late = IdentityBundle::load(&late).unwrap();
+    for &addr in &addrs {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // A handshake and Hello only: checking in would put it in a round.
+        while !welcomed(&late, addr).await {
+            assert!(
+                Instant::now() < deadline,
+                "leaf at {addr} refuses a device enrolled in the registry"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     // The others train on, both on the first leaf.
     let devices: Vec<_> = fed.bundles[..2]
         .iter()

@@ -3,7 +3,7 @@
 //! coordinator's lease, which fences every write the root makes
 //! (`lease`, sans-IO), its driver over JetStream KV (`jetstream`), model
 //! versions and leaves' partial sums in an object store (`objects`),
-//! revocations every node applies (`revocations`), which leaf serves
+//! enrollments and revocations every node applies (`registry`), which leaf serves
 //! each device (`route`), what the root commits under its lease (`state`)
 //! and what leaves tell it (`leaves`); the root's driver (`root`) and a
 //! leaf's link to it (`leaf`).
@@ -14,7 +14,7 @@ pub mod lease;
 pub mod leaves;
 pub mod objects;
 pub mod process;
-pub mod revocations;
+pub mod registry;
 pub mod root;
 pub mod route;
 pub mod state;

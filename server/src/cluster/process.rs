@@ -120,7 +120,7 @@ pub async fn aggregator(
     let (revocations, _) = cluster
         .patiently(|c| {
             let admitted = admitted.clone();
-            async move { c.revocations().await?.follow(admitted).await }
+            async move { c.registry().await?.follow(admitted).await }
         })
         .await?;
     let summary = server.run().await;
