@@ -98,6 +98,32 @@ impl NatsArgs {
     }
 }
 
+/// The cluster registry at `urls` (for enroll and revoke), with the
+/// runtime its calls run on.
+fn cluster_registry(
+    urls: Vec<String>,
+    bucket: String,
+) -> Result<(
+    tokio::runtime::Runtime,
+    covey_server::cluster::registry::Registry,
+)> {
+    let config = NatsArgs {
+        urls,
+        bucket,
+        replicas: 3,
+        request_timeout_ms: 2000,
+    }
+    .config();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let registry = runtime.block_on(async {
+        let cluster = covey_server::cluster::jetstream::Cluster::connect(&config).await?;
+        cluster
+            .patiently(|c| async move { c.registry().await })
+            .await
+    })?;
+    Ok((runtime, registry))
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create a state directory: CA, server certificate, database, config.toml.
@@ -778,21 +804,11 @@ fn main() -> Result<()> {
             let store = state.open_store()?;
             let lifetime = Duration::from_secs(days * 86_400);
             let (bundle, pseudonym) = state.enroll_as(&store, &name, lifetime, None, role)?;
-            let cluster = NatsArgs {
-                urls: nats,
-                bucket,
-                replicas: 3,
-                request_timeout_ms: 2000,
-            }
-            .config();
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(async {
-                let cluster = covey_server::cluster::jetstream::Cluster::connect(&cluster).await?;
-                let registry = cluster.patiently(|c| async move { c.registry().await }).await?;
-                registry.admit(&pseudonym, role).await?;
-                Ok::<_, anyhow::Error>(())
-            })
-            .with_context(|| {
+            cluster_registry(nats, bucket)
+                .and_then(|(runtime, registry)| {
+                    Ok(runtime.block_on(registry.admit(&pseudonym, role))?)
+                })
+                .with_context(|| {
                 format!("'{name}' is enrolled here but not yet in the cluster's registry; revoke it and enroll again")
             })?;
             write_secret(&out, bundle.to_toml().as_bytes())?;
@@ -879,24 +895,13 @@ fn main() -> Result<()> {
             if pseudonyms.is_empty() {
                 bail!("no device named '{name}' is enrolled in {}", dir.display());
             }
-            let cluster = NatsArgs {
-                urls: nats,
-                bucket,
-                replicas: 3,
-                request_timeout_ms: 2000,
-            }
-            .config();
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let (runtime, registry) = cluster_registry(nats, bucket)?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
             runtime.block_on(async {
-                let cluster = covey_server::cluster::jetstream::Cluster::connect(&cluster).await?;
-                let registry = cluster
-                    .patiently(|c| async move { c.registry().await })
-                    .await?;
-                let now = time::OffsetDateTime::now_utc().unix_timestamp();
                 for pseudonym in &pseudonyms {
                     registry.revoke(pseudonym, now).await?;
                 }
-                Ok::<_, anyhow::Error>(())
+                Ok::<_, covey_server::cluster::jetstream::ClusterError>(())
             })?;
             let revoked = state.revoke(&store, &name).map(|r| r.len()).unwrap_or(0);
             println!(

@@ -307,6 +307,19 @@ impl Federation {
         }
     }
 
+    /// Runs `covey-server ARGS --nats ...` to its end, as an operator
+    /// would on the provisioning directory; checks it reached the registry.
+    fn admin(&self, args: &[&str]) {
+        let out = Command::new(env!("CARGO_BIN_EXE_covey-server"))
+            .args(args)
+            .args(nats_args(&self.nats))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("cluster's registry"));
+    }
+
     /// The replica holding the lease.
     async fn leader(&self) -> usize {
         let (_, record) = self.key.read().await.unwrap().unwrap();
@@ -560,24 +573,8 @@ async fn welcomed(bundle: &IdentityBundle, addr: SocketAddr) -> bool {
 async fn enrollments_and_revocations_in_the_registry_reach_every_leaf() {
     let fed = Federation::start(config("logreg", 1, 2), 3, 3, false).await;
     let addrs: Vec<SocketAddr> = fed.leaf_addrs().await.into_values().collect();
-    let mut args = vec![
-        "revoke".to_string(),
-        "--dir".into(),
-        fed.base.display().to_string(),
-        "--name".into(),
-        "device-2".into(),
-    ];
-    args.extend(nats_args(&fed.nats));
-    let out = Command::new(env!("CARGO_BIN_EXE_covey-server"))
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("cluster's registry"));
+    let base = fed.base.display().to_string();
+    fed.admin(&["revoke", "--dir", &base, "--name", "device-2"]);
     let revoked = fed.bundles[2].clone();
     for &addr in &addrs {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -603,25 +600,16 @@ async fn enrollments_and_revocations_in_the_registry_reach_every_leaf() {
     // A device enrolled now, on the provisioning directory, is admitted by
     // every leaf: it is not refused, and waits for a task like the others.
     let late = fed.base.with_file_name("late.identity");
-    let mut args = vec![
-        "enroll".to_string(),
-        "--dir".into(),
-        fed.base.display().to_string(),
-        "--name".into(),
-        "device-late".into(),
-        "--out".into(),
-        late.display().to_string(),
-    ];
-    args.extend(nats_args(&fed.nats));
-    let out = Command::new(env!("CARGO_BIN_EXE_covey-server"))
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let late_path = late.display().to_string();
+    fed.admin(&[
+        "enroll",
+        "--dir",
+        &base,
+        "--name",
+        "device-late",
+        "--out",
+        &late_path,
+    ]);
     let late = IdentityBundle::load(&late).unwrap();
     for &addr in &addrs {
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -105,22 +105,44 @@ impl Cluster {
         &self.js
     }
 
-    /// The root's key, in its bucket, created on the cluster's first start.
-    pub async fn root_key(&self) -> Result<RootKey, ClusterError> {
-        let kv = self
-            .js
+    /// A replicated KV bucket, `<bucket><suffix>`, created on first use.
+    pub(super) async fn kv_bucket(
+        &self,
+        suffix: &str,
+        history: i64,
+    ) -> Result<kv::Store, ClusterError> {
+        let bucket = format!("{}{suffix}", self.config.bucket);
+        self.js
             .create_or_update_key_value(kv::Config {
-                bucket: self.config.bucket.clone(),
-                history: 8,
+                bucket: bucket.clone(),
+                history,
                 storage: jetstream::stream::StorageType::File,
                 num_replicas: self.config.replicas,
                 ..Default::default()
             })
             .await
             .map_err(|e| ClusterError::Bucket {
-                bucket: self.config.bucket.clone(),
+                bucket,
                 detail: e.to_string(),
-            })?;
+            })
+    }
+
+    /// What both roles open: the root's key, the object store and the
+    /// leaves' bucket, waiting for JetStream as `patiently` does.
+    pub async fn open_roles(
+        &self,
+    ) -> Result<(RootKey, super::objects::Objects, super::leaves::Leaves), ClusterError> {
+        let key = self
+            .patiently(|c| async move { c.root_key().await })
+            .await?;
+        let objects = self.patiently(|c| async move { c.objects().await }).await?;
+        let leaves = self.patiently(|c| async move { c.leaves().await }).await?;
+        Ok((key, objects, leaves))
+    }
+
+    /// The root's key, in its bucket, created on the cluster's first start.
+    pub async fn root_key(&self) -> Result<RootKey, ClusterError> {
+        let kv = self.kv_bucket("", 8).await?;
         Ok(RootKey {
             kv,
             timeout: self.config.request_timeout,

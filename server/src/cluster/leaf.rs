@@ -141,18 +141,7 @@ impl LeafLink {
         side: LinkSide,
         addr: String,
     ) -> Result<tokio::task::JoinHandle<()>, ClusterError> {
-        let key = self
-            .cluster
-            .patiently(|c| async move { c.root_key().await })
-            .await?;
-        let objects = self
-            .cluster
-            .patiently(|c| async move { c.objects().await })
-            .await?;
-        let leaves = self
-            .cluster
-            .patiently(|c| async move { c.leaves().await })
-            .await?;
+        let (key, objects, leaves) = self.cluster.open_roles().await?;
         let LinkSide {
             news: news_tx,
             outbound: mut out_rx,

@@ -5,7 +5,7 @@
 //! leaf's clock with its own: a leaf is alive while its beat key keeps
 //! getting new revisions, timed on the root's clock.
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use covey_protocol::RoundId;
 use futures_util::StreamExt;
@@ -60,21 +60,7 @@ pub struct Leaves {
 impl Cluster {
     /// The leaves bucket (`<bucket>-leaves`), created on first use.
     pub async fn leaves(&self) -> Result<Leaves, ClusterError> {
-        let bucket = format!("{}-leaves", self.config().bucket);
-        let kv = self
-            .jetstream()
-            .create_or_update_key_value(kv::Config {
-                bucket: bucket.clone(),
-                history: 1,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: self.config().replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ClusterError::Bucket {
-                bucket,
-                detail: e.to_string(),
-            })?;
+        let kv = self.kv_bucket("-leaves", 1).await?;
         Ok(Leaves { kv })
     }
 }

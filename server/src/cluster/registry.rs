@@ -11,7 +11,7 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use covey_privacy::Pseudonym;
 use covey_protocol::admin::Role;
@@ -34,21 +34,7 @@ pub struct Registry {
 impl Cluster {
     /// The registry bucket (`<bucket>-registry`), created on first use.
     pub async fn registry(&self) -> Result<Registry, ClusterError> {
-        let bucket = format!("{}-registry", self.config().bucket);
-        let kv = self
-            .jetstream()
-            .create_or_update_key_value(kv::Config {
-                bucket: bucket.clone(),
-                history: 1,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: self.config().replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ClusterError::Bucket {
-                bucket,
-                detail: e.to_string(),
-            })?;
+        let kv = self.kv_bucket("-registry", 1).await?;
         Ok(Registry { kv })
     }
 }

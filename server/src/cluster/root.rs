@@ -106,18 +106,7 @@ impl Root {
     /// Runs until `stop` turns true or the run is finished.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), RootError> {
         check_splittable(&self.settings).map_err(RootError::Unsupported)?;
-        let key = self
-            .cluster
-            .patiently(|c| async move { c.root_key().await })
-            .await?;
-        let objects = self
-            .cluster
-            .patiently(|c| async move { c.objects().await })
-            .await?;
-        let leaves = self
-            .cluster
-            .patiently(|c| async move { c.leaves().await })
-            .await?;
+        let (key, objects, leaves) = self.cluster.open_roles().await?;
         let me = format!("{}-{:08x}", self.options.name, rand::random::<u32>());
         let replica = Replica::start(key, Lease::new(me, self.options.lease));
         let mut standing = replica.standing();
