@@ -98,6 +98,14 @@ impl NatsArgs {
     }
 }
 
+/// `enroll --days`, checked.
+fn certificate_lifetime(days: u64) -> Result<Duration> {
+    if days == 0 {
+        bail!("--days must be at least 1");
+    }
+    Ok(Duration::from_secs(days.saturating_mul(86_400)))
+}
+
 /// The cluster registry at `urls` (for enroll and revoke), with the
 /// runtime its calls run on.
 fn cluster_registry(
@@ -796,13 +804,10 @@ fn main() -> Result<()> {
             nats,
             bucket,
         } if !nats.is_empty() => {
-            if days == 0 {
-                bail!("--days must be at least 1");
-            }
             // A cluster's provisioning directory: no server holds it open.
             let state = StateDir::new(&dir);
             let store = state.open_store()?;
-            let lifetime = Duration::from_secs(days * 86_400);
+            let lifetime = certificate_lifetime(days)?;
             let (bundle, pseudonym) = state.enroll_as(&store, &name, lifetime, None, role)?;
             cluster_registry(nats, bucket)
                 .and_then(|(runtime, registry)| {
@@ -825,11 +830,8 @@ fn main() -> Result<()> {
             role,
             ..
         } => {
-            if days == 0 {
-                bail!("--days must be at least 1");
-            }
             let state = StateDir::new(&dir);
-            let lifetime = Duration::from_secs(days * 86_400);
+            let lifetime = certificate_lifetime(days)?;
             let bundle = match state.open_store() {
                 Ok(store) => state.enroll_as(&store, &name, lifetime, None, role)?.0,
                 Err(e) if holds_lock(&e) => {
