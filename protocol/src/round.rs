@@ -636,11 +636,24 @@ impl<C: Copy + Ord> Coordinator<C> {
                 self.then_start(actions, now)
             }
             Phase::Waiting => {
-                if let Gate::Root(permit) = &mut self.gate
-                    && permit.is_some_and(|p| p.deadline <= now)
+                if let Gate::Root(slot) = &mut self.gate
+                    && let Some(permit) = slot.filter(|p| p.deadline <= now)
                 {
-                    // Too few devices came for the root's quota in time.
-                    *permit = None;
+                    // Too few devices came for the root's quota in time:
+                    // say so now, so the root need not wait out its grace.
+                    *slot = None;
+                    self.next_round = permit.round.next();
+                    let mut actions = vec![Action::Abort {
+                        round: permit.round,
+                        reason: AbortReason::DeadlineBelowQuorum,
+                        stats: RoundStats {
+                            selected: 0,
+                            accepted: 0,
+                            dropped: 0,
+                        },
+                    }];
+                    actions.extend(self.start_if_ready(now));
+                    return actions;
                 }
                 self.start_if_ready(now)
             }
@@ -1383,9 +1396,18 @@ mod tests {
         assert!(c.check_in(1, now).is_empty());
         assert!(c.check_in(2, now).is_empty());
         assert_eq!(c.next_deadline(), Some(deadline));
-        // The deadline passes with two of three: no round, and the permit
-        // is spent, so a third device starts nothing either.
-        assert!(c.tick(deadline).is_empty());
+        // The deadline passes with two of three: no round, the root is told
+        // at once, and the permit is spent, so a third device starts
+        // nothing either.
+        assert!(matches!(
+            c.tick(deadline)[..],
+            [Action::Abort {
+                round: RoundId(2),
+                reason: AbortReason::DeadlineBelowQuorum,
+                ..
+            }]
+        ));
+        assert!(c.tick(deadline).is_empty(), "told once");
         assert!(c.check_in(3, deadline).is_empty());
         assert_eq!(c.current_round(), None);
     }
