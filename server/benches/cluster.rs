@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use covey_privacy::Pseudonym;
 use covey_protocol::{ModelVersion, RoundId};
+use covey_server::state::sealing::DataKey;
 use covey_server::{
     admission::pki::Admitted,
     cluster::{
@@ -80,7 +81,7 @@ async fn main() {
     }
 
     // Objects: a CNN model up and down, a 2NN partial sum up and down.
-    let objects = Cluster::connect(&nats.config())
+    let objects = Cluster::connect(&nats.config(), DataKey::generate().unwrap())
         .await
         .unwrap()
         .objects()
@@ -130,14 +131,14 @@ async fn main() {
         config.urls = vec![nats.urls[i].clone()];
         config
     };
-    let registry = Cluster::connect(&on_node(0))
+    let registry = Cluster::connect(&on_node(0), DataKey::generate().unwrap())
         .await
         .unwrap()
         .registry()
         .await
         .unwrap();
     let admitted = std::sync::Arc::new(Admitted::new([]));
-    let (follower, mut applied) = Cluster::connect(&on_node(2))
+    let (follower, mut applied) = Cluster::connect(&on_node(2), DataKey::generate().unwrap())
         .await
         .unwrap()
         .registry()

@@ -199,7 +199,8 @@ fn main() {
             leaf_procs.push(child);
         }
         let (round_secs, root_cpu, root_rss, into_root) = runtime.block_on(async {
-            let cluster = Cluster::connect(&nats.config()).await.unwrap();
+            let data_key = StateDir::new(base.path()).open_store().unwrap().data_key();
+            let cluster = Cluster::connect(&nats.config(), data_key).await.unwrap();
             let mut heard = cluster
                 .patiently(|c| async move { c.leaves().await?.watch().await })
                 .await
@@ -245,7 +246,7 @@ fn main() {
                     }
                 }
                 if let Ok(Some((_, record))) = key.read().await
-                    && let Ok(Some(s)) = RootState::from_bytes(&record.state)
+                    && let Ok(Some(s)) = RootState::open(cluster.at_rest(), &record.state)
                 {
                     if s.plan.is_some() && planned.is_none() {
                         planned = Some(Instant::now());
@@ -256,7 +257,7 @@ fn main() {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             };
-            // The root stays a lease after the run ends: read it now.
+            // The root stays up after the run ends (for audit exports).
             let (cpu, rss) = proc_usage(root.id());
             for t in tasks {
                 t.await.unwrap().unwrap();
@@ -275,6 +276,7 @@ fn main() {
                 .push(summary["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / (1 << 20) as f64);
         }
         let mut root = root;
+        let _ = root.kill();
         let _ = root.wait();
         let list = |v: &[f64], digits: usize| {
             v.iter()

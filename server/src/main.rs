@@ -106,14 +106,16 @@ fn certificate_lifetime(days: u64) -> Result<Duration> {
     Ok(Duration::from_secs(days.saturating_mul(86_400)))
 }
 
-/// The cluster registry at `urls` (for enroll and revoke), with the
-/// runtime its calls run on.
-fn cluster_registry(
+/// The cluster at `urls`, as the provisioning directory whose `store` is
+/// open sees it, with the runtime its calls run on (for the operator's
+/// commands: enroll, revoke, audit export).
+fn cluster_of(
+    store: &covey_server::state::store::Store,
     urls: Vec<String>,
     bucket: String,
 ) -> Result<(
     tokio::runtime::Runtime,
-    covey_server::cluster::registry::Registry,
+    covey_server::cluster::jetstream::Cluster,
 )> {
     let config = NatsArgs {
         urls,
@@ -123,12 +125,24 @@ fn cluster_registry(
     }
     .config();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let registry = runtime.block_on(async {
-        let cluster = covey_server::cluster::jetstream::Cluster::connect(&config).await?;
-        cluster
-            .patiently(|c| async move { c.registry().await })
-            .await
-    })?;
+    let cluster = runtime.block_on(covey_server::cluster::jetstream::Cluster::connect(
+        &config,
+        store.data_key(),
+    ))?;
+    Ok((runtime, cluster))
+}
+
+/// The cluster registry (for enroll and revoke).
+fn cluster_registry(
+    store: &covey_server::state::store::Store,
+    urls: Vec<String>,
+    bucket: String,
+) -> Result<(
+    tokio::runtime::Runtime,
+    covey_server::cluster::registry::Registry,
+)> {
+    let (runtime, cluster) = cluster_of(store, urls, bucket)?;
+    let registry = runtime.block_on(cluster.patiently(|c| async move { c.registry().await }))?;
     Ok((runtime, registry))
 }
 
@@ -482,12 +496,20 @@ fn remote(identity: &std::path::Path, command: RemoteCommand) -> Result<()> {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Write the whole trail as JSON lines, ending with the record of this
-    /// export (works while the server runs).
+    /// export (works while the server runs). With --nats, a cluster's
+    /// trail, which its leading coordinator closes; --dir is then the
+    /// provisioning directory.
     Export {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// NATS server URL of the cluster; repeat for each node.
+        #[arg(long)]
+        nats: Vec<String>,
+        /// The JetStream bucket prefix of the cluster's state.
+        #[arg(long, default_value = "covey")]
+        bucket: String,
     },
     /// Write the public key that verifies exports.
     PublicKey {
@@ -515,7 +537,36 @@ enum AuditCommand {
 fn audit(command: AuditCommand) -> Result<()> {
     use covey_server::state::audit::{self, EntryHash};
     match command {
-        AuditCommand::Export { dir, out } => {
+        AuditCommand::Export {
+            dir,
+            out,
+            nats,
+            bucket,
+        } if !nats.is_empty() => {
+            let store = StateDir::new(&dir).open_store()?;
+            let (runtime, cluster) = cluster_of(&store, nats, bucket)?;
+            let entries = runtime.block_on(async {
+                let trail = cluster
+                    .patiently(|c| async move { c.trail().await })
+                    .await?;
+                let mut file = std::io::BufWriter::new(
+                    std::fs::File::create(&out)
+                        .with_context(|| format!("creating {}", out.display()))?,
+                );
+                let entries = covey_server::cluster::trail::export(
+                    &trail,
+                    &mut file,
+                    Duration::from_secs(30),
+                )
+                .await?;
+                anyhow::Ok(entries)
+            })?;
+            println!(
+                "wrote {entries} audit entries of the cluster's trail to {}",
+                out.display()
+            );
+        }
+        AuditCommand::Export { dir, out, .. } => {
             let state = StateDir::new(&dir);
             let entries = match state.open_store() {
                 Ok(store) => state.export_audit(&store, &out)?,
@@ -809,7 +860,7 @@ fn main() -> Result<()> {
             let store = state.open_store()?;
             let lifetime = certificate_lifetime(days)?;
             let (bundle, pseudonym) = state.enroll_as(&store, &name, lifetime, None, role)?;
-            cluster_registry(nats, bucket)
+            cluster_registry(&store, nats, bucket)
                 .and_then(|(runtime, registry)| {
                     Ok(runtime.block_on(registry.admit(&pseudonym, role))?)
                 })
@@ -897,7 +948,7 @@ fn main() -> Result<()> {
             if pseudonyms.is_empty() {
                 bail!("no device named '{name}' is enrolled in {}", dir.display());
             }
-            let (runtime, registry) = cluster_registry(nats, bucket)?;
+            let (runtime, registry) = cluster_registry(&store, nats, bucket)?;
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             runtime.block_on(async {
                 for pseudonym in &pseudonyms {

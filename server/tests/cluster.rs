@@ -1,7 +1,8 @@
 //! The root lease and the object store against a real three-node NATS
 //! JetStream cluster on loopback (`common/nats.rs`): one root leads, a
 //! standby takes over when it dies, a paused old root's writes are refused,
-//! commits go on with a node down, and models come back checked.
+//! commits go on with a node down, models come back checked, and the
+//! audit trail comes back sealed and in order.
 
 use std::{
     sync::Arc,
@@ -18,6 +19,7 @@ use covey_server::cluster::{
     objects::{ModelRef, ObjectError},
     route::LeafId,
 };
+use covey_server::state::sealing::DataKey;
 use covey_server::state::store::{ModelHeader, StoredModel};
 
 fn timing() -> Timing {
@@ -146,7 +148,9 @@ async fn commits_go_on_when_one_of_three_nats_nodes_is_killed() {
 async fn models_and_partial_sums_round_trip_checked_and_survive_a_node() {
     let mut nats = nats::Nats::start();
     nats.key().await; // the cluster is up
-    let cluster = Cluster::connect(&nats.config()).await.unwrap();
+    let cluster = Cluster::connect(&nats.config(), DataKey::generate().unwrap())
+        .await
+        .unwrap();
     let objects = cluster.objects().await.unwrap();
     // McMahan's CNN (6.65 MB): many chunks, in the store's own record.
     let cnn = covey_protocol::model::ModelSpec::mnist(covey_protocol::model::Architecture::Cnn);
@@ -223,8 +227,9 @@ async fn a_revocation_on_one_node_is_refused_on_every_other() {
         config.urls = vec![nats.urls[i].clone()];
         config
     };
-    let root = Cluster::connect(&on_node(0)).await.unwrap();
-    let leaf = Cluster::connect(&on_node(2)).await.unwrap();
+    let key = DataKey::generate().unwrap();
+    let root = Cluster::connect(&on_node(0), key.clone()).await.unwrap();
+    let leaf = Cluster::connect(&on_node(2), key).await.unwrap();
     let (early, late, kept) = (
         Pseudonym::from_bytes([1; 8]),
         Pseudonym::from_bytes([2; 8]),
@@ -259,4 +264,57 @@ async fn a_revocation_on_one_node_is_refused_on_every_other() {
     assert!(!admitted.contains(&late));
     assert!(admitted.contains(&kept));
     follower.abort();
+}
+
+/// The trail's bucket gives back exactly the entries stored, sealed: a
+/// missing entry and one sealed under another directory's key are named,
+/// and an export with no root to close the trail says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trail_entries_come_back_in_order_and_gaps_and_strangers_are_named() {
+    use covey_server::{
+        cluster::trail::{self, TrailError},
+        state::audit::{AuditEvent, AuditSigner, ChainHead},
+    };
+    let nats = nats::Nats::start();
+    nats.key().await; // the cluster is up
+    let key = DataKey::generate().unwrap();
+    let cluster = Cluster::connect(&nats.config(), key.clone()).await.unwrap();
+    let trail = cluster
+        .patiently(|c| async move { c.trail().await })
+        .await
+        .unwrap();
+    let signer = AuditSigner::from_pkcs8(&AuditSigner::generate().unwrap()).unwrap();
+    let events = (1..=3).map(|round| AuditEvent::RoundStarted {
+        round,
+        base_version: round - 1,
+        selected: 5,
+    });
+    let (entries, head) = signer.seal(ChainHead::EMPTY, 1, events);
+    // In two writes, the second twice, as a root and its successor would.
+    trail
+        .store(ChainHead::after(&entries[0], 0), &entries[..1])
+        .await
+        .unwrap();
+    trail.store(head, &entries[1..]).await.unwrap();
+    trail.store(head, &entries[1..]).await.unwrap();
+    assert_eq!(trail.read(3).await.unwrap(), entries);
+    assert!(matches!(trail.read(4).await, Err(TrailError::Missing(3))));
+
+    let stranger = Cluster::connect(&nats.config(), DataKey::generate().unwrap())
+        .await
+        .unwrap()
+        .trail()
+        .await
+        .unwrap();
+    assert!(matches!(
+        stranger.read(1).await,
+        Err(TrailError::Unreadable { seq: 0, .. })
+    ));
+
+    let mut out = Vec::new();
+    let err = trail::export(&trail, &mut out, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TrailError::NoRoot(_)), "{err}");
+    assert!(out.is_empty());
 }

@@ -24,12 +24,13 @@ use covey_protocol::{ModelVersion, identity::IdentityBundle};
 use covey_server::{
     StateDir,
     cluster::{
+        at_rest::AtRest,
         jetstream::Cluster,
         leaves::Heard,
         route::LeafId,
         state::{Finished, RootState},
     },
-    state::store::RoundOutcome,
+    state::{audit::AuditEvent, sealing::DataKey, store::RoundOutcome},
 };
 use nats::Nats;
 
@@ -123,6 +124,8 @@ struct Federation {
     initial: Vec<f32>,
     /// The provisioning directory every process's was copied from.
     base: PathBuf,
+    /// Its data key, which seals what the roles keep in JetStream.
+    data_key: DataKey,
     /// Last: the roles' logs must outlive their dumps.
     _tmp: tempfile::TempDir,
 }
@@ -155,12 +158,11 @@ impl Federation {
         let names: Vec<String> = (0..devices).map(|i| format!("device-{i}")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let bundles = enroll(&state, &names);
-        let initial = state
-            .open_store()
-            .unwrap()
-            .model(ModelVersion(0))
-            .unwrap()
-            .weights;
+        let (initial, data_key) = {
+            let store = state.open_store().unwrap();
+            let initial = store.model(ModelVersion(0)).unwrap().weights;
+            (initial, store.data_key())
+        };
         let logs = tmp.path().join("logs");
         std::fs::create_dir_all(&logs).unwrap();
         let mut roots = Vec::new();
@@ -201,6 +203,7 @@ impl Federation {
             nats,
             key,
             base,
+            data_key,
             _tmp: tmp,
             roots,
             leaves: leaf_roles,
@@ -210,7 +213,13 @@ impl Federation {
     }
 
     async fn cluster(&self) -> Cluster {
-        Cluster::connect(&self.nats.config()).await.unwrap()
+        Cluster::connect(&self.nats.config(), self.data_key.clone())
+            .await
+            .unwrap()
+    }
+
+    fn at_rest(&self) -> AtRest {
+        AtRest::new(self.data_key.clone(), &self.nats.config().bucket)
     }
 
     /// Each leaf's address, as its heartbeat advertises it.
@@ -260,7 +269,7 @@ impl Federation {
 
     async fn state(&self) -> Option<RootState> {
         let (_, record) = self.key.read().await.ok()??;
-        RootState::from_bytes(&record.state).ok()?
+        RootState::open(&self.at_rest(), &record.state).ok()?
     }
 
     /// Polls the root's state until `done` holds.
@@ -307,17 +316,27 @@ impl Federation {
         }
     }
 
-    /// Runs `covey-server ARGS --nats ...` to its end, as an operator
-    /// would on the provisioning directory; checks it reached the registry.
-    fn admin(&self, args: &[&str]) {
-        let out = Command::new(env!("CARGO_BIN_EXE_covey-server"))
-            .args(args)
-            .args(nats_args(&self.nats))
-            .output()
-            .unwrap();
+    /// Runs `covey-server ARGS` (with `--nats ...` if `cluster`) to its
+    /// end, as an operator would on the provisioning directory; its stdout.
+    fn cli(&self, args: &[&str], cluster: bool) -> String {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_covey-server"));
+        command.args(args);
+        if cluster {
+            command.args(nats_args(&self.nats));
+        }
+        let out = command.output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{args:?}: {stderr}");
-        assert!(String::from_utf8_lossy(&out.stdout).contains("cluster's registry"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs an enroll or revoke on the cluster; checks it reached the registry.
+    fn admin(&self, args: &[&str]) {
+        assert!(self.cli(args, true).contains("cluster's registry"));
+    }
+
+    fn tmp(&self) -> &Path {
+        self._tmp.path()
     }
 
     /// The replica holding the lease.
@@ -385,12 +404,12 @@ async fn a_killed_leaf_a_frozen_root_a_killed_root_and_a_killed_nats_node_cost_o
     let devices = fed.devices(Duration::from_secs(1)).await;
     // Every state the root commits, as often as it can be read: round ids
     // must only grow, across the takeover too.
-    let key = fed.key.clone();
+    let (key, at_rest) = (fed.key.clone(), fed.at_rest());
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     let watcher = tokio::spawn(async move {
         loop {
             if let Ok(Some((_, record))) = key.read().await
-                && let Ok(Some(state)) = RootState::from_bytes(&record.state)
+                && let Ok(Some(state)) = RootState::open(&at_rest, &record.state)
                 && seen_tx.send(state).is_err()
             {
                 return;
@@ -498,6 +517,89 @@ async fn a_killed_leaf_a_frozen_root_a_killed_root_and_a_killed_nats_node_cost_o
             .windows(2)
             .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1),
         "each version once, each from a new round: {versions:?}"
+    );
+
+    // The trail the two roots wrote in turn is one chain under the
+    // provisioning directory's audit key: every plan and every commit once,
+    // across the freeze, the kill and the lost node, closed by the export.
+    let trail = fed.tmp().join("cluster-audit.jsonl");
+    let public_key = fed.tmp().join("audit.pub");
+    let base = fed.base.display().to_string();
+    fed.cli(
+        &[
+            "audit",
+            "public-key",
+            "--dir",
+            &base,
+            "--out",
+            &public_key.display().to_string(),
+        ],
+        false,
+    );
+    let out = fed.cli(
+        &[
+            "audit",
+            "export",
+            "--dir",
+            &base,
+            "--out",
+            &trail.display().to_string(),
+        ],
+        true,
+    );
+    assert!(out.contains("of the cluster's trail"), "{out}");
+    let key = covey_server::state::audit::parse_public_key(
+        &std::fs::read_to_string(&public_key).unwrap(),
+    )
+    .unwrap();
+    let verified = covey_server::state::audit::verify_export(
+        std::io::BufReader::new(std::fs::File::open(&trail).unwrap()),
+        &key,
+        &[],
+    )
+    .expect("the cluster's trail verifies");
+    let events: Vec<_> = verified.events.iter().map(|e| e.event.clone()).collect();
+    assert!(matches!(
+        events[..2],
+        [
+            AuditEvent::Initialised { .. },
+            AuditEvent::ServerStarted { .. }
+        ]
+    ));
+    let committed: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            AuditEvent::RoundCommitted { version, .. } => Some(*version),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        committed,
+        [1, 2, 3, 4],
+        "each version committed once: {events:?}"
+    );
+    let started: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            AuditEvent::RoundStarted { round, .. } => Some(*round),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        started.windows(2).all(|w| w[0] < w[1]),
+        "each round started once: {started:?}"
+    );
+    // The root key holds the state sealed: not even the config's hash
+    // shows in what JetStream stores.
+    let (_, record) = fed.key.read().await.unwrap().unwrap();
+    let sha = StateDir::new(&fed.base).config_sha256().unwrap();
+    assert!(!record.state.windows(sha.len()).any(|w| w == sha.as_bytes()));
+    assert_eq!(
+        RootState::open(&fed.at_rest(), &record.state)
+            .unwrap()
+            .unwrap()
+            .config_sha256,
+        sha
     );
 }
 

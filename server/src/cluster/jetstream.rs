@@ -9,7 +9,11 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use super::lease::{Lease, NotLeader, Outcome, Refused, Request, RootRecord};
+use super::{
+    at_rest::AtRest,
+    lease::{Lease, NotLeader, Outcome, Refused, Request, RootRecord},
+};
+use crate::state::sealing::DataKey;
 
 /// How long a starting process waits for JetStream to answer.
 const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
@@ -52,11 +56,14 @@ pub struct ClusterConfig {
 pub struct Cluster {
     js: jetstream::Context,
     config: ClusterConfig,
+    at_rest: AtRest,
 }
 
 impl Cluster {
-    /// Connects, retrying in the background while nodes are down.
-    pub async fn connect(config: &ClusterConfig) -> Result<Self, ClusterError> {
+    /// Connects, retrying in the background while nodes are down. What
+    /// this process writes to JetStream is sealed under `data_key`, the
+    /// state directory's (`Store::data_key`).
+    pub async fn connect(config: &ClusterConfig, data_key: DataKey) -> Result<Self, ClusterError> {
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -72,12 +79,18 @@ impl Cluster {
             .build(client);
         Ok(Self {
             js,
+            at_rest: AtRest::new(data_key, &config.bucket),
             config: config.clone(),
         })
     }
 
     pub fn config(&self) -> &ClusterConfig {
         &self.config
+    }
+
+    /// How this cluster's values are sealed at rest.
+    pub fn at_rest(&self) -> &AtRest {
+        &self.at_rest
     }
 
     /// Retries opening a bucket while JetStream cannot answer yet (a

@@ -197,7 +197,7 @@ impl LeafLink {
                 if last_state.as_ref() == Some(&record.state) {
                     continue;
                 }
-                let state = match RootState::from_bytes(&record.state) {
+                let state = match RootState::open(self.cluster.at_rest(), &record.state) {
                     Ok(Some(state)) => state,
                     Ok(None) => continue,
                     Err(e) => {

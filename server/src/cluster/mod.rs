@@ -5,9 +5,12 @@
 //! versions and leaves' partial sums in an object store (`objects`),
 //! enrollments and revocations every node applies (`registry`), which leaf serves
 //! each device (`route`), what the root commits under its lease (`state`)
-//! and what leaves tell it (`leaves`); the root's driver (`root`) and a
-//! leaf's link to it (`leaf`).
+//! and what leaves tell it (`leaves`), its audit trail (`trail`); the root's
+//! driver (`root`) and a leaf's link to it (`leaf`). What holds data
+//! (the root state, its trail, models and partial sums) is sealed at rest
+//! (`at_rest`).
 
+pub mod at_rest;
 pub mod jetstream;
 pub mod leaf;
 pub mod lease;
@@ -18,3 +21,4 @@ pub mod registry;
 pub mod root;
 pub mod route;
 pub mod state;
+pub mod trail;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
 use super::{
+    at_rest::AtRest,
     jetstream::{Cluster, ClusterError},
     route::LeafId,
 };
@@ -45,6 +46,7 @@ pub enum ObjectError {
 pub struct Objects {
     store: object_store::ObjectStore,
     timeout: Duration,
+    at_rest: AtRest,
 }
 
 fn model_name(version: ModelVersion) -> String {
@@ -88,13 +90,22 @@ impl Cluster {
         Ok(Objects {
             store,
             timeout: self.config().request_timeout,
+            at_rest: self.at_rest().clone(),
         })
     }
 }
 
 impl Objects {
-    async fn put(&self, name: &str, bytes: &[u8]) -> Result<(), ObjectError> {
-        let mut reader = bytes;
+    /// Seals `plain` for `name` and puts it; returns the sealed length.
+    async fn put(&self, name: &str, plain: &[u8]) -> Result<usize, ObjectError> {
+        let bytes = self
+            .at_rest
+            .seal(name, plain)
+            .map_err(|e| ObjectError::Store {
+                name: name.into(),
+                detail: e.to_string(),
+            })?;
+        let mut reader = bytes.as_slice();
         // A model is many chunks: allow a request timeout per megabyte.
         let budget = self.timeout * (1 + (bytes.len() >> 20) as u32);
         tokio::time::timeout(budget, self.store.put(name, &mut reader))
@@ -107,9 +118,10 @@ impl Objects {
                 name: name.into(),
                 detail: e.to_string(),
             })?;
-        Ok(())
+        Ok(bytes.len())
     }
 
+    /// Gets `name` as stored (sealed), at most `limit` bytes of it.
     async fn get(&self, name: &str, limit: usize) -> Result<Vec<u8>, ObjectError> {
         let failed = |detail: String| ObjectError::Store {
             name: name.into(),
@@ -146,10 +158,10 @@ impl Objects {
         let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(digest.as_ref());
-        self.put(&model_name(model.header.version), &bytes).await?;
+        let sealed = self.put(&model_name(model.header.version), &bytes).await?;
         Ok(ModelRef {
             version: model.header.version,
-            bytes: bytes.len() as u64,
+            bytes: sealed as u64,
             sha256,
         })
     }
@@ -171,6 +183,10 @@ impl Objects {
                 bytes.len()
             )));
         }
+        let bytes = self
+            .at_rest
+            .open(&name, &bytes)
+            .map_err(|e| mismatch(e.to_string()))?;
         let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
         if digest.as_ref() != model.sha256 {
             return Err(mismatch("its SHA-256 differs".into()));
@@ -192,7 +208,8 @@ impl Objects {
         leaf: &LeafId,
         encoded: &[u8],
     ) -> Result<(), ObjectError> {
-        self.put(&partial_name(round, leaf), encoded).await
+        self.put(&partial_name(round, leaf), encoded).await?;
+        Ok(())
     }
 
     /// The bytes a leaf put for `round`, at most `limit` of them; the root
@@ -203,6 +220,15 @@ impl Objects {
         leaf: &LeafId,
         limit: usize,
     ) -> Result<Vec<u8>, ObjectError> {
-        self.get(&partial_name(round, leaf), limit).await
+        let name = partial_name(round, leaf);
+        let sealed = self
+            .get(&name, limit.saturating_add(AtRest::OVERHEAD))
+            .await?;
+        self.at_rest
+            .open(&name, &sealed)
+            .map_err(|e| ObjectError::Mismatch {
+                name,
+                problem: e.to_string(),
+            })
     }
 }

@@ -49,7 +49,7 @@ pub async fn coordinator(
 ) -> Result<(), ProcessError> {
     let config = dir.config()?;
     let settings = config.settings().map_err(DirError::from)?;
-    let (initial, test_set) = {
+    let (initial, test_set, data_key, auditor) = {
         // Read once and closed: the root's state is JetStream's.
         let store = dir.open_store()?;
         let initial = store.model(store.current_version()?)?;
@@ -61,10 +61,10 @@ pub async fn coordinator(
                 &dir.assets()?,
             )?)),
         };
-        (initial, test_set)
+        (initial, test_set, store.data_key(), store.audit_signer()?)
     };
     let timing = Timing::new(lease, lease / 4)?;
-    let cluster = Cluster::connect(cluster).await?;
+    let cluster = Cluster::connect(cluster, data_key).await?;
     info!(name, "root replica standing by for the lease");
     let min_per_leaf = settings.min_cohort.get();
     Root {
@@ -81,6 +81,8 @@ pub async fn coordinator(
             forward_grace: lease * 2,
         },
         settings,
+        auditor,
+        config_sha256: dir.config_sha256()?,
     }
     .run(stop)
     .await?;
@@ -97,7 +99,9 @@ pub async fn aggregator(
     public_addr: Option<String>,
 ) -> Result<RunSummary, ProcessError> {
     let config = dir.config()?;
-    let cluster = Cluster::connect(cluster).await?;
+    // The store is closed again before the leaf's server opens it.
+    let data_key = dir.open_store()?.data_key();
+    let cluster = Cluster::connect(cluster, data_key).await?;
     let link = LeafLink {
         cluster: cluster.clone(),
         leaf: leaf.clone(),

@@ -5,6 +5,12 @@
 //! key. Every decision is the sans-IO pieces': quotas and the split round
 //! (`rounds::split`), the release (`rounds::release`), the lease
 //! (`cluster::lease`); this module moves bytes between them and JetStream.
+//!
+//! The root is the audit trail's only writer (`cluster::trail`): each state
+//! it proposes carries the entries recording what changed, signed with the
+//! state directory's audit key, and the trail is closed for an export only
+//! by the leading root. Once the run is finished the root stays up to close
+//! the trail for exports, until it is stopped.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,6 +30,7 @@ use super::{
     objects::{ModelRef, ObjectError},
     route::LeafId,
     state::{Finished, RootState},
+    trail::Trail,
 };
 use crate::{
     config::Settings,
@@ -37,8 +44,14 @@ use crate::{
         release,
         split::{Decision, SplitRound, quotas},
     },
-    state::store::{ModelHeader, RoundOutcome, RoundRecord, StoredModel, unix_ms_now},
+    state::{
+        audit::{AuditEvent, AuditSigner},
+        store::{ModelHeader, RoundOutcome, RoundRecord, StoredModel, unix_ms_now},
+    },
 };
+
+/// How often the root renews its watch on export requests.
+const EXPORTS_REWATCH: Duration = Duration::from_secs(5);
 
 /// How the root runs, beyond `config.toml`'s rounds.
 #[derive(Clone, Debug)]
@@ -82,6 +95,17 @@ pub fn check_splittable(settings: &Settings) -> Result<(), String> {
     ) {
         return Err("server optimizers with moments (FedAvgM, FedAdam) are not yet carried across root takeovers; use fedavg".into());
     }
+    // The root sees each leaf's sum, which carries only that leaf's
+    // devices' noise: each must carry what the plan counts on.
+    if let Some(dp) = &settings.dp
+        && let crate::rounds::dp::DpMode::Distributed(plan) = &dp.mode
+        && (settings.min_cohort.get() as u64) < plan.min_clients
+    {
+        return Err(format!(
+            "under distributed DP the root sees each leaf's sum, which carries only that leaf's devices' noise, and the noise is planned for {} devices (rounds.quorum); set compliance.min_cohort, the fewest devices a leaf releases, to at least {}",
+            plan.min_clients, plan.min_clients
+        ));
+    }
     Ok(())
 }
 
@@ -93,6 +117,11 @@ pub struct Root {
     pub initial: StoredModel,
     pub test_set: Option<Arc<TestSet>>,
     pub options: RootOptions,
+    /// The state directory's audit key: the trail verifies under its
+    /// public key (`covey-server audit public-key`).
+    pub auditor: AuditSigner,
+    /// SHA-256 of this replica's `config.toml`, recorded in the trail.
+    pub config_sha256: String,
 }
 
 /// What the round in flight needs that the state does not hold.
@@ -107,6 +136,20 @@ impl Root {
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), RootError> {
         check_splittable(&self.settings).map_err(RootError::Unsupported)?;
         let (key, objects, leaves) = self.cluster.open_roles().await?;
+        let trail = self
+            .cluster
+            .patiently(|c| async move { c.trail().await })
+            .await?;
+        let mut export_requests = self
+            .cluster
+            .patiently(|_| {
+                let trail = trail.clone();
+                async move { trail.export_requests().await }
+            })
+            .await?;
+        let mut exports: BTreeSet<u64> = BTreeSet::new();
+        let mut exports_watched = Instant::now();
+        let mut flushed_through = 0;
         let me = format!("{}-{:08x}", self.options.name, rand::random::<u32>());
         let replica = Replica::start(key, Lease::new(me, self.options.lease));
         let mut standing = replica.standing();
@@ -143,6 +186,16 @@ impl Root {
                 }
                 last_heard = Instant::now();
             }
+            if exports_watched.elapsed() > EXPORTS_REWATCH {
+                // Requests are rare, so silence says nothing about the
+                // watch; a consumer lost with a NATS node would stall it
+                // for good. A fresh one delivers what is still waiting.
+                match trail.export_requests().await {
+                    Ok(fresh) => export_requests = fresh,
+                    Err(e) => debug!("cannot watch export requests yet: {e}"),
+                }
+                exports_watched = Instant::now();
+            }
             tokio::select! {
                 h = heard.recv() => match h {
                     Some(Heard::Beat { leaf, beat }) => {
@@ -156,6 +209,9 @@ impl Root {
                     // Restarted above once the silence is long enough.
                     None => tokio::time::sleep(Duration::from_millis(100)).await,
                 },
+                Some(id) = export_requests.recv() => {
+                    exports.insert(id);
+                }
                 _ = standing.changed() => {}
                 _ = tick.tick() => {}
                 _ = stop.changed() => {}
@@ -170,10 +226,11 @@ impl Root {
                 collecting = None;
                 continue;
             }
-            let state = match RootState::from_bytes(current.state.as_deref().unwrap_or(&[])) {
+            let sealed = current.state.as_deref().unwrap_or(&[]);
+            let state = match RootState::open(self.cluster.at_rest(), sealed) {
                 Ok(Some(state)) => state,
                 Ok(None) => {
-                    self.initialize(&replica, &objects).await;
+                    self.initialize(&replica, &trail, &objects).await;
                     continue;
                 }
                 Err(e) => {
@@ -183,11 +240,40 @@ impl Root {
                     continue;
                 }
             };
+            if state.config_sha256 != self.config_sha256 {
+                let change = AuditEvent::ConfigChanged {
+                    from_sha256: Some(state.config_sha256.clone()),
+                    to_sha256: self.config_sha256.clone(),
+                };
+                let next = RootState {
+                    config_sha256: self.config_sha256.clone(),
+                    ..state.clone()
+                };
+                if self
+                    .propose(&replica, &trail, Some(&state), next, vec![change])
+                    .await
+                    .is_some()
+                {
+                    warn!("this replica's config.toml differs from the one the run started with");
+                }
+                continue;
+            }
+            if let Some(&id) = exports.first() {
+                self.close_for_export(&replica, &trail, &state, id).await;
+                exports.remove(&id);
+                continue;
+            }
             if let Some(why) = state.finished {
-                info!(version = %state.version, ?why, "the run is finished");
-                tokio::time::sleep(self.options.lease.duration()).await;
-                replica.kill();
-                return Ok(());
+                if flushed_through < state.audit.next_seq {
+                    match trail.store(state.audit, &state.pending).await {
+                        Ok(()) => {
+                            flushed_through = state.audit.next_seq;
+                            info!(version = %state.version, ?why, "the run is finished; closing the audit trail for exports until stopped");
+                        }
+                        Err(e) => warn!("cannot store the last audit entries yet: {e}"),
+                    }
+                }
+                continue;
             }
             // Reports of rounds long gone are of no use to anyone.
             reports.retain(|(round, _), _| round.0 + 1 >= state.next_round.0);
@@ -198,7 +284,7 @@ impl Root {
                     .filter(|(_, (_, seen))| now.duration_since(*seen) < self.options.leaf_timeout)
                     .map(|(l, (n, _))| (l.clone(), usize::try_from(*n).unwrap_or(usize::MAX)))
                     .collect();
-                self.plan(&replica, &state, &live).await;
+                self.plan(&replica, &trail, &state, &live).await;
                 continue;
             };
             let c = match &mut collecting {
@@ -296,7 +382,8 @@ impl Root {
                 Decision::Abandon(reason) => {
                     warn!(round = %plan.round, "round abandoned: {reason}");
                     let r = record(RoundOutcome::Aborted { reason }, 0);
-                    self.propose(&replica, &state.abandoned(r)).await;
+                    self.propose(&replica, &trail, Some(&state), state.abandoned(r), vec![])
+                        .await;
                 }
                 Decision::Commit { sum, contributors } => {
                     let accepted = usize::try_from(contributors).unwrap_or(usize::MAX);
@@ -321,7 +408,10 @@ impl Root {
                         Ok((model, ledger)) => {
                             let finished = self.finished_after(model.version, ledger.as_ref());
                             let next = state.committed(model, ledger, r, finished);
-                            if self.propose(&replica, &next).await {
+                            if let Some(next) = self
+                                .propose(&replica, &trail, Some(&state), next, vec![])
+                                .await
+                            {
                                 info!(round = %plan.round, version = %next.version, contributors, "round committed");
                             }
                         }
@@ -333,7 +423,14 @@ impl Root {
                                 },
                                 0,
                             );
-                            self.propose(&replica, &state.abandoned(r)).await;
+                            self.propose(
+                                &replica,
+                                &trail,
+                                Some(&state),
+                                state.abandoned(r),
+                                vec![],
+                            )
+                            .await;
                         }
                     }
                 }
@@ -342,7 +439,12 @@ impl Root {
     }
 
     /// The first leader puts version 0 and writes the first state.
-    async fn initialize(&self, replica: &Replica, objects: &super::objects::Objects) {
+    async fn initialize(
+        &self,
+        replica: &Replica,
+        trail: &Trail,
+        objects: &super::objects::Objects,
+    ) {
         let model = match objects.put_model(&self.initial).await {
             Ok(model) => model,
             Err(e) => {
@@ -354,9 +456,21 @@ impl Root {
             .settings
             .dp
             .map(|dp| PrivacyLedger::new(dp.initial_clip));
+        let spec = &self.initial.header.spec;
+        let started = vec![
+            AuditEvent::Initialised {
+                model: spec.to_string(),
+                parameters: spec.param_count() as u64,
+            },
+            AuditEvent::ServerStarted {
+                config_sha256: self.config_sha256.clone(),
+            },
+        ];
+        let initial = RootState::initial(model, ledger, self.config_sha256.clone());
         if self
-            .propose(replica, &RootState::initial(model, ledger))
+            .propose(replica, trail, None, initial, started)
             .await
+            .is_some()
         {
             info!("initialized the cluster's state at version 0");
         }
@@ -364,9 +478,16 @@ impl Root {
 
     /// Plans the next round if enough devices wait across live leaves, or
     /// ends the run when the budget allows no more.
-    async fn plan(&self, replica: &Replica, state: &RootState, live: &BTreeMap<LeafId, usize>) {
+    async fn plan(
+        &self,
+        replica: &Replica,
+        trail: &Trail,
+        state: &RootState,
+        live: &BTreeMap<LeafId, usize>,
+    ) {
         if let Some(why) = self.finished_after(state.version, state.ledger.as_ref()) {
-            self.propose(replica, &state.finish(why)).await;
+            self.propose(replica, trail, Some(state), state.finish(why), vec![])
+                .await;
             return;
         }
         // Under Poisson selection every waiting device is a candidate and
@@ -397,7 +518,9 @@ impl Root {
             collect_ms,
             clip,
         );
-        if self.propose(replica, &next).await
+        if let Some(next) = self
+            .propose(replica, trail, Some(state), next, vec![])
+            .await
             && let Some(plan) = &next.plan
         {
             info!(round = %plan.round, base = %plan.base, devices = total, leaves = plan.quotas.len(), "round planned");
@@ -503,9 +626,69 @@ impl Root {
         Ok((stored, ledger))
     }
 
-    /// Commits `next`; `false` if it was not (the lease moved on).
-    async fn propose(&self, replica: &Replica, next: &RootState) -> bool {
-        let bytes = next.to_bytes();
+    /// Closes the trail for export `id` with an `AuditExported` entry and
+    /// answers with the entries to read, unless another root answered it.
+    async fn close_for_export(&self, replica: &Replica, trail: &Trail, state: &RootState, id: u64) {
+        match trail.exported(id).await {
+            Ok(None) => {}
+            Ok(Some(_)) => return,
+            Err(e) => {
+                warn!("cannot read the export's answer: {e}");
+                return;
+            }
+        }
+        let closing = vec![AuditEvent::AuditExported {
+            entries: state.audit.next_seq + 1,
+        }];
+        let Some(next) = self
+            .propose(replica, trail, Some(state), state.clone(), closing)
+            .await
+        else {
+            return;
+        };
+        // The exporter reads the entries now, not after the next change.
+        let stored = trail.store(next.audit, &next.pending).await;
+        match stored {
+            Ok(()) => match trail.answer_export(id, next.audit.next_seq).await {
+                Ok(()) => info!(
+                    entries = next.audit.next_seq,
+                    "audit trail closed for an export"
+                ),
+                Err(e) => warn!("cannot answer the export: {e}"),
+            },
+            Err(e) => warn!("cannot store the export's entry: {e}"),
+        }
+    }
+
+    /// Commits `next`, derived from `before` (the state the key holds), with
+    /// the trail entries recording the change and `extra`: first stores
+    /// `before`'s own entries in the trail, so none is lost to a later
+    /// state. `None` if it was not committed (the lease moved on).
+    async fn propose(
+        &self,
+        replica: &Replica,
+        trail: &Trail,
+        before: Option<&RootState>,
+        next: RootState,
+        extra: Vec<AuditEvent>,
+    ) -> Option<RootState> {
+        let mut events = Vec::new();
+        if let Some(before) = before {
+            if let Err(e) = trail.store(before.audit, &before.pending).await {
+                warn!("cannot store audit entries, holding the next change: {e}");
+                return None;
+            }
+            events = next.events_since(before);
+        }
+        events.extend(extra);
+        let next = next.audited(&self.auditor, unix_ms_now(), events);
+        let bytes = match next.seal(self.cluster.at_rest()) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                error!("cannot seal the root's state: {e}");
+                return None;
+            }
+        };
         match replica.propose(bytes.clone()).await {
             Ok(_) => {
                 // The loop reads the state from the standing; acting on
@@ -515,15 +698,15 @@ impl Root {
                     s.leading.is_none() || s.state.as_deref() == Some(bytes.as_slice())
                 });
                 let _ = tokio::time::timeout(self.options.lease.duration(), caught_up).await;
-                true
+                Some(next)
             }
             Err(ProposeError::NotLeader(_)) | Err(ProposeError::NotCommitted) => {
                 warn!(
                     "a root write was refused: this replica no longer leads, or the store did not answer"
                 );
-                false
+                None
             }
-            Err(ProposeError::Stopped) => false,
+            Err(ProposeError::Stopped) => None,
         }
     }
 }
@@ -531,3 +714,47 @@ impl Root {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct ReleaseFailed(String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+
+    fn settings(edit: impl FnOnce(&mut ServerConfig)) -> Result<(), String> {
+        let mut c = ServerConfig::default();
+        c.rounds.clients_per_round = 12;
+        c.rounds.min_clients = 12;
+        c.rounds.quorum = 8;
+        c.compliance.min_cohort = 2;
+        edit(&mut c);
+        check_splittable(&c.settings().unwrap())
+    }
+
+    #[test]
+    fn what_cannot_run_split_is_refused_naming_the_setting() {
+        settings(|_| {}).unwrap();
+        let err = settings(|c| c.aggregation.aggregator = "median".into()).unwrap_err();
+        assert!(err.contains("aggregation.rule"), "{err}");
+        let distributed = |c: &mut ServerConfig| {
+            c.privacy.mode = "distributed".into();
+            c.privacy.population = 100;
+            c.secure_aggregation.enabled = true;
+        };
+        let err = settings(distributed).unwrap_err();
+        assert!(
+            err.contains("compliance.min_cohort") && err.contains("at least 8"),
+            "{err}"
+        );
+        settings(|c| {
+            distributed(c);
+            c.compliance.min_cohort = 8;
+        })
+        .unwrap();
+        // Central DP's noise goes on once, at the root: leaves may be small.
+        settings(|c| {
+            c.privacy.mode = "central".into();
+            c.privacy.population = 100;
+        })
+        .unwrap();
+    }
+}

@@ -8,6 +8,11 @@
 //! (the plan of a round in flight included, so leaves' reports still count).
 //! Round ids come from `next_round`, which only grows, so no id is reused
 //! across takeovers.
+//!
+//! The state also carries the audit trail's head and the entries this
+//! state added to it ([`RootState::pending`]), so a trail entry is committed
+//! with the change it records (`cluster::trail`). The key holds the state
+//! sealed ([`RootState::seal`]): JetStream's files never see the ledger.
 
 use std::collections::BTreeMap;
 
@@ -15,8 +20,18 @@ use covey_privacy::ClipNorm;
 use covey_protocol::{ModelVersion, RoundId, round::FinishReason};
 use serde::{Deserialize, Serialize};
 
-use super::{objects::ModelRef, route::LeafId};
-use crate::{rounds::dp::PrivacyLedger, state::store::RoundRecord};
+use super::{at_rest::AtRest, objects::ModelRef, route::LeafId};
+use crate::{
+    rounds::dp::PrivacyLedger,
+    state::{
+        audit::{AuditEvent, AuditSigner, ChainHead, SealedEntry},
+        sealing::SealError,
+        store::{RoundRecord, round_event},
+    },
+};
+
+/// The root state's slot in `AtRest`.
+const SLOT: &str = "root";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RootState {
@@ -35,6 +50,13 @@ pub struct RootState {
     /// The last round that ended, committed or abandoned, as auditors see
     /// every round: aggregates only.
     pub last: Option<RoundRecord>,
+    /// Where the audit trail goes on from.
+    pub audit: ChainHead,
+    /// SHA-256 of the `config.toml` the leading root runs under.
+    pub config_sha256: String,
+    /// The trail's entries this state added, the last ones before `audit`:
+    /// stored in the trail before any state after this one is written.
+    pub pending: Vec<SealedEntry>,
 }
 
 /// A round the root planned.
@@ -73,7 +95,7 @@ pub struct CorruptState(String);
 
 impl RootState {
     /// The state before any round: `model` is version `version`.
-    pub fn initial(model: ModelRef, ledger: Option<PrivacyLedger>) -> Self {
+    pub fn initial(model: ModelRef, ledger: Option<PrivacyLedger>, config_sha256: String) -> Self {
         Self {
             version: model.version,
             model,
@@ -83,22 +105,65 @@ impl RootState {
             ledger,
             finished: None,
             last: None,
+            config_sha256,
+            audit: ChainHead::EMPTY,
+            pending: Vec::new(),
         }
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// The state as the root key holds it: encoded, then sealed.
+    pub fn seal(&self, at_rest: &AtRest) -> Result<Vec<u8>, SealError> {
         // Plain data with no maps keyed by non-strings: encoding cannot fail.
-        postcard::to_allocvec(self).unwrap_or_default()
+        let plain = postcard::to_allocvec(self).unwrap_or_default();
+        at_rest.seal(SLOT, &plain)
     }
 
     /// `None` for the empty state a new lease starts with.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Option<Self>, CorruptState> {
-        if bytes.is_empty() {
+    pub fn open(at_rest: &AtRest, sealed: &[u8]) -> Result<Option<Self>, CorruptState> {
+        if sealed.is_empty() {
             return Ok(None);
         }
-        postcard::from_bytes(bytes)
+        let plain = at_rest
+            .open(SLOT, sealed)
+            .map_err(|e| CorruptState(e.to_string()))?;
+        postcard::from_bytes(&plain)
             .map(Some)
             .map_err(|e| CorruptState(e.to_string()))
+    }
+
+    /// What the audit trail records of the change from `before` to this
+    /// state: the round that ended, then the round that was planned.
+    pub fn events_since(&self, before: &RootState) -> Vec<AuditEvent> {
+        let mut events = Vec::new();
+        if self.last != before.last
+            && let Some(record) = &self.last
+        {
+            events.extend(round_event(record));
+        }
+        if let Some(plan) = &self.plan
+            && before.plan.as_ref().map(|p| p.round) != Some(plan.round)
+        {
+            events.push(AuditEvent::RoundStarted {
+                round: plan.round.0,
+                base_version: plan.base.0,
+                selected: plan.quotas.values().sum(),
+            });
+        }
+        events
+    }
+
+    /// This state with `events` sealed onto the trail as its own entries,
+    /// replacing those of the state it came from.
+    pub fn audited(
+        mut self,
+        signer: &AuditSigner,
+        time_unix_ms: u64,
+        events: Vec<AuditEvent>,
+    ) -> Self {
+        let (entries, head) = signer.seal(self.audit, time_unix_ms, events);
+        self.pending = entries;
+        self.audit = head;
+        self
     }
 
     /// Plans the next round on the current version.
@@ -197,7 +262,7 @@ mod tests {
 
     #[test]
     fn round_ids_only_grow_through_plans_commits_and_abandons() {
-        let s = RootState::initial(model(0), None);
+        let s = RootState::initial(model(0), None, String::new());
         let quotas = BTreeMap::from([(LeafId("a".into()), 3)]);
         let p1 = s.planned(quotas.clone(), 1000, None);
         assert_eq!(p1.plan.as_ref().map(|p| p.round), Some(RoundId(1)));
@@ -215,15 +280,102 @@ mod tests {
         assert!(c2.plan.is_none());
     }
 
+    fn at_rest() -> AtRest {
+        AtRest::new(crate::state::sealing::DataKey::generate().unwrap(), "t")
+    }
+
+    fn signer() -> AuditSigner {
+        AuditSigner::from_pkcs8(&AuditSigner::generate().unwrap()).unwrap()
+    }
+
     #[test]
-    fn states_round_trip_and_garbage_is_named() {
-        let s = RootState::initial(model(4), None).planned(
+    fn states_round_trip_sealed_and_garbage_is_named() {
+        let signer = signer();
+        let s = RootState::initial(model(4), None, String::new()).planned(
             BTreeMap::from([(LeafId("a".into()), 3), (LeafId("b".into()), 2)]),
             500,
             ClipNorm::new(1.5).ok(),
         );
-        assert_eq!(RootState::from_bytes(&s.to_bytes()).unwrap(), Some(s));
-        assert_eq!(RootState::from_bytes(&[]).unwrap(), None);
-        assert!(RootState::from_bytes(&[0xff; 7]).is_err());
+        let events = s.events_since(&RootState::initial(model(4), None, String::new()));
+        let s = s.audited(&signer, 7, events);
+        let key = at_rest();
+        let sealed = s.seal(&key).unwrap();
+        assert_eq!(RootState::open(&key, &sealed).unwrap(), Some(s));
+        assert_eq!(RootState::open(&key, &[]).unwrap(), None);
+        assert!(RootState::open(&key, &[0xff; 7]).is_err());
+        assert!(
+            RootState::open(&at_rest(), &sealed).is_err(),
+            "another cluster's key does not open it"
+        );
+    }
+
+    #[test]
+    fn each_change_adds_what_it_did_to_the_trail_and_nothing_twice() {
+        let signer = signer();
+        let quotas = BTreeMap::from([(LeafId("a".into()), 2), (LeafId("b".into()), 1)]);
+        let s0 = RootState::initial(model(0), None, String::new());
+        let s0 = s0.clone().audited(
+            &signer,
+            1,
+            vec![AuditEvent::Initialised {
+                model: "m".into(),
+                parameters: 1,
+            }],
+        );
+        let step = |before: &RootState, after: RootState| {
+            let events = after.events_since(before);
+            after.audited(&signer, 2, events)
+        };
+        let p1 = step(&s0, s0.planned(quotas.clone(), 10, None));
+        let mut done = record(1);
+        done.outcome = RoundOutcome::Committed {
+            version: ModelVersion(1),
+        };
+        let c1 = step(&p1, p1.committed(model(1), None, done, None));
+        let p2 = step(&c1, c1.planned(quotas, 10, None));
+        // A renewal writes the same state: it adds nothing.
+        assert!(p2.events_since(&p2).is_empty());
+        let kinds: Vec<_> = [&s0, &p1, &c1, &p2]
+            .iter()
+            .map(|s| {
+                s.pending
+                    .iter()
+                    .map(|e| e.entry().unwrap().event)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert!(matches!(kinds[0][..], [AuditEvent::Initialised { .. }]));
+        assert!(matches!(
+            kinds[1][..],
+            [AuditEvent::RoundStarted {
+                round: 1,
+                base_version: 0,
+                selected: 3
+            }]
+        ));
+        assert!(matches!(
+            kinds[2][..],
+            [AuditEvent::RoundCommitted {
+                round: 1,
+                version: 1,
+                ..
+            }]
+        ));
+        assert!(matches!(
+            kinds[3][..],
+            [AuditEvent::RoundStarted {
+                round: 2,
+                base_version: 1,
+                ..
+            }]
+        ));
+        // The entries of all four states are one chain.
+        let mut check = crate::state::audit::ChainCheck::new(signer.public_key());
+        for s in [&s0, &p1, &c1, &p2] {
+            for e in &s.pending {
+                check.push(&e.json, &e.hash, &e.signature).unwrap();
+            }
+        }
+        assert_eq!(check.entries(), p2.audit.next_seq);
     }
 }

@@ -235,7 +235,7 @@ impl SealedEntry {
 }
 
 /// Where the chain goes on from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainHead {
     pub next_seq: u64,
     pub prev: EntryHash,

@@ -19,6 +19,8 @@ const SEALED_V1: u8 = 1;
 /// Associated data of the wrapped data key.
 const WRAP_CONTEXT: &[u8] = b"covey data key v1";
 const KEY_LEN: usize = 32;
+/// How many bytes sealing adds: the format byte, the nonce and the tag.
+pub const SEAL_OVERHEAD: usize = 1 + NONCE_LEN + 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
@@ -163,6 +165,13 @@ pub struct DataKey {
     key: LessSafeKey,
     raw: [u8; KEY_LEN],
     rng: SystemRandom,
+}
+
+// By hand: ring's keys are not `Clone`; a copy is rebuilt from the bytes.
+impl Clone for DataKey {
+    fn clone(&self) -> Self {
+        Self::from_raw(self.raw)
+    }
 }
 
 impl fmt::Debug for DataKey {

@@ -262,7 +262,7 @@ impl Pending<'_> {
 }
 
 /// The audit event a round record's outcome calls for, if any.
-fn round_event(record: &RoundRecord) -> Option<AuditEvent> {
+pub fn round_event(record: &RoundRecord) -> Option<AuditEvent> {
     let round = record.round.0;
     match &record.outcome {
         RoundOutcome::InFlight => Some(AuditEvent::RoundStarted {
@@ -506,6 +506,24 @@ impl Store {
         self.db.flush()?;
         pending.stored();
         Ok(())
+    }
+
+    /// The data key, for what this state directory's server keeps outside
+    /// the database: a cluster's state in JetStream, sealed under the same
+    /// key every provisioned copy of the directory unwraps.
+    pub fn data_key(&self) -> DataKey {
+        self.data_key.clone()
+    }
+
+    /// The audit signing key, for a trail kept outside the database: a
+    /// cluster root's, which verifies under this directory's public key.
+    pub fn audit_signer(&self) -> Result<AuditSigner, StoreError> {
+        // Loading the chain makes the key on first use.
+        drop(self.chain()?);
+        let pkcs8 = self
+            .get(&self.meta, AUDIT_KEY)?
+            .ok_or_else(|| StoreError::Corrupt("audit key missing".into()))?;
+        Ok(AuditSigner::from_pkcs8(&pkcs8)?)
     }
 
     /// The audit public key file's text.

@@ -11,6 +11,7 @@ use std::{
 };
 
 use covey_server::cluster::jetstream::{Cluster, ClusterConfig, RootKey};
+use covey_server::state::sealing::DataKey;
 
 fn nats_server() -> PathBuf {
     if let Some(path) = std::env::var_os("COVEY_NATS_SERVER") {
@@ -134,7 +135,8 @@ impl Nats {
     pub async fn key(&self) -> RootKey {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let opened = match Cluster::connect(&self.config()).await {
+            let opened = match Cluster::connect(&self.config(), DataKey::generate().unwrap()).await
+            {
                 Ok(cluster) => cluster.root_key().await,
                 Err(e) => Err(e),
             };
