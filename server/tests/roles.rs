@@ -399,6 +399,9 @@ async fn a_killed_leaf_a_frozen_root_a_killed_root_and_a_killed_nats_node_cost_o
     let mut cfg = config("logreg", 4, 6);
     cfg.rounds.min_clients = 4;
     cfg.rounds.quorum = 4;
+    // FedAvgM: the momentum must survive both takeovers with the model.
+    cfg.aggregation.optimizer = "fedavgm".into();
+    cfg.aggregation.momentum = 0.5;
     let mut fed = Federation::start(cfg, 6, 3, false).await;
     // Training takes a second, so each kill lands mid-round.
     let devices = fed.devices(Duration::from_secs(1)).await;
@@ -474,14 +477,15 @@ async fn a_killed_leaf_a_frozen_root_a_killed_root_and_a_killed_nats_node_cost_o
         })
         .await;
     assert_eq!(done.version, ModelVersion(4));
-    // Devices 2 and 5 were on the killed leaf; every version is FedAvg
-    // over the other four.
+    // Devices 2 and 5 were on the killed leaf; every version is FedAvgM
+    // over the other four, its momentum carried through both takeovers.
     let model = fed.model(&done).await;
     assert_close(
         &model,
-        &expected_model(&fed.initial, &[0, 1, 3, 4], 4),
+        &expected_with_momentum(&fed.initial, &[0, 1, 3, 4], 4, 0.5),
         1e-6,
     );
+    assert!(done.moments.is_some());
     for (leaf, d) in devices {
         if leaf == 2 {
             d.abort();

@@ -22,12 +22,21 @@ use super::{
     jetstream::{Cluster, ClusterError},
     route::LeafId,
 };
-use crate::state::store::StoredModel;
+use crate::{fold::aggregate::OptimizerState, state::store::StoredModel};
 
 /// A committed model as the root's state names it: its version, and the
 /// length and SHA-256 of its record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelRef {
+    pub version: ModelVersion,
+    pub bytes: u64,
+    pub sha256: [u8; 32],
+}
+
+/// The server optimizer's moments after a committed version, as the root's
+/// state names them, checked like a model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MomentsRef {
     pub version: ModelVersion,
     pub bytes: u64,
     pub sha256: [u8; 32],
@@ -51,6 +60,16 @@ pub struct Objects {
 
 fn model_name(version: ModelVersion) -> String {
     format!("model-{}", version.0)
+}
+
+fn moments_name(version: ModelVersion) -> String {
+    format!("moments-{}", version.0)
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
 }
 
 fn partial_name(round: RoundId, leaf: &LeafId) -> String {
@@ -155,15 +174,43 @@ impl Objects {
     /// root's state with the commit.
     pub async fn put_model(&self, model: &StoredModel) -> Result<ModelRef, ObjectError> {
         let bytes = model.to_bytes();
-        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-        let mut sha256 = [0u8; 32];
-        sha256.copy_from_slice(digest.as_ref());
         let sealed = self.put(&model_name(model.header.version), &bytes).await?;
         Ok(ModelRef {
             version: model.header.version,
             bytes: sealed as u64,
-            sha256,
+            sha256: sha256(&bytes),
         })
+    }
+
+    /// The plaintext of `name`, checked against the length and hash its
+    /// reference gives.
+    async fn get_checked(
+        &self,
+        name: &str,
+        len: u64,
+        sha: &[u8; 32],
+    ) -> Result<Vec<u8>, ObjectError> {
+        let mismatch = |problem: String| ObjectError::Mismatch {
+            name: name.into(),
+            problem,
+        };
+        let expected = usize::try_from(len)
+            .map_err(|_| mismatch(format!("{len} bytes do not fit in memory")))?;
+        let bytes = self.get(name, expected).await?;
+        if bytes.len() != expected {
+            return Err(mismatch(format!(
+                "{} bytes, the reference says {expected}",
+                bytes.len()
+            )));
+        }
+        let bytes = self
+            .at_rest
+            .open(name, &bytes)
+            .map_err(|e| mismatch(e.to_string()))?;
+        if sha256(&bytes) != *sha {
+            return Err(mismatch("its SHA-256 differs".into()));
+        }
+        Ok(bytes)
     }
 
     /// The model `model` names, checked against its length, hash and
@@ -174,23 +221,7 @@ impl Objects {
             name: name.clone(),
             problem,
         };
-        let expected = usize::try_from(model.bytes)
-            .map_err(|_| mismatch(format!("{} bytes do not fit in memory", model.bytes)))?;
-        let bytes = self.get(&name, expected).await?;
-        if bytes.len() != expected {
-            return Err(mismatch(format!(
-                "{} bytes, the reference says {expected}",
-                bytes.len()
-            )));
-        }
-        let bytes = self
-            .at_rest
-            .open(&name, &bytes)
-            .map_err(|e| mismatch(e.to_string()))?;
-        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-        if digest.as_ref() != model.sha256 {
-            return Err(mismatch("its SHA-256 differs".into()));
-        }
+        let bytes = self.get_checked(&name, model.bytes, &model.sha256).await?;
         let stored = StoredModel::from_bytes(&bytes).map_err(|e| mismatch(e.to_string()))?;
         if stored.header.version != model.version {
             return Err(mismatch(format!(
@@ -199,6 +230,38 @@ impl Objects {
             )));
         }
         Ok(stored)
+    }
+
+    /// Stores the optimizer's moments after `version`; the reference goes
+    /// into the root's state with that version's commit.
+    pub async fn put_moments(
+        &self,
+        version: ModelVersion,
+        moments: &OptimizerState,
+    ) -> Result<MomentsRef, ObjectError> {
+        let name = moments_name(version);
+        let bytes = postcard::to_allocvec(moments).map_err(|e| ObjectError::Store {
+            name: name.clone(),
+            detail: e.to_string(),
+        })?;
+        let sealed = self.put(&name, &bytes).await?;
+        Ok(MomentsRef {
+            version,
+            bytes: sealed as u64,
+            sha256: sha256(&bytes),
+        })
+    }
+
+    /// The moments `moments` names, checked.
+    pub async fn get_moments(&self, moments: &MomentsRef) -> Result<OptimizerState, ObjectError> {
+        let name = moments_name(moments.version);
+        let bytes = self
+            .get_checked(&name, moments.bytes, &moments.sha256)
+            .await?;
+        postcard::from_bytes(&bytes).map_err(|e| ObjectError::Mismatch {
+            name,
+            problem: e.to_string(),
+        })
     }
 
     /// A leaf's partial sum of `round`, encoded.

@@ -89,12 +89,6 @@ pub fn check_splittable(settings: &Settings) -> Result<(), String> {
             settings.aggregator
         ));
     }
-    if !matches!(
-        settings.optimizer,
-        crate::fold::aggregate::OptimizerKind::FedAvg { .. }
-    ) {
-        return Err("server optimizers with moments (FedAvgM, FedAdam) are not yet carried across root takeovers; use fedavg".into());
-    }
     // The root sees each leaf's sum, which carries only that leaf's
     // devices' noise: each must carry what the plan counts on.
     if let Some(dp) = &settings.dp
@@ -405,9 +399,13 @@ impl Root {
                         )
                         .await
                     {
-                        Ok((model, ledger)) => {
+                        Ok(Released {
+                            model,
+                            moments,
+                            ledger,
+                        }) => {
                             let finished = self.finished_after(model.version, ledger.as_ref());
-                            let next = state.committed(model, ledger, r, finished);
+                            let next = state.committed(model, moments, ledger, r, finished);
                             if let Some(next) = self
                                 .propose(&replica, &trail, Some(&state), next, vec![])
                                 .await
@@ -560,7 +558,7 @@ impl Root {
         record: &mut RoundRecord,
         objects: &super::objects::Objects,
         cache: &mut Option<StoredModel>,
-    ) -> Result<(ModelRef, Option<PrivacyLedger>), ReleaseFailed> {
+    ) -> Result<Released, ReleaseFailed> {
         let privacy = match (self.settings.dp, &state.ledger, noise) {
             (Some(dp), Some(ledger), Some(rng)) => Some(Privacy {
                 dp,
@@ -593,11 +591,28 @@ impl Root {
         };
         let mut weights = base.weights.clone();
         *cache = Some(base);
-        // FedAvg keeps no moments (check_splittable), so each commit
-        // starts from an empty state.
+        let mut moments = match &state.moments {
+            Some(r) => objects
+                .get_moments(r)
+                .await
+                .map_err(|e| ReleaseFailed(e.to_string()))?,
+            None => OptimizerState::default(),
+        };
         self.settings
             .optimizer
-            .apply(&mut OptimizerState::default(), &mut weights, &mean);
+            .apply(&mut moments, &mut weights, &mean);
+        let version = state.version.next();
+        // Stored before the commit names them, as the model is.
+        let moments = if moments == OptimizerState::default() {
+            None
+        } else {
+            Some(
+                objects
+                    .put_moments(version, &moments)
+                    .await
+                    .map_err(|e| ReleaseFailed(e.to_string()))?,
+            )
+        };
         if let Some(test) = &self.test_set {
             let (test, spec, w) = (test.clone(), self.settings.spec.clone(), weights.clone());
             match tokio::task::spawn_blocking(move || test.evaluate(&spec, &w)).await {
@@ -623,7 +638,11 @@ impl Root {
             .await
             .map_err(|e| ReleaseFailed(e.to_string()))?;
         *cache = Some(model);
-        Ok((stored, ledger))
+        Ok(Released {
+            model: stored,
+            moments,
+            ledger,
+        })
     }
 
     /// Closes the trail for export `id` with an `AuditExported` entry and
@@ -715,6 +734,13 @@ impl Root {
 #[error("{0}")]
 struct ReleaseFailed(String);
 
+/// A released version, stored and ready to commit.
+struct Released {
+    model: ModelRef,
+    moments: Option<super::objects::MomentsRef>,
+    ledger: Option<PrivacyLedger>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -733,6 +759,8 @@ mod tests {
     #[test]
     fn what_cannot_run_split_is_refused_naming_the_setting() {
         settings(|_| {}).unwrap();
+        // Moments travel with each version (`RootState::moments`).
+        settings(|c| c.aggregation.optimizer = "fedadam".into()).unwrap();
         let err = settings(|c| c.aggregation.aggregator = "median".into()).unwrap_err();
         assert!(err.contains("aggregation.rule"), "{err}");
         let distributed = |c: &mut ServerConfig| {

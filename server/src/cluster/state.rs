@@ -20,7 +20,11 @@ use covey_privacy::ClipNorm;
 use covey_protocol::{ModelVersion, RoundId, round::FinishReason};
 use serde::{Deserialize, Serialize};
 
-use super::{at_rest::AtRest, objects::ModelRef, route::LeafId};
+use super::{
+    at_rest::AtRest,
+    objects::{ModelRef, MomentsRef},
+    route::LeafId,
+};
 use crate::{
     rounds::dp::PrivacyLedger,
     state::{
@@ -38,6 +42,9 @@ pub struct RootState {
     pub version: ModelVersion,
     /// The committed version's record in the object store.
     pub model: ModelRef,
+    /// The server optimizer's moments after `version`, for optimizers that
+    /// keep them (FedAvgM, FedAdam, FedYogi): a standby goes on from them.
+    pub moments: Option<MomentsRef>,
     /// The round that produced `version` (none for the initial model).
     pub committed_round: Option<RoundId>,
     /// Larger than every round id planned so far.
@@ -99,6 +106,7 @@ impl RootState {
         Self {
             version: model.version,
             model,
+            moments: None,
             committed_round: None,
             next_round: RoundId(1),
             plan: None,
@@ -191,6 +199,7 @@ impl RootState {
     pub fn committed(
         &self,
         model: ModelRef,
+        moments: Option<MomentsRef>,
         ledger: Option<PrivacyLedger>,
         record: RoundRecord,
         finished: Option<Finished>,
@@ -198,6 +207,7 @@ impl RootState {
         Self {
             version: model.version,
             model,
+            moments,
             committed_round: self.plan.as_ref().map(|p| p.round),
             plan: None,
             ledger,
@@ -273,7 +283,7 @@ mod tests {
             p2.plan.as_ref().map(|p| (p.round, p.base)),
             Some((RoundId(2), ModelVersion(0)))
         );
-        let c2 = p2.committed(model(1), None, record(2), None);
+        let c2 = p2.committed(model(1), None, None, record(2), None);
         assert_eq!(c2.version, ModelVersion(1));
         assert_eq!(c2.committed_round, Some(RoundId(2)));
         assert_eq!(c2.next_round, RoundId(3));
@@ -331,7 +341,7 @@ mod tests {
         done.outcome = RoundOutcome::Committed {
             version: ModelVersion(1),
         };
-        let c1 = step(&p1, p1.committed(model(1), None, done, None));
+        let c1 = step(&p1, p1.committed(model(1), None, None, done, None));
         let p2 = step(&c1, c1.planned(quotas, 10, None));
         // A renewal writes the same state: it adds nothing.
         assert!(p2.events_since(&p2).is_empty());

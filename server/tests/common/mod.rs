@@ -119,15 +119,28 @@ impl Trainer for ScriptedTrainer {
 
 /// FedAvg by hand: w ← w + Σ nᵢΔᵢ / Σ nᵢ over `ids`, for each base version.
 pub fn expected_model(initial: &[f32], ids: &[u32], rounds: u64) -> Vec<f32> {
+    expected_with_momentum(initial, ids, rounds, 0.0)
+}
+
+/// The same under FedAvgM at a server learning rate of 1: each round's
+/// mean update goes into the momentum `m = β·m + mean`, and `m` into the
+/// model.
+pub fn expected_with_momentum(initial: &[f32], ids: &[u32], rounds: u64, beta: f64) -> Vec<f32> {
     let mut w: Vec<f64> = initial.iter().map(|&v| f64::from(v)).collect();
+    let mut m = vec![0.0f64; w.len()];
     for base in 0..rounds {
         let total: f64 = ids.iter().map(|&id| scripted_examples(id) as f64).sum();
+        let mut mean = vec![0.0f64; w.len()];
         for &id in ids {
             let d = scripted_delta(id, base, w.len());
             let n = scripted_examples(id) as f64;
-            for (wi, di) in w.iter_mut().zip(&d) {
-                *wi += n * f64::from(*di) / total;
+            for (mi, di) in mean.iter_mut().zip(&d) {
+                *mi += n * f64::from(*di) / total;
             }
+        }
+        for ((wi, mi), d) in w.iter_mut().zip(&mut m).zip(&mean) {
+            *mi = beta * *mi + d;
+            *wi += *mi;
         }
     }
     w.into_iter().map(|v| v as f32).collect()
