@@ -4,8 +4,9 @@
 //!
 //! What `fit` returns is checked here, tensor by tensor, before anything
 //! leaves: the count, every shape, a float dtype and finite values. The
-//! update is `returned − global` against the model as it arrived, not the
-//! arrays `fit` was handed, which it may have changed in place.
+//! update is `returned − global` against the model as it arrived (kept in
+//! a temporary file while `fit` runs, `spill`), not the arrays `fit` was
+//! handed, which it may have changed in place.
 
 use std::{
     sync::{
@@ -28,7 +29,9 @@ use pyo3::{
     prelude::*,
     types::{PyDict, PyList, PySlice, PyTuple},
 };
-use tracing::warn;
+use tracing::{debug, warn};
+
+use crate::spill::Spill;
 
 /// A Python object with `fit` and optionally `evaluate`.
 pub struct PyTrainer {
@@ -57,14 +60,21 @@ impl Trainer for PyTrainer {
         self.train_owned(task, global.to_vec())
     }
 
-    /// The update is written over `global` once `fit` returns: the copy
-    /// `fit` was handed and the model as received are the only two
-    /// model-sized buffers the core holds.
+    /// `global` itself becomes `fit`'s arrays, and the model as received
+    /// waits on disk: while `fit` runs the core holds one model-sized
+    /// buffer, and the update's own buffer is made only once `fit`'s arrays
+    /// are released. Without a temporary file the copy stays in memory.
     fn train_owned(&mut self, task: &Task, global: Vec<f32>) -> Result<TrainOutput, TrainError> {
         let tensors = task.spec.tensors();
-        let mut global = global;
+        let mut base = match Spill::new(&global) {
+            Ok(spill) => Base::Disk(spill),
+            Err(e) => {
+                debug!("no temporary file for the received model, keeping it in memory: {e}");
+                Base::Memory(global.clone())
+            }
+        };
         Python::attach(|py| {
-            let parameters = parameters(py, &tensors, &global).map_err(|e| failed(py, "fit", e))?;
+            let parameters = parameters(py, &tensors, global).map_err(|e| failed(py, "fit", e))?;
             let config = fit_config(py, task).map_err(|e| failed(py, "fit", e))?;
             let started = Instant::now();
             let out = self
@@ -75,8 +85,11 @@ impl Trainer for PyTrainer {
             self.fit_nanos.fetch_add(nanos, Ordering::Relaxed);
             let out = out.map_err(|e| failed(py, "fit", e))?;
             let (returned, num_examples, metrics) = triple(&out, "fit")?;
-            update(&tensors, &mut global, &returned)?;
-            let delta = global;
+            update(&tensors, &mut base, &returned)?;
+            // Released before the update's buffer is made: unless `fit`
+            // kept them, the arrays it was handed and returned are freed.
+            drop((returned, out));
+            let delta = base.into_delta()?;
             let num_examples = examples(&num_examples, "fit")?;
             if num_examples == 0 {
                 // The server weights by it and refuses an update from none.
@@ -108,8 +121,8 @@ impl Trainer for PyTrainer {
             if !client.hasattr("evaluate").unwrap_or(false) {
                 return Ok(None);
             }
-            let parameters =
-                parameters(py, &tensors, weights).map_err(|e| failed(py, "evaluate", e))?;
+            let parameters = parameters(py, &tensors, weights.to_vec())
+                .map_err(|e| failed(py, "evaluate", e))?;
             let config = PyDict::new(py);
             let out = client
                 .call_method1("evaluate", (parameters, config))
@@ -143,13 +156,13 @@ fn failed(py: Python<'_>, method: &str, e: PyErr) -> TrainError {
 }
 
 /// The model as `fit` takes it: one numpy array per tensor, each a view of
-/// one copy of `flat`, so `fit` may change them in place.
+/// `flat`, which numpy now owns (no copy), so `fit` may change them in place.
 fn parameters<'py>(
     py: Python<'py>,
     tensors: &[TensorSpec],
-    flat: &[f32],
+    flat: Vec<f32>,
 ) -> PyResult<Bound<'py, PyList>> {
-    let all = PyArray1::from_vec(py, flat.to_vec());
+    let all = PyArray1::from_vec(py, flat);
     let mut views = Vec::with_capacity(tensors.len());
     let mut offset = 0;
     for t in tensors {
@@ -233,12 +246,51 @@ fn metric(metrics: &Bound<'_, PyAny>, key: &str) -> Result<Option<f32>, TrainErr
     }
 }
 
-/// Turns `global` into `returned − global`, after checking `returned`
-/// against the task's tensors; the first problem is reported with the
-/// tensor's index and name (and `global` is then garbage, never sent).
+/// The model as received, for the update.
+enum Base {
+    Disk(Spill),
+    Memory(Vec<f32>),
+}
+
+impl Base {
+    /// Replaces the values of the tensor at `offset` by `returned − base`;
+    /// whether all are finite.
+    fn subtract(
+        &mut self,
+        offset: usize,
+        returned: impl Iterator<Item = f32>,
+    ) -> Result<bool, TrainError> {
+        match self {
+            Self::Disk(spill) => spill.subtract_from(offset, returned).map_err(|e| {
+                TrainError::External(format!("the received model's temporary file: {e}"))
+            }),
+            Self::Memory(values) => {
+                let mut finite = true;
+                for (g, r) in values[offset..].iter_mut().zip(returned) {
+                    *g = r - *g;
+                    finite &= g.is_finite();
+                }
+                Ok(finite)
+            }
+        }
+    }
+
+    fn into_delta(self) -> Result<Vec<f32>, TrainError> {
+        match self {
+            Self::Disk(spill) => spill.into_vec().map_err(|e| {
+                TrainError::External(format!("the received model's temporary file: {e}"))
+            }),
+            Self::Memory(values) => Ok(values),
+        }
+    }
+}
+
+/// Turns `base` into `returned − base`, after checking `returned` against
+/// the task's tensors; the first problem is reported with the tensor's
+/// index and name (and `base` is then garbage, never sent).
 fn update(
     tensors: &[TensorSpec],
-    global: &mut [f32],
+    base: &mut Base,
     returned: &Bound<'_, PyAny>,
 ) -> Result<(), TrainError> {
     let count = returned.len().map_err(|_| {
@@ -284,14 +336,12 @@ fn update(
                 .map_err(|e| bad(format!("cannot be converted to float32: {e}")))?,
         };
         let ro = f32s.readonly();
-        let own = &mut global[offset..offset + t.len()];
-        let minus = |(g, r): (&mut f32, &f32)| *g = r - *g;
-        match ro.as_slice() {
-            Ok(values) => own.iter_mut().zip(values).for_each(minus),
+        let finite = match ro.as_slice() {
+            Ok(values) => base.subtract(offset, values.iter().copied())?,
             // Non-contiguous (a transposed view, say): logical order.
-            Err(_) => own.iter_mut().zip(ro.as_array().iter()).for_each(minus),
-        }
-        if !own.iter().all(|d| d.is_finite()) {
+            Err(_) => base.subtract(offset, ro.as_array().iter().copied())?,
+        };
+        if !finite {
             return Err(bad("holds NaN or infinity".into()));
         }
         offset += t.len();

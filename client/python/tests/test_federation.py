@@ -265,3 +265,21 @@ def test_a_python_client_cut_off_mid_upload_resumes_and_the_round_completes(fede
         assert summary["rejected"] == {}, summary
     finally:
         relay.close()
+
+
+def test_the_core_adds_less_than_two_models_of_memory():
+    # The target, with nothing else in the way: McMahan's CNN
+    # (6.65 MB), a fit that returns the arrays it was handed, RSS sampled
+    # every 20 ms (examples/bench/python_memory.py). The core's buffers are
+    # the model handed to fit and, after it, the update; 3.5x before the
+    # received model waited on disk and large blocks were unmapped on free.
+    import subprocess
+    from conftest import binary
+    bench = ROOT / "examples" / "bench" / "python_memory.py"
+    out = subprocess.run([sys.executable, str(bench), "--rounds", "5",
+                          "--bin", str(binary("covey-server").parent)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["rounds"] == 5, report
+    assert report["added_over_model"] < 2.0, report
