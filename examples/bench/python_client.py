@@ -68,6 +68,8 @@ def standalone(args) -> None:
     for r in range(args.rounds):
         config = {"epochs": 1, "batch_size": args.batch, "learning_rate": 0.05, "seed": r}
         parameters, _, _ = client.fit(parameters, config)
+    # As the federation's last step, federated evaluation of the final model.
+    client.evaluate(parameters, {})
     print(json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 
