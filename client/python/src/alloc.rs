@@ -11,7 +11,7 @@
 //! (BENCHMARKS.md, issue 18), against 1.6× when those buffers are mapped.
 //! Setting glibc's threshold (`mallopt`) would do the same for the whole
 //! process, torch included; this changes nothing outside the core's own
-//! allocations.
+//! allocations. Unix only; elsewhere the system's allocator serves all.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -63,6 +63,28 @@ unsafe impl GlobalAlloc for LargeMapped {
         } else {
             // SAFETY: forwarded with the caller's layout.
             unsafe { System.alloc_zeroed(layout) }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract: `new_size` is non-zero and, with
+        // `layout.align()`, a valid layout.
+        let new = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        if !mapped(&layout) && !mapped(&new) {
+            // Small to small: the system may grow the block in place.
+            // SAFETY: the system allocated `ptr` with `layout`.
+            return unsafe { System.realloc(ptr, layout, new_size) };
+        }
+        // Into, out of or between mappings: a new block, copied.
+        // SAFETY: `new` is valid (above); `ptr` is live for `layout.size()`
+        // bytes and freed with its own layout once copied.
+        unsafe {
+            let fresh = self.alloc(new);
+            if !fresh.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, fresh, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            fresh
         }
     }
 

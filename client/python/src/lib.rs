@@ -11,6 +11,7 @@
 // Unsafe code only in `alloc`, the allocator, for a measured need.
 #![deny(unsafe_code)]
 
+#[cfg(unix)]
 mod alloc;
 mod model_file;
 mod spill;
