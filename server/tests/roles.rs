@@ -377,6 +377,7 @@ async fn three_leaves_and_two_roots_release_what_one_server_would() {
         &expected_model(&fed.initial, &[0, 1, 2, 3, 4, 5], 2),
         1e-6,
     );
+    let state_before_strangers = state.clone();
     let last = state.last.expect("the last round's record");
     assert_eq!((last.selected, last.accepted), (6, 6));
     assert_eq!(
@@ -392,6 +393,30 @@ async fn three_leaves_and_two_roots_release_what_one_server_would() {
             .expect("leaves exit once the run is over");
         assert!(status.success(), "{} exited with {status}", leaf.name);
     }
+
+    // A role provisioned from another state directory cannot open the
+    // cluster's sealed state: it refuses to start, naming the data key,
+    // and the cluster's state is untouched.
+    let stranger = fed.tmp().join("stranger");
+    init(&stranger, &config("logreg", 2, 6));
+    let dir = stranger.display().to_string();
+    for args in [
+        vec!["coordinator", "--dir", dir.as_str(), "--name", "r3"],
+        vec!["aggregator", "--dir", dir.as_str(), "--leaf", "leaf-9"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_covey-server"))
+            .args(&args)
+            .args(nats_args(&fed.nats))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(
+            stderr.contains("does not open with this state directory's data key"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(fed.state().await, Some(state_before_strangers));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -201,7 +201,9 @@ impl LeafLink {
                     Ok(Some(state)) => state,
                     Ok(None) => continue,
                     Err(e) => {
+                        // Once per value the key holds, not every tick.
                         warn!("{e}");
+                        last_state = Some(record.state);
                         continue;
                     }
                 };

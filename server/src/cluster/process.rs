@@ -14,6 +14,7 @@ use super::{
     lease::{Timing, TimingError},
     root::{Root, RootError, RootOptions},
     route::{LeafId, Pace, Routing},
+    state::{CorruptState, RootState},
 };
 use crate::{
     dir::{DirError, StateDir},
@@ -37,6 +38,20 @@ pub enum ProcessError {
     TestSet(#[from] TestSetError),
     #[error("--lease-ms: {0}")]
     Lease(#[from] TimingError),
+    #[error(transparent)]
+    State(#[from] CorruptState),
+}
+
+/// Refuses to start a role that cannot read the cluster's state (another
+/// directory's data key, another version), before it joins anything.
+async fn check_state_opens(cluster: &Cluster) -> Result<(), ProcessError> {
+    let key = cluster
+        .patiently(|c| async move { c.root_key().await })
+        .await?;
+    if let Some((_, record)) = key.read().await? {
+        RootState::open(cluster.at_rest(), &record.state)?;
+    }
+    Ok(())
 }
 
 /// Runs a root replica until `stop` turns true or the run is finished.
@@ -65,6 +80,7 @@ pub async fn coordinator(
     };
     let timing = Timing::new(lease, lease / 4)?;
     let cluster = Cluster::connect(cluster, data_key).await?;
+    check_state_opens(&cluster).await?;
     info!(name, "root replica standing by for the lease");
     let min_per_leaf = settings.min_cohort.get();
     Root {
@@ -102,6 +118,7 @@ pub async fn aggregator(
     // The store is closed again before the leaf's server opens it.
     let data_key = dir.open_store()?.data_key();
     let cluster = Cluster::connect(cluster, data_key).await?;
+    check_state_opens(&cluster).await?;
     let link = LeafLink {
         cluster: cluster.clone(),
         leaf: leaf.clone(),

@@ -74,6 +74,8 @@ pub enum RootError {
     Cluster(#[from] ClusterError),
     #[error("this configuration cannot run split across leaves: {0}")]
     Unsupported(String),
+    #[error("{0}; this replica gave up the lease")]
+    State(#[from] super::state::CorruptState),
 }
 
 /// Refuses what cannot be split across leaves, naming the setting.
@@ -228,10 +230,11 @@ impl Root {
                     continue;
                 }
                 Err(e) => {
-                    error!(
-                        "the root key holds a state this version cannot read, stalling until an operator looks: {e}"
-                    );
-                    continue;
+                    // Holding the lease would stall the cluster: a standby
+                    // provisioned right takes over, and this one says why.
+                    error!("{e}");
+                    replica.kill();
+                    return Err(e.into());
                 }
             };
             if state.config_sha256 != self.config_sha256 {

@@ -96,9 +96,16 @@ impl From<Finished> for FinishReason {
     }
 }
 
+/// Why the root key's state cannot be read.
 #[derive(Debug, thiserror::Error)]
-#[error("the root key's state does not decode: {0}")]
-pub struct CorruptState(String);
+pub enum CorruptState {
+    #[error(
+        "the cluster's state does not open with this state directory's data key: was this process provisioned from another directory (or is the bucket another federation's)? {0}"
+    )]
+    Sealed(String),
+    #[error("the cluster's state opens but does not decode (written by another version?): {0}")]
+    Decode(String),
+}
 
 impl RootState {
     /// The state before any round: `model` is version `version`.
@@ -133,10 +140,10 @@ impl RootState {
         }
         let plain = at_rest
             .open(SLOT, sealed)
-            .map_err(|e| CorruptState(e.to_string()))?;
+            .map_err(|e| CorruptState::Sealed(e.to_string()))?;
         postcard::from_bytes(&plain)
             .map(Some)
-            .map_err(|e| CorruptState(e.to_string()))
+            .map_err(|e| CorruptState::Decode(e.to_string()))
     }
 
     /// What the audit trail records of the change from `before` to this
@@ -314,9 +321,17 @@ mod tests {
         assert_eq!(RootState::open(&key, &[]).unwrap(), None);
         assert!(RootState::open(&key, &[0xff; 7]).is_err());
         assert!(
-            RootState::open(&at_rest(), &sealed).is_err(),
-            "another cluster's key does not open it"
+            matches!(
+                RootState::open(&at_rest(), &sealed),
+                Err(CorruptState::Sealed(_))
+            ),
+            "another directory's key does not open it"
         );
+        let garbage = key.seal(SLOT, &[0xff; 7]).unwrap();
+        assert!(matches!(
+            RootState::open(&key, &garbage),
+            Err(CorruptState::Decode(_))
+        ));
     }
 
     #[test]
