@@ -163,6 +163,37 @@ impl Cluster {
     }
 }
 
+/// Forwards the values a KV watch puts, as `parse` reads them, into a
+/// channel of `capacity` until its receiver is dropped. Deletions, watch
+/// errors and values `parse` refuses (`None`) are skipped.
+pub(super) fn forward_puts<T: Send + 'static>(
+    mut entries: kv::Watch,
+    capacity: usize,
+    what: &'static str,
+    parse: impl Fn(&str, &[u8]) -> Option<T> + Send + 'static,
+) -> mpsc::Receiver<T> {
+    use futures_util::StreamExt;
+    let (tx, rx) = mpsc::channel(capacity);
+    tokio::spawn(async move {
+        while let Some(entry) = entries.next().await {
+            let entry = match entry {
+                Ok(entry) if entry.operation == kv::Operation::Put => entry,
+                Ok(_) => continue,
+                Err(e) => {
+                    debug!("{what} watch: {e}");
+                    continue;
+                }
+            };
+            if let Some(value) = parse(&entry.key, &entry.value)
+                && tx.send(value).await.is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// The root key, in its bucket.
 #[derive(Clone)]
 pub struct RootKey {

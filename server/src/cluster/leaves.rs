@@ -8,13 +8,12 @@
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use covey_protocol::RoundId;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::{
-    jetstream::{Cluster, ClusterError},
+    jetstream::{Cluster, ClusterError, forward_puts},
     route::LeafId,
 };
 
@@ -99,32 +98,18 @@ impl Leaves {
     /// Every beat and report, the ones already written first, until the
     /// receiver is dropped.
     pub async fn watch(&self) -> Result<mpsc::Receiver<Heard>, ClusterError> {
-        let mut entries = self
+        let entries = self
             .kv
             .watch_with_history(">")
             .await
             .map_err(|e| ClusterError::Watch(format!("leaves: {e}")))?;
-        let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
-            while let Some(entry) = entries.next().await {
-                let entry = match entry {
-                    Ok(entry) if entry.operation == kv::Operation::Put => entry,
-                    Ok(_) => continue,
-                    Err(e) => {
-                        debug!("leaves watch: {e}");
-                        continue;
-                    }
-                };
-                let Some(heard) = parse(&entry.key, &entry.value) else {
-                    warn!("ignoring a malformed entry in the leaves bucket");
-                    continue;
-                };
-                if tx.send(heard).await.is_err() {
-                    return;
-                }
+        Ok(forward_puts(entries, 256, "leaves", |key, value| {
+            let heard = parse(key, value);
+            if heard.is_none() {
+                warn!("ignoring a malformed entry in the leaves bucket");
             }
-        });
-        Ok(rx)
+            heard
+        }))
     }
 }
 

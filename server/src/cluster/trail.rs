@@ -18,13 +18,11 @@ use std::{io::Write, time::Duration};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tracing::debug;
 
 use super::{
     at_rest::AtRest,
-    jetstream::{Cluster, ClusterError},
+    jetstream::{Cluster, ClusterError, forward_puts},
 };
 use crate::state::audit::{ChainHead, SealedEntry};
 
@@ -132,33 +130,15 @@ impl Trail {
     /// Export requests, the ones already waiting first, until the receiver
     /// is dropped.
     pub async fn export_requests(&self) -> Result<mpsc::Receiver<u64>, ClusterError> {
-        let mut entries = self
+        let entries = self
             .kv
             .watch_with_history("export.*")
             .await
             .map_err(|e| ClusterError::Watch(format!("export requests: {e}")))?;
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            while let Some(entry) = entries.next().await {
-                let id = match entry {
-                    Ok(entry) if entry.operation == kv::Operation::Put => entry
-                        .key
-                        .strip_prefix("export.")
-                        .and_then(|id| u64::from_str_radix(id, 16).ok()),
-                    Ok(_) => None,
-                    Err(e) => {
-                        debug!("export requests watch: {e}");
-                        None
-                    }
-                };
-                if let Some(id) = id
-                    && tx.send(id).await.is_err()
-                {
-                    return;
-                }
-            }
-        });
-        Ok(rx)
+        Ok(forward_puts(entries, 16, "export requests", |key, _| {
+            let id = key.strip_prefix("export.")?;
+            u64::from_str_radix(id, 16).ok()
+        }))
     }
 
     /// Export `id` may read the first `entries` entries; its request is done.
