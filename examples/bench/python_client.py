@@ -16,11 +16,13 @@ the difference is what Covey adds.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gzip
 import json
 import os
 import re
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -85,6 +87,8 @@ def main():
         return standalone(args)
     server, rust_client = Path(args.bin) / "covey-server", Path(args.bin) / "covey-client"
     tmp = Path(tempfile.mkdtemp(prefix="covey-pybench-"))
+    # The state, identities and data go with the run (a CNN run leaves 128 MB).
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     images, labels = mnist.load("train")
     write_idx(tmp / "data", images[: args.examples], labels[: args.examples])
     state = tmp / "state"

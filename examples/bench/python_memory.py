@@ -13,8 +13,10 @@ task, and the most it reached through the rounds.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +56,8 @@ def main():
     args = ap.parse_args()
     server = Path(args.bin) / "covey-server"
     tmp = Path(tempfile.mkdtemp(prefix="covey-pymem-"))
+    # The state, identities and data go with the run (a CNN run leaves 128 MB).
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     state = tmp / "state"
     local_server.init(server, state, local_server.free_udp_port(), "--model", "cnn",
                       "--rounds", str(args.rounds), "--clients-per-round", "2")
