@@ -24,6 +24,7 @@ use crate::{
     fold::aggregate::OptimizerKind,
     fold::robust::Aggregator,
     rounds::compliance::{MinCohort, Retention},
+    rounds::decay::Decay,
     rounds::dp::{AccountantKind, AdaptiveClip, DpMode, DpSettings, PrivacyLedger},
     state::sealing::KekSource,
 };
@@ -540,11 +541,18 @@ pub struct Training {
     /// sgd, adam or adamw:DECAY.
     #[serde(default = "Training::default_local_optimizer")]
     pub local_optimizer: String,
+    /// none, step:EVERY:FACTOR or cosine:FLOOR (`rounds::decay`).
+    #[serde(default = "Training::default_learning_rate_decay")]
+    pub learning_rate_decay: String,
 }
 
 impl Training {
     fn default_local_optimizer() -> String {
         "sgd".into()
+    }
+
+    fn default_learning_rate_decay() -> String {
+        "none".into()
     }
 
     /// The devices' optimizer, from `local_optimizer`.
@@ -930,6 +938,7 @@ impl Default for ServerConfig {
                 proximal_mu: 0.0,
                 update_encoding: "f32".into(),
                 local_optimizer: Training::default_local_optimizer(),
+                learning_rate_decay: Training::default_learning_rate_decay(),
                 chunk_len: 1 << 18,
             },
             aggregation: Aggregation {
@@ -958,7 +967,10 @@ impl Default for ServerConfig {
 pub struct Settings {
     pub spec: ModelSpec,
     pub round: RoundConfig,
+    /// The devices' settings; the learning rate is the first version's, see
+    /// [`Settings::hyper_at`].
     pub hyper: Hyperparameters,
+    pub decay: Decay,
     pub encoding: UpdateEncoding,
     pub optimizer: OptimizerKind,
     pub aggregator: Aggregator,
@@ -972,6 +984,17 @@ pub struct Settings {
     pub retention: Retention,
     /// `[fit_config]`, for devices' own training code.
     pub fit_config: FitConfig,
+}
+
+impl Settings {
+    /// What a device training from `base` is told: the learning rate after
+    /// `training.learning_rate_decay`.
+    pub fn hyper_at(&self, base: ModelVersion) -> Hyperparameters {
+        Hyperparameters {
+            learning_rate: self.decay.rate(self.hyper.learning_rate, base),
+            ..self.hyper
+        }
+    }
 }
 
 impl ServerConfig {
@@ -1210,6 +1233,8 @@ impl ServerConfig {
                 proximal_mu: t.proximal_mu,
                 optimizer: t.local_optimizer()?,
             },
+            decay: Decay::parse(&t.learning_rate_decay, r.rounds)
+                .map_err(|e| invalid("training.learning_rate_decay", e.to_string()))?,
             encoding,
             optimizer,
             aggregator,
@@ -1337,6 +1362,10 @@ proximal_mu = {proximal_mu:?}
 # The devices' optimizer: sgd (McMahan et al.'s FedAvg), adam, or adamw:DECAY (Adam with
 # decoupled weight decay). Its state starts afresh every round.
 local_optimizer = "{local_optimizer}"
+# How the learning rate sent to devices falls as versions grow: none; step:EVERY:FACTOR (times
+# FACTOR every EVERY versions); or cosine:FLOOR (half a cosine from learning_rate down to FLOOR
+# times it at the last round). Annealing it counters client drift late in a run.
+learning_rate_decay = "{learning_rate_decay}"
 # How clients encode updates: f32, f16, bf16 or int8 (per-chunk scale, stochastic rounding).
 update_encoding = "{update_encoding}"
 # Values per chunk frame for models and updates.
@@ -1517,6 +1546,7 @@ listen = "{dashboard_listen}"
             learning_rate = t.learning_rate,
             proximal_mu = t.proximal_mu,
             local_optimizer = t.local_optimizer,
+            learning_rate_decay = t.learning_rate_decay,
             update_encoding = t.update_encoding,
             chunk_len = t.chunk_len,
             aggregator = a.aggregator,
@@ -1580,10 +1610,36 @@ mod tests {
         c.compliance.min_cohort = 2;
         c.compliance.keep_rounds_days = 30.0;
         c.compliance.keep_versions = 5;
+        c.training.learning_rate_decay = "cosine:0.1".into();
         let text = c.to_documented_toml();
         let back: ServerConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
         back.settings().unwrap();
+    }
+
+    #[test]
+    fn the_learning_rate_decay_is_checked_and_reaches_the_devices_settings() {
+        let mut c = ServerConfig::default();
+        c.rounds.rounds = 10;
+        c.training.learning_rate = 0.2;
+        c.training.learning_rate_decay = "cosine:0".into();
+        let s = c.settings().unwrap();
+        assert_eq!(s.hyper_at(ModelVersion(0)).learning_rate, 0.2);
+        assert!((s.hyper_at(ModelVersion(5)).learning_rate - 0.1).abs() < 1e-7);
+        assert_eq!(s.hyper_at(ModelVersion(10)).learning_rate, 0.0);
+        assert_eq!(s.hyper_at(ModelVersion(5)).epochs, s.hyper.epochs);
+        // A config.toml written before the setting existed reads as none.
+        let old = c
+            .to_documented_toml()
+            .replace("learning_rate_decay = \"cosine:0\"\n", "");
+        let back: ServerConfig = toml::from_str(&old).unwrap();
+        assert_eq!(back.training.learning_rate_decay, "none");
+        c.training.learning_rate_decay = "step:0:0.5".into();
+        let e = c.settings().unwrap_err().to_string();
+        assert!(
+            e.contains("training.learning_rate_decay") && e.contains("EVERY must be at least 1"),
+            "{e}"
+        );
     }
 
     #[test]

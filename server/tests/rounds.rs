@@ -112,6 +112,69 @@ async fn real_candle_training_improves_the_global_model() {
     );
 }
 
+/// A scripted device that notes the learning rate each task carries.
+struct Noting {
+    inner: ScriptedTrainer,
+    seen: Arc<std::sync::Mutex<Vec<(u64, f32)>>>,
+}
+
+impl covey_client::Trainer for Noting {
+    fn train(
+        &mut self,
+        task: &covey_protocol::message::Task,
+        global: &[f32],
+    ) -> Result<covey_client::TrainOutput, covey_client::trainer::TrainError> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((task.base_version.0, task.hyper.learning_rate));
+        self.inner.train(task, global)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_sent_the_learning_rate_decayed_for_their_base_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config("logreg", 5, 2);
+    cfg.training.learning_rate = 0.1;
+    cfg.training.learning_rate_decay = "step:2:0.5".into();
+    let state = init(tmp.path(), &cfg);
+    let bundles = enroll(&state, &["a", "b"]);
+    let (addr, server) = start(&state);
+    let seen = shared(std::sync::Mutex::new(Vec::new()));
+    let clients: Vec<_> = bundles
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let trainer = Box::new(Noting {
+                inner: ScriptedTrainer {
+                    id: i as u32,
+                    pause: Duration::ZERO,
+                },
+                seen: seen.clone(),
+            });
+            tokio::spawn(async move { covey_client::run(&b, trainer, options(addr)).await })
+        })
+        .collect();
+    assert_eq!(server.await.unwrap().final_version, 5);
+    for c in clients {
+        assert_eq!(c.await.unwrap().unwrap().updates_accepted, 5);
+    }
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let halved = |v: u64| 0.1 * 0.5f32.powi((v / 2) as i32);
+    let expected: Vec<(u64, f32)> = (0..5).flat_map(|v| [(v, halved(v)); 2]).collect();
+    assert_eq!(seen, expected);
+    // The versions still follow FedAvg: the rate is the devices' business.
+    let store = state.open_store().unwrap();
+    let initial = store.model(ModelVersion(0)).unwrap().weights;
+    assert_close(
+        &store.model(ModelVersion(5)).unwrap().weights,
+        &expected_model(&initial, &[0, 1], 5),
+        1e-6,
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_run_tells_late_clients_and_server_optimizers_apply() {
     let tmp = tempfile::tempdir().unwrap();

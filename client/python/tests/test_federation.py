@@ -84,6 +84,25 @@ def test_a_flower_numpyclient_runs_unmodified_and_gets_the_operators_config(fede
     assert test_accuracy(federation.export(ROUNDS)) > 0.85
 
 
+def test_fit_is_given_the_learning_rate_the_operators_decay_sets_for_each_round(federation, tmp_path):
+    ids = external_run(federation, tmp_path, 2, settings={
+        ("training", "learning_rate_decay"): '"step:1:0.5"',
+    })
+    federation.start()
+    records = [tmp_path / f"configs-{i}.jsonl" for i in range(2)]
+    procs = [federation.python_client("scripted_client.py", ids[i], "--shard", f"{i}/2",
+                                      "--record", records[i]) for i in range(2)]
+    assert federation.finish()["final_version"] == ROUNDS
+    for p in procs:
+        code, _, err = wait(p)
+        assert code == 0, err
+    for record in records:
+        configs = [json.loads(line) for line in record.read_text().splitlines()]
+        # Round r trains from version r - 1: 0.1 halved once per version.
+        assert [c["round"] for c in configs] == [1, 2, 3]
+        assert [c["learning_rate"] for c in configs] == pytest.approx([0.1, 0.05, 0.025])
+
+
 def test_secure_aggregation_and_distributed_dp_from_python_clients(federation, tmp_path):
     n = 3
     ids = external_run(federation, tmp_path, n, rounds=2, settings={

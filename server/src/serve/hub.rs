@@ -403,7 +403,7 @@ impl Hub {
                         round,
                         base_version: base,
                         spec: self.settings.spec.clone(),
-                        hyper: self.settings.hyper,
+                        hyper: self.settings.hyper_at(base),
                         update_encoding: self.settings.encoding,
                         chunk_len: self.chunk_len,
                         deadline_ms: deadline.saturating_duration_since(now).as_millis() as u64,

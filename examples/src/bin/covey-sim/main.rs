@@ -87,6 +87,10 @@ struct Args {
     /// 0.0005 with Adam for a language model.
     #[arg(long)]
     lr: Option<f32>,
+    /// How the local learning rate falls as versions grow: none,
+    /// step:EVERY:FACTOR or cosine:FLOOR (over --rounds).
+    #[arg(long, default_value = "none")]
+    lr_decay: String,
     /// fedavg, fedavgm, fedadam or fedyogi.
     #[arg(long, default_value = "fedavg")]
     server_opt: String,
@@ -359,6 +363,7 @@ fn main() -> Result<()> {
     set_mode(&mut check, &args);
     let local = Local::for_args(&args);
     check.training.local_optimizer = local.optimizer.clone();
+    check.training.learning_rate_decay = args.lr_decay.clone();
     check.settings()?;
     if !(0.0..1.0).contains(&args.dropout) {
         bail!("--dropout is a probability in [0, 1), got {}", args.dropout);
@@ -475,6 +480,7 @@ async fn simulate(args: Args) -> Result<()> {
     config.training.batch_size = local.batch;
     config.training.learning_rate = local.lr;
     config.training.local_optimizer = local.optimizer.clone();
+    config.training.learning_rate_decay = args.lr_decay.clone();
     config.training.update_encoding = args.update_encoding.to_string();
     config.aggregation.optimizer = args.server_opt.clone();
     config.aggregation.aggregator = args.aggregator.clone();
