@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The byte-level GPT-2's local learning rate, on one device: Hamlet's and Macbeth's spoken lines as
-# one speaking role (80% to train, 20% held out), E = 1, B = 8, local Adam, three rounds (three
-# epochs) per rate; then the held-out next-character accuracy of n-gram models (most frequent next
-# byte after the last n bytes of the training text) as the yardstick: a model that does not read
-# its context cannot beat the bigram's.
+# one speaking role (80% to train, 20% held out), E = 1, B = 8 (or $BATCH), local Adam, three
+# rounds (three epochs) per rate; then the held-out next-character accuracy of n-gram models (most
+# frequent next byte after the last n bytes of the training text) as the yardstick: a model that
+# does not read its context cannot beat the bigram's.
 #
 #   cargo build --release -p covey-examples
-#   examples/bench/lm_lr.sh PLAYS_DIR ["0.0005 0.001 0.002 0.006"]
+#   [BATCH=2] examples/bench/lm_lr.sh PLAYS_DIR ["0.0005 0.001 0.002 0.006"]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 plays=${1:?usage: lm_lr.sh PLAYS_DIR [RATES]}
@@ -46,5 +46,5 @@ for k in range(5):
 PY
 for lr in $rates; do
     "$sim" --model gpt2-bytes --data "shakespeare:$dir" --clients 1 --min-cohort 1 --rounds 3 \
-        --epochs 1 --batch 8 --lr "$lr" --seed 0 --json | sed "s/^{/{\"lr\":$lr,/"
+        --epochs 1 --batch "${BATCH:-8}" --lr "$lr" --seed 0 --json | sed "s/^{/{\"lr\":$lr,\"batch\":${BATCH:-8},/"
 done
