@@ -124,6 +124,10 @@ fn bad_flags_are_refused_with_a_reason() {
         (&["--dropout-phase", "train"][..], "unknown phase 'train'"),
         (&["--parallel", "0"][..], "--parallel must be at least 1"),
         (
+            &["--lr-decay", "step:0:0.5"][..],
+            "training.learning_rate_decay: 'step:0:0.5': EVERY must be at least 1",
+        ),
+        (
             &["--dp", "distributed", "--secagg", "--dropout", "1.5"][..],
             "--dropout is a probability",
         ),

@@ -967,9 +967,10 @@ impl Default for ServerConfig {
 pub struct Settings {
     pub spec: ModelSpec,
     pub round: RoundConfig,
-    /// The devices' settings; the learning rate is the first version's, see
-    /// [`Settings::hyper_at`].
-    pub hyper: Hyperparameters,
+    /// The devices' settings with the first version's learning rate;
+    /// private so every task goes through [`Settings::hyper_at`] and its
+    /// decay.
+    hyper: Hyperparameters,
     pub decay: Decay,
     pub encoding: UpdateEncoding,
     pub optimizer: OptimizerKind,
@@ -1627,7 +1628,7 @@ mod tests {
         assert_eq!(s.hyper_at(ModelVersion(0)).learning_rate, 0.2);
         assert!((s.hyper_at(ModelVersion(5)).learning_rate - 0.1).abs() < 1e-7);
         assert_eq!(s.hyper_at(ModelVersion(10)).learning_rate, 0.0);
-        assert_eq!(s.hyper_at(ModelVersion(5)).epochs, s.hyper.epochs);
+        assert_eq!(s.hyper_at(ModelVersion(5)).epochs, c.training.epochs);
         // A config.toml written before the setting existed reads as none.
         let old = c
             .to_documented_toml()
